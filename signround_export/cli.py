@@ -1,0 +1,180 @@
+"""`signround`: tune a model with SignRound, evaluate it, export it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+# Named settings for `tune`; explicit flags override them. "best" is the full default recipe.
+RECIPES = {
+    "best": dict(iters=200, nsamples=128, seqlen=512, batch_size=8),
+    "fast": dict(iters=50, nsamples=64, seqlen=256, batch_size=4),
+}
+
+
+def positive(kind):
+    def parse(s):
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+        return v
+    return parse
+
+
+def non_negative_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+    return v
+
+
+def add_tune(sub):
+    p = sub.add_parser("tune", help="quantize a model with SignRound into a checkpoint",
+                       description="Quantize every decoder-block linear of MODEL with SignRound and write an "
+                                   "auto-round format checkpoint to --out. A killed run resumes when started "
+                                   "again with the same arguments.")
+    p.add_argument("model", help="HF model folder (config.json, *.safetensors, tokenizer.json) or hub id")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="best",
+                   help="preset for iters/nsamples/seqlen/batch-size: " + "; ".join(
+                       f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in RECIPES.items())
+                   + " (default: best)")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, -1], default=128,
+                   help="weights per scale along the input dimension; -1 = one per row (default: 128)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric: zero point fixed at 2^(bits-1)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group (default)")
+    p.set_defaults(sym=False)
+    p.add_argument("--iters", type=non_negative_int, help="tuning steps per block; 0 = round-to-nearest (RTN)")
+    p.add_argument("--nsamples", type=positive(int), help="calibration sequences")
+    p.add_argument("--seqlen", type=positive(int), help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=positive(int), help="sequences per tuning step")
+    p.add_argument("--lr", type=positive(float), help="learning rate (default: 1/iters, decaying linearly to 0)")
+    p.add_argument("--calib", type=Path, help="calibration text (.txt, or .jsonl with a \"text\" field); "
+                                             "default: Python's pydoc_data.topics")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head (round-to-nearest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_tune)
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity of a float model or of a checkpoint's PyTorch reference",
+                       description="Perplexity over non-overlapping windows, no BOS added, the first --windows "
+                                   "windows. A checkpoint is evaluated through weights dequantized from its integers.")
+    p.add_argument("model", help="HF model folder or quantized checkpoint folder")
+    p.add_argument("--text", type=Path, help="evaluation text (default: the held-out slice of the default "
+                                            "calibration text)")
+    p.add_argument("--window", type=positive(int), default=512)
+    p.add_argument("--windows", type=positive(int), default=40, help="number of windows (default: 40)")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def checkpoint_parts(model, targs, qweights: dict):
+    """The QuantConfig and float tensors that go beside the tuned integers into a checkpoint."""
+    from .checkpoint import QuantConfig
+
+    quantized = {n + suffix for n in qweights for suffix in (".weight", ".bias")}
+    tensors = {n: t.numpy() for n, t in model.tensors.items() if n not in quantized}
+    if model.cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    quant = QuantConfig(bits=targs.bits, group_size=targs.group_size, sym=targs.sym,
+                        packing_format="auto_round:auto_gptq" if targs.sym else "auto_round",
+                        extra_config={}, iters=targs.iters, tuning=asdict(targs))
+    return quant, tensors
+
+
+def cmd_tune(args) -> int:
+    from .checkpoint import write_checkpoint
+    from .data import calibration_samples, default_calibration_text, encode, load_tokenizer, read_text
+    from .modelio import load_float_model
+    from .quant.signround import TuneArgs, summary, tune
+
+    recipe = dict(RECIPES[args.recipe])
+    for key in recipe:
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    targs = TuneArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, lr=args.lr, seed=args.seed,
+                     quant_lm_head=args.quant_lm_head, **recipe)
+    if targs.iters > 0 and targs.batch_size > targs.nsamples:
+        raise ValueError(f"--batch-size {targs.batch_size} is larger than --nsamples {targs.nsamples}")
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    say(f"recipe {args.recipe}: " + ", ".join(f"{f.name}={getattr(targs, f.name)}" for f in fields(targs)))
+
+    model, hf, folder = load_float_model(args.model)
+    calib = None
+    if targs.iters > 0:
+        tok = load_tokenizer(folder)
+        text = read_text(args.calib) if args.calib else default_calibration_text()
+        calib = calibration_samples(encode(tok, text), targs.nsamples, targs.seqlen, targs.seed)
+    progress_dir = args.out.with_name(args.out.name + ".progress")
+    result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
+    log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
+                               "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
+    quant, tensors = checkpoint_parts(model, targs, result.qweights)
+    write_checkpoint(args.out, hf, quant, result.qweights, tensors, tokenizer_src_dir=folder, tuning_log=log)
+    shutil.rmtree(progress_dir, ignore_errors=True)  # the checkpoint is whole: resume state is spent
+    say(summary(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import encode, heldout_text, load_tokenizer, read_text
+    from .evaluate import perplexity
+    from .modelio import load_any, resolve_model_dir
+
+    t0 = time.perf_counter()
+    folder = resolve_model_dir(args.model)
+    model, kind = load_any(folder)
+    tok = load_tokenizer(folder)
+    text = read_text(args.text) if args.text else heldout_text()
+    result = perplexity(model, encode(tok, text), args.window, args.windows, progress=not args.quiet)
+    source = str(args.text) if args.text else "held-out pydoc_data.topics"
+    print(f"perplexity {result.ppl:.4f}  ({kind}; {source}; {result.protocol()}; {time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        from .fileio import atomic_file
+
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result.to_dict() | {"model": str(args.model), "kind": kind, "text": source},
+                                      indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="signround", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_tune(sub)
+    add_eval(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .llama import UnsupportedModelError
+    from .modelio import ModelError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, DataError, ModelError, UnsupportedModelError, ValueError) as e:
+        print(f"signround {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"signround {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,170 @@
+"""The LLaMA family (llama, mistral, qwen2, SmolLM2) as plain functions over a dict of HF-named tensors.
+
+This is the one PyTorch forward in the project: tuning runs its blocks, and the reference model that
+every exported artifact is compared against is this forward over weights dequantized from a
+checkpoint's integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# The quantizable linears of one decoder block, in the order they run.
+BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    max_positions: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported (only plain RoPE)")
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            rms_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_positions=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            # qwen2 always carries q/k/v biases; llama and mistral say so in attention_bias
+            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope_tables(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim] for the rotate-half layout HF checkpoints use."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, p[name + ".weight"], p.get(name + ".bias"))
+
+
+def block_forward(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
+    relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...)."""
+    b, t, _ = x.shape
+    h = rms_norm(x, p["input_layernorm.weight"], cfg.rms_eps)
+    q = linear(p, "self_attn.q_proj", h).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = linear(p, "self_attn.k_proj", h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = linear(p, "self_attn.v_proj", h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+    x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+    h = rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_eps)
+    return x + linear(p, "mlp.down_proj", F.silu(linear(p, "mlp.gate_proj", h)) * linear(p, "mlp.up_proj", h))
+
+
+class Llama:
+    """A decoder-only LLaMA-family model over float tensors keyed by their HF names."""
+
+    def __init__(self, cfg: LlamaConfig, tensors: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.tensors = tensors
+        missing = [n for n in self.expected_names() if n not in tensors]
+        if missing:
+            raise ValueError(f"model weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def expected_names(self) -> list[str]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(self.cfg.n_layers):
+            names += [f"model.layers.{i}.{n}.weight" for n in BLOCK_LINEARS]
+            names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"]
+        return names
+
+    def block_params(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"model.layers.{i}."
+        return {n[len(prefix) :]: t for n, t in self.tensors.items() if n.startswith(prefix)}
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.tensors.get("lm_head.weight", self.tensors["model.embed_tokens.weight"])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.tensors["model.embed_tokens.weight"])
+
+    def rope(self, t: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_tables(self.cfg, torch.arange(t))
+        return cos.to(device), sin.to(device)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.tensors["model.norm.weight"], self.cfg.rms_eps)
+        return F.linear(x, self.lm_head_weight(), self.tensors.get("lm_head.bias"))
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, T, V] for token ids [B, T] (positions from 0, causal)."""
+        x = self.embed(ids)
+        cos, sin = self.rope(ids.shape[1], x.device)
+        for i in range(self.cfg.n_layers):
+            x = block_forward(self.cfg, self.block_params(i), x, cos, sin)
+        return self.head(x).float()
+
+
+def block_flops(cfg: LlamaConfig, tokens: int, seqlen: int) -> float:
+    """Forward FLOPs of one block over `tokens` tokens in sequences of `seqlen` (matmuls only)."""
+    h, d, kv = cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    params = h * d * 2 + h * kv * 2 + 3 * h * cfg.intermediate_size
+    attention = 2 * 2 * seqlen * d / 2  # QK^T and AV, causal half, per token
+    return 2.0 * params * tokens + attention * tokens

@@ -1,0 +1,104 @@
+"""Load a float HF model folder, or a quantized checkpoint as the reference model, into `Llama`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .llama import Llama, LlamaConfig
+
+
+class ModelError(ValueError):
+    pass
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A local folder as is; otherwise a hub id fetched into the local HF cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"{model} is a file; give a model folder (config.json + *.safetensors)")
+    if str(model).count("/") != 1:
+        raise ModelError(f"{model}: no such folder (give a local HF model folder or a hub id org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except Exception as e:  # the hub's own errors are long; say what happened in one line
+        raise ModelError(f"{model}: not a local folder, and fetching it from the hub failed: {e}") from None
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder} holds no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{f} is corrupt or truncated ({e}); rebuild or re-download it") from None
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"tensor {name} contains NaN or infinity; the model weights are broken")
+
+
+def load_float_model(model: str | Path) -> tuple[Llama, dict, Path]:
+    """(model, HF config dict, folder) with float32 weights."""
+    folder = resolve_model_dir(model)
+    hf = read_hf_config(folder)
+    if "quantization_config" in hf:
+        raise ModelError(f"{folder} is already quantized ({hf['quantization_config'].get('quant_method')}); "
+                         "give the float model")
+    cfg = LlamaConfig.from_hf(hf)
+    tensors = {n: t.float() for n, t in load_safetensors(folder).items()}
+    check_finite(tensors)
+    return Llama(cfg, tensors), hf, folder
+
+
+def reference_from_checkpoint(ckpt) -> Llama:
+    """The PyTorch reference of a quantized checkpoint: float weights dequantized from its integers."""
+    cfg = LlamaConfig.from_hf(ckpt.hf_config)
+    tensors = {n: torch.from_numpy(np.asarray(t, dtype=np.float32)) for n, t in ckpt.tensors.items()}
+    for name, qw in ckpt.qweights.items():
+        tensors[name + ".weight"] = torch.from_numpy(qw.dequantize())
+        if qw.bias is not None:
+            tensors[name + ".bias"] = torch.from_numpy(qw.bias.astype(np.float32))
+    return Llama(cfg, tensors)
+
+
+def is_checkpoint(folder: Path) -> bool:
+    try:
+        return "quantization_config" in read_hf_config(Path(folder))
+    except ModelError:
+        return False
+
+
+def load_any(model: str | Path) -> tuple[Llama, str]:
+    """A float model or the reference of a checkpoint, with a word saying which."""
+    folder = resolve_model_dir(model)
+    if is_checkpoint(folder):
+        from .checkpoint import read_checkpoint
+
+        return reference_from_checkpoint(read_checkpoint(folder)), "checkpoint reference"
+    return load_float_model(folder)[0], "float model"

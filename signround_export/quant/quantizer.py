@@ -1,0 +1,120 @@
+"""Group-wise integer quantization of a weight, with SignRound's tunable rounding and clipping.
+
+For a weight W [N, K] cut into groups of `group_size` along K (the last group zero-padded):
+
+    asymmetric   lo = min(W_g, 0) * min_scale      hi = max(W_g, 0) * max_scale
+                 scale = (hi - lo) / (2^b - 1)     zero = round(-lo / scale)
+                 q = clamp(round(W / scale + V) + zero, 0, 2^b - 1)
+
+    symmetric    m = 2^(b-1); the larger of |lo|, |hi| maps to -m, so the full range [-m, m-1] is used
+                 scale = (|lo| >= |hi| ? |lo| : -|hi|) / m          zero = m
+                 q = clamp(round(W / scale + V), -m, m - 1) + m
+
+    dequantized  W_q = (q - zero) * scale
+
+V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1]) are what SignRound
+tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
+inside the computation, because that is what the checkpoint stores: the tuned loss is the loss of
+the stored weight. round() passes gradients straight through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .qweight import QuantWeight
+
+SCALE_EPS = 1e-5  # smallest |scale|; keeps a group of zeros from dividing by zero
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int
+    group_size: int  # -1: one group per row
+    sym: bool
+
+    def resolved_group(self, k: int) -> int:
+        return k if self.group_size == -1 else self.group_size
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward."""
+    return x + (x.round() - x).detach()
+
+
+def to_fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float16 value, identity backward."""
+    return x + (x.half().float() - x).detach()
+
+
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group], zero-padding K up to a whole number of groups."""
+    n, k = w.shape
+    pad = -k % group
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.view(n, -1, group)
+
+
+def group_range(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """min(W_g, 0) and max(W_g, 0) per group, [N, G]. Padding zeros do not change them."""
+    wg = grouped(w, group)
+    return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+
+
+def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None, w_range=None):
+    """(dequantized W_q [N, K] float32, q [N, G, group], scale [N, G], zero [N, G]); differentiable in v,
+    min_scale and max_scale. w_range is group_range(w) when the caller has it at hand."""
+    n, k = w.shape
+    group = scheme.resolved_group(k)
+    wg = grouped(w, group)
+    lo, hi = w_range if w_range is not None else group_range(w, group)
+    if min_scale is not None:
+        lo, hi = lo * min_scale, hi * max_scale
+    if scheme.sym:
+        m = 2 ** (scheme.bits - 1)
+        scale = torch.where(-lo >= hi, -lo, -hi) / m
+        scale = torch.where(scale < 0, scale.clamp(max=-SCALE_EPS), scale.clamp(min=SCALE_EPS))
+        scale = to_fp16_ste(scale)
+        zero = torch.full_like(scale, m)
+        lo_q, hi_q = -m, m - 1
+    else:
+        maxq = 2**scheme.bits - 1
+        scale = to_fp16_ste(((hi - lo) / maxq).clamp(min=SCALE_EPS))
+        zero = round_ste(-lo / scale).clamp(0, maxq)
+        lo_q, hi_q = 0, maxq
+    r = wg / scale[..., None]
+    if v is not None:
+        r = r + v
+    if scheme.sym:
+        q = torch.clamp(round_ste(r), lo_q, hi_q) + zero[..., None]
+    else:
+        q = torch.clamp(round_ste(r) + zero[..., None], lo_q, hi_q)
+    wq = (q - zero[..., None]) * scale[..., None]
+    return wq.view(n, -1)[:, :k], q, scale, zero
+
+
+def to_qweight(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None,
+               bias: torch.Tensor | None = None) -> QuantWeight:
+    """The integers, float16 scales and zero points of W under the given tuning parameters."""
+    with torch.no_grad():
+        _, q, scale, zero = quantize(w.float(), scheme, v, min_scale, max_scale)
+    n, k = w.shape
+    qw = QuantWeight(
+        q=q.reshape(n, -1)[:, :k].round().to(torch.uint8).cpu().numpy(),
+        scale=scale.half().float().cpu().numpy(),
+        zero=zero.round().to(torch.uint8).cpu().numpy(),
+        bits=scheme.bits,
+        group_size=scheme.resolved_group(k),
+        sym=scheme.sym,
+        bias=None if bias is None else bias.detach().float().cpu().numpy(),
+    )
+    qw.check()
+    return qw
+
+
+def dequantize(qw: QuantWeight, device=None) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(qw.dequantize())).to(device)

@@ -1,0 +1,74 @@
+"""The quantized weight of one linear layer: the contract between tuning, the checkpoint and exporters.
+
+A linear layer's HF weight W has shape [N, K] (out_features, in_features). Quantization groups run
+along K: group g covers columns [g*group_size, (g+1)*group_size). When K is not a multiple of the
+group size the last group is shorter (it is treated as zero-padded to a whole group everywhere, so
+its scale and zero point are computed from the real columns only).
+
+    W[n, k] ~= (q[n, k] - zero[n, k // group_size]) * scale[n, k // group_size]
+
+q and zero are unsigned integers in [0, 2**bits - 1]. Symmetric weights have zero == 2**(bits-1)
+everywhere. Scales are float16 values (the checkpoint stores them as float16; we keep them in
+float32 arrays holding exactly representable float16 numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def n_groups(k: int, group_size: int) -> int:
+    return math.ceil(k / group_size)
+
+
+@dataclass
+class QuantWeight:
+    q: np.ndarray  # uint8 [N, K]
+    scale: np.ndarray  # float32 [N, G], values exactly representable in float16
+    zero: np.ndarray  # uint8 [N, G]
+    bits: int
+    group_size: int  # the resolved size (K for per-channel "-1")
+    sym: bool
+    bias: np.ndarray | None = None  # float32 [N]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def check(self, name: str = "weight") -> None:
+        """Raise ValueError naming the problem when the fields are inconsistent."""
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"{name}: {self.bits}-bit weights are not supported (supported: {SUPPORTED_BITS})")
+        if self.q.ndim != 2:
+            raise ValueError(f"{name}: integer weight must be 2-D, got shape {self.q.shape}")
+        n, k = self.q.shape
+        g = n_groups(k, self.group_size)
+        if self.scale.shape != (n, g) or self.zero.shape != (n, g):
+            raise ValueError(
+                f"{name}: scales {self.scale.shape} / zero points {self.zero.shape} do not match "
+                f"{n} rows x {g} groups of {self.group_size} (K={k})"
+            )
+        maxq = 2**self.bits - 1
+        if self.q.size and int(self.q.max()) > maxq:
+            raise ValueError(f"{name}: integer value {int(self.q.max())} does not fit in {self.bits} bits")
+        if self.zero.size and int(self.zero.max()) > maxq:
+            raise ValueError(f"{name}: zero point {int(self.zero.max())} does not fit in {self.bits} bits")
+        if not np.all(np.isfinite(self.scale)):
+            raise ValueError(f"{name}: scales contain NaN or infinity")
+        if np.any(self.scale == 0):
+            raise ValueError(f"{name}: scales contain zeros")
+
+    def group_index(self) -> np.ndarray:
+        """Group of every column k: k // group_size."""
+        return np.arange(self.q.shape[1]) // self.group_size
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K] weight."""
+        gi = self.group_index()
+        zero = self.zero.astype(np.float32)[:, gi]
+        return (self.q.astype(np.float32) - zero) * self.scale[:, gi]

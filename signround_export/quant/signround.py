@@ -1,0 +1,345 @@
+"""SignRound: tune rounding offsets and clipping ranges block by block with signed gradient descent.
+
+For each decoder block, in order:
+  1. the float block maps the float model's inputs X to targets Y (computed once);
+  2. every quantizable linear gets a rounding offset V (per weight, starts at 0, kept in [-0.5, 0.5])
+     and clipping factors min_scale / max_scale (per group, start at 1, kept in [0, 1]);
+  3. for `iters` steps, a random batch of the quantized model's inputs X_q goes through the block
+     with fake-quantized weights; the loss is MSE(block_q(X_q), Y); each parameter moves by
+     lr_t * sign(grad), with lr_t decaying linearly from lr to 0;
+  4. the parameters of the step with the lowest loss are kept and turned into integers;
+  5. X_q <- the quantized block (dequantized from those integers) applied to X_q, X <- Y.
+
+Each finished block is persisted, so a killed run resumes from the last finished block and ends
+with the same integers (the batch order of block i depends only on the seed and i).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from ..fileio import atomic_file
+from ..llama import BLOCK_LINEARS, Llama, block_flops, block_forward
+from .quantizer import Scheme, dequantize, group_range, quantize, to_qweight
+from .qweight import QuantWeight
+
+
+@dataclass
+class TuneArgs:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    iters: int = 200
+    nsamples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8
+    lr: float | None = None  # None: 1 / iters
+    seed: int = 42
+    quant_lm_head: bool = False
+
+    def scheme(self) -> Scheme:
+        return Scheme(self.bits, self.group_size, self.sym)
+
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
+@dataclass
+class BlockLog:
+    block: int
+    loss_before: float | None  # MSE at RTN (step 0)
+    loss_after: float | None  # best MSE kept
+    best_iter: int | None
+    seconds: float
+
+
+@dataclass
+class TuneResult:
+    qweights: dict[str, QuantWeight]
+    blocks: list[BlockLog] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    resumed_blocks: int = 0
+
+    def log(self, args: TuneArgs) -> dict:
+        return {
+            "args": asdict(args) | {"lr": args.effective_lr()},
+            "device": self.device,
+            "compute_dtype": self.dtype,
+            "seconds": round(self.seconds, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "resumed_blocks": self.resumed_blocks,
+            "blocks": [asdict(b) for b in self.blocks],
+        }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 matmuls when they are faster here than float32 (always on CUDA; measured on CPU,
+    where CPUs without native bf16 run it several times slower than float32)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+
+    def seconds(dtype):
+        a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        a @ b.T
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b.T
+        return time.perf_counter() - t
+
+    return torch.bfloat16 if seconds(torch.bfloat16) < 0.7 * seconds(torch.float32) else torch.float32
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Progress:
+    """Finished blocks on disk: `block_NNN.safetensors` plus the arguments they were tuned with."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        args_file = self.folder / "args.json"
+        if args_file.is_file():
+            saved = json.loads(args_file.read_text())
+            if saved != fingerprint:
+                diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+                raise ValueError(
+                    f"{self.folder} holds a run with different settings ({', '.join(diff)}); "
+                    "rerun with the same arguments to resume, or delete that folder to start over"
+                )
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(args_file) as tmp:
+                tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"block_{i:03d}.safetensors"
+
+    def load(self, i: int) -> tuple[dict[str, QuantWeight], BlockLog] | None:
+        path = self.path(i)
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata()
+        arrays = load_file(str(path))
+        qweights = {}
+        for name, info in json.loads(meta["layers"]).items():
+            qweights[name] = QuantWeight(
+                q=arrays[name + ".q"], scale=arrays[name + ".scale"], zero=arrays[name + ".zero"],
+                bias=arrays.get(name + ".bias"), **info,
+            )
+        return qweights, BlockLog(**json.loads(meta["log"]))
+
+    def save(self, i: int, qweights: dict[str, QuantWeight], log: BlockLog) -> None:
+        arrays, layers = {}, {}
+        for name, qw in qweights.items():
+            arrays |= {name + ".q": qw.q, name + ".scale": qw.scale, name + ".zero": qw.zero}
+            if qw.bias is not None:
+                arrays[name + ".bias"] = qw.bias
+            layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
+        meta = {"layers": json.dumps(layers), "log": json.dumps(asdict(log))}
+        with atomic_file(self.path(i)) as tmp:
+            save_file(arrays, str(tmp), metadata=meta)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class BlockTuner:
+    """The tunable parameters of one block's linears and the fake-quantized weights they give."""
+
+    def __init__(self, params: dict[str, torch.Tensor], schemes: dict[str, Scheme], device):
+        self.params = params
+        self.schemes = schemes
+        self.ranges, self.v, self.min_scale, self.max_scale = {}, {}, {}, {}
+        for name, scheme in schemes.items():
+            w = params[name + ".weight"]
+            lo, hi = group_range(w, scheme.resolved_group(w.shape[1]))
+            self.ranges[name] = (lo, hi)
+            n, g = lo.shape
+            group = scheme.resolved_group(w.shape[1])
+            self.v[name] = torch.zeros(n, g, group, device=device, requires_grad=True)
+            self.min_scale[name] = torch.ones(n, g, device=device, requires_grad=True)
+            self.max_scale[name] = torch.ones(n, g, device=device, requires_grad=True)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.v.values(), *self.min_scale.values(), *self.max_scale.values()]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The block's tensors with every tuned linear fake-quantized under the current parameters."""
+        p = dict(self.params)
+        for name, scheme in self.schemes.items():
+            p[name + ".weight"] = quantize(p[name + ".weight"], scheme, self.v[name], self.min_scale[name],
+                                           self.max_scale[name], self.ranges[name])[0]
+        return p
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """Signed gradient descent, then the bounds of the published method."""
+        for t in self.v.values():
+            t.sub_(lr * t.grad.sign()).clamp_(-0.5, 0.5)
+        for t in [*self.min_scale.values(), *self.max_scale.values()]:
+            t.sub_(lr * t.grad.sign()).clamp_(0.0, 1.0)
+        for t in self.tensors():
+            t.grad = None
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {f"{kind}:{n}": t.detach().clone() for kind, d in
+                (("v", self.v), ("min", self.min_scale), ("max", self.max_scale)) for n, t in d.items()}
+
+    def qweights(self, snapshot: dict[str, torch.Tensor] | None) -> dict[str, QuantWeight]:
+        out = {}
+        for name, scheme in self.schemes.items():
+            tuned = (snapshot[f"v:{name}"], snapshot[f"min:{name}"], snapshot[f"max:{name}"]) if snapshot else ()
+            out[name] = to_qweight(self.params[name + ".weight"], scheme, *tuned, bias=self.params.get(name + ".bias"))
+        return out
+
+
+def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, args: TuneArgs, dtype,
+               progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
+    t0 = time.perf_counter()
+    device = x_q.device
+    params = {n: t.to(device) for n, t in model.block_params(i).items()}
+    schemes = {n: args.scheme() for n in BLOCK_LINEARS}
+    tuner = BlockTuner(params, schemes, device)
+    g = torch.Generator().manual_seed(args.seed * 100003 + i)
+    lr0, batch = args.effective_lr(), min(args.batch_size, len(x_q))
+    order, pos = torch.randperm(len(x_q), generator=g), 0
+    best, best_loss, best_iter, first_loss = None, float("inf"), None, None
+    bar = tqdm(range(args.iters), desc=f"block {i}", leave=False, unit="it", disable=not progress)
+    for it in bar:
+        if pos + batch > len(order):  # reshuffle once every sample has been seen
+            order, pos = torch.randperm(len(x_q), generator=g), 0
+        idx = order[pos : pos + batch]
+        pos += batch
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = block_forward(model.cfg, tuner.weights(), x_q[idx], *rope)
+        loss = F.mse_loss(out.float(), y[idx])
+        value = loss.item()
+        if first_loss is None:
+            first_loss = value
+        if value < best_loss:  # the loss of the parameters before this step's update
+            best_loss, best_iter, best = value, it, tuner.snapshot()
+        loss.backward()
+        tuner.step(lr0 * (1 - it / args.iters))
+        if it % 10 == 0:
+            bar.set_postfix(loss=f"{value:.3g}", best=f"{best_loss:.3g}")
+    bar.close()
+    qweights = tuner.qweights(best)
+    log = BlockLog(i, first_loss, best_loss if best is not None else None, best_iter,
+                   round(time.perf_counter() - t0, 2))
+    return qweights, log
+
+
+def quantized_params(model: Llama, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
+    p = {n: t.to(device) for n, t in model.block_params(i).items()}
+    for name, qw in qweights.items():
+        p[name.split(f"model.layers.{i}.", 1)[-1] + ".weight"] = dequantize(qw, device)
+    return p
+
+
+def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir: Path | None = None,
+         device: str = "auto", progress: bool = True) -> TuneResult:
+    """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
+    token ids, unused when iters == 0 (round-to-nearest needs no data)."""
+    start = time.perf_counter()
+    dev = pick_device(device)
+    dtype = pick_dtype(dev) if args.iters > 0 else torch.float32
+    result = TuneResult(qweights={}, device=str(dev), dtype=str(dtype).replace("torch.", ""))
+    store = Progress(progress_dir, asdict(args)) if progress_dir is not None else None
+    cfg = model.cfg
+
+    x = x_q = rope = None
+    if args.iters > 0:
+        with torch.no_grad():
+            x = model.embed(calib).to(dev)
+        x_q = x.clone()
+        rope = tuple(t.to(dev) for t in model.rope(calib.shape[1]))
+
+    bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
+    for i in bar:
+        prefix = f"model.layers.{i}."
+        saved = store.load(i) if store else None
+        if saved is None and args.iters == 0:
+            params = model.block_params(i)
+            saved = {prefix + n: to_qweight(params[n + ".weight"], args.scheme(), bias=params.get(n + ".bias"))
+                     for n in BLOCK_LINEARS}, BlockLog(i, None, None, None, 0.0)
+            fresh = True
+        elif saved is None:
+            with torch.no_grad():
+                fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
+                y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size)
+            qws, log = tune_block(model, i, x_q, y, rope, args, dtype, progress)
+            saved, fresh = ({prefix + n: qw for n, qw in qws.items()}, log), True
+            x = y
+        else:
+            fresh = False
+            result.resumed_blocks += 1
+            if args.iters > 0:
+                with torch.no_grad():
+                    fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
+                    x = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size)
+        qws, log = saved
+        if fresh and store:
+            store.save(i, qws, log)
+        result.qweights.update(qws)
+        result.blocks.append(log)
+        if args.iters > 0:
+            with torch.no_grad():
+                qp = quantized_params(model, i, qws, dev)
+                x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, args.batch_size)
+        if log.loss_before is not None:
+            bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
+
+    if args.quant_lm_head:
+        # round-to-nearest: tuning it would need the full-vocabulary logits of every sample
+        result.qweights["lm_head"] = to_qweight(model.lm_head_weight(), args.scheme(),
+                                                bias=model.tensors.get("lm_head.bias"))
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+def step_flops(model: Llama, args: TuneArgs) -> float:
+    """FLOPs of one tuning step: forward plus backward (about twice the forward) of one batch."""
+    return 3 * block_flops(model.cfg, args.batch_size * args.seqlen, args.seqlen)
+
+
+def summary(result: TuneResult) -> str:
+    lines = [f"tuned {len(result.blocks)} blocks in {result.seconds:.1f} s on {result.device} ({result.dtype}), "
+             f"peak RSS {result.peak_rss_mb:.0f} MB" + (f", {result.resumed_blocks} resumed" if result.resumed_blocks else "")]
+    tuned = [b for b in result.blocks if b.loss_before is not None]
+    if tuned:
+        lines.append("block  loss before  loss after  best iter  seconds")
+        for b in tuned:
+            lines.append(f"{b.block:5d}  {b.loss_before:11.4g}  {b.loss_after:10.4g}  {b.best_iter:9d}  {b.seconds:7.1f}")
+    return "\n".join(lines)
+

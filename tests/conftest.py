@@ -1,0 +1,75 @@
+"""Tiny random LLaMA-family models with real shapes, built in the test session (nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "smollm2-135m-instruct"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits; "
+    "rounding offsets and clipping ranges are tuned block by block with signed gradient descent. "
+    "def f(x): return x * 2  # numbers 0123456789 and symbols ()[]{}<>=+-*/.,:;!?'\"\n"
+)
+
+
+def make_tokenizer(vocab_size: int = 256):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TOKENIZER_TEXT] * 20, trainer=trainer)
+    return tok
+
+
+def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
+                     tied=True, model_type="llama", seed=0) -> Path:
+    """A random HF model folder: config.json, model.safetensors, tokenizer.json."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=512, tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # the default init is tiny; wider weights give outliers like a trained model
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+                p[torch.rand_like(p) < 0.01] *= 6
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if tied:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = cfg.to_dict()
+    config["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    if not (DEFAULT_MODEL / "model.safetensors").is_file():
+        pytest.skip(f"{DEFAULT_MODEL} is not built (run `make setup`)")
+    return DEFAULT_MODEL

@@ -1,0 +1,72 @@
+"""Our LLaMA-family forward against transformers' own implementation on tiny random models."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import write_tiny_model
+from signround_export.llama import LlamaConfig, UnsupportedModelError
+from signround_export.modelio import ModelError, load_float_model
+
+
+@pytest.mark.parametrize("model_type,tied,kv_heads", [("llama", True, 2), ("llama", False, 4), ("qwen2", False, 2),
+                                                      ("mistral", True, 1)])
+def test_logits_match_transformers(tmp_path, model_type, tied, kv_heads):
+    folder = write_tiny_model(tmp_path / "m", model_type=model_type, tied=tied, kv_heads=kv_heads)
+    ours, _, _ = load_float_model(folder)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(ids).logits
+    got = ours.logits(ids)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: llama, mistral, qwen2"):
+        LlamaConfig.from_hf({"model_type": "gpt2"})
+
+
+def test_rope_scaling_is_refused():
+    cfg = {"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        LlamaConfig.from_hf(cfg)
+
+
+def test_bad_model_folders(tmp_path, tiny_model):
+    with pytest.raises(ModelError, match="no such folder"):
+        load_float_model(tmp_path / "nothing-here")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        load_float_model(empty)
+    # a truncated weights file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model / "config.json").read_text())
+    data = (tiny_model / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="corrupt or truncated"):
+        load_float_model(broken)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = write_tiny_model(tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelError, match="model.layers.1.mlp.up_proj.weight contains NaN"):
+        load_float_model(folder)
+
+
+def test_quantized_folder_is_not_a_float_model(tmp_path, tiny_model):
+    folder = tmp_path / "q"
+    folder.mkdir()
+    cfg = json.loads((tiny_model / "config.json").read_text()) | {"quantization_config": {"quant_method": "gptq"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="already quantized"):
+        load_float_model(folder)

@@ -1,0 +1,78 @@
+"""Group quantization: ranges, padding of a short last group, float16 scales, integers vs fake-quant."""
+
+import numpy as np
+import pytest
+import torch
+
+from signround_export.quant.quantizer import Scheme, quantize, to_qweight
+
+
+def weight(n=24, k=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 64, -1])
+def test_rtn_integers_dequantize_to_the_fake_quant_weight(bits, sym, group):
+    w = weight()
+    scheme = Scheme(bits, group, sym)
+    wq, _, scale, _ = quantize(w, scheme)
+    qw = to_qweight(w, scheme)
+    assert qw.q.max() <= 2**bits - 1
+    # the integers are the truth: their dequantization is exactly the weight the tuning loss saw
+    np.testing.assert_array_equal(qw.dequantize(), wq.numpy())
+    # float16 scales: what the checkpoint stores is what was used
+    np.testing.assert_array_equal(qw.scale, qw.scale.astype(np.float16).astype(np.float32))
+    if sym:
+        assert (qw.zero == 2 ** (bits - 1)).all()
+    # round-to-nearest errs by at most half a step, except at the clamped ends of the range (the
+    # symmetric grid has one step less on its positive side; a rounded zero point shifts the grid)
+    step = np.abs(qw.scale)[:, qw.group_index()]
+    err = np.abs(qw.dequantize() - w.numpy())
+    assert (err <= step + 1e-6).all()
+    assert (err > step * 0.5 + 1e-6).mean() < (0.25 if bits == 2 else 0.02)
+
+
+def test_short_last_group_uses_only_real_columns():
+    """K=200 with groups of 64: the last group has 8 real columns; padding must not change its scale."""
+    w = weight(k=200)
+    qw = to_qweight(w, Scheme(4, 64, False))
+    assert qw.scale.shape == (24, 4)
+    alone = to_qweight(w[:, 192:], Scheme(4, 64, False))  # the same 8 columns as a group of their own
+    np.testing.assert_array_equal(qw.scale[:, 3], alone.scale[:, 0])
+    np.testing.assert_array_equal(qw.q[:, 192:], alone.q)
+
+
+def test_symmetric_uses_the_full_range_on_the_larger_side():
+    w = torch.tensor([[-1.0, 0.5, 0.25, 0.0] * 8, [1.0, -0.5, 0.25, 0.0] * 8])
+    qw = to_qweight(w, Scheme(4, 32, True))
+    signed = qw.q.astype(int) - 8
+    assert signed[0, 0] == -8 and signed[1, 0] == -8  # the larger magnitude maps to -8 in both rows
+    assert qw.scale[0, 0] > 0 > qw.scale[1, 0]
+    np.testing.assert_allclose(qw.dequantize(), w.numpy(), atol=1e-3)
+
+
+def test_offsets_and_clipping_change_the_integers_and_carry_gradients():
+    w = weight(n=4, k=64)
+    scheme = Scheme(4, 32, False)
+    v = torch.zeros(4, 2, 32, requires_grad=True)
+    lo = torch.ones(4, 2, requires_grad=True)
+    hi = torch.ones(4, 2, requires_grad=True)
+    wq = quantize(w, scheme, v, lo, hi)[0]
+    ((wq - w) ** 2).sum().backward()
+    assert v.grad.abs().sum() > 0 and lo.grad.abs().sum() > 0 and hi.grad.abs().sum() > 0
+    rtn = to_qweight(w, scheme)
+    pushed = to_qweight(w, scheme, torch.full((4, 2, 32), 0.49), lo.detach(), hi.detach())
+    assert (pushed.q.astype(int) - rtn.q.astype(int)).max() == 1  # +0.49 rounds some values up, none by 2
+    clipped = to_qweight(w, scheme, None, torch.full((4, 2), 0.5), torch.full((4, 2), 0.5))
+    assert (np.abs(clipped.scale) < np.abs(rtn.scale)).all()
+
+
+def test_all_zero_group_gets_a_finite_scale():
+    w = torch.zeros(2, 64)
+    for sym in (True, False):
+        qw = to_qweight(w, Scheme(4, 32, sym))
+        assert np.isfinite(qw.scale).all() and (qw.scale != 0).all()
+        np.testing.assert_array_equal(qw.dequantize(), 0)
