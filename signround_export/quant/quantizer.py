@@ -104,7 +104,7 @@ def to_qweight(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scal
         _, q, scale, zero = quantize(w.float(), scheme, v, min_scale, max_scale)
     n, k = w.shape
     qw = QuantWeight(
-        q=q.reshape(n, -1)[:, :k].round().to(torch.uint8).cpu().numpy(),
+        q=q.reshape(n, -1)[:, :k].round().to(torch.uint8).contiguous().cpu().numpy(),
         scale=scale.half().float().cpu().numpy(),
         zero=zero.round().to(torch.uint8).cpu().numpy(),
         bits=scheme.bits,

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
@@ -94,20 +95,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 matmuls when they are faster here than float32 (always on CUDA; measured on CPU,
-    where CPUs without native bf16 run it several times slower than float32)."""
+    """bfloat16 matmuls on CUDA, and on CPUs whose oneDNN has native bf16 (AVX512-BF16 or AMX); without
+    it, bf16 matmuls run several times slower than float32 (measured: tools/bench_step.py). A capability
+    check, not a timing, so that the same machine always makes the same choice and the same integers."""
     if device.type == "cuda":
         return torch.bfloat16
-
-    def seconds(dtype):
-        a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        a @ b.T
-        t = time.perf_counter()
-        for _ in range(5):
-            a @ b.T
-        return time.perf_counter() - t
-
-    return torch.bfloat16 if seconds(torch.bfloat16) < 0.7 * seconds(torch.float32) else torch.float32
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
 
 
 def peak_rss_mb() -> float:
@@ -163,7 +160,8 @@ class Progress:
             layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
         meta = {"layers": json.dumps(layers), "log": json.dumps(asdict(log))}
         with atomic_file(self.path(i)) as tmp:
-            save_file(arrays, str(tmp), metadata=meta)
+            # safetensors writes a non-contiguous numpy view scrambled: hand it contiguous arrays
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -274,7 +272,8 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
     dev = pick_device(device)
     dtype = pick_dtype(dev) if args.iters > 0 else torch.float32
     result = TuneResult(qweights={}, device=str(dev), dtype=str(dtype).replace("torch.", ""))
-    store = Progress(progress_dir, asdict(args)) if progress_dir is not None else None
+    fingerprint = asdict(args) | {"device": dev.type, "compute_dtype": result.dtype}
+    store = Progress(progress_dir, fingerprint) if progress_dir is not None else None
     cfg = model.cfg
 
     x = x_q = rope = None

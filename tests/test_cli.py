@@ -1,0 +1,110 @@
+"""The `signround` command end to end on a tiny model: tune, resume after a kill, evaluate, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signround_export.checkpoint import read_checkpoint
+
+TUNE = ["--bits", "4", "--group-size", "32", "--iters", "150", "--nsamples", "16", "--seqlen", "128",
+        "--batch-size", "4", "--quiet"]
+
+
+def signround(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "signround_export.cli", *map(str, args)],
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    from conftest import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("deep") / "model", layers=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(deep_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "ckpt"
+    r = signround("tune", deep_model, "--out", out, *TUNE)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_same_integers(a: Path, b: Path):
+    ca, cb = read_checkpoint(a), read_checkpoint(b)
+    assert ca.qweights.keys() == cb.qweights.keys()
+    for name in ca.qweights:
+        for field in ("q", "scale", "zero"):
+            np.testing.assert_array_equal(getattr(ca.qweights[name], field), getattr(cb.qweights[name], field),
+                                          err_msg=f"{name}.{field}")
+
+
+def test_killed_run_resumes_to_the_same_integers(deep_model, uninterrupted, tmp_path):
+    out = tmp_path / "ckpt"
+    progress = tmp_path / "ckpt.progress"
+    proc = subprocess.Popen([sys.executable, "-m", "signround_export.cli", "tune", str(deep_model), "--out",
+                             str(out), *TUNE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (progress / "block_001.safetensors").exists():  # two blocks done, the third under way
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave a checkpoint behind"
+    assert not (progress / "block_003.safetensors").exists()
+
+    r = signround("tune", deep_model, "--out", out, *TUNE[:-1])
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stderr
+    assert not progress.exists()
+    log = json.loads((out / "tuning_log.json").read_text())
+    assert log["resumed_blocks"] >= 2
+    assert_same_integers(out, uninterrupted)
+
+
+def test_resume_with_other_settings_is_refused(deep_model, tmp_path):
+    (tmp_path / "ckpt.progress").mkdir()
+    (tmp_path / "ckpt.progress" / "args.json").write_text(json.dumps({"bits": 2}))
+    r = signround("tune", deep_model, "--out", tmp_path / "ckpt", *TUNE)
+    assert r.returncode == 2
+    assert "different settings" in r.stderr and "delete that folder" in r.stderr
+
+
+def test_eval_reports_perplexity_of_float_and_checkpoint(deep_model, uninterrupted, tmp_path):
+    results = {}
+    for name, model in (("float", deep_model), ("quant", uninterrupted)):
+        r = signround("eval", model, "--window", 64, "--windows", 4, "--json", tmp_path / f"{name}.json", "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert "4 non-overlapping windows of 64 tokens, no BOS" in r.stdout
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["quant"]["kind"] == "checkpoint reference"
+    assert np.isfinite(results["quant"]["ppl"]) and results["quant"]["ppl"] != results["float"]["ppl"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tune", "/no/such/model", "--out", "X"], "no such folder"),
+    (["tune", "{model}", "--out", "{tmp}/o", "--nsamples", "5000", "--seqlen", "512"], "fewer than --nsamples 5000"),
+    (["tune", "{model}", "--out", "{tmp}/o", "--batch-size", "64", "--nsamples", "8"], "larger than --nsamples"),
+    (["tune", "{model}", "--out", "{tmp}/o", "--calib", "{tmp}/missing.txt"], "does not exist"),
+    (["eval", "{tmp}", "--windows", "2"], "no config.json"),
+])
+def test_bad_input_gives_a_one_line_error(deep_model, tmp_path, args, message):
+    r = signround(*[a.format(model=deep_model, tmp=tmp_path) for a in args])
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_flag_values_are_refused_by_the_parser(deep_model, tmp_path):
+    r = signround("tune", deep_model, "--out", tmp_path / "o", "--bits", "5")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = signround("tune", deep_model, "--out", tmp_path / "o", "--iters", "-1")
+    assert r.returncode == 2 and "must be 0 or more" in r.stderr

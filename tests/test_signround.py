@@ -1,0 +1,75 @@
+"""SignRound on tiny random models: it beats round-to-nearest, is deterministic, and keeps its bounds."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from signround_export.data import calibration_samples, default_calibration_text, encode, load_tokenizer
+from signround_export.modelio import load_float_model
+from signround_export.quant.quantizer import Scheme, quantize
+from signround_export.quant.signround import BlockTuner, TuneArgs, tune
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    model, hf, folder = load_float_model(tiny_model)
+    ids = encode(load_tokenizer(folder), default_calibration_text())
+    return model, ids
+
+
+def output_error(model, qweights, ids):
+    """Mean KL of the quantized model's next-token distribution from the float model's."""
+    tensors = dict(model.tensors)
+    for name, qw in qweights.items():
+        tensors[name + ".weight"] = torch.from_numpy(qw.dequantize())
+    quantized = type(model)(model.cfg, tensors)
+    p, q = model.logits(ids).log_softmax(-1), quantized.logits(ids).log_softmax(-1)
+    return F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (2, 64, False), (3, 32, True)])
+def test_signround_beats_rtn(setup, bits, group, sym):
+    model, ids = setup
+    args = TuneArgs(bits=bits, group_size=group, sym=sym, iters=60, nsamples=16, seqlen=64, batch_size=4)
+    calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
+    tuned = tune(model, calib, args, progress=False)
+    rtn = tune(model, None, TuneArgs(bits=bits, group_size=group, sym=sym, iters=0), progress=False)
+    for log in tuned.blocks:
+        assert log.loss_after < log.loss_before
+    held_out = calibration_samples(ids[len(ids) // 2 :], 4, 64, seed=7)
+    assert output_error(model, tuned.qweights, held_out) < output_error(model, rtn.qweights, held_out)
+
+
+def test_same_seed_same_integers(setup):
+    model, ids = setup
+    args = TuneArgs(bits=4, group_size=32, iters=10, nsamples=8, seqlen=32, batch_size=2)
+    calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
+    a = tune(model, calib, args, progress=False).qweights
+    b = tune(model, calib, args, progress=False).qweights
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name].q, b[name].q)
+        np.testing.assert_array_equal(a[name].scale, b[name].scale)
+        np.testing.assert_array_equal(a[name].zero, b[name].zero)
+
+
+def test_rtn_needs_no_data_and_quantizes_every_linear(setup):
+    model, _ = setup
+    result = tune(model, None, TuneArgs(bits=4, group_size=-1, iters=0, quant_lm_head=True), progress=False)
+    assert len(result.qweights) == 7 * model.cfg.n_layers + 1
+    assert result.qweights["lm_head"].shape == (model.cfg.vocab_size, model.cfg.hidden_size)
+
+
+def test_signed_steps_stay_within_bounds():
+    w = torch.randn(8, 64)
+    params = {"self_attn.q_proj.weight": w}
+    tuner = BlockTuner(params, {"self_attn.q_proj": Scheme(4, 32, False)}, "cpu")
+    for _ in range(40):  # a large rate pushes every parameter to its bound
+        loss = (quantize(w, Scheme(4, 32, False), tuner.v["self_attn.q_proj"], tuner.min_scale["self_attn.q_proj"],
+                         tuner.max_scale["self_attn.q_proj"])[0] * torch.randn(8, 64)).sum()
+        loss.backward()
+        tuner.step(0.3)
+    assert tuner.v["self_attn.q_proj"].abs().max() <= 0.5
+    for t in (tuner.min_scale["self_attn.q_proj"], tuner.max_scale["self_attn.q_proj"]):
+        assert t.min() >= 0 and t.max() <= 1
