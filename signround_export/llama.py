@@ -161,10 +161,3 @@ class Llama:
             x = block_forward(self.cfg, self.block_params(i), x, cos, sin)
         return self.head(x).float()
 
-
-def block_flops(cfg: LlamaConfig, tokens: int, seqlen: int) -> float:
-    """Forward FLOPs of one block over `tokens` tokens in sequences of `seqlen` (matmuls only)."""
-    h, d, kv = cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    params = h * d * 2 + h * kv * 2 + 3 * h * cfg.intermediate_size
-    attention = 2 * 2 * seqlen * d / 2  # QK^T and AV, causal half, per token
-    return 2.0 * params * tokens + attention * tokens

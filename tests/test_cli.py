@@ -1,7 +1,6 @@
 """The `signround` command end to end on a tiny model: tune, resume after a kill, evaluate, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -108,3 +107,15 @@ def test_bad_flag_values_are_refused_by_the_parser(deep_model, tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = signround("tune", deep_model, "--out", tmp_path / "o", "--iters", "-1")
     assert r.returncode == 2 and "must be 0 or more" in r.stderr
+
+
+def test_quantized_lm_head_round_trips_through_the_checkpoint(deep_model, tmp_path):
+    out = tmp_path / "ckpt"
+    r = signround("tune", deep_model, "--out", out, "--iters", "0", "--bits", "8", "--group-size", "32",
+                  "--quant-lm-head", "--quiet")
+    assert r.returncode == 0, r.stderr
+    ckpt = read_checkpoint(out)
+    assert ckpt.qweights["lm_head"].bits == 8
+    assert ckpt.quant.extra_config["lm_head"]["bits"] == 8
+    assert "model.embed_tokens.weight" in ckpt.tensors  # the tied embedding stays float
+    assert "lm_head.weight" not in ckpt.tensors

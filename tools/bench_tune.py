@@ -13,14 +13,12 @@ import argparse
 import json
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "smollm2-135m-instruct"
-TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+from common import MODEL, REPO, SIGNROUND, evaluate, run
+
 SCHEMES = "W4G128a,W4G128s,W4G32s,W3G128a,W2G64a"
 
 
@@ -29,19 +27,6 @@ def parse_scheme(s: str) -> list[str]:
     if not m:
         raise SystemExit(f"bad scheme {s!r}: expected e.g. W4G128a (a = asymmetric, s = symmetric)")
     return ["--bits", m[1], "--group-size", m[2], "--sym" if m[3] == "s" else "--asym"]
-
-
-def run(cmd: list[str]) -> None:
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
-
-
-def evaluate(model: Path, out: Path, windows: int) -> float:
-    run([str(REPO / ".venv/bin/signround"), "eval", str(model), "--text", str(TEXT), "--windows", str(windows),
-         "--json", str(out), "--quiet"])
-    return json.loads(out.read_text())["ppl"]
 
 
 def main() -> None:
@@ -53,7 +38,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=MODEL)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    signround = str(REPO / ".venv/bin/signround")
+    signround = SIGNROUND
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}"
                .strip(", "), "recipe": args.recipe, "command": " ".join(sys.argv), "rows": []}
     results["float_ppl"] = evaluate(args.model, args.out / "float.json", args.windows)

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "smollm2-135m-instruct"
-TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+from common import MODEL, REPO, SIGNROUND, evaluate, run
 
 
 def autoround_worker(a) -> None:
@@ -46,26 +43,12 @@ def autoround_worker(a) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
-def run(cmd: list[str]) -> str:
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
-    return r.stdout
-
-
 def find_checkpoint(folder: Path) -> Path:
     """auto-round saves into a subfolder named after the scheme."""
     hits = [p.parent for p in folder.rglob("config.json")]
     if len(hits) != 1:
         raise SystemExit(f"expected one checkpoint under {folder}, found {hits}")
     return hits[0]
-
-
-def evaluate(ckpt: Path, out: Path, windows: int) -> float:
-    run([str(REPO / ".venv/bin/signround"), "eval", str(ckpt), "--text", str(TEXT), "--windows", str(windows),
-         "--json", str(out), "--quiet"])
-    return json.loads(out.read_text())["ppl"]
 
 
 def main() -> None:
@@ -108,7 +91,7 @@ def main() -> None:
 
     ours = a.out / "signround"
     t0 = time.perf_counter()
-    run([str(REPO / ".venv/bin/signround"), "tune", str(a.model), "--out", str(ours), "--quiet",
+    run([SIGNROUND, "tune", str(a.model), "--out", str(ours), "--quiet",
          "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), *scheme])
     results["runs"]["signround-export"] = {"seconds": round(time.perf_counter() - t0, 1),
                                            "ppl": evaluate(ours, a.out / "signround.json", a.windows)}

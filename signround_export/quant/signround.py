@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from ..fileio import atomic_file
-from ..llama import BLOCK_LINEARS, Llama, block_flops, block_forward
+from ..llama import BLOCK_LINEARS, Llama, block_forward
 from .quantizer import Scheme, dequantize, group_range, quantize, to_qweight
 from .qweight import QuantWeight
 
@@ -251,10 +251,17 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
         if it % 10 == 0:
             bar.set_postfix(loss=f"{value:.3g}", best=f"{best_loss:.3g}")
     bar.close()
-    qweights = tuner.qweights(best)
+    qweights = {f"model.layers.{i}.{n}": qw for n, qw in tuner.qweights(best).items()}
     log = BlockLog(i, first_loss, best_loss if best is not None else None, best_iter,
                    round(time.perf_counter() - t0, 2))
     return qweights, log
+
+
+def rtn_block(model: Llama, i: int, args: TuneArgs) -> dict[str, QuantWeight]:
+    """Round-to-nearest integers of one block's linears."""
+    p = model.block_params(i)
+    return {f"model.layers.{i}.{n}": to_qweight(p[n + ".weight"], args.scheme(), bias=p.get(n + ".bias"))
+            for n in BLOCK_LINEARS}
 
 
 def quantized_params(model: Llama, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
@@ -285,36 +292,28 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
 
     bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
     for i in bar:
-        prefix = f"model.layers.{i}."
-        saved = store.load(i) if store else None
-        if saved is None and args.iters == 0:
-            params = model.block_params(i)
-            saved = {prefix + n: to_qweight(params[n + ".weight"], args.scheme(), bias=params.get(n + ".bias"))
-                     for n in BLOCK_LINEARS}, BlockLog(i, None, None, None, 0.0)
-            fresh = True
-        elif saved is None:
+        if args.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
             with torch.no_grad():
                 fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
                 y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size)
-            qws, log = tune_block(model, i, x_q, y, rope, args, dtype, progress)
-            saved, fresh = ({prefix + n: qw for n, qw in qws.items()}, log), True
-            x = y
-        else:
-            fresh = False
+        saved = store.load(i) if store else None
+        if saved is not None:
+            qws, log = saved
             result.resumed_blocks += 1
-            if args.iters > 0:
-                with torch.no_grad():
-                    fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
-                    x = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size)
-        qws, log = saved
-        if fresh and store:
-            store.save(i, qws, log)
+        else:
+            if args.iters == 0:
+                qws, log = rtn_block(model, i, args), BlockLog(i, None, None, None, 0.0)
+            else:
+                qws, log = tune_block(model, i, x_q, y, rope, args, dtype, progress)
+            if store:
+                store.save(i, qws, log)
         result.qweights.update(qws)
         result.blocks.append(log)
         if args.iters > 0:
             with torch.no_grad():
                 qp = quantized_params(model, i, qws, dev)
                 x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, args.batch_size)
+            x = y
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
 
@@ -325,11 +324,6 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
-
-
-def step_flops(model: Llama, args: TuneArgs) -> float:
-    """FLOPs of one tuning step: forward plus backward (about twice the forward) of one batch."""
-    return 3 * block_flops(model.cfg, args.batch_size * args.seqlen, args.seqlen)
 
 
 def summary(result: TuneResult) -> str:

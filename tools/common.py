@@ -1,0 +1,29 @@
+"""What the benchmark scripts share: paths, running a command, scoring a model with `signround eval`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "smollm2-135m-instruct"
+TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+SIGNROUND = str(REPO / ".venv" / "bin" / "signround")
+
+
+def run(cmd: list[str]) -> str:
+    """Run a command, echoing it; stop the benchmark when it fails. Returns its stdout."""
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
+    return r.stdout
+
+
+def evaluate(model: Path, out: Path, windows: int = 40) -> float:
+    """Wikitext-2 perplexity of a float model or checkpoint (40 windows of 512, no BOS), saved to out."""
+    run([SIGNROUND, "eval", str(model), "--text", str(TEXT), "--windows", str(windows), "--json", str(out),
+         "--quiet"])
+    return json.loads(out.read_text())["ppl"]
