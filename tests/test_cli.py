@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from signround_export.checkpoint import read_checkpoint
 
@@ -94,8 +95,14 @@ def test_eval_reports_perplexity_of_float_and_checkpoint(deep_model, uninterrupt
     (["tune", "{model}", "--out", "{tmp}/o", "--batch-size", "64", "--nsamples", "8"], "larger than --nsamples"),
     (["tune", "{model}", "--out", "{tmp}/o", "--calib", "{tmp}/missing.txt"], "does not exist"),
     (["eval", "{tmp}", "--windows", "2"], "no config.json"),
+    pytest.param(["tune", "{model}", "--out", "{tmp}/o", "--device", "cuda"], "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["tune", "{model}", "--out", "{tmp}/o", "--calib", "{tmp}/bad.jsonl"], "bad.jsonl:2: expected a JSON object"),
+    (["eval", "{model}", "--text", "{tmp}/short.txt"], "fewer than one window of 512"),
 ])
 def test_bad_input_gives_a_one_line_error(deep_model, tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    (tmp_path / "short.txt").write_text("too short to evaluate")
     r = signround(*[a.format(model=deep_model, tmp=tmp_path) for a in args])
     assert r.returncode == 2
     assert message in r.stderr
