@@ -73,3 +73,21 @@ def default_model() -> Path:
     if not (DEFAULT_MODEL / "model.safetensors").is_file():
         pytest.skip(f"{DEFAULT_MODEL} is not built (run `make setup`)")
     return DEFAULT_MODEL
+
+
+def rtn_checkpoint(model_dir: Path, out: Path, *, bits=4, group_size=32, sym=False, quant_lm_head=False) -> Path:
+    """A round-to-nearest checkpoint (iters 0) of a model folder, written by the real CLI in-process."""
+    from signround_export.cli import main
+
+    args = ["tune", str(model_dir), "--out", str(out), "--iters", "0", "--bits", str(bits),
+            "--group-size", str(group_size), "--sym" if sym else "--asym", "--quiet"]
+    if quant_lm_head:
+        args.append("--quant-lm-head")
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint_w4(default_model, tmp_path_factory) -> Path:
+    """The default model at W4G128 asymmetric, round to nearest: the real-model checkpoint exporters test on."""
+    return rtn_checkpoint(default_model, tmp_path_factory.mktemp("smollm2-w4") / "ckpt", bits=4, group_size=128)

@@ -1,0 +1,1 @@
+"""Exporters: each reads a quantized checkpoint and writes one deployable format."""
