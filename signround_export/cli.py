@@ -61,8 +61,26 @@ def add_tune(sub):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head (round-to-nearest)")
+    mixed = p.add_argument_group("mixed precision", "bits per layer chosen by importance under a size budget")
+    mixed.add_argument("--avg-bits", type=positive(float),
+                       help="average bits per weight of the quantized linears, counting scales and zero points as "
+                            "the checkpoint stores them; the decoder-block linears get bits from --bits-choices")
+    mixed.add_argument("--bits-choices", type=bits_list, default=[2, 4, 8],
+                       help="bit widths a layer may get (default: 2,4,8, which ONNX MatMulNBits runs natively)")
+    mixed.add_argument("--importance", choices=["gradient", "fisher", "activation"], default="fisher",
+                       help="how a layer's quantization error is scored (default: fisher; see docs/benchmarks.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune)
+
+
+def bits_list(s: str) -> list[int]:
+    try:
+        bits = sorted({int(b) for b in s.split(",") if b.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,4,8, got {s!r}") from None
+    if not bits or any(b not in (2, 3, 4, 8) for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be among 2,3,4,8, got {s!r}")
+    return bits
 
 
 def add_eval(sub):
@@ -112,20 +130,60 @@ def cmd_tune(args) -> int:
 
     model, hf, folder = load_float_model(args.model)
     calib = None
-    if targs.iters > 0:
+    if targs.iters > 0 or args.avg_bits is not None:
         tok = load_tokenizer(folder)
         text = read_text(args.calib) if args.calib else default_calibration_text()
         calib = calibration_samples(encode(tok, text), targs.nsamples, targs.seqlen, targs.seed)
     progress_dir = args.out.with_name(args.out.name + ".progress")
+    allocation = None
+    if args.avg_bits is not None:
+        allocation = allocate_bits(model, calib, args, targs, progress_dir, say)
+        targs.layer_bits = allocation.bits
     result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
     log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
                                "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
+    if allocation is not None:
+        log["allocation"] = allocation.to_json() | {"importance": args.importance, "bits_choices": args.bits_choices}
     quant, tensors = checkpoint_parts(model, targs, result.qweights)
     write_checkpoint(args.out, hf, quant, result.qweights, tensors, tokenizer_src_dir=folder, tuning_log=log)
+    if allocation is not None:
+        from .plots import plot_allocation
+
+        plot_allocation(allocation, args.out / "allocation.png")
     shutil.rmtree(progress_dir, ignore_errors=True)  # the checkpoint is whole: resume state is spent
     say(summary(result))
     print(f"wrote {args.out}")
     return 0
+
+
+def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
+    """Bits per decoder-block linear under --avg-bits, kept in the progress folder so a resumed run
+    tunes the same allocation."""
+    import numpy as np
+
+    from .fileio import atomic_file
+    from .quant.allocate import Allocation, layer_file_bits, solve
+    from .quant.importance import importance
+
+    saved = progress_dir / "allocation.json"
+    settings = {"avg_bits": args.avg_bits, "bits_choices": args.bits_choices, "importance": args.importance,
+                "group_size": targs.group_size, "sym": targs.sym, "nsamples": targs.nsamples,
+                "seqlen": targs.seqlen, "seed": targs.seed, "calib": str(args.calib)}
+    if saved.is_file():
+        record = json.loads(saved.read_text())
+        if record["settings"] == settings:
+            say(f"allocation read from {saved}")
+            return Allocation.from_json(record["allocation"])
+    names, scores = importance(model, calib, args.bits_choices, targs.group_size, targs.sym, args.importance,
+                               batch_size=targs.batch_size, progress=not args.quiet)
+    shapes = [tuple(model.tensors[n + ".weight"].shape) for n in names]
+    cost = np.array([[layer_file_bits(n, k, b, targs.group_size) for b in args.bits_choices] for n, k in shapes])
+    allocation = solve(names, args.bits_choices, cost, scores, sum(n * k for n, k in shapes), args.avg_bits)
+    say(allocation.table())
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(saved) as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "allocation": allocation.to_json()}, indent=1))
+    return allocation
 
 
 def cmd_eval(args) -> int:

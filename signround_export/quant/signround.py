@@ -47,9 +47,10 @@ class TuneArgs:
     lr: float | None = None  # None: 1 / iters
     seed: int = 42
     quant_lm_head: bool = False
+    layer_bits: dict[str, int] = field(default_factory=dict)  # layer name -> bits, where they differ from `bits`
 
-    def scheme(self) -> Scheme:
-        return Scheme(self.bits, self.group_size, self.sym)
+    def scheme(self, layer: str | None = None) -> Scheme:
+        return Scheme(self.layer_bits.get(layer, self.bits), self.group_size, self.sym)
 
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
@@ -226,7 +227,7 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
     t0 = time.perf_counter()
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
-    schemes = {n: args.scheme() for n in BLOCK_LINEARS}
+    schemes = {n: args.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
     tuner = BlockTuner(params, schemes, device)
     g = torch.Generator().manual_seed(args.seed * 100003 + i)
     lr0, batch = args.effective_lr(), min(args.batch_size, len(x_q))
@@ -260,8 +261,8 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
 def rtn_block(model: Llama, i: int, args: TuneArgs) -> dict[str, QuantWeight]:
     """Round-to-nearest integers of one block's linears."""
     p = model.block_params(i)
-    return {f"model.layers.{i}.{n}": to_qweight(p[n + ".weight"], args.scheme(), bias=p.get(n + ".bias"))
-            for n in BLOCK_LINEARS}
+    names = {n: f"model.layers.{i}.{n}" for n in BLOCK_LINEARS}
+    return {name: to_qweight(p[n + ".weight"], args.scheme(name), bias=p.get(n + ".bias")) for n, name in names.items()}
 
 
 def quantized_params(model: Llama, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
@@ -319,7 +320,7 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
 
     if args.quant_lm_head:
         # round-to-nearest: tuning it would need the full-vocabulary logits of every sample
-        result.qweights["lm_head"] = to_qweight(model.lm_head_weight(), args.scheme(),
+        result.qweights["lm_head"] = to_qweight(model.lm_head_weight(), args.scheme("lm_head"),
                                                 bias=model.tensors.get("lm_head.bias"))
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
