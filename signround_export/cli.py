@@ -67,6 +67,9 @@ def add_tune(sub):
                             "the checkpoint stores them; the decoder-block linears get bits from --bits-choices")
     mixed.add_argument("--bits-choices", type=bits_list, default=[2, 4, 8],
                        help="bit widths a layer may get (default: 2,4,8, which ONNX MatMulNBits runs natively)")
+    mixed.add_argument("--allocation", type=Path,
+                       help="bits per layer from a JSON file instead ({\"bits\": {layer: bits}}, as tuning_log.json's "
+                            "\"allocation\" holds them)")
     mixed.add_argument("--importance", choices=["gradient", "fisher", "activation"], default="fisher",
                        help="how a layer's quantization error is scored (default: fisher; see docs/benchmarks.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -136,9 +139,13 @@ def cmd_tune(args) -> int:
         calib = calibration_samples(encode(tok, text), targs.nsamples, targs.seqlen, targs.seed)
     progress_dir = args.out.with_name(args.out.name + ".progress")
     allocation = None
+    if args.avg_bits is not None and args.allocation is not None:
+        raise ValueError("give --avg-bits (bits chosen by importance) or --allocation (bits from a file), not both")
     if args.avg_bits is not None:
         allocation = allocate_bits(model, calib, args, targs, progress_dir, say)
         targs.layer_bits = allocation.bits
+    elif args.allocation is not None:
+        targs.layer_bits = read_allocation(args.allocation, model)
     result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
     log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
                                "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
@@ -184,6 +191,26 @@ def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
     with atomic_file(saved) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "allocation": allocation.to_json()}, indent=1))
     return allocation
+
+
+def read_allocation(path: Path, model) -> dict[str, int]:
+    from .quant.importance import block_linear_names
+
+    try:
+        record = json.loads(Path(path).read_text())
+        bits = record.get("allocation", record)["bits"]
+        bits = {str(k): int(v) for k, v in bits.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--allocation {path}: expected a JSON object {{\"bits\": {{layer: bits}}}} ({e})") from None
+    known = set(block_linear_names(model))
+    unknown = sorted(set(bits) - known)
+    if unknown:
+        raise ValueError(f"--allocation {path}: {len(unknown)} names are not decoder-block linears of this model, "
+                         f"e.g. {unknown[0]!r}")
+    bad = sorted({b for b in bits.values() if b not in (2, 3, 4, 8)})
+    if bad:
+        raise ValueError(f"--allocation {path}: bits {bad} are not among 2, 3, 4, 8")
+    return bits
 
 
 def cmd_eval(args) -> int:

@@ -136,3 +136,22 @@ def test_bad_mixed_flags_are_clear_errors(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--avg-bits", "3", "--bits-choices", "2,5"])
     assert "bit widths must be among" in capsys.readouterr().err
+
+
+def test_tune_with_an_allocation_file(tiny_model, tmp_path, capsys):
+    names = block_linear_names(load_float_model(tiny_model)[0])
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"bits": {n: (8 if "down_proj" in n else 2) for n in names}}))
+    out = tmp_path / "c"
+    base = ["tune", str(tiny_model), "--iters", "0", "--group-size", "32", "--quiet"]
+    assert main(base + ["--out", str(out), "--allocation", str(alloc)]) == 0
+    bits = {n: qw.bits for n, qw in read_checkpoint(out).qweights.items()}
+    assert bits == {n: (8 if "down_proj" in n else 2) for n in names}
+
+    alloc.write_text(json.dumps({"bits": {"model.layers.99.mlp.up_proj": 4}}))
+    assert main(base + ["--out", str(tmp_path / "d"), "--allocation", str(alloc)]) == 2
+    assert "not decoder-block linears of this model" in capsys.readouterr().err
+    alloc.write_text("{not json")
+    assert main(base + ["--out", str(tmp_path / "d"), "--allocation", str(alloc)]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
