@@ -277,12 +277,59 @@ def cmd_export_gguf(args) -> int:
     return 0
 
 
+def add_validate(sub):
+    from .validate import Thresholds
+
+    p = sub.add_parser("validate", help="prove a deployed file's accuracy against the checkpoint's reference",
+                       description="Run the checkpoint's PyTorch reference, the float source model when present, and "
+                                   "each artifact over the same tokens; report perplexity, top-1 agreement and KL; "
+                                   "exit 1 when an artifact misses a threshold.")
+    p.add_argument("checkpoint", help="quantized checkpoint folder")
+    p.add_argument("--onnx", type=Path, help="exported ONNX folder")
+    p.add_argument("--gguf", type=Path, help="exported GGUF file")
+    p.add_argument("--float", dest="float_model", type=Path,
+                   help="float source model (default: the one the tuning log names, when present)")
+    p.add_argument("--text", type=Path, help="evaluation text (default: the held-out slice of pydoc_data.topics)")
+    p.add_argument("--tokens", type=positive(int), default=2048, help="tokens to run (default: 2048)")
+    p.add_argument("--window", type=positive(int), default=512)
+    t = Thresholds()
+    p.add_argument("--max-kl", type=positive(float), default=t.max_kl, help=f"mean KL limit (default {t.max_kl})")
+    p.add_argument("--min-top1", type=positive(float), default=t.min_top1,
+                   help=f"least top-1 agreement with the reference (default {t.min_top1})")
+    p.add_argument("--max-ppl-increase", type=positive(float), default=t.max_ppl_increase,
+                   help=f"largest relative perplexity increase over the reference (default {t.max_ppl_increase})")
+    p.add_argument("--gguf-runner", choices=["auto", "llama.cpp", "numpy"], default="auto",
+                   help="run the GGUF in llama.cpp (auto: when installed) or as numpy-dequantized weights")
+    p.add_argument("--report", type=Path, help="report folder (default: CHECKPOINT.validation next to it)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args) -> int:
+    from .validate import Thresholds, validate, write_report
+
+    thresholds = Thresholds(max_kl=args.max_kl, min_top1=args.min_top1, max_ppl_increase=args.max_ppl_increase)
+    result = validate(args.checkpoint, onnx=args.onnx, gguf=args.gguf, float_model=args.float_model, text=args.text,
+                      tokens=args.tokens, window=args.window, thresholds=thresholds, gguf_runner=args.gguf_runner,
+                      progress=not args.quiet)
+    folder = Path(args.checkpoint)
+    report = args.report or folder.with_name(folder.name + ".validation")
+    written = write_report(result, report)
+    print((report / "validation.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    failures = [f"{a['name']}: {f}" for a in result["artifacts"] for f in a["failures"]]
+    for f in failures:
+        print(f"signround validate: FAILED {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="signround", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     add_tune(sub)
     add_eval(sub)
     add_export(sub)
+    add_validate(sub)
     return ap
 
 

@@ -1,0 +1,326 @@
+"""`signround validate`: how far each deployed file is from the PyTorch reference of its checkpoint.
+
+Every model (the float source when present, the reference, each artifact) is run over the same token
+windows (non-overlapping, no BOS). From the logits at every position:
+
+| figure   | definition                                                              |
+| -------- | ----------------------------------------------------------------------- |
+| ppl      | exp(mean next-token negative log-likelihood) of the model itself        |
+| top1     | fraction of positions where argmax equals the reference's argmax        |
+| kl_mean  | mean over positions of KL(reference || model) of the next-token softmax |
+| kl_max   | the largest of those                                                    |
+
+Artifacts fail when kl_mean > max_kl, top1 < min_top1, ppl above the reference's by more than
+max_ppl_increase (relative), or when a layer the format holds exactly differs from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [T] -> float32 logits [T, V]
+
+
+@dataclass
+class Thresholds:
+    max_kl: float = 0.02
+    min_top1: float = 0.90
+    max_ppl_increase: float = 0.03  # relative to the reference's perplexity
+
+
+@dataclass
+class Scores:
+    ppl: float
+    top1: float | None = None  # None for the reference itself
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    tokens: int = 0
+
+
+@dataclass
+class ArtifactReport:
+    name: str  # "reference", "float", "onnx", "gguf"
+    path: str
+    runner: str  # what produced the logits, with versions
+    scores: Scores  # top-1 and KL against the reference
+    vs_float: Scores | None = None  # top-1 and KL against the float source model, when present
+    layer_errors: dict[str, float] = field(default_factory=dict)  # layer -> max |W - W_ckpt| / max |scale|
+    exact_layers: list[str] = field(default_factory=list)  # layers whose format holds the integers exactly
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Accumulator:
+    """Running sums of the figures above over windows, against a reference's logits."""
+
+    def __init__(self):
+        self.nll = 0.0
+        self.agree = 0
+        self.kl_sum = 0.0
+        self.kl_max = 0.0
+        self.count = 0
+
+    def add(self, ids: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
+        logp = F.log_softmax(logits[:-1].float(), dim=-1)
+        self.nll += float(-logp.gather(1, ids[1:, None]).sum())
+        self.count += len(ids) - 1
+        if ref_logits is not None:
+            ref = F.log_softmax(ref_logits[:-1].float(), dim=-1)
+            kl = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0)
+            self.kl_sum += float(kl.sum())
+            self.kl_max = max(self.kl_max, float(kl.max()))
+            self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+
+    def scores(self, against_reference: bool) -> Scores:
+        n = max(self.count, 1)
+        if not against_reference:
+            return Scores(ppl=math.exp(self.nll / n), tokens=self.count)
+        return Scores(ppl=math.exp(self.nll / n), top1=self.agree / n, kl_mean=self.kl_sum / n, kl_max=self.kl_max,
+                      tokens=self.count)
+
+
+def compare(windows: torch.Tensor, models: dict[str, LogitsFn], pairs: list[tuple[str, str]],
+            progress: Iterable | None = None) -> dict[tuple[str, str | None], Scores]:
+    """Scores over the windows [n, T]: (name, None) for each model alone (perplexity), (name, other) for
+    each pair compared (top-1 and KL against `other`)."""
+    accs = {(name, None): Accumulator() for name in models} | {pair: Accumulator() for pair in pairs}
+    for w in (progress if progress is not None else windows):
+        logits = {name: fn(w) for name, fn in models.items()}
+        for (name, other), acc in accs.items():
+            acc.add(w, logits[name], None if other is None else logits[other])
+    return {key: acc.scores(key[1] is not None) for key, acc in accs.items()}
+
+
+def judge(report: ArtifactReport, reference: Scores, t: Thresholds) -> None:
+    """Fill report.failures with every threshold the artifact misses, each naming the figure."""
+    s = report.scores
+    if s.kl_mean is not None and s.kl_mean > t.max_kl:
+        report.failures.append(f"mean KL {s.kl_mean:.3g} > --max-kl {t.max_kl:g}")
+    if s.top1 is not None and s.top1 < t.min_top1:
+        report.failures.append(f"top-1 agreement {s.top1:.4f} < --min-top1 {t.min_top1:g}")
+    increase = s.ppl / reference.ppl - 1
+    if increase > t.max_ppl_increase:
+        report.failures.append(f"perplexity {s.ppl:.4f} is {100 * increase:.2f}% above the reference's "
+                               f"{reference.ppl:.4f} (> --max-ppl-increase {t.max_ppl_increase:g})")
+    broken = [n for n in report.exact_layers if report.layer_errors.get(n, 0.0) != 0.0]
+    if broken:
+        report.failures.append(f"{len(broken)} layers the format holds exactly differ from the checkpoint's integers, "
+                               f"e.g. {broken[0]} (error {report.layer_errors[broken[0]]:.3g} steps)")
+
+
+def layer_error(w: np.ndarray, w_ckpt: np.ndarray, scale: np.ndarray) -> float:
+    """max |W - W_ckpt| in units of the layer's largest quantization step (0 when exact)."""
+    if w.shape != w_ckpt.shape:
+        return float("inf")
+    return float(np.max(np.abs(w.astype(np.float64) - w_ckpt)) / max(float(np.max(np.abs(scale))), 1e-30))
+
+
+def markdown(reports: list[ArtifactReport], source: str, protocol: str) -> str:
+    def fmt(v, f):
+        return "" if v is None else format(v, f)
+
+    lines = [f"# Validation of {source}", "", protocol, "",
+             "| model | runner | perplexity | top-1 vs reference | mean KL | max KL | top-1 vs float | mean KL vs float "
+             "| layers exact | result |", "| --- " * 10 + "|"]
+    for r in reports:
+        s, f = r.scores, r.vs_float or Scores(0.0)
+        exact = ""
+        if r.exact_layers:
+            exact = f"{sum(1 for n in r.exact_layers if r.layer_errors.get(n) == 0.0)}/{len(r.exact_layers)}"
+        verdict = "" if r.name in ("reference", "float") else ("FAIL" if r.failures else "pass")
+        lines.append(f"| {r.name} | {r.runner} | {s.ppl:.4f} | {fmt(s.top1, '.4f')} | {fmt(s.kl_mean, '.3g')} | "
+                     f"{fmt(s.kl_max, '.3g')} | {fmt(f.top1, '.4f')} | {fmt(f.kl_mean, '.3g')} | {exact} | {verdict} |")
+    lines.append("")
+    for r in reports:
+        lines += [f"- **{r.name} failed**: {x}" for x in r.failures] + [f"- {r.name}: {x}" for x in r.notes]
+    return "\n".join(lines) + "\n"
+
+
+def versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for pkg in ("signround-export", "torch", "onnxruntime", "onnx", "gguf", "llama-cpp-python", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# logits of each kind of model over one window of token ids
+
+def torch_logits(model) -> LogitsFn:
+    return lambda ids: model.logits(ids[None])[0]
+
+
+def onnx_logits(folder) -> tuple[LogitsFn, str]:
+    """Logits of an exported ONNX folder through onnxruntime, one window per call with an empty cache."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    path = folder / "model.onnx"
+    if not path.is_file():
+        raise ValueError(f"--onnx {folder}: no model.onnx there; give the folder `signround export onnx` wrote")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for broken files
+        raise ValueError(f"--onnx {folder}: onnxruntime cannot load model.onnx ({str(e).splitlines()[0][:200]})") from None
+    names = {i.name: i for i in session.get_inputs()}
+    past = [n for n in names if n.startswith("past_key_values.")]
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"] \
+        if (folder / "genai_config.json").is_file() else {}
+
+    def kv_shape(name):
+        shape = names[name].shape
+        kv = shape[1] if isinstance(shape[1], int) else decoder["num_key_value_heads"]
+        hd = shape[3] if isinstance(shape[3], int) else decoder["head_size"]
+        return (1, kv, 0, hd)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": ids[None].numpy().astype(np.int64),
+                 "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        feeds |= {n: np.zeros(kv_shape(n), dtype=np.float32) for n in past}
+        logits = session.run(["logits"], feeds)[0]
+        return torch.from_numpy(np.asarray(logits[0], dtype=np.float32))
+
+    return run, f"onnxruntime {ort.__version__}"
+
+
+def llama_cpp_logits(path, n_ctx: int) -> tuple[LogitsFn, str]:
+    """Logits of a GGUF file through llama.cpp (llama-cpp-python), one window per call from an empty cache."""
+    import llama_cpp
+
+    try:
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, verbose=False)
+    except Exception as e:  # llama-cpp-python raises ValueError/RuntimeError with little detail
+        raise ValueError(f"--gguf {path}: llama.cpp cannot load the file ({e})") from None
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        llm.reset()
+        llm.eval(ids.tolist())
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+    return run, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole command
+
+def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, tokens: int = 2048,
+             window: int = 512, thresholds: Thresholds = Thresholds(), gguf_runner: str = "auto",
+             progress: bool = True) -> dict:
+    """Every figure of the validation as one JSON-ready dict ("artifacts": ArtifactReport dicts, ...)."""
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .checkpoint import read_checkpoint
+    from .data import encode, heldout_text, load_tokenizer, read_text
+    from .evaluate import windows as cut_windows
+    from .modelio import load_float_model, reference_from_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt = read_checkpoint(checkpoint)
+    reference = reference_from_checkpoint(ckpt)
+    ids = encode(load_tokenizer(checkpoint), read_text(text) if text else heldout_text())
+    if tokens < window:
+        raise ValueError(f"--tokens {tokens} is less than one window of {window}")
+    w = cut_windows(ids, window, tokens // window)
+
+    models: dict[str, LogitsFn] = {"reference": torch_logits(reference)}
+    paths, runners = {"reference": str(checkpoint)}, {"reference": "PyTorch (float32, dequantized integers)"}
+    source = float_model or (ckpt.tuning_log or {}).get("source_model")
+    if source and Path(source).is_dir():
+        models["float"] = torch_logits(load_float_model(source)[0])
+        paths["float"], runners["float"] = str(source), "PyTorch (float32)"
+    if onnx is not None:
+        models["onnx"], runners["onnx"] = onnx_logits(onnx)
+        paths["onnx"] = str(onnx)
+    if gguf is not None:
+        models["gguf"], runners["gguf"] = gguf_logits(gguf, ckpt, window, gguf_runner)
+        paths["gguf"] = str(gguf)
+    pairs = [(name, "reference") for name in models if name != "reference"]
+    if "float" in models:
+        pairs += [(name, "float") for name in models if name not in ("reference", "float")]
+
+    bar = tqdm(w, desc="validate", unit="window", disable=not progress)
+    scores = compare(w, models, pairs, bar)
+    reports = []
+    for name in models:
+        alone = scores[(name, None)]
+        vs_ref = scores.get((name, "reference"))
+        s = Scores(alone.ppl, tokens=alone.tokens) if vs_ref is None else vs_ref
+        reports.append(ArtifactReport(name, paths[name], runners[name], s, vs_float=scores.get((name, "float"))))
+    for r in reports:
+        if r.name not in ("reference", "float"):
+            judge(r, scores[("reference", None)], thresholds)
+    protocol = (f"{len(w)} non-overlapping windows of {window} tokens, no BOS, from "
+                f"{text or 'the held-out slice of pydoc_data.topics'}; {sum(len(x) - 1 for x in w)} predicted tokens")
+    return {"checkpoint": str(checkpoint), "protocol": protocol, "thresholds": asdict(thresholds),
+            "artifacts": [r.to_json() for r in reports], "passed": not any(r.failures for r in reports),
+            "tuning_log": {"blocks": (ckpt.tuning_log or {}).get("blocks", [])},
+            "versions": versions(), "seconds": round(time.perf_counter() - t0, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def gguf_logits(path, ckpt, window: int, runner: str) -> tuple[LogitsFn, str]:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ValueError(f"--gguf {path}: no such file")
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_llama = True
+    except ImportError:
+        have_llama = False
+    if runner == "llama.cpp" and not have_llama:
+        raise ValueError("--gguf-runner llama.cpp: llama-cpp-python is not installed (make setup installs it)")
+    if runner in ("auto", "llama.cpp") and have_llama:
+        return llama_cpp_logits(path, window)
+    raise ValueError("GGUF without llama.cpp needs the numpy reader, which is not available in this build")
+
+
+def write_report(result: dict, out_dir) -> list:
+    """validation.json, validation.md and the PNG figures, written atomically into out_dir."""
+    import json
+    from pathlib import Path
+
+    from .fileio import atomic_file
+    from .plots import plot_layer_errors, plot_perplexity, plot_tuning_loss
+
+    out_dir = Path(out_dir)
+    reports = [ArtifactReport(**(a | {"scores": Scores(**a["scores"]),
+                                      "vs_float": Scores(**a["vs_float"]) if a["vs_float"] else None}))
+               for a in result["artifacts"]]
+    written = []
+    with atomic_file(out_dir / "validation.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    written.append(out_dir / "validation.json")
+    with atomic_file(out_dir / "validation.md") as tmp:
+        tmp.write_text(markdown(reports, result["checkpoint"], result["protocol"]))
+    written.append(out_dir / "validation.md")
+    written.append(plot_perplexity(reports, out_dir / "perplexity.png"))
+    if result["tuning_log"]["blocks"]:
+        written.append(plot_tuning_loss(result["tuning_log"]["blocks"], out_dir / "tuning_loss.png"))
+    if any(r.layer_errors for r in reports):
+        written.append(plot_layer_errors(reports, out_dir / "layer_error.png"))
+    return written
