@@ -1,0 +1,80 @@
+"""`signround validate`: figures, thresholds, report files and errors (artifact-level tests live beside
+each exporter's tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import rtn_checkpoint
+from signround_export.cli import main
+from signround_export.data import encode, heldout_text, load_tokenizer
+from signround_export.evaluate import perplexity
+from signround_export.modelio import load_any
+from signround_export.validate import Accumulator, ArtifactReport, Scores, Thresholds, judge
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model, tmp_path_factory):
+    return rtn_checkpoint(tiny_model, tmp_path_factory.mktemp("val") / "ckpt", bits=3, group_size=32)
+
+
+def test_report_files_and_figures(ckpt, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["validate", str(ckpt), "--tokens", "512", "--window", "128", "--report", str(report), "--quiet"]) == 0
+    result = json.loads((report / "validation.json").read_text())
+    names = [a["name"] for a in result["artifacts"]]
+    assert names == ["reference", "float"]  # the tuning log names the float source, which is present
+    ref = result["artifacts"][0]["scores"]
+    # the reference's perplexity is the one `signround eval` computes over the same windows
+    model, _ = load_any(ckpt)
+    ids = encode(load_tokenizer(ckpt), heldout_text())
+    assert ref["ppl"] == pytest.approx(perplexity(model, ids, 128, 4, progress=False).ppl, rel=1e-5)
+    flt = result["artifacts"][1]["scores"]
+    assert 0 < flt["kl_mean"] <= flt["kl_max"] and 0 < flt["top1"] < 1
+    assert result["passed"] and "torch" in result["versions"]
+    assert (report / "perplexity.png").stat().st_size > 1000
+    assert "| reference |" in (report / "validation.md").read_text()
+    assert "| float |" in capsys.readouterr().out
+
+
+def test_identical_logits_agree_perfectly():
+    acc = Accumulator()
+    ids = torch.randint(0, 50, (64,))
+    logits = torch.randn(64, 50)
+    acc.add(ids, logits, logits.clone())
+    s = acc.scores(True)
+    assert s.top1 == 1.0 and s.kl_mean == pytest.approx(0, abs=1e-7) and s.kl_max == pytest.approx(0, abs=1e-6)
+    nll = -torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None]).mean()
+    assert s.ppl == pytest.approx(math.exp(float(nll)), rel=1e-6)
+
+
+@pytest.mark.parametrize("scores,errors,expect", [
+    (Scores(10.0, top1=0.99, kl_mean=0.001, kl_max=0.1), {}, []),
+    (Scores(10.0, top1=0.99, kl_mean=0.5, kl_max=2.0), {}, ["mean KL"]),
+    (Scores(10.0, top1=0.50, kl_mean=0.001, kl_max=0.1), {}, ["top-1 agreement"]),
+    (Scores(12.0, top1=0.99, kl_mean=0.001, kl_max=0.1), {}, ["perplexity 12.0000 is 20.00% above"]),
+    (Scores(10.0, top1=0.99, kl_mean=0.001, kl_max=0.1), {"a": 0.0, "b": 1.0}, ["layers the format holds exactly"]),
+])
+def test_judge_names_the_figure_that_failed(scores, errors, expect):
+    r = ArtifactReport("onnx", "x", "onnxruntime", scores, layer_errors=errors, exact_layers=list(errors))
+    judge(r, Scores(10.0), Thresholds())
+    assert len(r.failures) == len(expect)
+    for f, e in zip(r.failures, expect):
+        assert e in f
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--onnx", "{tmp}/nothing"], "no model.onnx there"),
+    (["--gguf", "{tmp}/nothing.gguf"], "no such file"),
+    (["--tokens", "100"], "less than one window"),
+])
+def test_bad_input_is_one_line(ckpt, tmp_path, capsys, extra, message):
+    args = ["validate", str(ckpt), "--window", "128", "--quiet", "--report", str(tmp_path / "r")]
+    assert main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
