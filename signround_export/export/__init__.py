@@ -1,1 +1,0 @@
-"""Exporters: each reads a quantized checkpoint and writes one deployable format."""
