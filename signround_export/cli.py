@@ -235,48 +235,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def add_export(sub):
-    p = sub.add_parser("export", help="turn a checkpoint into a deployable file (ONNX or GGUF)",
-                       description="Export a quantized checkpoint, repacking its integers exactly where the format allows.")
-    fmt = p.add_subparsers(dest="format", required=True)
-
-    o = fmt.add_parser("onnx", help="ONNX graph with MatMulNBits for onnxruntime (CPU)",
-                       description="Write model.onnx, genai_config.json and the tokenizer files into DIR.")
-    o.add_argument("checkpoint", help="quantized checkpoint folder")
-    o.add_argument("--out", required=True, type=Path, help="output folder")
-    o.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
-                   help="MatMulNBits accuracy_level: 4 = int8 activations, the fast CPU path; 0 = exact (default 4)")
-    o.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16),
-                   help="bits of the output head when the checkpoint keeps it float (16 = leave it float)")
-    o.set_defaults(func=cmd_export_onnx)
-
-    g = fmt.add_parser("gguf", help="GGUF file for llama.cpp",
-                       description="Write a GGUF file; a checkpoint's integers are repacked, a float model is rounded to nearest.")
-    g.add_argument("source", help="quantized checkpoint folder, or a float HF model folder")
-    g.add_argument("--out", required=True, type=Path, help="output .gguf file")
-    g.add_argument("--type", dest="gguf_type", default=None,
-                   help="target GGUF type (default: the exact carrier of the checkpoint's integers)")
-    g.set_defaults(func=cmd_export_gguf)
-
-
-def cmd_export_onnx(args) -> int:
-    from .export.onnx import export_onnx
-
-    report = export_onnx(args.checkpoint, args.out, accuracy_level=args.accuracy_level, lm_head_bits=args.lm_head_bits)
-    print(report)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_export_gguf(args) -> int:
-    from .export.gguf import export_gguf
-
-    report = export_gguf(args.source, args.out, gguf_type=args.gguf_type)
-    print(report)
-    print(f"wrote {args.out}")
-    return 0
-
-
 def add_validate(sub):
     from .validate import Thresholds
 
@@ -328,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     add_tune(sub)
     add_eval(sub)
-    add_export(sub)
     add_validate(sub)
     return ap
 
