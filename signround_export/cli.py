@@ -81,8 +81,10 @@ def bits_list(s: str) -> list[int]:
         bits = sorted({int(b) for b in s.split(",") if b.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,4,8, got {s!r}") from None
-    if not bits or any(b not in (2, 3, 4, 8) for b in bits):
-        raise argparse.ArgumentTypeError(f"bit widths must be among 2,3,4,8, got {s!r}")
+    from .quant.qweight import SUPPORTED_BITS
+
+    if not bits or any(b not in SUPPORTED_BITS for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be among {','.join(map(str, SUPPORTED_BITS))}, got {s!r}")
     return bits
 
 
@@ -131,6 +133,8 @@ def cmd_tune(args) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"recipe {args.recipe}: " + ", ".join(f"{f.name}={getattr(targs, f.name)}" for f in fields(targs)))
 
+    if args.avg_bits is not None and args.allocation is not None:
+        raise ValueError("give --avg-bits (bits chosen by importance) or --allocation (bits from a file), not both")
     model, hf, folder = load_float_model(args.model)
     calib = None
     if targs.iters > 0 or args.avg_bits is not None:
@@ -139,8 +143,6 @@ def cmd_tune(args) -> int:
         calib = calibration_samples(encode(tok, text), targs.nsamples, targs.seqlen, targs.seed)
     progress_dir = args.out.with_name(args.out.name + ".progress")
     allocation = None
-    if args.avg_bits is not None and args.allocation is not None:
-        raise ValueError("give --avg-bits (bits chosen by importance) or --allocation (bits from a file), not both")
     if args.avg_bits is not None:
         allocation = allocate_bits(model, calib, args, targs, progress_dir, say)
         targs.layer_bits = allocation.bits
@@ -195,6 +197,7 @@ def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
 
 def read_allocation(path: Path, model) -> dict[str, int]:
     from .quant.importance import block_linear_names
+    from .quant.qweight import SUPPORTED_BITS
 
     try:
         record = json.loads(Path(path).read_text())
@@ -207,9 +210,9 @@ def read_allocation(path: Path, model) -> dict[str, int]:
     if unknown:
         raise ValueError(f"--allocation {path}: {len(unknown)} names are not decoder-block linears of this model, "
                          f"e.g. {unknown[0]!r}")
-    bad = sorted({b for b in bits.values() if b not in (2, 3, 4, 8)})
+    bad = sorted({b for b in bits.values() if b not in SUPPORTED_BITS})
     if bad:
-        raise ValueError(f"--allocation {path}: bits {bad} are not among 2, 3, 4, 8")
+        raise ValueError(f"--allocation {path}: bits {bad} are not among {', '.join(map(str, SUPPORTED_BITS))}")
     return bits
 
 

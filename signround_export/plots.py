@@ -43,11 +43,7 @@ def plot_allocation(allocation, path: Path) -> Path:
     ax.set_xlabel("block")
     ax.set_title(f"bits per layer: {allocation.avg_bits:.3f} bits per weight (budget {allocation.budget})", fontsize=9)
     fig.colorbar(im, ax=ax, ticks=levels, label="bits")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

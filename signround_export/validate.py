@@ -117,13 +117,6 @@ def judge(report: ArtifactReport, reference: Scores, t: Thresholds) -> None:
                                f"e.g. {broken[0]} (error {report.layer_errors[broken[0]]:.3g} steps)")
 
 
-def layer_error(w: np.ndarray, w_ckpt: np.ndarray, scale: np.ndarray) -> float:
-    """max |W - W_ckpt| in units of the layer's largest quantization step (0 when exact)."""
-    if w.shape != w_ckpt.shape:
-        return float("inf")
-    return float(np.max(np.abs(w.astype(np.float64) - w_ckpt)) / max(float(np.max(np.abs(scale))), 1e-30))
-
-
 def markdown(reports: list[ArtifactReport], source: str, protocol: str) -> str:
     def fmt(v, f):
         return "" if v is None else format(v, f)
