@@ -155,3 +155,13 @@ def test_tune_with_an_allocation_file(tiny_model, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "d"), "--allocation", str(alloc)]) == 2
     assert "expected a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_avg_bits_and_allocation_together_are_refused(tiny_model, tmp_path, capsys):
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"bits": {}}))
+    args = ["tune", str(tiny_model), "--out", str(tmp_path / "x"), "--iters", "0", "--avg-bits", "3",
+            "--allocation", str(alloc), "--quiet"]
+    assert main(args) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

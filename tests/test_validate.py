@@ -3,6 +3,7 @@ each exporter's tests)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -71,8 +72,15 @@ def test_judge_names_the_figure_that_failed(scores, errors, expect):
     (["--onnx", "{tmp}/nothing"], "no model.onnx there"),
     (["--gguf", "{tmp}/nothing.gguf"], "no such file"),
     (["--tokens", "100"], "less than one window"),
+    (["--onnx", "{tmp}/broken"], "onnxruntime cannot load model.onnx"),
+    pytest.param(["--gguf", "{tmp}/broken.gguf"], "llama.cpp cannot load the file",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                          reason="llama-cpp-python is not installed (make setup installs it)")),
 ])
 def test_bad_input_is_one_line(ckpt, tmp_path, capsys, extra, message):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not an onnx protobuf")
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
     args = ["validate", str(ckpt), "--window", "128", "--quiet", "--report", str(tmp_path / "r")]
     assert main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
     err = capsys.readouterr().err
