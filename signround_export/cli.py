@@ -284,11 +284,74 @@ def cmd_validate(args) -> int:
     return 1 if failures else 0
 
 
+def add_export(sub):
+    p = sub.add_parser("export", help="turn a checkpoint into a deployable file",
+                       description="Export a quantized checkpoint (or a float model, rounded to nearest first).")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    g = kinds.add_parser("gguf", help="a GGUF file for llama.cpp",
+                         description="Write a GGUF file for llama.cpp from SOURCE. A checkpoint's integers go into "
+                                     "the smallest legacy block type that holds them exactly (4-bit symmetric and "
+                                     "2/3-bit: Q4_0, 4-bit asymmetric: Q5_0, 8-bit: Q8_0); anything inexact is "
+                                     "reported with its error. A float model is first rounded to nearest with "
+                                     "--bits/--group-size/--sym.")
+    g.add_argument("source", type=Path, help="quantized checkpoint folder, or a float HF model folder")
+    g.add_argument("--out", required=True, type=Path, help="GGUF file to write")
+    g.add_argument("--asym4", choices=["q5_0", "q4_1"], default="q5_0",
+                   help="carrier of 4-bit asymmetric layers: q5_0 is exact (5.5 bits per weight), q4_1 is smaller "
+                        "(5.0) with the zero point rounded into a float16 offset (default: q5_0)")
+    g.add_argument("--float-type", choices=["f16", "f32", "q8_0"], default="f16",
+                   help="type of float matrices such as the embedding (default: f16; q8_0 rounds them to "
+                        "8 bits, a quarter of the file for small models)")
+    g.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: recognised from the vocabulary)")
+    rtn = g.add_argument_group("float source", "round-to-nearest settings when SOURCE is a float model")
+    rtn.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    rtn.add_argument("--group-size", type=int, choices=[32, 64, 128, -1], default=32)
+    rtn.add_argument("--asym", dest="sym", action="store_false", help="a zero point per group (default: symmetric)")
+    g.set_defaults(sym=True)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_export_gguf)
+
+
+def checkpoint_or_rtn(source: Path, args, stack) -> Path:
+    """source when it is a checkpoint; else a round-to-nearest checkpoint of it in a temporary folder."""
+    import tempfile
+
+    from .modelio import is_checkpoint, resolve_model_dir
+
+    folder = resolve_model_dir(source)
+    if is_checkpoint(folder):
+        return folder
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="signround-rtn-")))
+    argv = ["tune", str(folder), "--out", str(tmp / "rtn"), "--iters", "0", "--bits", str(args.bits),
+            "--group-size", str(args.group_size), "--sym" if args.sym else "--asym", "--quiet"]
+    if not args.quiet:
+        print(f"{folder} is a float model: rounding to nearest at W{args.bits} group {args.group_size} "
+              f"{'symmetric' if args.sym else 'asymmetric'} first", file=sys.stderr)
+    if main(argv) != 0:
+        raise ValueError(f"could not quantize {folder}")
+    return tmp / "rtn"
+
+
+def cmd_export_gguf(args) -> int:
+    import contextlib
+
+    from .checkpoint import read_checkpoint
+    from .export.gguf import export_gguf
+
+    with contextlib.ExitStack() as stack:
+        ckpt = read_checkpoint(checkpoint_or_rtn(args.source, args, stack))
+        report = export_gguf(ckpt, args.out, asym4=args.asym4, float_type=args.float_type,
+                             tokenizer_pre_name=args.tokenizer_pre, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="signround", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     add_tune(sub)
     add_eval(sub)
+    add_export(sub)
     add_validate(sub)
     return ap
 
@@ -302,7 +365,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, DataError, ModelError, UnsupportedModelError, ValueError) as e:
+    except (CheckpointError, DataError, ModelError, UnsupportedModelError, ValueError) as e:  # GGUFExportError too
         print(f"signround {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

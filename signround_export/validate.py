@@ -263,6 +263,8 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
         s = Scores(alone.ppl, tokens=alone.tokens) if vs_ref is None else vs_ref
         reports.append(ArtifactReport(name, paths[name], runners[name], s, vs_float=scores.get((name, "float"))))
     for r in reports:
+        if r.name == "gguf":
+            r.layer_errors, r.exact_layers, r.notes = gguf_layer_errors(gguf, ckpt)
         if r.name not in ("reference", "float"):
             judge(r, scores[("reference", None)], thresholds)
     protocol = (f"{len(w)} non-overlapping windows of {window} tokens, no BOS, from "
@@ -275,6 +277,7 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
 
 
 def gguf_logits(path, ckpt, window: int, runner: str) -> tuple[LogitsFn, str]:
+    """llama.cpp when installed (or asked for), else the file's weights dequantized by gguf-py run in PyTorch."""
     from pathlib import Path
 
     if not Path(path).is_file():
@@ -289,7 +292,58 @@ def gguf_logits(path, ckpt, window: int, runner: str) -> tuple[LogitsFn, str]:
         raise ValueError("--gguf-runner llama.cpp: llama-cpp-python is not installed (make setup installs it)")
     if runner in ("auto", "llama.cpp") and have_llama:
         return llama_cpp_logits(path, window)
-    raise ValueError("GGUF without llama.cpp needs the numpy reader, which is not available in this build")
+    return numpy_gguf_logits(path, ckpt)
+
+
+def numpy_gguf_logits(path, ckpt) -> tuple[LogitsFn, str]:
+    """The GGUF file's own weights (gguf-py dequantization) in the PyTorch forward: checks the file's
+    contents without llama.cpp's 8-bit activations."""
+    from importlib.metadata import version
+
+    from .export.gguf import GGUFExportError, read_gguf_weights
+    from .llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig.from_hf(ckpt.hf_config)
+    try:
+        weights, _ = read_gguf_weights(path, cfg)
+    except GGUFExportError as e:
+        raise ValueError(f"--gguf {e}") from None
+    model = Llama(cfg, {n: torch.from_numpy(np.ascontiguousarray(w)) for n, w in weights.items()})
+    return torch_logits(model), f"gguf-py {version('gguf')} dequantization + PyTorch (float32)"
+
+
+def gguf_layer_errors(path, ckpt) -> tuple[dict[str, float], list[str], list[str]]:
+    """(error in steps of every quantized layer, the layers whose GGUF type holds integers exactly,
+    notes) for a GGUF file against the checkpoint it was exported from."""
+    from .export.gguf import EXACT_TYPES, GGUFExportError, read_gguf_weights
+    from .llama import LlamaConfig
+
+    try:
+        weights, types = read_gguf_weights(path, LlamaConfig.from_hf(ckpt.hf_config))
+    except GGUFExportError as e:
+        raise ValueError(f"--gguf {e}") from None
+    errors, exact, missing = {}, [], []
+    for name, qw in ckpt.qweights.items():
+        w = weights.get(name + ".weight")
+        if w is None:
+            if name == "lm_head" and ckpt.hf_config.get("tie_word_embeddings"):
+                continue
+            missing.append(name)
+            continue
+        if w.shape != qw.shape:
+            raise ValueError(f"--gguf {path}: {name} has shape {list(w.shape)}, the checkpoint's is {list(qw.shape)}; "
+                             "the file belongs to another model")
+        steps = qw.scale[:, qw.group_index()]
+        errors[name] = float(np.max(np.abs(w - qw.dequantize()) / steps))
+        if types[name + ".weight"] in EXACT_TYPES:
+            exact.append(name)
+    notes = [f"{len(missing)} quantized layers are not in the file, e.g. {missing[0]}"] if missing else []
+    inexact = [n for n in errors if n not in exact]
+    if inexact:
+        worst = max(inexact, key=errors.get)
+        notes.append(f"{len(inexact)} layers in types that cannot hold the integers exactly; worst {worst}: "
+                     f"{errors[worst]:.3g} steps ({types[worst + '.weight']})")
+    return errors, exact, notes
 
 
 def write_report(result: dict, out_dir) -> list:

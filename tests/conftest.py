@@ -32,13 +32,13 @@ def make_tokenizer(vocab_size: int = 256):
 
 
 def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
-                     tied=True, model_type="llama", seed=0) -> Path:
+                     tied=True, model_type="llama", seed=0, vocab_size=256) -> Path:
     """A random HF model folder: config.json, model.safetensors, tokenizer.json."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer()
+    tok = make_tokenizer(vocab_size)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     cfg = AutoConfig.for_model(

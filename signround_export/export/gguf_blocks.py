@@ -1,0 +1,91 @@
+"""GGUF's legacy 32-element blocks, packed from integer codes and float16 scales (no re-rounding).
+
+Every block holds 32 consecutive weights of one row and a float16 step `d` (and offset `m`):
+
+| type | bytes | layout (in file order)            | weight            | code range |
+| ---- | ----- | --------------------------------- | ----------------- | ---------- |
+| Q4_0 | 18    | d f16, qs[16]                     | (c - 8) * d       | 0..15      |
+| Q4_1 | 20    | d f16, m f16, qs[16]              | c * d + m         | 0..15      |
+| Q5_0 | 22    | d f16, qh u32, qs[16]             | (c - 16) * d      | 0..31      |
+| Q5_1 | 24    | d f16, m f16, qh u32, qs[16]      | c * d + m         | 0..31      |
+| Q8_0 | 34    | d f16, qs[32] int8                | c * d             | -128..127  |
+
+qs: byte j holds the low 4 bits of element j (low nibble) and of element j + 16 (high nibble).
+qh: little-endian uint32 whose bit j is bit 4 of element j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK = 32  # elements per block
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    nbytes: int
+    code_min: int
+    code_max: int
+    offset: int  # weight = (code - offset) * d for the types without m
+    has_m: bool
+
+
+BLOCK_TYPES = {t.name: t for t in (
+    BlockType("Q4_0", 18, 0, 15, 8, False),
+    BlockType("Q4_1", 20, 0, 15, 0, True),
+    BlockType("Q5_0", 22, 0, 31, 16, False),
+    BlockType("Q5_1", 24, 0, 31, 0, True),
+    BlockType("Q8_0", 34, -128, 127, 0, False),
+)}
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """[rows, nb] float16 values as [rows, nb, 2] little-endian bytes."""
+    return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(*x.shape, 2)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """[rows, nb, 32] codes -> [rows, nb, 16] bytes: element j low, element j + 16 high."""
+    low = codes[..., :16].astype(np.uint8) & 0x0F
+    high = codes[..., 16:].astype(np.uint8) & 0x0F
+    return low | (high << 4)
+
+
+def _fifth_bits(codes: np.ndarray) -> np.ndarray:
+    """[rows, nb, 32] codes -> [rows, nb, 4] bytes of the uint32 whose bit j is bit 4 of element j."""
+    bits = ((codes.astype(np.uint32) >> 4) & 1) << np.arange(QK, dtype=np.uint32)
+    return np.ascontiguousarray(bits.sum(-1, dtype=np.uint32).astype("<u4")).view(np.uint8).reshape(*codes.shape[:-1], 4)
+
+
+def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """Pack codes [rows, K] with per-block d (and m) [rows, K/32] into uint8 [rows, K/32 * nbytes].
+
+    The codes must already lie in the type's code range and d, m must hold float16 values: this is a
+    byte layout, nothing is rounded here.
+    """
+    bt = BLOCK_TYPES[type_name]
+    rows, k = codes.shape
+    if k % QK:
+        raise ValueError(f"{type_name} needs rows whose length is a multiple of {QK}, got {k}")
+    nb = k // QK
+    if d.shape != (rows, nb) or (bt.has_m and (m is None or m.shape != (rows, nb))):
+        raise ValueError(f"{type_name}: d/m must be [{rows}, {nb}], got {d.shape} / {None if m is None else m.shape}")
+    if codes.size and (int(codes.min()) < bt.code_min or int(codes.max()) > bt.code_max):
+        raise ValueError(f"{type_name}: codes {int(codes.min())}..{int(codes.max())} outside "
+                         f"{bt.code_min}..{bt.code_max}")
+    c = codes.reshape(rows, nb, QK)
+    parts = [_f16_bytes(d)]
+    if bt.has_m:
+        parts.append(_f16_bytes(m))
+    if type_name == "Q8_0":
+        parts.append(c.astype(np.int8).view(np.uint8))
+    else:
+        if type_name in ("Q5_0", "Q5_1"):
+            parts.append(_fifth_bits(c))
+        parts.append(_nibbles(c))
+    out = np.concatenate(parts, axis=-1)
+    assert out.shape[-1] == bt.nbytes
+    return out.reshape(rows, nb * bt.nbytes)

@@ -1,0 +1,183 @@
+"""GGUF export: block layouts against gguf-py, exact carriers, the file in llama.cpp, broken files refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from signround_export.checkpoint import read_checkpoint
+from signround_export.cli import main
+from signround_export.export.gguf import (GGUFExportError, _rope_permute, _rope_unpermute, dequantize,
+                                          encode_quantized, export_gguf, read_gguf_weights)
+from signround_export.export.gguf_blocks import BLOCK_TYPES, pack_blocks
+from signround_export.llama import LlamaConfig
+from signround_export.modelio import reference_from_checkpoint
+from signround_export.quant.qweight import QuantWeight
+
+from conftest import WIKITEXT, rtn_checkpoint, write_tiny_model
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (make setup builds it)")
+
+
+def f16(x):
+    return np.asarray(x, dtype=np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("type_name", sorted(BLOCK_TYPES))
+def test_blocks_match_gguf_dequantize(type_name):
+    bt = BLOCK_TYPES[type_name]
+    rng = np.random.default_rng(0)
+    rows, k = 5, 96
+    codes = rng.integers(bt.code_min, bt.code_max + 1, size=(rows, k))
+    d = f16(rng.uniform(0.001, 0.1, size=(rows, k // 32)))
+    m = f16(rng.uniform(-0.5, 0.5, size=(rows, k // 32))) if bt.has_m else None
+    data = pack_blocks(type_name, codes, d, m)
+    assert data.shape == (rows, k // 32 * bt.nbytes)
+    got = dequantize(type_name, data, (rows, k))
+    dd, mm = np.repeat(d, 32, 1), (np.repeat(m, 32, 1) if bt.has_m else 0)
+    want = (codes - bt.offset) * dd + mm
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_blocks_refuse_codes_out_of_range():
+    with pytest.raises(ValueError, match="outside 0..15"):
+        pack_blocks("Q4_0", np.full((1, 32), 16), f16(np.ones((1, 1))))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_blocks("Q8_0", np.zeros((1, 48), dtype=int), f16(np.ones((1, 1))))
+
+
+def random_qweight(bits, sym, group_size=64, n=12, k=192, seed=0):
+    rng = np.random.default_rng(seed)
+    g = -(-k // group_size)
+    zero = np.full((n, g), 2 ** (bits - 1)) if sym else rng.integers(0, 2**bits, size=(n, g))
+    return QuantWeight(q=rng.integers(0, 2**bits, size=(n, k)).astype(np.uint8), scale=f16(rng.uniform(0.01, 0.1, (n, g))),
+                       zero=zero.astype(np.uint8), bits=bits, group_size=group_size, sym=sym)
+
+
+@pytest.mark.parametrize("bits,sym,want", [(4, True, "Q4_0"), (4, False, "Q5_0"), (3, False, "Q4_0"),
+                                           (2, False, "Q4_0"), (2, True, "Q4_0"), (8, True, "Q8_0")])
+def test_exact_carriers_hold_the_integers(bits, sym, want):
+    qw = random_qweight(bits, sym)
+    type_name, data = encode_quantized(qw)
+    assert type_name == want
+    np.testing.assert_array_equal(dequantize(type_name, data, qw.shape), qw.dequantize())
+
+
+def test_q4_1_is_near_exact_and_fallbacks():
+    qw = random_qweight(4, False)
+    type_name, data = encode_quantized(qw, asym4="Q4_1")
+    err = np.abs(dequantize(type_name, data, qw.shape) - qw.dequantize()) / qw.scale[:, qw.group_index()]
+    assert type_name == "Q4_1" and 0 < err.max() < 0.02
+    assert encode_quantized(random_qweight(4, True, group_size=16, k=64)) is None  # group not a multiple of 32
+    wide = random_qweight(8, False)
+    wide.q[0, 0], wide.zero[0, 0] = 255, 0  # q - zero = 255 does not fit int8
+    assert encode_quantized(wide) is None
+
+
+def test_rope_permutation_is_a_row_reordering_and_inverts():
+    rows = np.arange(4 * 16)[:, None] * np.ones((1, 3))
+    p = _rope_permute(rows, 4)
+    assert sorted(p[:, 0]) == sorted(rows[:, 0]) and not np.array_equal(p, rows)
+    # head 0 of 16 rows: HF halves [0..7 | 8..15] become interleaved pairs 0, 8, 1, 9, ...
+    assert p[:6, 0].tolist() == [0, 8, 1, 9, 2, 10]
+    np.testing.assert_array_equal(_rope_unpermute(p, 4), rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """llama.cpp's BPE loader needs merges: a vocabulary larger than the 256 byte tokens."""
+    return write_tiny_model(tmp_path_factory.mktemp("gguf") / "model", vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_model, tmp_path_factory):
+    return rtn_checkpoint(tiny_model, tmp_path_factory.mktemp("gguf") / "w4", bits=4, group_size=32, sym=False)
+
+
+def test_file_reads_back_to_the_checkpoint_weights(tiny_ckpt, tmp_path):
+    ckpt = read_checkpoint(tiny_ckpt)
+    report = export_gguf(ckpt, tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
+    assert all(t.exact for t in report.tensors if t.quantized) and {t.type for t in report.tensors} >= {"Q5_0", "F32"}
+    weights, types = read_gguf_weights(tmp_path / "m.gguf", LlamaConfig.from_hf(ckpt.hf_config))
+    ref = reference_from_checkpoint(ckpt)
+    for name, t in ref.tensors.items():
+        want = t.numpy()
+        got = weights[name]
+        if types[name] == "F16":
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    assert "lm_head.weight" not in weights  # tied: the embedding is written once
+
+
+def test_unknown_vocabulary_asks_for_the_pre_tokenizer(tiny_ckpt, tmp_path):
+    with pytest.raises(GGUFExportError, match="--tokenizer-pre"):
+        export_gguf(read_checkpoint(tiny_ckpt), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()  # nothing half-written
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_float_model_with_rtn(tiny_model, tmp_path, capsys):
+    out = tmp_path / "rtn.gguf"
+    assert main(["export", "gguf", str(tiny_model), "--out", str(out), "--tokenizer-pre", "gpt-2", "--quiet"]) == 0
+    assert "Q4_0" in capsys.readouterr().out
+    assert main(["export", "gguf", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_broken_file_is_refused(tiny_ckpt, tmp_path):
+    ckpt = read_checkpoint(tiny_ckpt)
+    path = tmp_path / "m.gguf"
+    export_gguf(ckpt, path, tokenizer_pre_name="gpt-2")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GGUFExportError, match="truncated or corrupt"):
+        read_gguf_weights(path, LlamaConfig.from_hf(ckpt.hf_config))
+
+
+def logits_error(llm, model, ids):
+    llm.reset()
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    want = model.logits(torch.tensor(ids)[None])[0]
+    return float((got - want).abs().mean() / want.std())
+
+
+@needs_llama
+def test_llama_cpp_runs_the_tiny_file_like_the_reference(tiny_ckpt, tmp_path, monkeypatch):
+    import signround_export.export.gguf as gguf_export
+
+    ckpt = read_checkpoint(tiny_ckpt)
+    ref = reference_from_checkpoint(ckpt)
+    ids = list(range(3, 3 + 64))
+    errors = {}
+    for case in ("right", "no permutation"):
+        if case == "no permutation":  # a broken export for contrast: the test must be able to fail
+            monkeypatch.setattr(gguf_export, "_rope_permute", lambda rows, n: rows)
+        path = tmp_path / f"{case}.gguf"
+        export_gguf(ckpt, path, tokenizer_pre_name="gpt-2")
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
+        errors[case] = logits_error(llm, ref, ids)
+        del llm
+    assert errors["right"] < 0.05, errors
+    assert errors["no permutation"] > 5 * errors["right"], errors
+
+
+@needs_llama
+def test_default_model_w4_in_llama_cpp_agrees_with_the_reference(default_checkpoint_w4, tmp_path):
+    """The issue's bar: 2048 wikitext tokens, top-1 >= 96%, mean KL <= 5e-3, perplexity within 1%."""
+    from signround_export.validate import validate
+
+    path = tmp_path / "w4.gguf"
+    report = export_gguf(read_checkpoint(default_checkpoint_w4), path)
+    assert all(t.exact for t in report.tensors if t.quantized)
+    result = validate(default_checkpoint_w4, gguf=path, text=WIKITEXT, tokens=2048, progress=False)
+    ref, gguf = (next(a for a in result["artifacts"] if a["name"] == n) for n in ("reference", "gguf"))
+    s = gguf["scores"]
+    assert s["top1"] >= 0.96 and s["kl_mean"] <= 5e-3, s
+    assert abs(s["ppl"] / ref["scores"]["ppl"] - 1) <= 0.01, (s, ref["scores"])
+    assert len(gguf["exact_layers"]) == 210 and all(gguf["layer_errors"][n] == 0.0 for n in gguf["exact_layers"])
