@@ -288,6 +288,23 @@ def add_export(sub):
     p = sub.add_parser("export", help="turn a checkpoint into a deployable file",
                        description="Export a quantized checkpoint (or a float model, rounded to nearest first).")
     kinds = p.add_subparsers(dest="kind", required=True)
+    o = kinds.add_parser("onnx", help="an ONNX folder for onnxruntime (and onnxruntime-genai)",
+                         description="Write DIR with model.onnx (MatMulNBits weights repacked exactly from the "
+                                     "checkpoint's integers, fused GroupQueryAttention), genai_config.json and the "
+                                     "tokenizer files. A float model is first rounded to nearest with "
+                                     "--bits/--group-size/--sym.")
+    o.add_argument("source", type=Path, help="quantized checkpoint folder, or a float HF model folder")
+    o.add_argument("--out", required=True, type=Path, help="folder to write")
+    o.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="MatMulNBits accuracy level: 4 quantizes activations to int8 per block, the fast CPU path; "
+                        "0 computes in float32 and matches the PyTorch reference to ~1e-6 (default: 4)")
+    o.add_argument("--lm-head-bits", type=int, choices=[4, 8, 16], default=None,
+                   help="round a float lm_head to nearest at 4 or 8 bits (group 32, symmetric): a float head over "
+                        "a large vocabulary dominates decode time on small models; 16 or unset keeps the "
+                        "checkpoint's head (its integers when it quantized the head)")
+    add_rtn_args(o)
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(func=cmd_export_onnx)
     g = kinds.add_parser("gguf", help="a GGUF file for llama.cpp",
                          description="Write a GGUF file for llama.cpp from SOURCE. A checkpoint's integers go into "
                                      "the smallest legacy block type that holds them exactly (4-bit symmetric and "
@@ -303,13 +320,17 @@ def add_export(sub):
                    help="type of float matrices such as the embedding (default: f16; q8_0 rounds them to "
                         "8 bits, a quarter of the file for small models)")
     g.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: recognised from the vocabulary)")
-    rtn = g.add_argument_group("float source", "round-to-nearest settings when SOURCE is a float model")
+    add_rtn_args(g)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_export_gguf)
+
+
+def add_rtn_args(p):
+    rtn = p.add_argument_group("float source", "round-to-nearest settings when SOURCE is a float model")
     rtn.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
     rtn.add_argument("--group-size", type=int, choices=[32, 64, 128, -1], default=32)
     rtn.add_argument("--asym", dest="sym", action="store_false", help="a zero point per group (default: symmetric)")
-    g.set_defaults(sym=True)
-    g.add_argument("--quiet", action="store_true")
-    g.set_defaults(func=cmd_export_gguf)
+    p.set_defaults(sym=True)
 
 
 def checkpoint_or_rtn(source: Path, args, stack) -> Path:
@@ -327,9 +348,27 @@ def checkpoint_or_rtn(source: Path, args, stack) -> Path:
     if not args.quiet:
         print(f"{folder} is a float model: rounding to nearest at W{args.bits} group {args.group_size} "
               f"{'symmetric' if args.sym else 'asymmetric'} first", file=sys.stderr)
-    if main(argv) != 0:
-        raise ValueError(f"could not quantize {folder}")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the nested tune's "wrote" line names a temporary folder
+        if main(argv) != 0:
+            raise ValueError(f"could not quantize {folder}")
     return tmp / "rtn"
+
+
+def cmd_export_onnx(args) -> int:
+    import contextlib
+
+    from .checkpoint import read_checkpoint
+    from .export.onnx import export_onnx
+
+    with contextlib.ExitStack() as stack:
+        ckpt = read_checkpoint(checkpoint_or_rtn(args.source, args, stack))
+        report = export_onnx(ckpt, args.out, accuracy_level=args.accuracy_level,
+                             lm_head_bits=None if args.lm_head_bits == 16 else args.lm_head_bits)
+    print(report)
+    return 0
 
 
 def cmd_export_gguf(args) -> int:

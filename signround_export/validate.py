@@ -174,7 +174,7 @@ def onnx_logits(folder) -> tuple[LogitsFn, str]:
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for broken files
-        raise ValueError(f"--onnx {folder}: onnxruntime cannot load model.onnx ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"--onnx {folder}: onnxruntime cannot load model.onnx ({str(e).splitlines()[0][-200:]})") from None
     names = {i.name: i for i in session.get_inputs()}
     past = [n for n in names if n.startswith("past_key_values.")]
     decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"] \

@@ -1,0 +1,103 @@
+"""A QuantWeight as the inputs of onnxruntime's MatMulNBits (com.microsoft), exactly.
+
+MatMulNBits computes Y = A @ dequant(B).T with, for output row n and block b of `block` columns:
+
+| input        | dtype   | shape                              | layout                                         |
+| ------------ | ------- | ---------------------------------- | ---------------------------------------------- |
+| B            | uint8   | [N, k_blocks, block * bits / 8]    | codes along K, low bits first within each byte |
+| scales       | float32 | [N, k_blocks]                      | one step per block                             |
+| zero_points  | uint8   | [N, ceil(k_blocks * bits / 8)]     | packed like B, each row padded on its own      |
+
+weight[n, k] = (code - zero) * scale of block k // block; without zero_points, zero = 2^(bits-1).
+k_blocks = ceil(K / block): K is padded with zero codes to whole blocks (A has no such columns,
+so the padding multiplies nothing). The CPU kernel takes bits 2, 4, 8 and blocks 16..256.
+
+From a checkpoint group of g columns:
+- g in 16..256 (a power of two): block = g.
+- g larger (one group per row, 512 ...): block = the largest supported power of two dividing g; each
+  scale and zero point repeats over the g / block blocks of its group.
+- 3-bit codes go into 4-bit containers: same codes, explicit zero points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..quant.qweight import QuantWeight
+
+KERNEL_BITS = (2, 4, 8)
+BLOCK_SIZES = (256, 128, 64, 32, 16)
+
+
+class MatMulNBitsError(ValueError):
+    """A weight MatMulNBits cannot hold exactly."""
+
+
+@dataclass
+class NBitsWeight:
+    b: np.ndarray  # uint8 [N, k_blocks, block * bits / 8]
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks * bits / 8)], None: the default 2^(bits-1)
+    bits: int
+    block: int
+    k: int
+    n: int
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes [..., L] into bytes along the last axis, low bits first ([..., ceil(L*bits/8)])."""
+    per_byte = 8 // bits
+    length = codes.shape[-1]
+    padded = -(-length // per_byte) * per_byte
+    c = np.zeros((*codes.shape[:-1], padded), dtype=np.uint8)
+    c[..., :length] = codes
+    c = c.reshape(*codes.shape[:-1], padded // per_byte, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte) * bits).astype(np.uint16)
+    return (c << shifts).sum(-1).astype(np.uint8)
+
+
+def block_for(group: int) -> int:
+    """The largest MatMulNBits block that carries groups of `group` columns exactly."""
+    for block in BLOCK_SIZES:
+        if group % block == 0:
+            return block
+    raise MatMulNBitsError(f"group size {group} is not a multiple of a MatMulNBits block size "
+                           f"({', '.join(map(str, sorted(BLOCK_SIZES)))})")
+
+
+def to_nbits(qw: QuantWeight, name: str = "weight") -> NBitsWeight:
+    n, k = qw.shape
+    bits = 4 if qw.bits == 3 else qw.bits
+    if bits not in KERNEL_BITS:
+        raise MatMulNBitsError(f"{name}: {qw.bits}-bit weights have no MatMulNBits CPU kernel")
+    block = block_for(qw.group_size)
+    repeat = qw.group_size // block
+    k_blocks = -(-k // block)
+    scales = np.repeat(qw.scale, repeat, axis=1)[:, :k_blocks]
+    zeros = np.repeat(qw.zero, repeat, axis=1)[:, :k_blocks]
+    codes = np.zeros((n, k_blocks * block), dtype=np.uint8)
+    codes[:, :k] = qw.q
+    b = pack_codes(codes.reshape(n, k_blocks, block), bits)
+    default_zero = bool(np.all(zeros == 2 ** (bits - 1)))
+    return NBitsWeight(b=b, scales=np.ascontiguousarray(scales, dtype=np.float32),
+                       zero_points=None if default_zero else pack_codes(zeros, bits),
+                       bits=bits, block=block, k=k, n=n)
+
+
+def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
+    """float32 [N, K] as MatMulNBits reads the inputs (the contract above, for tests)."""
+    per_byte = 8 // w.bits
+    mask = (1 << w.bits) - 1
+
+    def unpack(packed: np.ndarray, length: int) -> np.ndarray:
+        shifts = np.arange(per_byte) * w.bits
+        return ((packed[..., None] >> shifts) & mask).reshape(*packed.shape[:-1], -1)[..., :length]
+
+    k_blocks = w.scales.shape[1]
+    codes = unpack(w.b, w.block).reshape(w.n, k_blocks * w.block)[:, : w.k].astype(np.float32)
+    zeros = (np.full(w.scales.shape, 2 ** (w.bits - 1)) if w.zero_points is None
+             else unpack(w.zero_points, k_blocks)).astype(np.float32)
+    block_of = np.arange(w.k) // w.block
+    return (codes - zeros[:, block_of]) * w.scales[:, block_of]

@@ -1,0 +1,288 @@
+"""ONNX export for onnxruntime: the LLaMA decoder as fused contrib ops over MatMulNBits weights.
+
+The graph, per decoder block i (x: the residual stream, float32 [batch, seq, hidden]):
+
+    h       = SimplifiedLayerNormalization(x)                  (block 0; later blocks get h and x
+    h, x    = SkipSimplifiedLayerNormalization(out, x)          from the previous block's output)
+    q, k, v = MatMulNBits(h)  (+ bias for qwen2)
+    a, present.i.key, present.i.value
+            = GroupQueryAttention(q, k, v, past_key_values.i.*, seqlens_k, total_seq_len, cos, sin)
+              (rotary fused, half-split layout like HF's rotate_half)
+    out     = MatMulNBits(a)
+    h, x    = SkipSimplifiedLayerNormalization(out, x)
+    out     = MatMulNBits_down(silu(MatMulNBits_gate(h)) * MatMulNBits_up(h))
+
+then logits = head(SkipSimplifiedLayerNormalization(out, x)). Inputs and outputs use
+onnxruntime-genai's names, and genai_config.json beside model.onnx lets onnxruntime-genai run the
+folder unchanged. seqlens_k = sum(attention_mask) - 1 and total_seq_len = attention_mask's length,
+as GroupQueryAttention wants them.
+
+The head is the checkpoint's: its integers when it quantized the lm_head, else float (a Gemm that
+shares the embedding's initializer when the two are tied). --lm-head-bits 4|8 rounds a float head to
+nearest, the one place this exporter rounds anything; the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import TOKENIZER_FILES, Checkpoint
+from ..fileio import atomic_dir
+from ..llama import LlamaConfig
+from ..quant.qweight import QuantWeight
+from .matmulnbits import to_nbits
+
+OPSET = 17
+IR_VERSION = 8  # the IR of opset 17; onnx writes its newest IR by default, which older onnxruntime refuses
+MS = "com.microsoft"
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB in one file
+HEAD_GROUP = 32  # group of a head rounded here (--lm-head-bits), as onnxruntime-genai's builder uses
+
+
+class ONNXExportError(ValueError):
+    """A checkpoint or request the ONNX exporter cannot turn into a correct model."""
+
+
+@dataclass
+class ONNXExport:
+    folder: Path
+    layers: dict[str, int] = field(default_factory=dict)  # "W4 block 128 asym" -> count of MatMulNBits
+    head: str = ""
+    accuracy_level: int = 4
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{n} x {k}" for k, n in sorted(self.layers.items()))
+        return (f"{self.folder}: {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; MatMulNBits {kinds} "
+                f"(accuracy level {self.accuracy_level}); head: {self.head}")
+
+
+class GraphBuilder:
+    """Nodes and initializers with unique names; op() returns the output names."""
+
+    def __init__(self):
+        self.nodes, self.initializers, self.count = [], [], 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs=None, **attrs):
+        from onnx import helper
+
+        self.count += 1
+        name = f"/{op_type}_{self.count}"
+        outputs = outputs or [f"{name}/out{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def rope_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_positions, head_dim / 2], the same angles as llama.rope_tables."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    angles = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _scheme(qw: QuantWeight, block: int) -> str:
+    return f"W{qw.bits} block {block} {'sym' if qw.sym else 'asym'}"
+
+
+def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_bits: int | None = None) -> ONNXExport:
+    """Write the ONNX folder (model.onnx, genai_config.json, tokenizer files) atomically."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    t0 = time.perf_counter()
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ONNXExportError(f"--accuracy-level {accuracy_level}: choose 0 (exact), 1, 2, 3 or 4 (int8 activations)")
+    if lm_head_bits not in (None, 4, 8, 16):
+        raise ONNXExportError(f"--lm-head-bits {lm_head_bits}: choose 4, 8 or 16")
+    cfg = LlamaConfig.from_hf(ckpt.hf_config)
+    if cfg.head_dim % 16:
+        raise ONNXExportError(f"head size {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
+                              "GroupQueryAttention requires")
+    report = ONNXExport(folder=Path(out_dir), accuracy_level=accuracy_level)
+    g = GraphBuilder()
+    tensors = ckpt.tensors
+
+    def float_weight(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise ONNXExportError(f"the checkpoint has no tensor {name}; it is incomplete")
+        return tensors[name]
+
+    def matmul_nbits(x: str, module: str, qw: QuantWeight) -> str:
+        try:
+            w = to_nbits(qw, module)
+        except ValueError as e:
+            raise ONNXExportError(str(e)) from None
+        inputs = [x, g.const(f"{module}.B", w.b), g.const(f"{module}.scales", w.scales)]
+        if w.zero_points is not None:
+            inputs.append(g.const(f"{module}.zero_points", w.zero_points))
+        y = g.op("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
+                 accuracy_level=accuracy_level)
+        key = _scheme(qw, w.block)
+        report.layers[key] = report.layers.get(key, 0) + 1
+        if qw.bias is not None:
+            y = g.op("Add", [y, g.const(f"{module}.bias", qw.bias.astype(np.float32))])
+        return y
+
+    def linear(x: str, module: str) -> str:
+        if module in ckpt.qweights:
+            return matmul_nbits(x, module, ckpt.qweights[module])
+        w = float_weight(module + ".weight")  # a linear the checkpoint keeps in float
+        y = g.op("MatMul", [x, g.const(module + ".weight_t", np.ascontiguousarray(w.T))])
+        if module + ".bias" in tensors:
+            y = g.op("Add", [y, g.const(module + ".bias", tensors[module + ".bias"])])
+        return y
+
+    # inputs and the attention bookkeeping GroupQueryAttention wants
+    kv_shape = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    present_shape = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape))
+    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axis_1", np.array([1], dtype=np.int64))], keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one_i64", np.array(1, dtype=np.int64))])],
+                     to=TensorProto.INT32)
+    total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]),
+                                              g.const("index_1", np.array(1, dtype=np.int64))], axis=0)],
+                     to=TensorProto.INT32)
+    cos, sin = rope_cache(cfg)
+    cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
+
+    embed = g.const("model.embed_tokens.weight", float_weight("model.embed_tokens.weight"))
+    x = g.op("Gather", [embed, "input_ids"], axis=0)
+    out = None
+    eps = float(cfg.rms_eps)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        ln1 = g.const(p + "input_layernorm.weight", float_weight(p + "input_layernorm.weight"))
+        if out is None:
+            h = g.op("SimplifiedLayerNormalization", [x, ln1], axis=-1, epsilon=eps, stash_type=1)
+        else:
+            h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, ln1], n_out=4, domain=MS, epsilon=eps)
+        q, k, v = (linear(h, p + f"self_attn.{n}_proj") for n in "qkv")
+        attn, _, _ = g.op("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                                  seqlens_k, total_len, cos, sin],
+                          outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+                          num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
+                          do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+        out = linear(attn, p + "self_attn.o_proj")
+        ln2 = g.const(p + "post_attention_layernorm.weight", float_weight(p + "post_attention_layernorm.weight"))
+        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, ln2], n_out=4, domain=MS, epsilon=eps)
+        gate = linear(h, p + "mlp.gate_proj")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), linear(h, p + "mlp.up_proj")])
+        out = linear(act, p + "mlp.down_proj")
+    norm = g.const("model.norm.weight", float_weight("model.norm.weight"))
+    h = g.op("SkipSimplifiedLayerNormalization", [out, x, norm], n_out=4, domain=MS, epsilon=eps)[0]
+    _head(g, cfg, ckpt, h, embed, lm_head_bits, matmul_nbits, report)
+
+    graph = helper.make_graph(g.nodes, "signround-llama", inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="signround-export")
+    model.ir_version = IR_VERSION
+    total = sum(t.ByteSize() for t in g.initializers)
+    with atomic_dir(out_dir) as tmp:
+        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=total > EXTERNAL_DATA_BYTES,
+                        all_tensors_to_one_file=True, location="model.onnx.data")
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, ckpt), indent=2) + "\n")
+        for fname in TOKENIZER_FILES:
+            src = Path(ckpt.path) / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)
+    report.bytes = sum(f.stat().st_size for f in Path(out_dir).iterdir())
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _head(g: GraphBuilder, cfg: LlamaConfig, ckpt: Checkpoint, h: str, embed: str, lm_head_bits, matmul_nbits,
+          report: ONNXExport) -> None:
+    """logits from the final hidden state h: the checkpoint's head, or a float head rounded to lm_head_bits."""
+    import torch
+
+    from ..quant.quantizer import Scheme, to_qweight
+
+    bias = ckpt.tensors.get("lm_head.bias")
+    if "lm_head" in ckpt.qweights:
+        qw = ckpt.qweights["lm_head"]
+        report.head = f"the checkpoint's W{qw.bits} integers"
+        g.op("Identity", [matmul_nbits(h, "lm_head", qw)], outputs=["logits"])
+        return
+    weight = ckpt.tensors.get("lm_head.weight")
+    shared = weight is None  # tied: the embedding is the head
+    if lm_head_bits in (4, 8):
+        w = ckpt.tensors["model.embed_tokens.weight"] if shared else weight
+        group = HEAD_GROUP if cfg.hidden_size % HEAD_GROUP == 0 else -1
+        qw = to_qweight(torch.from_numpy(w), Scheme(lm_head_bits, group, True),
+                        bias=None if bias is None else torch.from_numpy(bias))
+        report.head = (f"float in the checkpoint, rounded to nearest here at W{lm_head_bits} group "
+                       f"{qw.group_size} symmetric (--lm-head-bits)")
+        g.op("Identity", [matmul_nbits(h, "lm_head", qw)], outputs=["logits"])
+        return
+    # a float head: Gemm with transB reads the [vocab, hidden] matrix as it lies, so a tied head shares
+    # the embedding's initializer
+    w = embed if shared else g.const("lm_head.weight", weight)
+    report.head = "float32" + (", shared with the embedding" if shared else "")
+    flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, cfg.hidden_size], dtype=np.int64))])
+    gemm_inputs = [flat, w] + ([g.const("lm_head.bias", bias)] if bias is not None else [])
+    logits = g.op("Gemm", gemm_inputs, transB=1)
+    ids_shape = g.op("Shape", ["input_ids"])
+    shape = g.op("Concat", [ids_shape, g.const("vocab", np.array([cfg.vocab_size], dtype=np.int64))], axis=0)
+    g.op("Reshape", [logits, shape], outputs=["logits"])
+
+
+def _token_id(ckpt: Checkpoint, key: str):
+    value = ckpt.hf_config.get(f"{key}_token_id")
+    if value is None:
+        gen = Path(ckpt.path) / "generation_config.json"
+        if gen.is_file():
+            value = json.loads(gen.read_text()).get(f"{key}_token_id")
+    return value
+
+
+def genai_config(cfg: LlamaConfig, ckpt: Checkpoint) -> dict:
+    """onnxruntime-genai's genai_config.json for this graph."""
+    eos = _token_id(ckpt, "eos")
+    pad = _token_id(ckpt, "pad")
+    return {
+        "model": {
+            "bos_token_id": _token_id(ckpt, "bos"),
+            "context_length": cfg.max_positions,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": cfg.n_heads,
+                "num_hidden_layers": cfg.n_layers,
+                "num_key_value_heads": cfg.n_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+            "type": cfg.model_type,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": cfg.max_positions, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
