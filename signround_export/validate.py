@@ -265,6 +265,8 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
     for r in reports:
         if r.name == "gguf":
             r.layer_errors, r.exact_layers, r.notes = gguf_layer_errors(gguf, ckpt)
+        if r.name == "onnx":
+            r.layer_errors, r.exact_layers, r.notes = onnx_layer_errors(onnx, ckpt)
         if r.name not in ("reference", "float"):
             judge(r, scores[("reference", None)], thresholds)
     protocol = (f"{len(w)} non-overlapping windows of {window} tokens, no BOS, from "
@@ -308,7 +310,7 @@ def numpy_gguf_logits(path, ckpt) -> tuple[LogitsFn, str]:
         weights, _ = read_gguf_weights(path, cfg)
     except GGUFExportError as e:
         raise ValueError(f"--gguf {e}") from None
-    model = Llama(cfg, {n: torch.from_numpy(np.ascontiguousarray(w)) for n, w in weights.items()})
+    model = Llama(cfg, {n: torch.from_numpy(np.array(w, dtype=np.float32)) for n, w in weights.items()})
     return torch_logits(model), f"gguf-py {version('gguf')} dequantization + PyTorch (float32)"
 
 
@@ -344,6 +346,41 @@ def gguf_layer_errors(path, ckpt) -> tuple[dict[str, float], list[str], list[str
         notes.append(f"{len(inexact)} layers in types that cannot hold the integers exactly; worst {worst}: "
                      f"{errors[worst]:.3g} steps ({types[worst + '.weight']})")
     return errors, exact, notes
+
+
+def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[str]]:
+    """(error in steps of every quantized layer, the layers MatMulNBits holds exactly, notes) for an
+    exported ONNX folder, read back from its MatMulNBits initializers."""
+    from pathlib import Path
+
+    import onnx
+    from onnx import numpy_helper
+
+    from .export.matmulnbits import NBitsWeight, dequantize_nbits
+
+    model = onnx.load(str(Path(folder) / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    errors, missing, notes = {}, [], []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        module = node.input[1].removesuffix(".B")
+        qw = ckpt.qweights.get(module)
+        if qw is None:
+            notes.append(f"{module}: MatMulNBits with no integers in the checkpoint (rounded at export)")
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        b, scales = (numpy_helper.to_array(inits[name]) for name in node.input[1:3])
+        zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        w = NBitsWeight(b, scales, zp, attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"])
+        if (w.n, w.k) != qw.shape:
+            raise ValueError(f"--onnx {folder}: {module} is {w.n}x{w.k}, the checkpoint's is "
+                             f"{qw.shape[0]}x{qw.shape[1]}; the folder belongs to another model")
+        errors[module] = float(np.max(np.abs(dequantize_nbits(w) - qw.dequantize()) / qw.scale[:, qw.group_index()]))
+    missing = [m for m in ckpt.qweights if m not in errors]
+    if missing:
+        notes.append(f"{len(missing)} quantized layers are not MatMulNBits in the graph, e.g. {missing[0]}")
+    return errors, list(errors), notes
 
 
 def write_report(result: dict, out_dir) -> list:

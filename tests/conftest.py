@@ -19,7 +19,7 @@ TOKENIZER_TEXT = (
 )
 
 
-def make_tokenizer(vocab_size: int = 256):
+def make_tokenizer(vocab_size: int = 320):  # above 256 bytes: BPE merges, which llama.cpp needs
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -32,7 +32,7 @@ def make_tokenizer(vocab_size: int = 256):
 
 
 def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
-                     tied=True, model_type="llama", seed=0, vocab_size=256) -> Path:
+                     tied=True, model_type="llama", seed=0, vocab_size=320) -> Path:
     """A random HF model folder: config.json, model.safetensors, tokenizer.json."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM

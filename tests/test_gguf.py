@@ -15,7 +15,7 @@ from signround_export.llama import LlamaConfig
 from signround_export.modelio import reference_from_checkpoint
 from signround_export.quant.qweight import QuantWeight
 
-from conftest import WIKITEXT, rtn_checkpoint, write_tiny_model
+from conftest import WIKITEXT, rtn_checkpoint
 
 try:
     import llama_cpp
@@ -86,12 +86,6 @@ def test_rope_permutation_is_a_row_reordering_and_inverts():
     # head 0 of 16 rows: HF halves [0..7 | 8..15] become interleaved pairs 0, 8, 1, 9, ...
     assert p[:6, 0].tolist() == [0, 8, 1, 9, 2, 10]
     np.testing.assert_array_equal(_rope_unpermute(p, 4), rows)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """llama.cpp's BPE loader needs merges: a vocabulary larger than the 256 byte tokens."""
-    return write_tiny_model(tmp_path_factory.mktemp("gguf") / "model", vocab_size=320)
 
 
 @pytest.fixture(scope="module")

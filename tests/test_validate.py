@@ -86,3 +86,63 @@ def test_bad_input_is_one_line(ckpt, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def _drop_zero_points(to_nbits):
+    def broken(qw, name="weight"):
+        w = to_nbits(qw, name)
+        w.zero_points = None  # the kernel then assumes 2^(bits-1)
+        return w
+    return broken
+
+
+def _swap_nibbles(pack_codes):
+    def broken(codes, bits):
+        out = pack_codes(codes, bits)
+        return ((out >> 4) | (out << 4)).astype(out.dtype) if bits == 4 else out
+    return broken
+
+
+BROKEN_EXPORTS = {  # a bug an exporter could have -> (artifact kind, module, attribute, patch)
+    "gguf: nibbles swapped": ("gguf", "signround_export.export.gguf_blocks", "_nibbles",
+                              lambda f: lambda codes: f(codes[..., ::-1])),
+    "gguf: no RoPE permutation": ("gguf", "signround_export.export.gguf", "_rope_permute", lambda f: lambda rows, n: rows),
+    "onnx: zero points dropped": ("onnx", "signround_export.export.onnx", "to_nbits", _drop_zero_points),
+    "onnx: nibbles swapped": ("onnx", "signround_export.export.matmulnbits", "pack_codes", _swap_nibbles),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BROKEN_EXPORTS))
+def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from signround_export.checkpoint import read_checkpoint
+    from signround_export.export.gguf import export_gguf
+    from signround_export.export.onnx import export_onnx
+
+    kind, module, attr, patch = BROKEN_EXPORTS[bug]
+    target = importlib.import_module(module)
+    monkeypatch.setattr(target, attr, patch(getattr(target, attr)))
+    artifact = tmp_path / ("m.gguf" if kind == "gguf" else "onnx")
+    if kind == "gguf":
+        export_gguf(read_checkpoint(ckpt), artifact, tokenizer_pre_name="gpt-2")
+    else:
+        export_onnx(read_checkpoint(ckpt), artifact, accuracy_level=0)
+    monkeypatch.undo()
+    args = ["validate", str(ckpt), "--tokens", "256", "--window", "128", "--quiet", "--report", str(tmp_path / "r"),
+            f"--{kind}", str(artifact), "--gguf-runner", "numpy"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "differ from the checkpoint's integers" in err, err
+
+
+def test_a_truncated_gguf_is_refused(ckpt, tmp_path, capsys):
+    from signround_export.checkpoint import read_checkpoint
+    from signround_export.export.gguf import export_gguf
+
+    path = tmp_path / "m.gguf"
+    export_gguf(read_checkpoint(ckpt), path, tokenizer_pre_name="gpt-2")
+    path.write_bytes(path.read_bytes()[:-1000])
+    args = ["validate", str(ckpt), "--window", "128", "--quiet", "--gguf", str(path), "--gguf-runner", "numpy"]
+    assert main(args) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""`signround-run MODEL_DIR "prompt"` and `signround-run chat MODEL_DIR`: generate with an exported model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .model import Model, RuntimeModelError
+from .sampling import Sampling
+
+USAGE = """signround-run MODEL_DIR "prompt" [options]    one reply (the chat template is applied; --raw: plain text)
+       signround-run chat MODEL_DIR [options]        an interactive chat (empty line or Ctrl-D ends it)"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="signround-run", usage=USAGE,
+                                description="Generate with a folder written by `signround export onnx`, on the CPU "
+                                            "through onnxruntime. Speed goes to stderr.")
+    p.add_argument("words", nargs="+", metavar="MODEL_DIR PROMPT | chat MODEL_DIR")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: up to 4)")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    return p
+
+
+def reply(model: Model, prompt_ids: list[int], args, sampling: Sampling) -> str:
+    pieces = []
+    for piece in model.stream(prompt_ids, args.max_new_tokens, sampling):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print(flush=True)
+    g = model.last_generation
+    print(f"[{g.prompt_tokens} prompt tokens at {g.prefill_tokens_per_second:.1f} tok/s, {len(g.tokens[0])} new at "
+          f"{g.decode_tokens_per_second:.1f} tok/s, {g.finish[0]}]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    chat = args.words[0] == "chat"
+    words = args.words[1:] if chat else args.words
+    if len(words) != (1 if chat else 2):
+        parser().error("expected: MODEL_DIR \"prompt\", or: chat MODEL_DIR")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    try:
+        sampling.check()
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        model = Model(words[0], threads=args.threads)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        if not chat:
+            text = words[1] if args.raw else model.chat_prompt(system + [{"role": "user", "content": words[1]}])
+            reply(model, model.encode(text), args, sampling)
+            return 0
+        history = list(system)
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            history.append({"role": "user", "content": line})
+            answer = reply(model, model.encode(model.chat_prompt(history)), args, sampling)
+            history.append({"role": "assistant", "content": answer})
+        return 0
+    except (RuntimeModelError, ValueError) as e:
+        print(f"signround-run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsignround-run: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

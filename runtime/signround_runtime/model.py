@@ -1,0 +1,218 @@
+"""An exported folder (model.onnx, genai_config.json, tokenizer.json) loaded for generation.
+
+The KV cache is one preallocated buffer per layer and kind, [batch, kv_heads, max_len, head_dim],
+bound through IOBinding as both the past input and the present output: GroupQueryAttention writes
+each step's keys and values in place at every sequence's own length, so nothing is concatenated or
+copied per token. A batch of prompts of different lengths is right-padded; the attention mask
+tells each sequence's length (GroupQueryAttention's seqlens_k = mask sum - 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .sampling import Sampling, choose
+
+
+class RuntimeModelError(ValueError):
+    """A folder that is not a usable exported model, or a request it cannot serve."""
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # the new tokens of each prompt, stop token excluded
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    finish: list[str] = field(default_factory=list)  # "stop" or "length" per prompt
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps * len(self.tokens) / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+
+class Model:
+    def __init__(self, folder, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        config_path = self.folder / "genai_config.json"
+        for need in ("model.onnx", "genai_config.json", "tokenizer.json"):
+            if not (self.folder / need).is_file():
+                raise RuntimeModelError(f"{self.folder} has no {need}: give a folder written by "
+                                        "`signround export onnx`")
+        try:
+            config = json.loads(config_path.read_text())["model"]
+            self.decoder = config["decoder"]
+            self.layers = int(self.decoder["num_hidden_layers"])
+            self.kv_heads = int(self.decoder["num_key_value_heads"])
+            self.head_size = int(self.decoder["head_size"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise RuntimeModelError(f"{config_path} is damaged ({e!r})") from None
+        self.context_length = int(config.get("context_length", 2048))
+        self.vocab_size = int(config.get("vocab_size", 0))
+        eos = config.get("eos_token_id")
+        self.stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.pad_id = int(config.get("pad_token_id") or 0)
+        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        tconfig = self.folder / "tokenizer_config.json"
+        self.tokenizer_config = json.loads(tconfig.read_text()) if tconfig.is_file() else {}
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types
+            raise RuntimeModelError(f"onnxruntime cannot load {self.folder / 'model.onnx'}: "
+                                    f"{str(e).splitlines()[0][-200:]}") from None
+        self._ort = ort
+
+    # -- text ------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        from .chat import render
+
+        return render(self.folder, self.tokenizer_config, messages)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 128, sampling: Sampling | None = None,
+                 stop_ids: set[int] | None = None, on_step: Callable[[list[int | None]], None] | None = None
+                 ) -> Generation:
+        """New tokens for each prompt (token ids). on_step gets every step's token per prompt, None for
+        prompts that have finished."""
+        sampling = sampling or Sampling()
+        sampling.check()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RuntimeModelError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise RuntimeModelError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        lengths = np.array([len(p) for p in prompts])
+        if self.vocab_size and any(t < 0 or t >= self.vocab_size for p in prompts for t in p):
+            raise RuntimeModelError(f"token ids must lie in 0..{self.vocab_size - 1}")
+        max_len = int(lengths.max()) + max_new_tokens
+        if max_len > self.context_length:
+            raise RuntimeModelError(f"prompt of {int(lengths.max())} tokens plus {max_new_tokens} new ones exceeds "
+                                    f"the context length {self.context_length}")
+        stop_ids = self.stop_ids if stop_ids is None else stop_ids
+        batch = len(prompts)
+        rng = np.random.default_rng(sampling.seed)
+        cache = self._cache(batch, max_len)
+
+        ids = np.full((batch, int(lengths.max())), self.pad_id, dtype=np.int64)  # right-padded
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        t0 = time.perf_counter()
+        logits = self._step(ids, mask, cache)
+        last = logits[np.arange(batch), lengths - 1]
+        out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(lengths.sum()),
+                         prefill_seconds=time.perf_counter() - t0, finish=["length"] * batch)
+        done = np.zeros(batch, dtype=bool)
+        seen = [list(p) for p in prompts]
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            nxt = []
+            for b in range(batch):
+                if done[b]:
+                    nxt.append(None)
+                    continue
+                tok = choose(last[b], sampling, rng, np.asarray(seen[b]))
+                if tok in stop_ids:
+                    done[b] = True
+                    out.finish[b] = "stop"
+                    nxt.append(None)
+                    continue
+                out.tokens[b].append(tok)
+                seen[b].append(tok)
+                nxt.append(tok)
+            if on_step:
+                on_step(nxt)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            # finished sequences keep stepping on a pad token (the cache has room); their output is unused
+            feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            last = self._step(feed, mask, cache)[:, -1]
+            out.decode_steps += 1
+        out.decode_seconds = time.perf_counter() - t1
+        return out
+
+    def stream(self, prompt: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None) -> Iterator[str]:
+        """Text pieces of one prompt's reply as they are generated (whole characters only)."""
+        import queue
+        import threading
+
+        pieces: queue.Queue = queue.Queue()
+        state = {"ids": [], "text": ""}
+
+        def on_step(tokens):
+            if tokens[0] is None:
+                return
+            state["ids"].append(tokens[0])
+            text = self.decode(state["ids"])
+            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete
+                pieces.put(text[len(state["text"]):])
+                state["text"] = text
+
+        result = {}
+
+        def work():
+            try:
+                result["gen"] = self.generate([prompt], max_new_tokens, sampling, on_step=on_step)
+            except BaseException as e:  # handed to the consumer
+                result["error"] = e
+            pieces.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (piece := pieces.get()) is not None:
+            if piece:
+                yield piece
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        self.last_generation = result["gen"]
+
+    # -- onnxruntime -----------------------------------------------------------------------------
+
+    def _cache(self, batch: int, max_len: int) -> dict:
+        shape = (batch, self.kv_heads, max_len, self.head_size)
+        return {f"{self.decoder['inputs'][f'past_{kind}_names'] % i}": self._ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros(shape, dtype=np.float32))
+                for i in range(self.layers) for kind in ("key", "value")}
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray, cache: dict) -> np.ndarray:
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("logits")
+        outputs = self.decoder["outputs"]
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                buf = cache[self.decoder["inputs"][f"past_{kind}_names"] % i]
+                io.bind_ortvalue_input(self.decoder["inputs"][f"past_{kind}_names"] % i, buf)
+                io.bind_ortvalue_output(outputs[f"present_{kind}_names"] % i, buf)
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]

@@ -1,0 +1,128 @@
+"""The runtime: generation through onnxruntime equals the PyTorch reference, batches, sampling, stop
+tokens, streaming, chat templates, the CLI, and no torch anywhere in its imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rtn_checkpoint
+from signround_export.checkpoint import read_checkpoint
+from signround_export.export.onnx import export_onnx
+from signround_export.modelio import reference_from_checkpoint
+from signround_runtime import Model, RuntimeModelError, Sampling
+from signround_runtime.chat import chatml, render
+from signround_runtime.cli import main as run_main
+from signround_runtime.sampling import choose, penalize
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("runtime")
+    ckpt = read_checkpoint(rtn_checkpoint(tiny_model, base / "ckpt", bits=4, group_size=32))
+    export_onnx(ckpt, base / "onnx", accuracy_level=0)
+    return base / "onnx", reference_from_checkpoint(ckpt)
+
+
+def reference_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_the_reference(exported):
+    folder, ref = exported
+    model = Model(folder, threads=2)
+    prompt = [5, 17, 42, 99, 3, 250]
+    g = model.generate([prompt], max_new_tokens=32, stop_ids=set())
+    assert g.tokens[0] == reference_greedy(ref, prompt, 32)
+    assert g.finish == ["length"] and g.decode_steps == 31 and g.decode_tokens_per_second > 0
+
+
+def test_a_batch_of_different_lengths_equals_single_runs(exported):
+    model = Model(exported[0], threads=2)
+    prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [200]]
+    batch = model.generate(prompts, max_new_tokens=12, stop_ids=set())
+    for p, got in zip(prompts, batch.tokens):
+        assert got == model.generate([p], max_new_tokens=12, stop_ids=set()).tokens[0]
+
+
+def test_stop_tokens_end_one_sequence(exported):
+    model = Model(exported[0], threads=2)
+    free = model.generate([[5, 17, 42]], max_new_tokens=10, stop_ids=set()).tokens[0]
+    stop = free[4]
+    g = model.generate([[5, 17, 42], [9, 9]], max_new_tokens=10, stop_ids={stop})
+    assert g.tokens[0] == free[: free.index(stop)] and g.finish[0] == "stop"
+
+
+def test_sampling_is_seeded_and_limits_work(exported):
+    model = Model(exported[0], threads=2)
+    s = Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    a = model.generate([[5, 6]], 16, s, stop_ids=set()).tokens[0]
+    assert a == model.generate([[5, 6]], 16, Sampling(1.0, 20, 0.9, seed=7), stop_ids=set()).tokens[0]
+    greedy = model.generate([[5, 6]], 16, stop_ids=set()).tokens[0]
+    assert model.generate([[5, 6]], 16, Sampling(temperature=2.0, top_k=1, seed=1), stop_ids=set()).tokens[0] == greedy
+    rng = np.random.default_rng(0)
+    logits = np.array([1.0, 3.0, 2.9, -1.0])
+    assert {choose(logits, Sampling(1.0, top_p=0.01), rng, np.array([])) for _ in range(20)} == {1}
+    assert set(choose(logits, Sampling(1.0, top_k=2), rng, np.array([])) for _ in range(200)) == {1, 2}
+    np.testing.assert_allclose(penalize(logits, np.array([1, 3]), 2.0), [1.0, 1.5, 2.9, -2.0])
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate([[5]], 4, Sampling(top_p=0))
+
+
+def test_stream_yields_the_decoded_reply(exported):
+    model = Model(exported[0], threads=2)
+    text = "".join(model.stream([5, 17, 42], 20))
+    assert text == model.decode(model.last_generation.tokens[0])
+
+
+def test_bad_requests_are_clear(exported, tmp_path, capsys):
+    model = Model(exported[0], threads=2)
+    with pytest.raises(RuntimeModelError, match="at least one token"):
+        model.generate([[]])
+    with pytest.raises(RuntimeModelError, match="token ids must lie"):
+        model.generate([[10**6]])
+    with pytest.raises(RuntimeModelError, match="context length"):
+        model.generate([[1] * 10], max_new_tokens=10**6)
+    assert run_main([str(tmp_path), "hi"]) == 2
+    assert "has no model.onnx" in capsys.readouterr().err
+
+
+def test_chat_template_with_and_without_jinja(tmp_path):
+    template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + "
+                "'\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+    pytest.importorskip("jinja2")
+    assert render(tmp_path, {"chat_template": template}, msgs) == chatml(template, msgs)
+    assert chatml(template, msgs).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+    with pytest.raises(ValueError, match="message 0"):
+        render(tmp_path, {"chat_template": template}, [{"role": "robot", "content": "x"}])
+
+
+def test_cli_prints_a_reply_and_speed(exported, capfd):
+    assert run_main([str(exported[0]), "hello", "--raw", "--max-new-tokens", "5", "--threads", "1"]) == 0
+    err = capfd.readouterr().err
+    assert "tok/s" in err
+
+
+def test_runtime_never_imports_torch(exported):
+    code = f"""
+import sys
+from signround_runtime import Model
+m = Model({str(exported[0])!r}, threads=1)
+m.generate([[5, 6, 7]], 4)
+"".join(m.stream([5, 6], 3))
+bad = [n for n in ("torch", "transformers", "signround_export") if n in sys.modules]
+assert not bad, bad
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
