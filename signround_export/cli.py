@@ -327,21 +327,26 @@ def add_export(sub):
 
 def add_rtn_args(p):
     rtn = p.add_argument_group("float source", "round-to-nearest settings when SOURCE is a float model")
-    rtn.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    rtn.add_argument("--bits", type=int, choices=[2, 3, 4, 8, 16], default=4,
+                     help="16: no rounding, every weight stays float (F16 GGUF, float32 ONNX) (default: 4)")
     rtn.add_argument("--group-size", type=int, choices=[32, 64, 128, -1], default=32)
     rtn.add_argument("--asym", dest="sym", action="store_false", help="a zero point per group (default: symmetric)")
     p.set_defaults(sym=True)
 
 
-def checkpoint_or_rtn(source: Path, args, stack) -> Path:
-    """source when it is a checkpoint; else a round-to-nearest checkpoint of it in a temporary folder."""
+def checkpoint_or_rtn(source: Path, args, stack):
+    """The Checkpoint to export: source itself when it is one; for a float model, a round-to-nearest
+    checkpoint of it in a temporary folder, or (--bits 16) its float weights."""
     import tempfile
 
-    from .modelio import is_checkpoint, resolve_model_dir
+    from .checkpoint import read_checkpoint
+    from .modelio import float_checkpoint, is_checkpoint, resolve_model_dir
 
     folder = resolve_model_dir(source)
     if is_checkpoint(folder):
-        return folder
+        return read_checkpoint(folder)
+    if args.bits == 16:
+        return float_checkpoint(folder)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="signround-rtn-")))
     argv = ["tune", str(folder), "--out", str(tmp / "rtn"), "--iters", "0", "--bits", str(args.bits),
             "--group-size", str(args.group_size), "--sym" if args.sym else "--asym", "--quiet"]
@@ -354,17 +359,16 @@ def checkpoint_or_rtn(source: Path, args, stack) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):  # the nested tune's "wrote" line names a temporary folder
         if main(argv) != 0:
             raise ValueError(f"could not quantize {folder}")
-    return tmp / "rtn"
+    return read_checkpoint(tmp / "rtn")
 
 
 def cmd_export_onnx(args) -> int:
     import contextlib
 
-    from .checkpoint import read_checkpoint
     from .export.onnx import export_onnx
 
     with contextlib.ExitStack() as stack:
-        ckpt = read_checkpoint(checkpoint_or_rtn(args.source, args, stack))
+        ckpt = checkpoint_or_rtn(args.source, args, stack)
         report = export_onnx(ckpt, args.out, accuracy_level=args.accuracy_level,
                              lm_head_bits=None if args.lm_head_bits == 16 else args.lm_head_bits)
     print(report)
@@ -374,11 +378,10 @@ def cmd_export_onnx(args) -> int:
 def cmd_export_gguf(args) -> int:
     import contextlib
 
-    from .checkpoint import read_checkpoint
     from .export.gguf import export_gguf
 
     with contextlib.ExitStack() as stack:
-        ckpt = read_checkpoint(checkpoint_or_rtn(args.source, args, stack))
+        ckpt = checkpoint_or_rtn(args.source, args, stack)
         report = export_gguf(ckpt, args.out, asym4=args.asym4, float_type=args.float_type,
                              tokenizer_pre_name=args.tokenizer_pre, progress=not args.quiet)
     print(report.summary())

@@ -76,6 +76,18 @@ def load_float_model(model: str | Path) -> tuple[Llama, dict, Path]:
     return Llama(cfg, tensors), hf, folder
 
 
+def float_checkpoint(model: str | Path):
+    """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
+    float tensor (float16 GGUF, float32 ONNX)."""
+    from .checkpoint import Checkpoint
+
+    llama, hf, folder = load_float_model(model)
+    tensors = {n: t.numpy() for n, t in llama.tensors.items()}
+    if llama.cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={}, tensors=tensors)
+
+
 def reference_from_checkpoint(ckpt) -> Llama:
     """The PyTorch reference of a quantized checkpoint: float weights dequantized from its integers."""
     cfg = LlamaConfig.from_hf(ckpt.hf_config)

@@ -175,3 +175,17 @@ def test_default_model_w4_in_llama_cpp_agrees_with_the_reference(default_checkpo
     assert s["top1"] >= 0.96 and s["kl_mean"] <= 5e-3, s
     assert abs(s["ppl"] / ref["scores"]["ppl"] - 1) <= 0.01, (s, ref["scores"])
     assert len(gguf["exact_layers"]) == 210 and all(gguf["layer_errors"][n] == 0.0 for n in gguf["exact_layers"])
+
+
+def test_float_model_exports_as_f16(tiny_model, tmp_path):
+    from signround_export.modelio import load_float_model
+
+    out = tmp_path / "f16.gguf"
+    assert main(["export", "gguf", str(tiny_model), "--bits", "16", "--out", str(out), "--tokenizer-pre", "gpt-2",
+                 "--quiet"]) == 0
+    model, hf, _ = load_float_model(tiny_model)
+    weights, types = read_gguf_weights(out, LlamaConfig.from_hf(hf))
+    assert set(types.values()) == {"F16", "F32"}
+    for name, t in model.tensors.items():
+        if name != "lm_head.weight":
+            np.testing.assert_allclose(weights[name], t.numpy(), rtol=1e-3, atol=1e-4)

@@ -190,3 +190,14 @@ def test_default_model_w4_level0_agrees_with_the_reference(default_checkpoint_w4
     result = validate(default_checkpoint_w4, onnx=tmp_path / "onnx", text=WIKITEXT, tokens=2048, progress=False)
     s = next(a for a in result["artifacts"] if a["name"] == "onnx")["scores"]
     assert s["top1"] >= 0.995 and s["kl_mean"] <= 1e-4, s
+
+
+def test_float_model_exports_as_float32(tiny_model, tmp_path):
+    from signround_export.modelio import load_float_model
+
+    assert main(["export", "onnx", str(tiny_model), "--bits", "16", "--out", str(tmp_path / "onnx"), "--quiet"]) == 0
+    model = load_float_model(tiny_model)[0]
+    tokens = list(range(3, 30))
+    want = model.logits(torch.tensor([tokens]))[0].numpy()
+    got = Decoder(tmp_path / "onnx").run(tokens, steps=5)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4

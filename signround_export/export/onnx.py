@@ -61,8 +61,9 @@ class ONNXExport:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{n} x {k}" for k, n in sorted(self.layers.items()))
-        return (f"{self.folder}: {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; MatMulNBits {kinds} "
-                f"(accuracy level {self.accuracy_level}); head: {self.head}")
+        weights = (f"MatMulNBits {kinds} (accuracy level {self.accuracy_level})" if kinds
+                   else "float32 weights (no quantized layers)")
+        return f"{self.folder}: {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; {weights}; head: {self.head}"
 
 
 class GraphBuilder:

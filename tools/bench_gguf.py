@@ -1,0 +1,122 @@
+"""Our GGUF files against llama.cpp's own quantizer, perplexity computed by llama.cpp on the same text.
+
+    .venv/bin/python tools/bench_gguf.py --ckpt out/bench-tune/W4G32s-signround [--ckpt ...] \
+        [--windows 40] [--types q4_0,q4_1,q5_0,q4_k_m] [--out out/bench-gguf]
+
+1. An F16 GGUF of the float model (`signround export gguf MODEL --bits 16`).
+2. llama.cpp's quantizer (llama_model_quantize, through llama-cpp-python) turns it into each --types.
+3. Each --ckpt is exported by us (`signround export gguf --float-type q8_0`; asymmetric 4-bit once as
+   exact Q5_0 and once as Q4_1).
+4. Every file runs in llama.cpp over the same windows of ../shared/data/wikitext-2/valid.txt (512
+   tokens, no BOS): perplexity, and bits per weight = file bytes * 8 / parameters.
+Prints a Markdown table; writes every figure to OUT/results.json (a rerun skips files already scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from signround_export.checkpoint import read_checkpoint  # noqa: E402
+from signround_export.data import encode, load_tokenizer, read_text  # noqa: E402
+from signround_export.evaluate import windows as cut_windows  # noqa: E402
+from signround_export.export.gguf import export_gguf  # noqa: E402
+from signround_export.modelio import float_checkpoint  # noqa: E402
+from signround_export.validate import Accumulator, llama_cpp_logits  # noqa: E402
+
+MODEL = REPO / "models" / "smollm2-135m-instruct"
+TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}")
+    params.nthread = 2
+    tmp = dst.with_suffix(".tmp")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize {type_name} failed")
+    tmp.rename(dst)
+
+
+def perplexity(path: Path, w) -> float:
+    run, _ = llama_cpp_logits(path, w.shape[1])
+    acc = Accumulator()
+    for ids in w:
+        acc.add(ids, run(ids), None)
+    return acc.scores(False).ppl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--ckpt", type=Path, action="append", default=[], help="our checkpoints to export (repeatable)")
+    ap.add_argument("--types", default="q4_0,q4_1,q5_0,q4_k_m", help="llama-quantize types of the F16 file")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-gguf")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    f16 = args.out / "f16.gguf"
+    if not f16.is_file():
+        export_gguf(float_checkpoint(args.model), f16, float_type="F16")
+    files = {"F16 (float model)": f16}
+    for t in args.types.split(","):
+        dst = args.out / f"llama-{t}.gguf"
+        if not dst.is_file():
+            llama_quantize(f16, dst, t)
+        files[f"llama-quantize {t.upper()}"] = dst
+    for ckpt_dir in args.ckpt:
+        ckpt = read_checkpoint(ckpt_dir)
+        variants = ["Q5_0", "Q4_1"] if not ckpt.quant.sym and ckpt.quant.bits == 4 else ["Q5_0"]
+        for asym4 in variants:
+            dst = args.out / f"ours-{ckpt_dir.name}-{asym4.lower()}.gguf"
+            if not dst.is_file():
+                report = export_gguf(ckpt, dst, asym4=asym4, float_type="Q8_0")
+                print(report.summary())
+            files[f"ours {ckpt_dir.name} ({report_type(dst)})"] = dst
+
+    from gguf import GGUFReader
+
+    params = sum(int(t.n_elements) for t in GGUFReader(str(f16)).tensors)
+    w = cut_windows(encode(load_tokenizer(args.model), read_text(TEXT)), 512, args.windows)
+    for name, path in files.items():
+        key = f"{name}|{args.windows}"
+        if key not in results:
+            t0 = time.perf_counter()
+            results[key] = {"file": str(path), "ppl": perplexity(path, w), "bytes": path.stat().st_size,
+                            "bpw": path.stat().st_size * 8 / params, "seconds": round(time.perf_counter() - t0, 1)}
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{name}: ppl {results[key]['ppl']:.4f}", file=sys.stderr)
+
+    import llama_cpp
+
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, llama-cpp-python {llama_cpp.__version__}; "
+          f"{args.windows} windows of 512 tokens of {TEXT.name}, no BOS; {params} parameters\n")
+    print("| file | MiB | bits/weight | perplexity (llama.cpp) |\n| --- | --- | --- | --- |")
+    for name, path in files.items():
+        r = results[f"{name}|{args.windows}"]
+        print(f"| {name} | {r['bytes'] / 2**20:.1f} | {r['bpw']:.3f} | {r['ppl']:.4f} |")
+
+
+def report_type(path: Path) -> str:
+    from gguf import GGUFReader
+
+    types = [t.tensor_type.name for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and
+             t.name.endswith("ffn_up.weight")]
+    return types[0] if types else "?"
+
+
+if __name__ == "__main__":
+    main()
