@@ -19,7 +19,8 @@ as GroupQueryAttention wants them.
 
 The head is the checkpoint's: its integers when it quantized the lm_head, else float (a Gemm that
 shares the embedding's initializer when the two are tied). --lm-head-bits 4|8 rounds a float head to
-nearest, the one place this exporter rounds anything; the report says so.
+nearest, the one place this exporter rounds anything; the report says so. A tied embedding then
+reads the head's integers through GatherBlockQuantized, so the matrix is stored once.
 """
 
 from __future__ import annotations
@@ -122,15 +123,24 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
             raise ONNXExportError(f"the checkpoint has no tensor {name}; it is incomplete")
         return tensors[name]
 
+    packed: dict[str, tuple[list[str], object]] = {}
+
+    def nbits_inputs(module: str, qw: QuantWeight):
+        """The MatMulNBits initializers of one weight (B, scales[, zero_points]), made once."""
+        if module not in packed:
+            try:
+                w = to_nbits(qw, module)
+            except ValueError as e:
+                raise ONNXExportError(str(e)) from None
+            names = [g.const(f"{module}.B", w.b), g.const(f"{module}.scales", w.scales)]
+            if w.zero_points is not None:
+                names.append(g.const(f"{module}.zero_points", w.zero_points))
+            packed[module] = names, w
+        return packed[module]
+
     def matmul_nbits(x: str, module: str, qw: QuantWeight) -> str:
-        try:
-            w = to_nbits(qw, module)
-        except ValueError as e:
-            raise ONNXExportError(str(e)) from None
-        inputs = [x, g.const(f"{module}.B", w.b), g.const(f"{module}.scales", w.scales)]
-        if w.zero_points is not None:
-            inputs.append(g.const(f"{module}.zero_points", w.zero_points))
-        y = g.op("MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
+        names, w = nbits_inputs(module, qw)
+        y = g.op("MatMulNBits", [x, *names], domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
                  accuracy_level=accuracy_level)
         key = _scheme(qw, w.block)
         report.layers[key] = report.layers.get(key, 0) + 1
@@ -166,8 +176,20 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     cos, sin = rope_cache(cfg)
     cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
 
-    embed = g.const("model.embed_tokens.weight", float_weight("model.embed_tokens.weight"))
-    x = g.op("Gather", [embed, "input_ids"], axis=0)
+    head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
+    tied = "lm_head.weight" not in tensors and "lm_head" not in ckpt.qweights
+    if tied and head_qw is not None and head_qw.shape[1] % to_nbits(head_qw).block == 0:
+        # the head was rounded here from the tied embedding: the embedding reads the same integers
+        # (B viewed as [vocab, hidden * bits / 8]), so the file holds the matrix once
+        names, w = nbits_inputs("lm_head", head_qw)
+        data = g.op("Reshape", [names[0], g.const("embed_data_shape", np.array([w.n, -1], dtype=np.int64))])
+        x = g.op("GatherBlockQuantized", [data, "input_ids", *names[1:]], domain=MS, bits=w.bits,
+                 block_size=w.block, gather_axis=0, quantize_axis=1)
+        embed = None
+        report.head += "; the tied embedding reads the same integers (GatherBlockQuantized)"
+    else:
+        embed = g.const("model.embed_tokens.weight", float_weight("model.embed_tokens.weight"))
+        x = g.op("Gather", [embed, "input_ids"], axis=0)
     out = None
     eps = float(cfg.rms_eps)
     for i in range(cfg.n_layers):
@@ -191,7 +213,10 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
         out = linear(act, p + "mlp.down_proj")
     norm = g.const("model.norm.weight", float_weight("model.norm.weight"))
     h = g.op("SkipSimplifiedLayerNormalization", [out, x, norm], n_out=4, domain=MS, epsilon=eps)[0]
-    _head(g, cfg, ckpt, h, embed, lm_head_bits, matmul_nbits, report)
+    if head_qw is not None:
+        g.op("Identity", [matmul_nbits(h, "lm_head", head_qw)], outputs=["logits"])
+    else:
+        float_head(g, cfg, ckpt, h, embed)
 
     graph = helper.make_graph(g.nodes, "signround-llama", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
@@ -211,34 +236,33 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     return report
 
 
-def _head(g: GraphBuilder, cfg: LlamaConfig, ckpt: Checkpoint, h: str, embed: str, lm_head_bits, matmul_nbits,
-          report: ONNXExport) -> None:
-    """logits from the final hidden state h: the checkpoint's head, or a float head rounded to lm_head_bits."""
+def plan_head(cfg: LlamaConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWeight | None, str]:
+    """The head's integers (the checkpoint's, or a float head rounded to lm_head_bits here) or None for a
+    float head, and a sentence for the report."""
     import torch
 
     from ..quant.quantizer import Scheme, to_qweight
 
-    bias = ckpt.tensors.get("lm_head.bias")
     if "lm_head" in ckpt.qweights:
         qw = ckpt.qweights["lm_head"]
-        report.head = f"the checkpoint's W{qw.bits} integers"
-        g.op("Identity", [matmul_nbits(h, "lm_head", qw)], outputs=["logits"])
-        return
+        return qw, f"the checkpoint's W{qw.bits} integers"
+    if lm_head_bits not in (4, 8):
+        return None, "float32" + ("" if "lm_head.weight" in ckpt.tensors else ", shared with the embedding")
+    w = ckpt.tensors.get("lm_head.weight", ckpt.tensors["model.embed_tokens.weight"])
+    bias = ckpt.tensors.get("lm_head.bias")
+    group = HEAD_GROUP if cfg.hidden_size % HEAD_GROUP == 0 else -1
+    qw = to_qweight(torch.from_numpy(w), Scheme(lm_head_bits, group, True),
+                    bias=None if bias is None else torch.from_numpy(bias))
+    return qw, (f"float in the checkpoint, rounded to nearest here at W{lm_head_bits} group {qw.group_size} "
+                "symmetric (--lm-head-bits)")
+
+
+def float_head(g: GraphBuilder, cfg: LlamaConfig, ckpt: Checkpoint, h: str, embed: str | None) -> None:
+    """logits = h @ W.T as a Gemm with transB, which reads the [vocab, hidden] matrix as it lies, so a
+    tied head shares the embedding's initializer."""
     weight = ckpt.tensors.get("lm_head.weight")
-    shared = weight is None  # tied: the embedding is the head
-    if lm_head_bits in (4, 8):
-        w = ckpt.tensors["model.embed_tokens.weight"] if shared else weight
-        group = HEAD_GROUP if cfg.hidden_size % HEAD_GROUP == 0 else -1
-        qw = to_qweight(torch.from_numpy(w), Scheme(lm_head_bits, group, True),
-                        bias=None if bias is None else torch.from_numpy(bias))
-        report.head = (f"float in the checkpoint, rounded to nearest here at W{lm_head_bits} group "
-                       f"{qw.group_size} symmetric (--lm-head-bits)")
-        g.op("Identity", [matmul_nbits(h, "lm_head", qw)], outputs=["logits"])
-        return
-    # a float head: Gemm with transB reads the [vocab, hidden] matrix as it lies, so a tied head shares
-    # the embedding's initializer
-    w = embed if shared else g.const("lm_head.weight", weight)
-    report.head = "float32" + (", shared with the embedding" if shared else "")
+    w = embed if weight is None else g.const("lm_head.weight", weight)
+    bias = ckpt.tensors.get("lm_head.bias")
     flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, cfg.hidden_size], dtype=np.int64))])
     gemm_inputs = [flat, w] + ([g.const("lm_head.bias", bias)] if bias is not None else [])
     logits = g.op("Gemm", gemm_inputs, transB=1)
