@@ -146,3 +146,20 @@ def test_a_truncated_gguf_is_refused(ckpt, tmp_path, capsys):
     args = ["validate", str(ckpt), "--window", "128", "--quiet", "--gguf", str(path), "--gguf-runner", "numpy"]
     assert main(args) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_default_model_w4_exports_pass_validate(default_checkpoint_w4, tmp_path, capsys):
+    """What the project's CI gates on: the default model at W4, both exports, the real command."""
+    from conftest import WIKITEXT
+
+    onnx_dir, gguf_file, report = tmp_path / "onnx", tmp_path / "w4.gguf", tmp_path / "report"
+    assert main(["export", "onnx", str(default_checkpoint_w4), "--out", str(onnx_dir), "--quiet"]) == 0
+    assert main(["export", "gguf", str(default_checkpoint_w4), "--out", str(gguf_file), "--quiet"]) == 0
+    assert main(["validate", str(default_checkpoint_w4), "--onnx", str(onnx_dir), "--gguf", str(gguf_file),
+                 "--text", str(WIKITEXT), "--tokens", "1024", "--report", str(report), "--quiet"]) == 0
+    result = json.loads((report / "validation.json").read_text())
+    assert [a["name"] for a in result["artifacts"]][-2:] == ["onnx", "gguf"]
+    for a in result["artifacts"][-2:]:
+        assert len(a["exact_layers"]) == 210 and not any(a["layer_errors"].values()), a["name"]
+    assert (report / "layer_error.png").is_file()
+    assert "| onnx |" in capsys.readouterr().out
