@@ -126,3 +126,21 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_onnxruntime_genai_runs_the_folder_like_the_runtime(exported):
+    """onnxruntime-genai, the independent consumer of the folder, makes the same greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    folder, _ = exported
+    prompt = [5, 17, 42, 99, 3]
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    ours = Model(folder, threads=2).generate([prompt], 16, stop_ids=set()).tokens[0]
+    assert theirs == ours[: len(theirs)] and len(theirs) >= 8
