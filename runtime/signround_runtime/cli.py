@@ -1,15 +1,55 @@
-"""`signround-run MODEL_DIR "prompt"` and `signround-run chat MODEL_DIR`: generate with an exported model."""
+"""`signround-run MODEL_DIR "prompt"`, `signround-run chat MODEL_DIR` and `signround-run serve MODEL_DIR`:
+generate with an exported model, or serve it over an OpenAI-compatible HTTP API."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .model import Model, RuntimeModelError
 from .sampling import Sampling
 
 USAGE = """signround-run MODEL_DIR "prompt" [options]    one reply (the chat template is applied; --raw: plain text)
-       signround-run chat MODEL_DIR [options]        an interactive chat (empty line or Ctrl-D ends it)"""
+       signround-run chat MODEL_DIR [options]        an interactive chat (empty line or Ctrl-D ends it)
+       signround-run serve MODEL_DIR [options]       an OpenAI-compatible HTTP server (see serve --help)"""
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="signround-run serve",
+                                description="Serve a folder written by `signround export onnx` over an "
+                                            "OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+                                            "/v1/models, /health. Needs `pip install 'signround-runtime[serve]'`.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SIGNROUND_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $SIGNROUND_API_KEY; none: no check)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: up to 4)")
+    p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds a running request may go on after SIGTERM before it is cut (default 10)")
+    return p
+
+
+def serve_main(argv) -> int:
+    args = serve_parser().parse_args(argv)
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"signround-run: error: serving needs starlette and uvicorn ({e}); "
+              "pip install 'signround-runtime[serve]'", file=sys.stderr)
+        return 2
+    if args.max_queue < 1:
+        serve_parser().error(f"--max-queue must be at least 1, got {args.max_queue}")
+    try:
+        serve(args.model_dir, args.host, args.port, args.api_key, args.max_queue, args.threads, args.model_name,
+              args.grace)
+    except RuntimeModelError as e:
+        print(f"signround-run: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +82,9 @@ def reply(model: Model, prompt_ids: list[int], args, sampling: Sampling) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     args = parser().parse_args(argv)
     chat = args.words[0] == "chat"
     words = args.words[1:] if chat else args.words
