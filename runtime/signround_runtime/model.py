@@ -215,4 +215,5 @@ class Model:
                 io.bind_ortvalue_input(self.decoder["inputs"][f"past_{kind}_names"] % i, buf)
                 io.bind_ortvalue_output(outputs[f"present_{kind}_names"] % i, buf)
         self.session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0]
+        # only the logits: copy_outputs_to_cpu would also copy every layer's whole KV buffer
+        return io.get_outputs()[0].numpy()
