@@ -98,7 +98,7 @@ def plot_layer_errors(reports, path: Path) -> Path:
             values = list(r.layer_errors.values())
             ax.plot(range(len(values)), values, marker=".", lw=0.8, label=r.name)
     ax.set_xlabel("layer (checkpoint order)")
-    ax.set_ylabel("max |W - W_ckpt| / max |scale|")
+    ax.set_ylabel("max |W - W_ckpt| (quantization steps)")
     ax.set_title("export error per layer (0 = the integers survived exactly)", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -50,7 +50,7 @@ class ArtifactReport:
     runner: str  # what produced the logits, with versions
     scores: Scores  # top-1 and KL against the reference
     vs_float: Scores | None = None  # top-1 and KL against the float source model, when present
-    layer_errors: dict[str, float] = field(default_factory=dict)  # layer -> max |W - W_ckpt| / max |scale|
+    layer_errors: dict[str, float] = field(default_factory=dict)  # layer -> max over weights of |W - W_ckpt| / its group scale
     exact_layers: list[str] = field(default_factory=list)  # layers whose format holds the integers exactly
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
