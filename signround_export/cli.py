@@ -316,6 +316,10 @@ def add_export(sub):
     g.add_argument("--asym4", choices=["q5_0", "q4_1"], default="q5_0",
                    help="carrier of 4-bit asymmetric layers: q5_0 is exact (5.5 bits per weight), q4_1 is smaller "
                         "(5.0) with the zero point rounded into a float16 offset (default: q5_0)")
+    g.add_argument("--type", dest="gguf_type", choices=["exact", "q4_k"], default="exact",
+                   help="exact: the legacy types that hold the integers exactly (default); q4_k: Q4_K for layers "
+                        "of up to 4 bits whose rows are a multiple of 256 (smaller, 4.5 bits per weight; not exact: "
+                        "the scales are re-quantized to 6 bits, and the error is reported)")
     g.add_argument("--float-type", choices=["f16", "f32", "q8_0"], default="f16",
                    help="type of float matrices such as the embedding (default: f16; q8_0 rounds them to "
                         "8 bits, a quarter of the file for small models)")
@@ -383,6 +387,7 @@ def cmd_export_gguf(args) -> int:
     with contextlib.ExitStack() as stack:
         ckpt = checkpoint_or_rtn(args.source, args, stack)
         report = export_gguf(ckpt, args.out, asym4=args.asym4, float_type=args.float_type,
+                             kquant=args.gguf_type == "q4_k",
                              tokenizer_pre_name=args.tokenizer_pre, progress=not args.quiet)
     print(report.summary())
     return 0

@@ -189,3 +189,30 @@ def test_float_model_exports_as_f16(tiny_model, tmp_path):
     for name, t in model.tensors.items():
         if name != "lm_head.weight":
             np.testing.assert_allclose(weights[name], t.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_q4_k_blocks_match_gguf_dequantize():
+    from signround_export.export.gguf_blocks import pack_q4_k
+
+    rng = np.random.default_rng(3)
+    rows, k = 3, 512
+    codes = rng.integers(0, 16, (rows, k))
+    sc, m = rng.integers(0, 64, (rows, k // 32)), rng.integers(0, 64, (rows, k // 32))
+    d, dmin = f16(rng.uniform(1e-3, 1e-2, (rows, 2))), f16(rng.uniform(1e-3, 1e-2, (rows, 2)))
+    got = dequantize("Q4_K", pack_q4_k(codes, sc, m, d, dmin), (rows, k))
+    sub = np.arange(k) // 32
+    want = (np.repeat(d, 256, 1) * sc[:, sub]) * codes - np.repeat(dmin, 256, 1) * m[:, sub]
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_q4_k_conversion_keeps_the_integers_and_bounds_the_error(sym):
+    from signround_export.export.gguf import encode_q4_k
+
+    qw = random_qweight(4, sym, group_size=32, n=8, k=512)
+    if sym:
+        qw.scale[::2] *= -1  # symmetric tuning can leave negative scales: Q4_K mirrors those codes
+    type_name, data = encode_q4_k(qw)
+    err = np.abs(dequantize(type_name, data, qw.shape) - qw.dequantize()) / np.abs(qw.scale[:, qw.group_index()])
+    assert type_name == "Q4_K" and 0 < err.max() < 1.5 and np.median(err) < 0.1
+    assert encode_q4_k(random_qweight(4, sym, group_size=32, k=480)) is None  # rows not a multiple of 256

@@ -12,6 +12,10 @@ Each quantized linear goes to the smallest legacy block type that holds its inte
 | 8-bit, -128 <= c <= 127   | Q8_0      | c           | yes                                      |
 | anything else             | F16       | W           | no: float16 rounding, error reported     |
 
+With --type q4_k, layers of at most 4 bits whose rows are a multiple of 256 long go to Q4_K instead
+(encode_q4_k; not exact: the scales become 6-bit sub-block multiples, error reported); the rest keep
+the exact types above, where llama.cpp's own quantizer would fall back to Q5_0.
+
 "Anything else" is a group size that is not a multiple of 32, a row length that is not, or 8-bit
 asymmetric codes out of int8 range. Float matrices (the embedding, a float lm_head) are written as
 --float-type (F16 by default, or Q8_0 rounded to nearest), norms as F32.
@@ -34,7 +38,7 @@ from ..checkpoint import Checkpoint
 from ..fileio import atomic_file
 from ..llama import LlamaConfig
 from ..quant.qweight import QuantWeight
-from .gguf_blocks import BLOCK_TYPES, QK, pack_blocks
+from .gguf_blocks import BLOCK_TYPES, QK, QK_K, pack_blocks, pack_q4_k
 
 # HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -66,7 +70,7 @@ KNOWN_VOCABS = {
 }
 
 # most common block type of the file -> general.file_type (llama.cpp's LLAMA_FTYPE_*)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15}
 
 # the types that carry a checkpoint's integers and float16 scales without rounding (see the table above)
 EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0")
@@ -151,6 +155,29 @@ def encode_quantized(qw: QuantWeight, asym4: str = "Q5_0") -> tuple[str, np.ndar
     if qw.bits == 4 and not qw.sym:
         return "Q5_0", pack_blocks("Q5_0", (c + 16).reshape(n, k), d)
     return "Q4_0", pack_blocks("Q4_0", (c + 8).reshape(n, k), d)  # 4-bit symmetric, 3- and 2-bit
+
+
+def encode_q4_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
+    """qw as Q4_K, or None where it does not fit (rows not a multiple of 256, groups not a multiple of
+    32, more than 4 bits). Not exact: each sub-block's step and offset become 6-bit multiples of the
+    super-block's float16 steps. The codes are the checkpoint's integers, mirrored (maxq - q) in
+    sub-blocks whose scale is negative, since Q4_K's steps are positive:
+    s * (q - z) = |s| * ((maxq - q) - (maxq - z))."""
+    n, k = qw.shape
+    if k % QK_K or qw.group_size % QK or qw.bits > 4:
+        return None
+    nsub, maxq = k // QK, 2**qw.bits - 1
+    group = (np.arange(nsub) * QK) // qw.group_size
+    s, z = qw.scale[:, group], qw.zero[:, group].astype(np.float32)
+    flip = s < 0
+    codes = qw.q.reshape(n, nsub, QK)
+    codes = np.where(flip[..., None], maxq - codes, codes).reshape(n, k)
+    step = np.abs(s).reshape(n, nsub // 8, 8)
+    offset = (np.abs(s) * np.where(flip, maxq - z, z)).reshape(n, nsub // 8, 8)  # weight = step * code - offset
+    d, dmin = _f16(step.max(-1) / 63), _f16(offset.max(-1) / 63)
+    sc = np.round(step / np.where(d == 0, 1, d)[..., None]).clip(1, 63)  # a nonzero step never rounds to nothing
+    m = np.round(offset / np.where(dmin == 0, 1, dmin)[..., None]).clip(0, 63)
+    return "Q4_K", pack_q4_k(codes, sc.reshape(n, nsub), m.reshape(n, nsub), d, dmin)
 
 
 def encode_float(w: np.ndarray, float_type: str) -> tuple[str, np.ndarray]:
@@ -287,7 +314,7 @@ def _add_hparams(w, cfg: LlamaConfig, hf: dict, name: str, file_type: int) -> No
 # export
 
 
-def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str = "F16",
+def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str = "F16", kquant: bool = False,
                 tokenizer_pre_name: str | None = None, progress: bool = False) -> GGUFExport:
     """Write ckpt as one GGUF file at out (atomically); the report lists every tensor's type and error."""
     import gguf
@@ -330,7 +357,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
                 qw = QuantWeight(_rope_permute(qw.q, nh), _rope_permute(qw.scale, nh), _rope_permute(qw.zero, nh),
                                  qw.bits, qw.group_size, qw.sym)
             want = qw.dequantize()
-            enc = encode_quantized(qw, asym4)
+            enc = (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)
             type_name, data = enc if enc else ("F16", want.astype(np.float16))
             got = dequantize(type_name, data, want.shape)
             err = _step_error(qw, got, want)

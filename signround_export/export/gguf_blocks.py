@@ -89,3 +89,44 @@ def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray 
     out = np.concatenate(parts, axis=-1)
     assert out.shape[-1] == bt.nbytes
     return out.reshape(rows, nb * bt.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_K: super-blocks of 256 weights = 8 sub-blocks of 32, 144 bytes:
+#
+# | bytes | field      | meaning                                                                |
+# | ----- | ---------- | ---------------------------------------------------------------------- |
+# | 2     | d f16      | step of the sub-block scales                                           |
+# | 2     | dmin f16   | step of the sub-block minima                                           |
+# | 12    | scales     | sc[8], m[8], 6 bits each (packing below)                               |
+# | 128   | qs         | pair p of sub-blocks: byte l = code[2p][l] | code[2p+1][l] << 4         |
+#
+# weight = d * sc[j] * code - dmin * m[j], code in 0..15. scales bytes, i in 0..3:
+#   byte i     = sc[i] | (sc[i+4] >> 4) << 6        byte 4 + i = m[i] | (m[i+4] >> 4) << 6
+#   byte 8 + i = (sc[i+4] & 15) | (m[i+4] & 15) << 4
+
+QK_K = 256
+
+
+def pack_q4_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """codes [rows, K] in 0..15, sc and m [rows, K/32] in 0..63, d and dmin [rows, K/256] float16 values
+    -> uint8 [rows, K/256 * 144]."""
+    rows, k = codes.shape
+    if k % QK_K:
+        raise ValueError(f"Q4_K needs rows whose length is a multiple of {QK_K}, got {k}")
+    nb = k // QK_K
+    if codes.size and (codes.min() < 0 or codes.max() > 15):
+        raise ValueError("Q4_K: codes outside 0..15")
+    if (sc.min(initial=0) < 0 or sc.max(initial=0) > 63 or m.min(initial=0) < 0 or m.max(initial=0) > 63):
+        raise ValueError("Q4_K: sub-block scales and minima must lie in 0..63")
+    sc = sc.reshape(rows, nb, 8).astype(np.uint8)
+    m = m.reshape(rows, nb, 8).astype(np.uint8)
+    scales = np.concatenate([
+        (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+        (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+        (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
+    ], axis=-1)
+    c = codes.reshape(rows, nb, 4, 2, 32).astype(np.uint8)
+    qs = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(rows, nb, 128)
+    out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, qs], axis=-1)
+    return out.reshape(rows, nb * 144)
