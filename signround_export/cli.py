@@ -302,6 +302,11 @@ def add_export(sub):
                    help="round a float lm_head to nearest at 4 or 8 bits (group 32, symmetric): a float head over "
                         "a large vocabulary dominates decode time on small models; 16 or unset keeps the "
                         "checkpoint's head (its integers when it quantized the head)")
+    o.add_argument("--max-block", type=int, choices=[16, 32, 64, 128, 256], default=32,
+                   help="largest MatMulNBits block: a larger group rides in blocks of this size with its scale "
+                        "repeated (exact). At accuracy level 4 activations are quantized per block, so 32 is more "
+                        "accurate than the group itself (measured: KL 2.5e-3 against 7.7e-3 at group 128, same "
+                        "speed) for a slightly larger file; 256 keeps one block per group (default: 32)")
     add_rtn_args(o)
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=cmd_export_onnx)
@@ -373,7 +378,7 @@ def cmd_export_onnx(args) -> int:
 
     with contextlib.ExitStack() as stack:
         ckpt = checkpoint_or_rtn(args.source, args, stack)
-        report = export_onnx(ckpt, args.out, accuracy_level=args.accuracy_level,
+        report = export_onnx(ckpt, args.out, accuracy_level=args.accuracy_level, max_block=args.max_block,
                              lm_head_bits=None if args.lm_head_bits == 16 else args.lm_head_bits)
     print(report)
     return 0

@@ -58,21 +58,23 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return (c << shifts).sum(-1).astype(np.uint8)
 
 
-def block_for(group: int) -> int:
-    """The largest MatMulNBits block that carries groups of `group` columns exactly."""
+def block_for(group: int, max_block: int = 256) -> int:
+    """The largest MatMulNBits block, at most max_block, that carries groups of `group` columns exactly."""
     for block in BLOCK_SIZES:
-        if group % block == 0:
+        if block <= max_block and group % block == 0:
             return block
     raise MatMulNBitsError(f"group size {group} is not a multiple of a MatMulNBits block size "
                            f"({', '.join(map(str, sorted(BLOCK_SIZES)))})")
 
 
-def to_nbits(qw: QuantWeight, name: str = "weight") -> NBitsWeight:
+def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBitsWeight:
+    """qw as MatMulNBits inputs. max_block caps the block: smaller blocks repeat each scale over more
+    blocks (still exact), and at accuracy level 4 they also quantize activations in smaller blocks."""
     n, k = qw.shape
     bits = 4 if qw.bits == 3 else qw.bits
     if bits not in KERNEL_BITS:
         raise MatMulNBitsError(f"{name}: {qw.bits}-bit weights have no MatMulNBits CPU kernel")
-    block = block_for(qw.group_size)
+    block = block_for(qw.group_size, max_block)
     repeat = qw.group_size // block
     k_blocks = -(-k // block)
     scales = np.repeat(qw.scale, repeat, axis=1)[:, :k_blocks]

@@ -100,7 +100,8 @@ def _scheme(qw: QuantWeight, block: int) -> str:
     return f"W{qw.bits} block {block} {'sym' if qw.sym else 'asym'}"
 
 
-def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_bits: int | None = None) -> ONNXExport:
+def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_bits: int | None = None,
+                max_block: int = 32) -> ONNXExport:
     """Write the ONNX folder (model.onnx, genai_config.json, tokenizer files) atomically."""
     import onnx
     from onnx import TensorProto, helper
@@ -129,7 +130,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
         """The MatMulNBits initializers of one weight (B, scales[, zero_points]), made once."""
         if module not in packed:
             try:
-                w = to_nbits(qw, module)
+                w = to_nbits(qw, module, max_block)
             except ValueError as e:
                 raise ONNXExportError(str(e)) from None
             names = [g.const(f"{module}.B", w.b), g.const(f"{module}.scales", w.scales)]
@@ -178,7 +179,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
 
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
     tied = "lm_head.weight" not in tensors and "lm_head" not in ckpt.qweights
-    if tied and head_qw is not None and head_qw.shape[1] % to_nbits(head_qw).block == 0:
+    if tied and head_qw is not None and head_qw.shape[1] % to_nbits(head_qw, max_block=max_block).block == 0:
         # the head was rounded here from the tied embedding: the embedding reads the same integers
         # (B viewed as [vocab, hidden * bits / 8]), so the file holds the matrix once
         names, w = nbits_inputs("lm_head", head_qw)
