@@ -60,8 +60,7 @@ class Slow:
     def generate(self, prompts, max_new_tokens=128, sampling=None, stop_ids=None, on_step=None):
         def slow(tokens):
             time.sleep(self.delay)
-            if on_step:
-                on_step(tokens)
+            return on_step(tokens) if on_step else None
 
         return self.model.generate(prompts, max_new_tokens, sampling, set(), on_step=slow)
 
@@ -91,9 +90,14 @@ def live(model, grace=10.0, **kw):
 
 
 @pytest.fixture(scope="module")
-def url(model):
-    with live(model) as (base, _, _):
-        yield base
+def served(model):
+    with live(model) as (base, _, app_server):
+        yield base, app_server
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[0]
 
 
 def client(base, key="none", **kw):
@@ -321,7 +325,9 @@ def test_cli_serve_and_sigterm(folder):
 
 # -- load ------------------------------------------------------------------------------------------
 
-def test_load_eight_clients(url, model):
+def test_load_eight_clients(served, model):
+    """Concurrent requests run in batches, and every answer equals the answer to the request alone."""
+    url, app_server = served
     prompts = ["The quick", "def f(x):", "Quantization", "rounding offsets"]
     want = {p: expected(model, model.encode(p), 8)[0] for p in prompts}
     want_chat = expected(model, chat_ids(model), 8)[0]
@@ -345,3 +351,4 @@ def test_load_eight_clients(url, model):
         wrong = [w for ws in pool.map(one_client, range(8)) for w in ws]
     assert not wrong, wrong[:3]
     assert time.monotonic() - t0 < 40
+    assert app_server.engine.largest_batch > 1

@@ -26,6 +26,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("SIGNROUND_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $SIGNROUND_API_KEY; none: no check)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests waiting when a generation starts run together as one batch, up to this many "
+                        "(default 8; 1: one at a time)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: up to 4)")
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--grace", type=float, default=10.0,
@@ -43,9 +46,11 @@ def serve_main(argv) -> int:
         return 2
     if args.max_queue < 1:
         serve_parser().error(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_batch < 1:
+        serve_parser().error(f"--max-batch must be at least 1, got {args.max_batch}")
     try:
         serve(args.model_dir, args.host, args.port, args.api_key, args.max_queue, args.threads, args.model_name,
-              args.grace)
+              args.grace, args.max_batch)
     except RuntimeModelError as e:
         print(f"signround-run: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
-"""One worker thread that owns the Model and runs queued requests one at a time.
+"""One worker thread that owns the Model and runs queued requests in batches.
 
 The Model allocates its KV cache per generate() call, so two generations must never overlap: a
-single thread runs them in FIFO order. Requests wait in a bounded queue; when it is full the server
+single thread runs them in FIFO order. Whatever waits when a generation starts (up to max_batch
+requests) runs as one batch: decoding on a CPU is bound by reading the weights, so a step for 8
+sequences costs little more than a step for 1. Requests wait in a bounded queue; when it is full the server
 answers 503 instead of letting latency grow without limit. Each request gets its text back as
 events on its own asyncio queue (the worker hands them over with call_soon_threadsafe).
 """
@@ -27,17 +29,6 @@ class QueueFull(Exception):
 class ShuttingDown(Exception):
     def __init__(self):
         super().__init__("the server is shutting down; send the request again to another instance")
-
-
-class _Cancelled(Exception):
-    """Raised from on_step to end a generation whose client has gone."""
-
-
-class _Finished(Exception):
-    """Raised from on_step to end a generation early (a stop sequence, or the shutdown deadline)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 @dataclass
@@ -105,12 +96,16 @@ class TextStream:
 
 
 class Engine:
-    def __init__(self, model: Model, max_queue: int = 16):
+    def __init__(self, model: Model, max_queue: int = 16, max_batch: int = 8):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
-        self.model = model
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.held: Job | None = None  # taken from the queue but left for the next batch (context too small)
+        self.largest_batch = 0
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.running: Job | None = None
+        self.running: list[Job] | None = None
         self.draining = False
         self.cut_at = float("inf")  # monotonic time after which the running generation is cut
         self.job_seconds = 1.0  # moving average, for Retry-After
@@ -149,41 +144,71 @@ class Engine:
     # -- the worker thread -----------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+        while True:
+            job, self.held = self.held or self.jobs.get(), None
+            if job is None:
+                return
+            batch = [job] if not job.cancelled.is_set() else []
+            while len(batch) < self.max_batch and self.held is None:
+                try:
+                    more = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # stop: finish this batch first
+                    self.jobs.put(None)
+                    break
+                if more.cancelled.is_set():
+                    continue
+                if batch and not self._fits(batch + [more]):
+                    self.held = more
+                    break
+                batch.append(more)
+            if not batch:
                 continue
-            self.running = job
+            self.running = batch
+            self.largest_batch = max(self.largest_batch, len(batch))
             t0 = time.monotonic()
             try:
-                self._run(job)
-            except Exception as e:  # a bad request the checks missed: it goes to its client, the worker lives on
-                job.emit("error", e)
+                self._run(batch)
+            except Exception as e:  # a bad request the checks missed: it goes to its clients, the worker lives on
+                for j in batch:
+                    j.emit("error", e)
             finally:
                 self.running = None
                 self.job_seconds = 0.8 * self.job_seconds + 0.2 * (time.monotonic() - t0)
 
-    def _run(self, job: Job) -> None:
-        text = TextStream(self.model, job.stop)
+    def _fits(self, batch: list[Job]) -> bool:
+        """The batch's cache (longest prompt + largest max_tokens) within the context."""
+        return max(len(j.prompt) for j in batch) + max(j.max_tokens for j in batch) <= self.model.context_length
+
+    def _run(self, batch: list[Job]) -> None:
+        texts = [TextStream(self.model, j.stop) for j in batch]
+        reasons: list[str | None] = [None] * len(batch)  # set when a sequence ends early
 
         def on_step(tokens):
-            if job.cancelled.is_set():
-                raise _Cancelled()
-            if tokens[0] is not None:
-                piece = text.push(tokens[0])
-                if piece:
-                    job.emit("text", piece)
-                if text.stopped:
-                    raise _Finished("stop")
-            if time.monotonic() > self.cut_at:
-                raise _Finished("length")  # the server's own limit, at shutdown
+            ended = []
+            for b, (job, text, tok) in enumerate(zip(batch, texts, tokens)):
+                if reasons[b] is not None:
+                    continue
+                if job.cancelled.is_set():
+                    reasons[b] = "cancelled"
+                elif tok is not None:
+                    piece = text.push(tok)
+                    if piece:
+                        job.emit("text", piece)
+                    if text.stopped:
+                        reasons[b] = "stop"
+                if reasons[b] is None and time.monotonic() > self.cut_at:
+                    reasons[b] = "length"  # the server's own limit, at shutdown
+                if reasons[b] is not None:
+                    ended.append(b)
+            return ended
 
-        try:
-            g = self.model.generate([job.prompt], job.max_tokens, job.sampling, on_step=on_step)
-            reason = g.finish[0]
-        except _Cancelled:
-            return
-        except _Finished as f:
-            reason = f.reason
-        if piece := text.flush():
-            job.emit("text", piece)
-        job.emit("done", reason, len(text.ids))
+        g = self.model.generate([j.prompt for j in batch], [j.max_tokens for j in batch],
+                                [j.sampling for j in batch], on_step=on_step)
+        for b, job in enumerate(batch):
+            if reasons[b] == "cancelled":
+                continue
+            if piece := texts[b].flush():
+                job.emit("text", piece)
+            job.emit("done", reasons[b] or g.finish[b], len(texts[b].ids))

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -97,27 +97,32 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 128, sampling: Sampling | None = None,
-                 stop_ids: set[int] | None = None, on_step: Callable[[list[int | None]], None] | None = None
-                 ) -> Generation:
-        """New tokens for each prompt (token ids). on_step gets every step's token per prompt, None for
-        prompts that have finished."""
-        sampling = sampling or Sampling()
-        sampling.check()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 128,
+                 sampling: Sampling | list[Sampling] | None = None, stop_ids: set[int] | None = None,
+                 on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None) -> Generation:
+        """New tokens for each prompt (token ids). max_new_tokens and sampling may differ per prompt (a
+        list), each prompt sampling from its own seed. on_step gets every step's token per prompt (None
+        for prompts that have finished) and may return the indices of prompts to end there ("stop")."""
+        batch = len(prompts)
+        limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        samplings = sampling if isinstance(sampling, list) else [sampling or Sampling()] * batch
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeModelError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise RuntimeModelError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if len(limits) != batch or len(samplings) != batch:
+            raise RuntimeModelError("give one max_new_tokens and one sampling per prompt, or one for all")
+        for s in samplings:
+            s.check()
+        if min(limits) < 1:
+            raise RuntimeModelError(f"max_new_tokens must be at least 1, got {min(limits)}")
         lengths = np.array([len(p) for p in prompts])
         if self.vocab_size and any(t < 0 or t >= self.vocab_size for p in prompts for t in p):
             raise RuntimeModelError(f"token ids must lie in 0..{self.vocab_size - 1}")
-        max_len = int(lengths.max()) + max_new_tokens
+        max_len = int(lengths.max()) + max(limits)
         if max_len > self.context_length:
-            raise RuntimeModelError(f"prompt of {int(lengths.max())} tokens plus {max_new_tokens} new ones exceeds "
+            raise RuntimeModelError(f"prompt of {int(lengths.max())} tokens plus {max(limits)} new ones exceeds "
                                     f"the context length {self.context_length}")
         stop_ids = self.stop_ids if stop_ids is None else stop_ids
-        batch = len(prompts)
-        rng = np.random.default_rng(sampling.seed)
+        rngs = [np.random.default_rng(s.seed) for s in samplings]
         cache = self._cache(batch, max_len)
 
         ids = np.full((batch, int(lengths.max())), self.pad_id, dtype=np.int64)  # right-padded
@@ -132,13 +137,13 @@ class Model:
         done = np.zeros(batch, dtype=bool)
         seen = [list(p) for p in prompts]
         t1 = time.perf_counter()
-        for step in range(max_new_tokens):
+        for step in range(max(limits)):
             nxt = []
             for b in range(batch):
                 if done[b]:
                     nxt.append(None)
                     continue
-                tok = choose(last[b], sampling, rng, np.asarray(seen[b]))
+                tok = choose(last[b], samplings[b], rngs[b], np.asarray(seen[b]))
                 if tok in stop_ids:
                     done[b] = True
                     out.finish[b] = "stop"
@@ -147,9 +152,13 @@ class Model:
                 out.tokens[b].append(tok)
                 seen[b].append(tok)
                 nxt.append(tok)
-            if on_step:
-                on_step(nxt)
-            if done.all() or step == max_new_tokens - 1:
+                if len(out.tokens[b]) == limits[b]:
+                    done[b] = True  # finish stays "length"
+            ended = on_step(nxt) if on_step else None
+            for b in ended or ():
+                done[b] = True
+                out.finish[b] = "stop"
+            if done.all():
                 break
             # finished sequences keep stepping on a pad token (the cache has room); their output is unused
             feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
