@@ -144,3 +144,15 @@ def test_onnxruntime_genai_runs_the_folder_like_the_runtime(exported):
         theirs.append(int(gen.get_next_tokens()[0]))
     ours = Model(folder, threads=2).generate([prompt], 16, stop_ids=set()).tokens[0]
     assert theirs == ours[: len(theirs)] and len(theirs) >= 8
+
+
+def test_a_batch_takes_per_prompt_limits_and_seeds(exported):
+    model = Model(exported[0], threads=2)
+    prompts = [[5, 17, 42], [7, 8, 9, 10]]
+    s = [Sampling(temperature=1.0, seed=3), Sampling(temperature=0.8, top_k=10, seed=11)]
+    batch = model.generate(prompts, [6, 11], s, stop_ids=set())
+    assert [len(t) for t in batch.tokens] == [6, 11] and batch.finish == ["length", "length"]
+    for p, n, one, got in zip(prompts, [6, 11], s, batch.tokens):
+        assert got == model.generate([p], n, one, stop_ids=set()).tokens[0]  # same seed, same tokens, batched or not
+    ended = model.generate(prompts, 10, stop_ids=set(), on_step=lambda toks: [0])  # on_step ends prompt 0 at once
+    assert len(ended.tokens[0]) == 1 and ended.finish[0] == "stop" and len(ended.tokens[1]) == 10
