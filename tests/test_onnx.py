@@ -220,3 +220,17 @@ def test_rounded_tied_head_is_shared_with_the_embedding(bits, tiny_model, tmp_pa
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     names = {i.name for i in __import__("onnx").load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
     assert "model.embed_tokens.weight" not in names  # the matrix is stored once
+
+
+def test_large_models_go_to_external_data(tiny_model, tmp_path, monkeypatch):
+    """Over protobuf's 2 GB limit the weights go to model.onnx.data; here the limit is lowered to see it."""
+    import signround_export.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    ckpt = read_checkpoint(rtn_checkpoint(tiny_model, tmp_path / "ckpt", bits=4, group_size=32))
+    export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0)
+    data = tmp_path / "onnx" / "model.onnx.data"
+    assert data.stat().st_size > (tmp_path / "onnx" / "model.onnx").stat().st_size
+    tokens = list(range(3, 20))
+    want = reference_from_checkpoint(ckpt).logits(torch.tensor([tokens]))[0].numpy()
+    assert np.abs(Decoder(tmp_path / "onnx").run(tokens, steps=3) - want).max() / np.abs(want).max() < 1e-4
