@@ -292,7 +292,7 @@ def add_export(sub):
                          description="Write DIR with model.onnx (MatMulNBits weights repacked exactly from the "
                                      "checkpoint's integers, fused GroupQueryAttention), genai_config.json and the "
                                      "tokenizer files. A float model is first rounded to nearest with "
-                                     "--bits/--group-size/--sym.")
+                                     "--bits/--group-size/--asym (--bits 16: kept float).")
     o.add_argument("source", type=Path, help="quantized checkpoint folder, or a float HF model folder")
     o.add_argument("--out", required=True, type=Path, help="folder to write")
     o.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
@@ -315,7 +315,7 @@ def add_export(sub):
                                      "the smallest legacy block type that holds them exactly (4-bit symmetric and "
                                      "2/3-bit: Q4_0, 4-bit asymmetric: Q5_0, 8-bit: Q8_0); anything inexact is "
                                      "reported with its error. A float model is first rounded to nearest with "
-                                     "--bits/--group-size/--sym.")
+                                     "--bits/--group-size/--asym (--bits 16: kept float).")
     g.add_argument("source", type=Path, help="quantized checkpoint folder, or a float HF model folder")
     g.add_argument("--out", required=True, type=Path, help="GGUF file to write")
     g.add_argument("--asym4", choices=["q5_0", "q4_1"], default="q5_0",
