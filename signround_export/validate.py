@@ -335,8 +335,7 @@ def gguf_layer_errors(path, ckpt) -> tuple[dict[str, float], list[str], list[str
         if w.shape != qw.shape:
             raise ValueError(f"--gguf {path}: {name} has shape {list(w.shape)}, the checkpoint's is {list(qw.shape)}; "
                              "the file belongs to another model")
-        steps = qw.scale[:, qw.group_index()]
-        errors[name] = float(np.max(np.abs(w - qw.dequantize()) / steps))
+        errors[name] = qw.step_error(w)
         if types[name + ".weight"] in EXACT_TYPES:
             exact.append(name)
     notes = [f"{len(missing)} quantized layers are not in the file, e.g. {missing[0]}"] if missing else []
@@ -360,7 +359,7 @@ def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[s
 
     model = onnx.load(str(Path(folder) / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
-    errors, missing, notes = {}, [], []
+    errors, notes = {}, []
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
@@ -376,7 +375,7 @@ def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[s
         if (w.n, w.k) != qw.shape:
             raise ValueError(f"--onnx {folder}: {module} is {w.n}x{w.k}, the checkpoint's is "
                              f"{qw.shape[0]}x{qw.shape[1]}; the folder belongs to another model")
-        errors[module] = float(np.max(np.abs(dequantize_nbits(w) - qw.dequantize()) / qw.scale[:, qw.group_index()]))
+        errors[module] = qw.step_error(dequantize_nbits(w))
     missing = [m for m in ckpt.qweights if m not in errors]
     if missing:
         notes.append(f"{len(missing)} quantized layers are not MatMulNBits in the graph, e.g. {missing[0]}")

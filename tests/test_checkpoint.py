@@ -467,3 +467,15 @@ def test_writer_refuses_symmetric_weights_with_other_zero_points(tmp_path):
     with pytest.raises(ValueError, match="symmetric but its zero points are not 8"):
         write_checkpoint(tmp_path / "c", HF_CONFIG, QuantConfig(bits=4, group_size=32, sym=True),
                          {"model.layers.0.mlp.up_proj": qw}, {})
+
+
+def test_step_error_counts_groups_with_negative_scales():
+    """Symmetric tuning can leave negative scales; an error there must not hide behind the sign."""
+    from signround_export.quant.qweight import QuantWeight
+
+    qw = QuantWeight(np.full((1, 64), 3, np.uint8), np.array([[0.5, -0.25]], np.float32),
+                     np.full((1, 2), 8, np.uint8), 4, 32, True)
+    w = qw.dequantize()
+    assert qw.step_error(w) == 0.0
+    w[0, 40] += 0.125  # half a step in the negative-scale group
+    assert qw.step_error(w) == pytest.approx(0.5)

@@ -213,11 +213,6 @@ def _gguf_name(hf_name: str) -> str | None:
     return TENSOR_NAMES.get(key)
 
 
-def _step_error(qw: QuantWeight, got: np.ndarray, want: np.ndarray) -> float:
-    steps = qw.scale[:, qw.group_index()]
-    return float(np.max(np.abs(got - want) / steps)) if want.size else 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenizer and metadata
 
@@ -360,8 +355,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
             enc = (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)
             type_name, data = enc if enc else ("F16", want.astype(np.float16))
             got = dequantize(type_name, data, want.shape)
-            err = _step_error(qw, got, want)
-            exact = err == 0.0
+            err = qw.step_error(got)
         else:
             want = np.asarray(item, dtype=np.float32)
             if nh:
@@ -370,11 +364,10 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
             got = dequantize(type_name, data, want.shape)
             scale = float(np.max(np.abs(want))) or 1.0
             err = float(np.max(np.abs(got - want))) / scale if want.size else 0.0
-            exact = err == 0.0
         if not np.all(np.isfinite(got)):
             raise GGUFExportError(f"{hf_name}: {type_name} encoding gives NaN or infinity (values out of float16 "
                                   "range?); use --float-type f32")
-        report.tensors.append(TensorRecord(name, hf_name, type_name, exact, isinstance(item, QuantWeight), err))
+        report.tensors.append(TensorRecord(name, hf_name, type_name, err == 0.0, isinstance(item, QuantWeight), err))
         records.append((name, type_name, data, want.shape))
 
     block_counts: dict[str, int] = {}

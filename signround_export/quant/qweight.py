@@ -67,6 +67,13 @@ class QuantWeight:
         """Group of every column k: k // group_size."""
         return np.arange(self.q.shape[1]) // self.group_size
 
+    def step_error(self, w: np.ndarray) -> float:
+        """max over weights of |w - W| in units of each weight's own quantization step |scale| (0 when w
+        holds the integers exactly). |scale|: symmetric groups can have negative scales."""
+        if not self.q.size:
+            return 0.0
+        return float(np.max(np.abs(w - self.dequantize()) / np.abs(self.scale[:, self.group_index()])))
+
     def dequantize(self) -> np.ndarray:
         """float32 [N, K] weight."""
         gi = self.group_index()
