@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..packing import pack_bits
 from ..quant.qweight import QuantWeight
 
 KERNEL_BITS = (2, 4, 8)
@@ -47,15 +48,11 @@ class NBitsWeight:
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes [..., L] into bytes along the last axis, low bits first ([..., ceil(L*bits/8)])."""
-    per_byte = 8 // bits
-    length = codes.shape[-1]
-    padded = -(-length // per_byte) * per_byte
-    c = np.zeros((*codes.shape[:-1], padded), dtype=np.uint8)
-    c[..., :length] = codes
-    c = c.reshape(*codes.shape[:-1], padded // per_byte, per_byte).astype(np.uint16)
-    shifts = (np.arange(per_byte) * bits).astype(np.uint16)
-    return (c << shifts).sum(-1).astype(np.uint8)
+    """Pack unsigned codes [..., L] into bytes along the last axis, low bits first ([..., ceil(L*bits/8)]).
+
+    This is the checkpoint's GPTQ bit stream (packing.pack_bits) read as little-endian bytes."""
+    words = pack_bits(codes, bits, axis=-1).astype("<i4")
+    return np.ascontiguousarray(words).view(np.uint8)[..., : -(-codes.shape[-1] * bits // 8)]
 
 
 def block_for(group: int, max_block: int = 256) -> int:
