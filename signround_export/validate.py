@@ -248,7 +248,10 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
         models["onnx"], runners["onnx"] = onnx_logits(onnx)
         paths["onnx"] = str(onnx)
     if gguf is not None:
-        models["gguf"], runners["gguf"] = gguf_logits(gguf, ckpt, window, gguf_runner)
+        import functools
+
+        read_gguf = functools.cache(lambda: gguf_weights(gguf, ckpt))  # the file is dequantized once for both uses
+        models["gguf"], runners["gguf"] = gguf_logits(gguf, ckpt, window, gguf_runner, read_gguf)
         paths["gguf"] = str(gguf)
     pairs = [(name, "reference") for name in models if name != "reference"]
     if "float" in models:
@@ -264,7 +267,7 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
         reports.append(ArtifactReport(name, paths[name], runners[name], s, vs_float=scores.get((name, "float"))))
     for r in reports:
         if r.name == "gguf":
-            r.layer_errors, r.exact_layers, r.notes = gguf_layer_errors(gguf, ckpt)
+            r.layer_errors, r.exact_layers, r.notes = gguf_layer_errors(gguf, ckpt, *read_gguf())
         if r.name == "onnx":
             r.layer_errors, r.exact_layers, r.notes = onnx_layer_errors(onnx, ckpt)
         if r.name not in ("reference", "float"):
@@ -278,7 +281,19 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def gguf_logits(path, ckpt, window: int, runner: str) -> tuple[LogitsFn, str]:
+def gguf_weights(path, ckpt) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The GGUF file's weights under HF names and its tensor types (export.gguf.read_gguf_weights), with
+    a broken or foreign file as a ValueError naming --gguf."""
+    from .export.gguf import GGUFExportError, read_gguf_weights
+    from .llama import LlamaConfig
+
+    try:
+        return read_gguf_weights(path, LlamaConfig.from_hf(ckpt.hf_config))
+    except GGUFExportError as e:
+        raise ValueError(f"--gguf {e}") from None
+
+
+def gguf_logits(path, ckpt, window: int, runner: str, read: Callable) -> tuple[LogitsFn, str]:
     """llama.cpp when installed (or asked for), else the file's weights dequantized by gguf-py run in PyTorch."""
     from pathlib import Path
 
@@ -294,36 +309,27 @@ def gguf_logits(path, ckpt, window: int, runner: str) -> tuple[LogitsFn, str]:
         raise ValueError("--gguf-runner llama.cpp: llama-cpp-python is not installed (make setup installs it)")
     if runner in ("auto", "llama.cpp") and have_llama:
         return llama_cpp_logits(path, window)
-    return numpy_gguf_logits(path, ckpt)
+    return numpy_gguf_logits(ckpt, read()[0])
 
 
-def numpy_gguf_logits(path, ckpt) -> tuple[LogitsFn, str]:
+def numpy_gguf_logits(ckpt, weights: dict[str, np.ndarray]) -> tuple[LogitsFn, str]:
     """The GGUF file's own weights (gguf-py dequantization) in the PyTorch forward: checks the file's
     contents without llama.cpp's 8-bit activations."""
     from importlib.metadata import version
 
-    from .export.gguf import GGUFExportError, read_gguf_weights
     from .llama import Llama, LlamaConfig
 
     cfg = LlamaConfig.from_hf(ckpt.hf_config)
-    try:
-        weights, _ = read_gguf_weights(path, cfg)
-    except GGUFExportError as e:
-        raise ValueError(f"--gguf {e}") from None
     model = Llama(cfg, {n: torch.from_numpy(np.array(w, dtype=np.float32)) for n, w in weights.items()})
     return torch_logits(model), f"gguf-py {version('gguf')} dequantization + PyTorch (float32)"
 
 
-def gguf_layer_errors(path, ckpt) -> tuple[dict[str, float], list[str], list[str]]:
+def gguf_layer_errors(path, ckpt, weights: dict[str, np.ndarray], types: dict[str, str]
+                      ) -> tuple[dict[str, float], list[str], list[str]]:
     """(error in steps of every quantized layer, the layers whose GGUF type holds integers exactly,
-    notes) for a GGUF file against the checkpoint it was exported from."""
-    from .export.gguf import EXACT_TYPES, GGUFExportError, read_gguf_weights
-    from .llama import LlamaConfig
+    notes) for a GGUF file (weights and types as gguf_weights reads them) against its checkpoint."""
+    from .export.gguf import EXACT_TYPES
 
-    try:
-        weights, types = read_gguf_weights(path, LlamaConfig.from_hf(ckpt.hf_config))
-    except GGUFExportError as e:
-        raise ValueError(f"--gguf {e}") from None
     errors, exact, missing = {}, [], []
     for name, qw in ckpt.qweights.items():
         w = weights.get(name + ".weight")
