@@ -179,10 +179,13 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
 
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
     tied = "lm_head.weight" not in tensors and "lm_head" not in ckpt.qweights
-    if tied and head_qw is not None and head_qw.shape[1] % to_nbits(head_qw, max_block=max_block).block == 0:
-        # the head was rounded here from the tied embedding: the embedding reads the same integers
-        # (B viewed as [vocab, hidden * bits / 8]), so the file holds the matrix once
-        names, w = nbits_inputs("lm_head", head_qw)
+    shared = tied and head_qw is not None
+    if shared:
+        names, w = nbits_inputs("lm_head", head_qw)  # packed once: the head below uses the same initializers
+        shared = w.k % w.block == 0  # B viewed as [vocab, hidden * bits / 8] needs whole blocks per row
+    if shared:
+        # the head was rounded here from the tied embedding: the embedding reads the same integers, so
+        # the file holds the matrix once
         data = g.op("Reshape", [names[0], g.const("embed_data_shape", np.array([w.n, -1], dtype=np.int64))])
         x = g.op("GatherBlockQuantized", [data, "input_ids", *names[1:]], domain=MS, bits=w.bits,
                  block_size=w.block, gather_axis=0, quantize_axis=1)
