@@ -173,23 +173,21 @@ class Model:
         import queue
         import threading
 
+        from .text import TextStream
+
         pieces: queue.Queue = queue.Queue()
-        state = {"ids": [], "text": ""}
+        text = TextStream(self, stop=[])
 
         def on_step(tokens):
-            if tokens[0] is None:
-                return
-            state["ids"].append(tokens[0])
-            text = self.decode(state["ids"])
-            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete
-                pieces.put(text[len(state["text"]):])
-                state["text"] = text
+            if tokens[0] is not None:
+                pieces.put(text.push(tokens[0]))
 
         result = {}
 
         def work():
             try:
                 result["gen"] = self.generate([prompt], max_new_tokens, sampling, on_step=on_step)
+                pieces.put(text.flush())
             except BaseException as e:  # handed to the consumer
                 result["error"] = e
             pieces.put(None)
