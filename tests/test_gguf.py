@@ -215,3 +215,23 @@ def test_q4_k_conversion_keeps_the_integers_and_bounds_the_error(sym):
     err = np.abs(dequantize(type_name, data, qw.shape) - qw.dequantize()) / np.abs(qw.scale[:, qw.group_index()])
     assert type_name == "Q4_K" and 0 < err.max() < 1.5 and np.median(err) < 0.1
     assert encode_q4_k(random_qweight(4, sym, group_size=32, k=480)) is None  # rows not a multiple of 256
+
+
+def test_export_and_read_back_refuse_what_they_cannot_do(tiny_ckpt, tiny_model, tmp_path):
+    from conftest import write_tiny_model
+
+    ckpt = read_checkpoint(tiny_ckpt)
+    no_tok = read_checkpoint(tiny_ckpt)
+    no_tok.path = tmp_path  # a folder without tokenizer.json
+    with pytest.raises(GGUFExportError, match="has no tokenizer.json"):
+        export_gguf(no_tok, tmp_path / "a.gguf", tokenizer_pre_name="gpt-2")
+    huge = read_checkpoint(tiny_ckpt)
+    huge.tensors["model.embed_tokens.weight"] = huge.tensors["model.embed_tokens.weight"] * 1e6  # past float16
+    with pytest.raises(GGUFExportError, match="--float-type f32"):
+        export_gguf(huge, tmp_path / "b.gguf", tokenizer_pre_name="gpt-2")
+    assert not list(tmp_path.glob("*.gguf"))
+    # a file from another model (three blocks, the checkpoint has two) is named as such
+    other = read_checkpoint(rtn_checkpoint(write_tiny_model(tmp_path / "m3", layers=3), tmp_path / "c3"))
+    export_gguf(other, tmp_path / "other.gguf", tokenizer_pre_name="gpt-2")
+    with pytest.raises(GGUFExportError, match="belongs to another model"):
+        read_gguf_weights(tmp_path / "other.gguf", LlamaConfig.from_hf(ckpt.hf_config))

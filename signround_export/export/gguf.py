@@ -185,7 +185,8 @@ def encode_float(w: np.ndarray, float_type: str) -> tuple[str, np.ndarray]:
     if w.ndim == 1 or float_type == "F32":
         return "F32", np.ascontiguousarray(w, dtype=np.float32)
     if float_type == "F16" or w.shape[1] % QK:
-        return "F16", np.ascontiguousarray(w, dtype=np.float16)
+        with np.errstate(over="ignore"):  # values past float16 become inf, which export_gguf refuses by name
+            return "F16", np.ascontiguousarray(w, dtype=np.float16)
     n, k = w.shape
     blocks = w.reshape(n, k // QK, QK)
     amax = np.abs(blocks).max(-1)
