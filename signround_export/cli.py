@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .export.gguf_blocks import TUNE_TYPES as GGUF_TUNE_TYPES
+
 # Named settings for `tune`; explicit flags override them. "best" is the full default recipe.
 RECIPES = {
     "best": dict(iters=200, nsamples=128, seqlen=512, batch_size=8),
@@ -44,13 +46,17 @@ def add_tune(sub):
                    help="preset for iters/nsamples/seqlen/batch-size: " + "; ".join(
                        f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in RECIPES.items())
                    + " (default: best)")
-    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, -1], default=128,
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default: 4)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, -1],
                    help="weights per scale along the input dimension; -1 = one per row (default: 128)")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric: zero point fixed at 2^(bits-1)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric: zero point fixed at 2^(bits-1)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group (default)")
-    p.set_defaults(sym=False)
+    p.add_argument("--gguf", type=str.upper, metavar="TYPE", choices=list(GGUF_TUNE_TYPES),
+                   help="tune on a GGUF type's own grid, so that `export gguf` writes the tuned integers bit for "
+                        "bit: " + "; ".join(gguf_tune_text(t) for t in GGUF_TUNE_TYPES)
+                        + " (sets --bits, --group-size, --sym)")
     p.add_argument("--iters", type=non_negative_int, help="tuning steps per block; 0 = round-to-nearest (RTN)")
     p.add_argument("--nsamples", type=positive(int), help="calibration sequences")
     p.add_argument("--seqlen", type=positive(int), help="tokens per calibration sequence")
@@ -120,13 +126,15 @@ def cmd_tune(args) -> int:
     from .checkpoint import write_checkpoint
     from .data import calibration_samples, default_calibration_text, encode, load_tokenizer, read_text
     from .modelio import load_float_model
+    from .quant.quantizer import Scheme
     from .quant.signround import TuneArgs, summary, tune
 
     recipe = dict(RECIPES[args.recipe])
     for key in recipe:
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
-    targs = TuneArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, lr=args.lr, seed=args.seed,
+    (bits, group_size, sym), kquant = tune_scheme(args)
+    targs = TuneArgs(bits=bits, group_size=group_size, sym=sym, lr=args.lr, seed=args.seed,
                      quant_lm_head=args.quant_lm_head, **recipe)
     if targs.iters > 0 and targs.batch_size > targs.nsamples:
         raise ValueError(f"--batch-size {targs.batch_size} is larger than --nsamples {targs.nsamples}")
@@ -145,9 +153,12 @@ def cmd_tune(args) -> int:
     allocation = None
     if args.avg_bits is not None:
         allocation = allocate_bits(model, calib, args, targs, progress_dir, say)
-        targs.layer_bits = allocation.bits
+        targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in allocation.bits.items()}
     elif args.allocation is not None:
-        targs.layer_bits = read_allocation(args.allocation, model)
+        targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in read_allocation(args.allocation, model).items()}
+    elif kquant is not None:
+        targs.layer_schemes = kquant_layers(model, kquant)
+        say(f"{len(targs.layer_schemes)} layers on the {args.gguf} grid, the others on {GGUF_TUNE_TYPES[args.gguf][1]}'s")
     result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
     log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
                                "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
@@ -163,6 +174,42 @@ def cmd_tune(args) -> int:
     say(summary(result))
     print(f"wrote {args.out}")
     return 0
+
+
+def gguf_tune_text(type_name: str) -> str:
+    (bits, group, sym, sub), fallback = GGUF_TUNE_TYPES[type_name]
+    text = f"{type_name.lower()} = W{bits}G{group} {'sym' if sym else 'asym'}"
+    if fallback:
+        text += (f" with {sub}-bit sub-scales on rows a multiple of 256, {fallback.lower()}'s grid on the others "
+                 "(llama.cpp's fallback)")
+    return text
+
+
+def tune_scheme(args):
+    """(bits, group size, sym) from --gguf or from --bits/--group-size/--sym and their defaults, and the
+    Scheme of the layers whose rows are a multiple of 256 when --gguf names a K-quant (else None)."""
+    from .quant.quantizer import Scheme
+
+    given = {"--bits": args.bits, "--group-size": args.group_size, "--sym/--asym": args.sym}
+    if args.gguf is None:
+        return (args.bits or 4, args.group_size or 128, bool(args.sym)), None
+    scheme, fallback = GGUF_TUNE_TYPES[args.gguf]
+    base = GGUF_TUNE_TYPES[fallback][0][:3] if fallback else scheme[:3]
+    want = (None,) * 3 if fallback else base
+    clash = [f"{flag} {value}" for (flag, value), w in zip(given.items(), want) if value not in (None, w)]
+    if clash:
+        raise ValueError(f"--gguf {gguf_tune_text(args.gguf)}; it cannot be combined with {', '.join(clash)}")
+    if (args.avg_bits or args.allocation) is not None:
+        raise ValueError("--gguf sets the bits of every layer; it cannot be combined with --avg-bits or --allocation")
+    return base, Scheme(*scheme) if fallback else None
+
+
+def kquant_layers(model, scheme) -> dict:
+    """The decoder-block linears whose rows (K) are a multiple of 256, each with the K-quant scheme."""
+    from .quant.importance import block_linear_names
+    from .quant.quantizer import SUPER_BLOCK
+
+    return {n: scheme for n in block_linear_names(model) if model.tensors[n + ".weight"].shape[1] % SUPER_BLOCK == 0}
 
 
 def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
@@ -336,7 +383,7 @@ def add_export(sub):
 
 def add_rtn_args(p):
     rtn = p.add_argument_group("float source", "round-to-nearest settings when SOURCE is a float model")
-    rtn.add_argument("--bits", type=int, choices=[2, 3, 4, 8, 16], default=4,
+    rtn.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8, 16], default=4,
                      help="16: no rounding, every weight stays float (F16 GGUF, float32 ONNX) (default: 4)")
     rtn.add_argument("--group-size", type=int, choices=[32, 64, 128, -1], default=32)
     rtn.add_argument("--asym", dest="sym", action="store_false", help="a zero point per group (default: symmetric)")

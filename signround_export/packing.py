@@ -12,6 +12,7 @@ cut into 32-bit words, word 0 first. Each block of 32 elements fills exactly `bi
       3  | 10 2/3            | 3 words:  word 0 = e0..e9 at bits 0..29, low 2 bits of e10 at 30..31
          |                   |           word 1 = high bit of e10 at 0, e11..e20 at 1..30, low bit of e21 at 31
          |                   |           word 2 = high 2 bits of e21 at 0..1, e22..e31 at 2..31
+      5  |  6 2/5            | 5 words, and 6 bits: 6 words; elements cross word boundaries as with 3
 
 A length that does not fill whole words is padded with zero elements (ceil). Words are returned as
 int32 (the dtype checkpoints store); the bits are the same as uint32.

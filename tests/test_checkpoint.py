@@ -90,7 +90,7 @@ def test_pack_bits_known_words():
     assert pack_awq(np.arange(8, dtype=np.uint8)).view(np.uint32).tolist() == [0x75316420]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("count", [32, 40, 96, 7])
 def test_pack_unpack_round_trip(bits, count):
     rng = np.random.default_rng(bits * 100 + count)
@@ -115,7 +115,7 @@ def test_awq_round_trip_and_value_range():
 
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_round_trip(tmp_path, bits, sym, group):
     # K=576 with groups of 128 leaves a short last group (5 groups); N=40 is no multiple of 32, so the
     # 3-bit zero points end in a partly filled word.
@@ -374,8 +374,8 @@ def test_config_it_cannot_read(tmp_path, key, value, match):
 def test_unsupported_bits_in_extra_config(tmp_path):
     out = small_checkpoint(tmp_path / "c")
     edit_config(out, lambda c: c["quantization_config"].__setitem__(
-        "extra_config", {"model.layers.0.self_attn.k_proj": {"bits": 6}}))
-    with pytest.raises(CheckpointError, match="k_proj is 6-bit"):
+        "extra_config", {"model.layers.0.self_attn.k_proj": {"bits": 7}}))
+    with pytest.raises(CheckpointError, match="k_proj is 7-bit"):
         read_checkpoint(out)
 
 

@@ -110,7 +110,7 @@ def test_bad_input_gives_a_one_line_error(deep_model, tmp_path, args, message):
 
 
 def test_bad_flag_values_are_refused_by_the_parser(deep_model, tmp_path):
-    r = signround("tune", deep_model, "--out", tmp_path / "o", "--bits", "5")
+    r = signround("tune", deep_model, "--out", tmp_path / "o", "--bits", "7")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = signround("tune", deep_model, "--out", tmp_path / "o", "--iters", "-1")
     assert r.returncode == 2 and "must be 0 or more" in r.stderr

@@ -134,7 +134,7 @@ def test_bad_mixed_flags_are_clear_errors(tiny_model, tmp_path, capsys):
     assert "below the smallest possible size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
-        main(args + ["--avg-bits", "3", "--bits-choices", "2,5"])
+        main(args + ["--avg-bits", "3", "--bits-choices", "2,7"])
     assert "bit widths must be among" in capsys.readouterr().err
 
 

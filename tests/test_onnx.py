@@ -32,7 +32,8 @@ def test_pack_codes_low_bits_first():
 
 
 @pytest.mark.parametrize("bits,sym,group,k", [(4, False, 64, 96), (4, True, 32, 64), (3, False, 32, 96),
-                                               (2, True, 64, 128), (8, False, 128, 96), (4, False, 576, 576)])
+                                               (2, True, 64, 128), (8, False, 128, 96), (4, False, 576, 576),
+                                               (5, True, 32, 64), (6, False, 64, 128)])
 def test_nbits_weight_holds_the_integers(bits, sym, group, k):
     rng = np.random.default_rng(1)
     n, g = 6, -(-k // group)
@@ -40,8 +41,8 @@ def test_nbits_weight_holds_the_integers(bits, sym, group, k):
     qw = QuantWeight(rng.integers(0, 2**bits, (n, k)).astype(np.uint8), f16(rng.uniform(0.01, 0.1, (n, g))),
                      zero.astype(np.uint8), bits, group, sym)
     w = to_nbits(qw)
-    assert w.bits == (4 if bits == 3 else bits) and w.block <= 256 and group % w.block == 0
-    assert (w.zero_points is None) == (sym and bits != 3)
+    assert w.bits == {3: 4, 5: 8, 6: 8}.get(bits, bits) and w.block <= 256 and group % w.block == 0
+    assert (w.zero_points is None) == (sym and bits == w.bits)  # a container needs explicit zero points
     np.testing.assert_array_equal(dequantize_nbits(w), qw.dequantize())
 
 
@@ -121,6 +122,7 @@ CASES = {  # name -> (tiny model args, checkpoint args)
     "w3g128-asym-padded": (dict(hidden=96, heads=6, kv_heads=6), dict(bits=3, group_size=128, sym=False)),
     "w2g32-asym": (dict(), dict(bits=2, group_size=32, sym=False)),
     "w8g64-sym-qwen2-bias": (dict(model_type="qwen2", tied=False), dict(bits=8, group_size=64, sym=True)),
+    "w5g32-sym": (dict(), dict(bits=5, group_size=32, sym=True)),
     "w4-per-row-quant-head": (dict(), dict(bits=4, group_size=-1, sym=False, quant_lm_head=True)),
 }
 

@@ -12,7 +12,7 @@ def weight(n=24, k=200, seed=0):
     return torch.randn(n, k, generator=g) * 0.05
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group", [32, 64, -1])
 def test_rtn_integers_dequantize_to_the_fake_quant_weight(bits, sym, group):

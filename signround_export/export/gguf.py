@@ -5,12 +5,16 @@ Each quantized linear goes to the smallest legacy block type that holds its inte
 
 | checkpoint layer          | GGUF type | code stored | exact                                    |
 | ------------------------- | --------- | ----------- | ---------------------------------------- |
-| 4-bit symmetric           | Q4_0      | c + 8       | yes                                      |
-| 4-bit asymmetric          | Q5_0      | c + 16      | yes                                      |
+| 2-, 3-bit; 4-bit symmetric | Q4_0     | c + 8       | yes                                      |
+| 4-bit asymmetric; 5-bit symmetric | Q5_0 | c + 16   | yes                                      |
 | 4-bit asymmetric, --asym4 q4_1 | Q4_1 | q (m = -d * zero in float16) | no: m is rounded, error reported |
-| 2- and 3-bit              | Q4_0      | c + 8       | yes                                      |
-| 8-bit, -128 <= c <= 127   | Q8_0      | c           | yes                                      |
+| 5-bit asymmetric, 6-bit; 8-bit with -128 <= c <= 127 | Q8_0 | c | yes                       |
 | anything else             | F16       | W           | no: float16 rounding, error reported     |
+
+Symmetric 3- and 6-bit layers go to Q3_K and Q6_K instead where those hold them exactly: rows a
+multiple of 256, and in every 256-weight super-block, scales that are one float16 step times small
+signed integers (6-bit for Q3_K, 8-bit for Q6_K). `tune --gguf q3_k|q6_k` puts them on that grid;
+`encode_sym_k` finds the step again from the stored scales.
 
 With --type q4_k, layers of at most 4 bits whose rows are a multiple of 256 long go to Q4_K instead
 (encode_q4_k; not exact: the scales become 6-bit sub-block multiples, error reported); the rest keep
@@ -38,7 +42,8 @@ from ..checkpoint import Checkpoint
 from ..fileio import atomic_file
 from ..llama import LlamaConfig
 from ..quant.qweight import QuantWeight
-from .gguf_blocks import BLOCK_TYPES, QK, QK_K, pack_blocks, pack_q4_k
+from .gguf_blocks import (BLOCK_TYPES, K_SUB, QK, QK_K, SYM_K_TYPES, pack_blocks, pack_q3_k, pack_q4_k,
+                          pack_q6_k)
 
 # HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -70,10 +75,11 @@ KNOWN_VOCABS = {
 }
 
 # most common block type of the file -> general.file_type (llama.cpp's LLAMA_FTYPE_*)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q3_K": 11, "Q4_K": 15,
+              "Q6_K": 18}
 
 # the types that carry a checkpoint's integers and float16 scales without rounding (see the table above)
-EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0")
+EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K")
 
 TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 5, 3, 4
 
@@ -135,6 +141,27 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
+CONTAINERS = ("Q4_0", "Q5_0", "Q8_0")  # the exact legacy types for c = q - zero, smallest first
+
+
+def _c_range(type_name: str) -> tuple[int, int]:
+    t = BLOCK_TYPES[type_name]
+    return t.code_min - t.offset, t.code_max - t.offset
+
+
+def code_range(bits: int, sym: bool) -> tuple[int, int]:
+    """The range of c = q - zero that a (bits, sym) scheme can produce."""
+    if sym:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return -(2**bits - 1), 2**bits - 1
+
+
+def container_for(bits: int, sym: bool) -> str:
+    """The smallest legacy type holding every code of the scheme (8-bit asymmetric: Q8_0, checked per tensor)."""
+    lo, hi = code_range(bits, sym)
+    return next((t for t in CONTAINERS if _c_range(t)[0] <= lo and hi <= _c_range(t)[1]), "Q8_0")
+
+
 def encode_quantized(qw: QuantWeight, asym4: str = "Q5_0") -> tuple[str, np.ndarray] | None:
     """(type, packed rows) holding qw in a legacy block type, or None when no such type fits."""
     n, k = qw.shape
@@ -144,17 +171,62 @@ def encode_quantized(qw: QuantWeight, asym4: str = "Q5_0") -> tuple[str, np.ndar
     group = (np.arange(nb) * QK) // qw.group_size  # the group of every block
     d = qw.scale[:, group]
     zero = qw.zero[:, group].astype(np.int16)
-    c = qw.q.reshape(n, nb, QK).astype(np.int16) - zero[..., None]  # q - zero, per block
-    if qw.bits == 8:
-        if c.min() < -128 or c.max() > 127:
-            return None
-        return "Q8_0", pack_blocks("Q8_0", c.reshape(n, k), d)
+    c = (qw.q.reshape(n, nb, QK).astype(np.int16) - zero[..., None]).reshape(n, k)  # q - zero, per block
     if qw.bits == 4 and not qw.sym and asym4 == "Q4_1":
-        m = _f16(-d * zero)
-        return "Q4_1", pack_blocks("Q4_1", qw.q, d, m)
-    if qw.bits == 4 and not qw.sym:
-        return "Q5_0", pack_blocks("Q5_0", (c + 16).reshape(n, k), d)
-    return "Q4_0", pack_blocks("Q4_0", (c + 8).reshape(n, k), d)  # 4-bit symmetric, 3- and 2-bit
+        return "Q4_1", pack_blocks("Q4_1", qw.q, d, _f16(-d * zero))
+    type_name = container_for(qw.bits, qw.sym)
+    lo, hi = _c_range(type_name)
+    if c.min() < lo or c.max() > hi:
+        return None  # 8-bit asymmetric codes out of int8 range
+    return type_name, pack_blocks(type_name, c + BLOCK_TYPES[type_name].offset, d)
+
+
+def sub_scale_steps(s: np.ndarray, smin: int, smax: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Sub-block scales s [rows, nb, 16] as float16 steps d [rows, nb] times integers sc in smin..smax,
+    exactly in float32 (d * sc == s), or None when some super-block has no such decomposition.
+
+    A checkpoint stores only the products; this finds a d for each super-block, trying the largest
+    integer for the largest |s| first (every valid d gives the same weights)."""
+    s64 = s.astype(np.float64)
+    top = np.abs(s64).max(-1)
+    d = np.zeros(top.shape)
+    found = top == 0  # all-zero super-blocks cannot happen (scales are nonzero), but keep d = 0 there
+    for m in range(max(-smin, smax), 0, -1):
+        cand = top / m
+        sc = np.round(s64 / np.where(cand == 0, 1, cand)[..., None])
+        ok = ((_f16(cand) == cand) & np.all((sc >= smin) & (sc <= smax), -1)
+              & np.all((cand.astype(np.float32)[..., None] * sc.astype(np.float32)) == s, -1))
+        new = ok & ~found
+        d[new] = cand[new]
+        found |= ok
+        if found.all():
+            break
+    if not found.all():
+        return None
+    sc = np.round(s64 / np.where(d == 0, 1, d)[..., None])
+    return d.astype(np.float32), sc.astype(np.int16)
+
+
+SYM_K_BITS = {3: "Q3_K", 6: "Q6_K"}  # symmetric widths with a K-quant of their own
+
+
+def encode_sym_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
+    """qw as Q3_K (3-bit) or Q6_K (6-bit), exactly, or None: it needs symmetric weights, rows a multiple
+    of 256, groups a multiple of 16, and scales that are, per super-block, one float16 step times
+    small integers (what `tune --gguf q3_k|q6_k` produces)."""
+    n, k = qw.shape
+    type_name = SYM_K_BITS.get(qw.bits)
+    if type_name is None or not qw.sym or k % QK_K or qw.group_size % K_SUB:
+        return None
+    _, _, (smin, smax) = SYM_K_TYPES[type_name]
+    sub = (np.arange(k // K_SUB) * K_SUB) // qw.group_size  # the group of every sub-block
+    steps = sub_scale_steps(qw.scale[:, sub].reshape(n, k // QK_K, QK_K // K_SUB), smin, smax)
+    if steps is None:
+        return None
+    d, sc = steps
+    c = qw.q.astype(np.int16) - 2 ** (qw.bits - 1)
+    pack = pack_q3_k if type_name == "Q3_K" else pack_q6_k
+    return type_name, pack(c, sc.reshape(n, -1), d)
 
 
 def encode_q4_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
@@ -353,7 +425,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
                 qw = QuantWeight(_rope_permute(qw.q, nh), _rope_permute(qw.scale, nh), _rope_permute(qw.zero, nh),
                                  qw.bits, qw.group_size, qw.sym)
             want = qw.dequantize()
-            enc = (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)
+            enc = encode_sym_k(qw) or (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)
             type_name, data = enc if enc else ("F16", want.astype(np.float16))
             got = dequantize(type_name, data, want.shape)
             err = qw.step_error(got)

@@ -130,3 +130,87 @@ def pack_q4_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, d
     qs = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(rows, nb, 128)
     out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, qs], axis=-1)
     return out.reshape(rows, nb * 144)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Symmetric K-quants: super-blocks of 256 weights = 16 sub-blocks of 16, one float16 step d per
+# super-block and a signed integer sub-scale sc[j] per sub-block; weight = d * sc[j] * c.
+#
+# | type | bytes | layout (file order)                    | c       | sc stored as        |
+# | ---- | ----- | -------------------------------------- | ------- | ------------------- |
+# | Q3_K | 110   | hmask[32], qs[64], scales[12], d f16   | -4..3   | sc + 32, 6 bits     |
+# | Q6_K | 210   | ql[128], qh[64], scales[16] i8, d f16  | -32..31 | sc, int8            |
+#
+# Element e of a super-block, in halves h of 128 (e = 128 h + i):
+#   Q6_K  u = c + 32:  low 4 bits in ql[64 h + i % 64], nibble i // 64;
+#                      high 2 bits in qh[32 h + i % 32], bits 2 * (i // 32) and up.
+#   Q3_K  u = c + 4:   low 2 bits in qs[32 h + i % 32], bits 2 * (i // 32) and up;
+#                      bit 2 in hmask[e % 32], bit e // 32.
+#   Q3_K scales: byte i < 8 = (s[i] & 15) | (s[i + 8] & 15) << 4; byte 8 + i (i < 4) holds bits 4-5
+#                of s[i], s[i + 4], s[i + 8], s[i + 12] at bits 0, 2, 4, 6.
+
+K_SUB = 16  # weights per sub-block of the symmetric K-quants
+SYM_K_TYPES = {  # type -> (bytes per super-block, code range of c, sub-scale range)
+    "Q3_K": (110, (-4, 3), (-32, 31)),
+    "Q6_K": (210, (-32, 31), (-128, 127)),
+}
+
+
+def _check_sym_k(type_name: str, c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> tuple[int, int]:
+    _, (cmin, cmax), (smin, smax) = SYM_K_TYPES[type_name]
+    rows, k = c.shape
+    if k % QK_K:
+        raise ValueError(f"{type_name} needs rows whose length is a multiple of {QK_K}, got {k}")
+    nb = k // QK_K
+    if sc.shape != (rows, k // K_SUB) or d.shape != (rows, nb):
+        raise ValueError(f"{type_name}: sc must be [{rows}, {k // K_SUB}] and d [{rows}, {nb}]")
+    if c.size and (c.min() < cmin or c.max() > cmax):
+        raise ValueError(f"{type_name}: codes outside {cmin}..{cmax}")
+    if sc.size and (sc.min() < smin or sc.max() > smax):
+        raise ValueError(f"{type_name}: sub-block scales outside {smin}..{smax}")
+    return rows, nb
+
+
+def pack_q6_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """c [rows, K] in -32..31, sc [rows, K/16] in -128..127, d [rows, K/256] float16 values
+    -> uint8 [rows, K/256 * 210]."""
+    rows, nb = _check_sym_k("Q6_K", c, sc, d)
+    u = (c + 32).astype(np.uint8).reshape(rows, nb, 2, 128)  # halves
+    low, high = u & 15, u >> 4
+    ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, nb, 128)
+    h = high.reshape(rows, nb, 2, 4, 32)
+    qh = (h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)).reshape(rows, nb, 64)
+    scales = sc.reshape(rows, nb, 16).astype(np.int8).view(np.uint8)
+    out = np.concatenate([ql, qh, scales, _f16_bytes(d)], axis=-1)
+    return out.reshape(rows, nb * 210)
+
+
+def pack_q3_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """c [rows, K] in -4..3, sc [rows, K/16] in -32..31, d [rows, K/256] float16 values
+    -> uint8 [rows, K/256 * 110]."""
+    rows, nb = _check_sym_k("Q3_K", c, sc, d)
+    u = (c + 4).astype(np.uint8).reshape(rows, nb, 256)
+    top = (u >> 2).reshape(rows, nb, 8, 32)
+    hmask = sum(top[..., b, :] << b for b in range(8)).astype(np.uint8)
+    low = (u & 3).reshape(rows, nb, 2, 4, 32)
+    qs = (low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)).reshape(rows, nb, 64)
+    s = (sc.reshape(rows, nb, 16) + 32).astype(np.uint8)
+    lo = (s[..., :8] & 15) | ((s[..., 8:] & 15) << 4)
+    hi = (s >> 4).reshape(rows, nb, 4, 4)  # [.., group of 4 sub-blocks t, i]: bits 4-5 of s[4 t + i]
+    hi = hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)
+    out = np.concatenate([hmask, qs, lo, hi, _f16_bytes(d)], axis=-1)
+    return out.reshape(rows, nb * 110)
+
+
+# `tune --gguf TYPE`: the scheme whose integers TYPE holds bit for bit, as (bits, group size, sym,
+# sub-scale bits; see quant/quantizer.py), and for K-quants the type llama.cpp falls back to for rows
+# that are not a multiple of 256, whose layers are tuned on that type's grid instead. Q4_1, Q5_1 and the
+# asymmetric K-quants store float16 minima, which an integer zero point cannot hold.
+TUNE_TYPES = {
+    "Q4_0": ((4, 32, True, 0), None),
+    "Q5_0": ((5, 32, True, 0), None),
+    "Q8_0": ((8, 32, True, 0), None),
+    "Q3_K": ((3, 16, True, 6), "Q4_0"),
+    "Q6_K": ((6, 16, True, 8), "Q8_0"),
+}

@@ -16,7 +16,8 @@ From a checkpoint group of g columns:
 - g in 16..256 (a power of two): block = g.
 - g larger (one group per row, 512 ...): block = the largest supported power of two dividing g; each
   scale and zero point repeats over the g / block blocks of its group.
-- 3-bit codes go into 4-bit containers: same codes, explicit zero points.
+- 3-bit codes go into 4-bit containers, 5- and 6-bit codes into 8-bit ones: same codes, explicit
+  zero points.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..packing import pack_bits
 from ..quant.qweight import QuantWeight
 
 KERNEL_BITS = (2, 4, 8)
+CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}  # checkpoint bits -> the kernel's bits that hold them
 BLOCK_SIZES = (256, 128, 64, 32, 16)
 
 
@@ -68,7 +70,7 @@ def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBi
     """qw as MatMulNBits inputs. max_block caps the block: smaller blocks repeat each scale over more
     blocks (still exact), and at accuracy level 4 they also quantize activations in smaller blocks."""
     n, k = qw.shape
-    bits = 4 if qw.bits == 3 else qw.bits
+    bits = CONTAINER.get(qw.bits)
     if bits not in KERNEL_BITS:
         raise MatMulNBitsError(f"{name}: {qw.bits}-bit weights have no MatMulNBits CPU kernel")
     block = block_for(qw.group_size, max_block)

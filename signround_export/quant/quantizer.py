@@ -12,6 +12,13 @@ For a weight W [N, K] cut into groups of `group_size` along K (the last group ze
 
     dequantized  W_q = (q - zero) * scale
 
+With sub_scale_bits = B (the symmetric GGUF K-quants Q3_K, B = 6, and Q6_K, B = 8), the scales of each
+256-weight super-block of a row are further held to one float16 step d times signed B-bit integers:
+    d = max |scale| / (2^(B-1) - 1), rounded up to 12 - B significant bits
+    scale = d * round(scale / d)
+so that d * sc needs at most 11 significant bits: the float16 scale the checkpoint stores is then the
+K-quant's own d * sc, and the GGUF export recovers d and sc exactly.
+
 V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1]) are what SignRound
 tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
 inside the computation, because that is what the checkpoint stores: the tuned loss is the loss of
@@ -30,11 +37,15 @@ from .qweight import QuantWeight
 SCALE_EPS = 1e-5  # smallest |scale|; keeps a group of zeros from dividing by zero
 
 
+SUPER_BLOCK = 256  # weights per K-quant super-block
+
+
 @dataclass(frozen=True)
 class Scheme:
     bits: int
     group_size: int  # -1: one group per row
     sym: bool
+    sub_scale_bits: int = 0  # > 0: scales on a K-quant grid, see above (symmetric, K % 256 == 0)
 
     def resolved_group(self, k: int) -> int:
         return k if self.group_size == -1 else self.group_size
@@ -65,6 +76,21 @@ def group_range(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
 
 
+def sub_scale_grid(scale: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+    """Scales [N, G] held to d * sc per super-block, sc signed `bits`-bit integers (see above)."""
+    n, g = scale.shape
+    if (g * group) % SUPER_BLOCK or SUPER_BLOCK % group:
+        raise ValueError(f"K-quant scales need groups that divide {SUPER_BLOCK} and rows a multiple of it")
+    s = scale.view(n, -1, SUPER_BLOCK // group)
+    limit = 2 ** (bits - 1) - 1
+    d = (s.detach().abs().amax(-1, keepdim=True) / limit).clamp(min=2.0**-24)
+    quantum = torch.exp2(torch.floor(torch.log2(d)) - (11 - bits)).clamp(min=2.0**-24)  # 12 - bits significant bits
+    d = torch.ceil(d / quantum) * quantum
+    sc = round_ste(s / d)
+    sc = torch.where(s < 0, sc.clamp(-limit, -1), sc.clamp(1, limit))  # a scale never rounds to zero
+    return (d * sc).view(n, g)
+
+
 def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None, w_range=None):
     """(dequantized W_q [N, K] float32, q [N, G, group], scale [N, G], zero [N, G]); differentiable in v,
     min_scale and max_scale. w_range is group_range(w) when the caller has it at hand."""
@@ -78,10 +104,14 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
         m = 2 ** (scheme.bits - 1)
         scale = torch.where(-lo >= hi, -lo, -hi) / m
         scale = torch.where(scale < 0, scale.clamp(max=-SCALE_EPS), scale.clamp(min=SCALE_EPS))
+        if scheme.sub_scale_bits:
+            scale = sub_scale_grid(scale, group, scheme.sub_scale_bits)
         scale = to_fp16_ste(scale)
         zero = torch.full_like(scale, m)
         lo_q, hi_q = -m, m - 1
     else:
+        if scheme.sub_scale_bits:
+            raise ValueError("K-quant sub-scales are implemented for symmetric weights only")
         maxq = 2**scheme.bits - 1
         scale = to_fp16_ste(((hi - lo) / maxq).clamp(min=SCALE_EPS))
         zero = round_ste(-lo / scale).clamp(0, maxq)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def n_groups(k: int, group_size: int) -> int:

@@ -47,10 +47,10 @@ class TuneArgs:
     lr: float | None = None  # None: 1 / iters
     seed: int = 42
     quant_lm_head: bool = False
-    layer_bits: dict[str, int] = field(default_factory=dict)  # layer name -> bits, where they differ from `bits`
+    layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # layer name -> scheme, where not the above
 
     def scheme(self, layer: str | None = None) -> Scheme:
-        return Scheme(self.layer_bits.get(layer, self.bits), self.group_size, self.sym)
+        return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym)
 
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
