@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .export.gguf_blocks import TUNE_TYPES as GGUF_TUNE_TYPES
+from .export import gguf_mix
 
 # Named settings for `tune`; explicit flags override them. "best" is the full default recipe.
 RECIPES = {
@@ -47,16 +47,20 @@ def add_tune(sub):
                        f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in RECIPES.items())
                    + " (default: best)")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default: 4)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, -1],
+    p.add_argument("--group-size", type=int, choices=[16, 32, 64, 128, -1],
                    help="weights per scale along the input dimension; -1 = one per row (default: 128)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric: zero point fixed at 2^(bits-1)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group (default)")
-    p.add_argument("--gguf", type=str.upper, metavar="TYPE", choices=list(GGUF_TUNE_TYPES),
-                   help="tune on a GGUF type's own grid, so that `export gguf` writes the tuned integers bit for "
-                        "bit: " + "; ".join(gguf_tune_text(t) for t in GGUF_TUNE_TYPES)
-                        + " (sets --bits, --group-size, --sym)")
+    p.add_argument("--gguf", type=str.upper, metavar="TYPE", choices=gguf_mix.TYPES,
+                   help="tune every layer on the grid of the GGUF type it will be written as, so that `export gguf` "
+                        "carries the tuned integers bit for bit: " + ", ".join(t.lower() for t in gguf_mix.TYPES)
+                        + "; the _S/_M mixes follow llama.cpp's per-tensor choices (README; replaces --bits, "
+                          "--group-size, --sym)")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each group's clipping at the factor with the least input-weighted error instead of "
+                        "the full range (default: on)")
     p.add_argument("--iters", type=non_negative_int, help="tuning steps per block; 0 = round-to-nearest (RTN)")
     p.add_argument("--nsamples", type=positive(int), help="calibration sequences")
     p.add_argument("--seqlen", type=positive(int), help="tokens per calibration sequence")
@@ -133,8 +137,8 @@ def cmd_tune(args) -> int:
     for key in recipe:
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
-    (bits, group_size, sym), kquant = tune_scheme(args)
-    targs = TuneArgs(bits=bits, group_size=group_size, sym=sym, lr=args.lr, seed=args.seed,
+    bits, group_size, sym = tune_scheme(args)
+    targs = TuneArgs(bits=bits, group_size=group_size, sym=sym, lr=args.lr, seed=args.seed, clip_search=args.clip_search,
                      quant_lm_head=args.quant_lm_head, **recipe)
     if targs.iters > 0 and targs.batch_size > targs.nsamples:
         raise ValueError(f"--batch-size {targs.batch_size} is larger than --nsamples {targs.nsamples}")
@@ -156,9 +160,8 @@ def cmd_tune(args) -> int:
         targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in allocation.bits.items()}
     elif args.allocation is not None:
         targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in read_allocation(args.allocation, model).items()}
-    elif kquant is not None:
-        targs.layer_schemes = kquant_layers(model, kquant)
-        say(f"{len(targs.layer_schemes)} layers on the {args.gguf} grid, the others on {GGUF_TUNE_TYPES[args.gguf][1]}'s")
+    elif args.gguf is not None:
+        (targs.bits, targs.group_size, targs.sym, _), targs.layer_schemes = gguf_schemes(model, args.gguf, say)
     result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
     log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
                                "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
@@ -176,40 +179,29 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def gguf_tune_text(type_name: str) -> str:
-    (bits, group, sym, sub), fallback = GGUF_TUNE_TYPES[type_name]
-    text = f"{type_name.lower()} = W{bits}G{group} {'sym' if sym else 'asym'}"
-    if fallback:
-        text += (f" with {sub}-bit sub-scales on rows a multiple of 256, {fallback.lower()}'s grid on the others "
-                 "(llama.cpp's fallback)")
-    return text
+def tune_scheme(args) -> tuple[int, int, bool]:
+    """(bits, group size, sym) from --bits/--group-size/--sym and their defaults."""
+    if args.gguf is not None:
+        given = [f for f, v in (("--bits", args.bits), ("--group-size", args.group_size), ("--sym/--asym", args.sym))
+                 if v is not None]
+        if given or (args.avg_bits or args.allocation) is not None:
+            raise ValueError(f"--gguf sets every layer's bits and grid; it cannot be combined with "
+                             f"{', '.join(given) or '--avg-bits or --allocation'}")
+    return args.bits or 4, args.group_size or 128, bool(args.sym)
 
 
-def tune_scheme(args):
-    """(bits, group size, sym) from --gguf or from --bits/--group-size/--sym and their defaults, and the
-    Scheme of the layers whose rows are a multiple of 256 when --gguf names a K-quant (else None)."""
+def gguf_schemes(model, gguf_type: str, say) -> tuple[tuple, dict]:
+    """(the most common grid, {layer: Scheme} for every layer) for `tune --gguf`."""
+    from collections import Counter
+
+    from .quant.importance import block_linear_names
     from .quant.quantizer import Scheme
 
-    given = {"--bits": args.bits, "--group-size": args.group_size, "--sym/--asym": args.sym}
-    if args.gguf is None:
-        return (args.bits or 4, args.group_size or 128, bool(args.sym)), None
-    scheme, fallback = GGUF_TUNE_TYPES[args.gguf]
-    base = GGUF_TUNE_TYPES[fallback][0][:3] if fallback else scheme[:3]
-    want = (None,) * 3 if fallback else base
-    clash = [f"{flag} {value}" for (flag, value), w in zip(given.items(), want) if value not in (None, w)]
-    if clash:
-        raise ValueError(f"--gguf {gguf_tune_text(args.gguf)}; it cannot be combined with {', '.join(clash)}")
-    if (args.avg_bits or args.allocation) is not None:
-        raise ValueError("--gguf sets the bits of every layer; it cannot be combined with --avg-bits or --allocation")
-    return base, Scheme(*scheme) if fallback else None
-
-
-def kquant_layers(model, scheme) -> dict:
-    """The decoder-block linears whose rows (K) are a multiple of 256, each with the K-quant scheme."""
-    from .quant.importance import block_linear_names
-    from .quant.quantizer import SUPER_BLOCK
-
-    return {n: scheme for n in block_linear_names(model) if model.tensors[n + ".weight"].shape[1] % SUPER_BLOCK == 0}
+    shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
+    types = gguf_mix.layer_types(gguf_type, shapes, model.cfg.n_layers)
+    say(f"--gguf {gguf_type.lower()}: " + ", ".join(f"{c} layers {t}" for t, c in Counter(types.values()).most_common()))
+    grids = {n: gguf_mix.GRIDS[t] for n, t in types.items()}
+    return Counter(grids.values()).most_common(1)[0][0], {n: Scheme(*g) for n, g in grids.items()}
 
 
 def allocate_bits(model, calib, args, targs, progress_dir: Path, say):

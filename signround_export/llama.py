@@ -96,23 +96,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+def linear(p: dict, name: str, x: torch.Tensor, tap=None) -> torch.Tensor:
+    if tap is not None:  # tap(name, input): lets a caller observe what each linear reads
+        tap(name, x)
     return F.linear(x, p[name + ".weight"], p.get(name + ".bias"))
 
 
-def block_forward(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def block_forward(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  tap=None) -> torch.Tensor:
     """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
-    relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...)."""
+    relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input)
+    is called with every linear's input."""
     b, t, _ = x.shape
     h = rms_norm(x, p["input_layernorm.weight"], cfg.rms_eps)
-    q = linear(p, "self_attn.q_proj", h).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = linear(p, "self_attn.k_proj", h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = linear(p, "self_attn.v_proj", h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q = linear(p, "self_attn.q_proj", h, tap).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = linear(p, "self_attn.k_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = linear(p, "self_attn.v_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
-    x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+    x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
     h = rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_eps)
-    return x + linear(p, "mlp.down_proj", F.silu(linear(p, "mlp.gate_proj", h)) * linear(p, "mlp.up_proj", h))
+    act = F.silu(linear(p, "mlp.gate_proj", h, tap)) * linear(p, "mlp.up_proj", h, tap)
+    return x + linear(p, "mlp.down_proj", act, tap)
 
 
 class Llama:

@@ -40,10 +40,12 @@ def test_checkpoint_of_the_default_model(tuned):
 
 def test_reference_perplexity_is_sane(default_model, tuned):
     """Eight steps tune nothing worth measuring (accuracy lives in tools/bench_tune.py); this checks that
-    the integers of a real model survive the checkpoint: a wrong layout would explode the perplexity.
-    W4 round-to-nearest costs this model about 25% here (4 windows: 18.5 -> 24.8)."""
+    the integers of a real model survive the checkpoint: a wrong layout would explode the perplexity
+    into the thousands. W4 round-to-nearest costs this model about 25% here (4 windows: 18.5 -> 24.8);
+    eight steps at lr 1/8 move the clipping far and land at 28.7 from the full range, 31.5 from
+    clip_search's start."""
     model, _, folder = load_float_model(default_model)
     ids = encode(load_tokenizer(folder), read_text(WIKITEXT))
     fp = perplexity(model, ids, max_windows=4, progress=False).ppl
     q = perplexity(reference_from_checkpoint(read_checkpoint(tuned)), ids, max_windows=4, progress=False).ppl
-    assert fp < q < fp * 1.6, (fp, q)
+    assert fp < q < fp * 2.5, (fp, q)

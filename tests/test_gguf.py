@@ -242,9 +242,9 @@ def test_export_and_read_back_refuse_what_they_cannot_do(tiny_ckpt, tiny_model, 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0"])
 def test_tune_for_a_gguf_type_exports_bit_for_bit(type_name, tiny_model, tmp_path, capsys):
     from signround_export.export.gguf import container_for
-    from signround_export.export.gguf_blocks import TUNE_TYPES
+    from signround_export.export.gguf_mix import GRIDS
 
-    (bits, group, sym, _), _ = TUNE_TYPES[type_name]
+    bits, group, sym, _ = GRIDS[type_name]
     assert container_for(bits, sym) == type_name and group % 32 == 0
     out = tmp_path / "ckpt"
     assert main(["tune", str(tiny_model), "--out", str(out), "--gguf", type_name.lower(), "--iters", "2",
@@ -258,11 +258,10 @@ def test_tune_for_a_gguf_type_exports_bit_for_bit(type_name, tiny_model, tmp_pat
 
 def test_tune_for_a_gguf_type_refuses_a_clashing_scheme(tiny_model, tmp_path, capsys):
     argv = ["tune", str(tiny_model), "--out", str(tmp_path / "c"), "--gguf", "q5_0", "--iters", "0"]
-    assert main(argv + ["--bits", "4"]) == 2
-    assert "--gguf q5_0 = W5G32 sym; it cannot be combined with --bits 4" in capsys.readouterr().err
-    assert main(argv + ["--asym"]) == 2
-    assert main(argv + ["--bits", "5", "--sym", "--quiet"]) == 0  # agreeing flags are fine
-    assert not (tmp_path / "c.progress").exists()
+    assert main(argv + ["--bits", "5"]) == 2
+    assert "--gguf sets every layer's bits and grid; it cannot be combined with --bits" in capsys.readouterr().err
+    assert main(argv + ["--avg-bits", "3"]) == 2
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.progress").exists()
 
 
 @pytest.mark.parametrize("type_name", ["Q3_K", "Q6_K"])
@@ -320,3 +319,59 @@ def test_tune_for_a_k_quant_exports_bit_for_bit_and_runs_in_llama_cpp(type_name,
         ref = reference_from_checkpoint(ckpt)
         llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
         assert logits_error(llm, ref, list(range(3, 3 + 64))) < 0.1
+
+
+def _gguf_mix_case(tmp_path):
+    from conftest import write_tiny_model
+
+    # 8 layers so that the mixes' layer rules differ; q/k/v/o/gate/up rows of 256 take K-quants,
+    # down_proj's 320 the fallbacks
+    return write_tiny_model(tmp_path / "model", hidden=256, intermediate=320, layers=8, heads=4, kv_heads=2)
+
+
+@needs_llama
+@pytest.mark.parametrize("mix", ["Q3_K_S", "Q3_K_M", "Q4_K_M"])
+def test_mixes_follow_llama_quantize_tensor_by_tensor(mix, tmp_path):
+    """Our per-layer types are llama-quantize's, with asymmetric types on the same-size symmetric grid."""
+    from gguf import GGUFReader
+
+    from signround_export.export.gguf_mix import FALLBACK, SAME_SIZE, layer_types
+    from signround_export.modelio import float_checkpoint
+
+    model = _gguf_mix_case(tmp_path)
+    f16 = tmp_path / "f16.gguf"
+    export_gguf(float_checkpoint(model), f16, tokenizer_pre_name="gpt-2")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    dst = tmp_path / "llama.gguf"
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), params) == 0
+    theirs = {t.name: t.tensor_type.name for t in GGUFReader(str(dst)).tensors}
+    ckpt = read_checkpoint(rtn_checkpoint(model, tmp_path / "ckpt", bits=4, group_size=32))
+    ours = layer_types(mix, {n: qw.shape for n, qw in ckpt.qweights.items()}, 8)
+    gguf_names = {n: _gguf_name_of(n) for n in ours}
+    symmetric = {t: SAME_SIZE.get(t, t) for t in set(theirs.values())} | {"Q5_1": "Q5_0"}
+    for name, t in ours.items():
+        want = symmetric[theirs[gguf_names[name]]]
+        assert t == want, (name, t, theirs[gguf_names[name]])
+    assert set(ours.values()) - set(FALLBACK.values()), "the case must exercise K-quant rows too"
+
+
+def _gguf_name_of(hf_module: str) -> str:
+    from signround_export.export.gguf import _gguf_name
+
+    return _gguf_name(hf_module + ".weight")
+
+
+def test_tune_for_a_mix_tunes_each_layer_on_its_own_grid(tmp_path, capsys):
+    model = _gguf_mix_case(tmp_path)
+    out = tmp_path / "ckpt"
+    assert main(["tune", str(model), "--out", str(out), "--gguf", "q4_k_m", "--iters", "2", "--nsamples", "2",
+                 "--seqlen", "32", "--batch-size", "2"]) == 0
+    assert "--gguf q4_k_m: " in capsys.readouterr().err
+    report = export_gguf(read_checkpoint(out), tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
+    types = {t.source.removesuffix(".weight"): t.type for t in report.tensors if t.quantized}
+    assert all(t.exact for t in report.tensors if t.quantized)
+    assert types["model.layers.0.self_attn.v_proj"] == "Q6_K"  # more bits: first eighth
+    assert types["model.layers.2.self_attn.v_proj"] == "Q4_0"  # Q4_K's size, symmetric
+    assert types["model.layers.0.mlp.down_proj"] == "Q8_0"  # Q6_K falls back on rows of 320
+    assert types["model.layers.2.mlp.down_proj"] == "Q5_0"  # Q4_K falls back to Q5_0

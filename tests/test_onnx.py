@@ -123,6 +123,7 @@ CASES = {  # name -> (tiny model args, checkpoint args)
     "w2g32-asym": (dict(), dict(bits=2, group_size=32, sym=False)),
     "w8g64-sym-qwen2-bias": (dict(model_type="qwen2", tied=False), dict(bits=8, group_size=64, sym=True)),
     "w5g32-sym": (dict(), dict(bits=5, group_size=32, sym=True)),
+    "w6g16-sym": (dict(), dict(bits=6, group_size=16, sym=True)),
     "w4-per-row-quant-head": (dict(), dict(bits=4, group_size=-1, sym=False, quant_lm_head=True)),
 }
 

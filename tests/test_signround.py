@@ -73,3 +73,23 @@ def test_signed_steps_stay_within_bounds():
     assert tuner.v["self_attn.q_proj"].abs().max() <= 0.5
     for t in (tuner.min_scale["self_attn.q_proj"], tuner.max_scale["self_attn.q_proj"]):
         assert t.min() >= 0 and t.max() <= 1
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_lowers_the_input_weighted_error(sym):
+    from signround_export.quant.quantizer import Scheme, group_range, grouped, quantize
+    from signround_export.quant.signround import clip_search
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g) * 0.02
+    w[torch.rand(w.shape, generator=g) < 0.02] *= 8  # outliers that max-based scales stretch for
+    power = torch.rand(256, generator=g) ** 4
+    scheme, rng = Scheme(4, 32, sym), group_range(w, 32)
+
+    def err(f):
+        return (grouped((w - quantize(w, scheme, None, f, f, rng)[0]) ** 2 * power, 32)).sum(-1)
+
+    f = clip_search(w, scheme, power, rng)
+    ones = torch.ones_like(f)
+    assert torch.all(err(f) <= err(ones)) and err(f).sum() < 0.9 * err(ones).sum()
+    assert f.min() < 1 and f.max() <= 1

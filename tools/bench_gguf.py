@@ -10,6 +10,11 @@
 4. Every file runs in llama.cpp over the same windows of ../shared/data/wikitext-2/valid.txt (512
    tokens, no BOS): perplexity, and bits per weight = file bytes * 8 / parameters.
 Prints a Markdown table; writes every figure to OUT/results.json (a rerun skips files already scored).
+
+--llama-bin DIR adds llama.cpp's importance-matrix variants: DIR holds the llama-imatrix and
+llama-quantize programs (built from the llama.cpp sources inside the llama-cpp-python sdist, see
+docs/benchmarks.md); the matrix comes from the F16 file over our default calibration text, and
+llama-quantize applies it to each --imatrix-types.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import ctypes
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from signround_export.checkpoint import read_checkpoint  # noqa: E402
-from signround_export.data import encode, load_tokenizer, read_text  # noqa: E402
+from signround_export.data import default_calibration_text, encode, load_tokenizer, read_text  # noqa: E402
 from signround_export.evaluate import windows as cut_windows  # noqa: E402
 from signround_export.export.gguf import export_gguf  # noqa: E402
 from signround_export.modelio import float_checkpoint  # noqa: E402
@@ -48,6 +54,24 @@ def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
     tmp.rename(dst)
 
 
+def imatrix_files(bin_dir: Path, f16: Path, out: Path, types: list[str], chunks: int) -> dict[str, Path]:
+    """llama-quantize with an importance matrix computed by llama-imatrix over the calibration text."""
+    matrix = out / "imatrix.gguf"
+    if not matrix.is_file():
+        calib = out / "calibration.txt"
+        calib.write_text(default_calibration_text())
+        subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o", str(matrix),
+                        "-c", "512", "--chunks", str(chunks), "-t", "2"], check=True, capture_output=True)
+    files = {}
+    for t in types:
+        dst = out / f"llama-{t}-imatrix.gguf"
+        if not dst.is_file():
+            subprocess.run([str(bin_dir / "llama-quantize"), "--imatrix", str(matrix), str(f16), str(dst), t.upper(),
+                            "2"], check=True, capture_output=True)
+        files[f"llama-quantize {t.upper()} + imatrix"] = dst
+    return files
+
+
 def perplexity(path: Path, w) -> float:
     run, _ = llama_cpp_logits(path, w.shape[1])
     acc = Accumulator()
@@ -63,6 +87,9 @@ def main() -> None:
     ap.add_argument("--types", default="q4_0,q4_1,q5_0,q4_k_m", help="llama-quantize types of the F16 file")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-gguf")
+    ap.add_argument("--llama-bin", type=Path, help="folder with llama-imatrix and llama-quantize (see above)")
+    ap.add_argument("--imatrix-types", default="q4_0,q4_k_m", help="types quantized with the importance matrix")
+    ap.add_argument("--imatrix-chunks", type=int, default=32, help="512-token chunks of calibration text")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -77,6 +104,8 @@ def main() -> None:
         if not dst.is_file():
             llama_quantize(f16, dst, t)
         files[f"llama-quantize {t.upper()}"] = dst
+    if args.llama_bin:
+        files |= imatrix_files(args.llama_bin, f16, args.out, args.imatrix_types.split(","), args.imatrix_chunks)
     for ckpt_dir in args.ckpt:
         ckpt = read_checkpoint(ckpt_dir)
         variants = ["Q5_0", "Q4_1"] if not ckpt.quant.sym and ckpt.quant.bits == 4 else ["Q5_0"]
@@ -111,11 +140,14 @@ def main() -> None:
 
 
 def report_type(path: Path) -> str:
+    """The block types of the decoder-block matrices, most common first (e.g. "Q4_0 + Q3_K")."""
+    from collections import Counter
+
     from gguf import GGUFReader
 
-    types = [t.tensor_type.name for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and
-             t.name.endswith("ffn_up.weight")]
-    return types[0] if types else "?"
+    types = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors
+                    if t.name.startswith("blk.") and len(t.shape) == 2)
+    return " + ".join(t for t, _ in types.most_common()) or "?"
 
 
 if __name__ == "__main__":

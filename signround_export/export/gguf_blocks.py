@@ -202,15 +202,3 @@ def pack_q3_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     out = np.concatenate([hmask, qs, lo, hi, _f16_bytes(d)], axis=-1)
     return out.reshape(rows, nb * 110)
 
-
-# `tune --gguf TYPE`: the scheme whose integers TYPE holds bit for bit, as (bits, group size, sym,
-# sub-scale bits; see quant/quantizer.py), and for K-quants the type llama.cpp falls back to for rows
-# that are not a multiple of 256, whose layers are tuned on that type's grid instead. Q4_1, Q5_1 and the
-# asymmetric K-quants store float16 minima, which an integer zero point cannot hold.
-TUNE_TYPES = {
-    "Q4_0": ((4, 32, True, 0), None),
-    "Q5_0": ((5, 32, True, 0), None),
-    "Q8_0": ((8, 32, True, 0), None),
-    "Q3_K": ((3, 16, True, 6), "Q4_0"),
-    "Q6_K": ((6, 16, True, 8), "Q8_0"),
-}

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..fileio import atomic_file
 from ..llama import BLOCK_LINEARS, Llama, block_forward
-from .quantizer import Scheme, dequantize, group_range, quantize, to_qweight
+from .quantizer import Scheme, dequantize, group_range, grouped, quantize, to_qweight
 from .qweight import QuantWeight
 
 
@@ -47,6 +47,7 @@ class TuneArgs:
     lr: float | None = None  # None: 1 / iters
     seed: int = 42
     quant_lm_head: bool = False
+    clip_search: bool = True  # start the clipping at the input-weighted best factor (clip_search)
     layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # layer name -> scheme, where not the above
 
     def scheme(self, layer: str | None = None) -> Scheme:
@@ -168,10 +169,48 @@ class Progress:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+CLIP_FACTORS = torch.linspace(1.0, 0.6, 21).tolist()
+
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -> torch.Tensor:
+    """Per group, the clipping factor f (both ends of the range scaled by f) from CLIP_FACTORS whose
+    rounded weight has the least output error, sum over k of power[k] * (W - Q(W))^2: the weighted
+    scale search that importance-matrix quantizers do, used here as SignRound's starting point."""
+    group = scheme.resolved_group(w.shape[1])
+    best_err = best = None
+    for f in CLIP_FACTORS:
+        fs = torch.full_like(w_range[0], f)
+        err = grouped((w - quantize(w, scheme, None, fs, fs, w_range)[0]) ** 2 * power, group).sum(-1)
+        if best is None:
+            best_err, best = err, fs
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, fs, best)
+    return best
+
+
+def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, batch: int) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of each linear's squared input, per input column."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def tap(name: str, t: torch.Tensor) -> None:
+        s = t.detach().float().pow(2).reshape(-1, t.shape[-1]).sum(0)
+        sums[name] = sums[name] + s if name in sums else s
+
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            block_forward(cfg, params, x[i : i + batch], *rope, tap=tap)
+    tokens = x.shape[0] * x.shape[1]
+    return {n: s / tokens for n, s in sums.items()}
+
+
 class BlockTuner:
     """The tunable parameters of one block's linears and the fake-quantized weights they give."""
 
-    def __init__(self, params: dict[str, torch.Tensor], schemes: dict[str, Scheme], device):
+    def __init__(self, params: dict[str, torch.Tensor], schemes: dict[str, Scheme], device,
+                 power: dict[str, torch.Tensor] | None = None):
+        """power: each linear's mean squared input per column; given, the clipping starts at clip_search's."""
         self.params = params
         self.schemes = schemes
         self.ranges, self.v, self.min_scale, self.max_scale = {}, {}, {}, {}
@@ -181,9 +220,10 @@ class BlockTuner:
             self.ranges[name] = (lo, hi)
             n, g = lo.shape
             group = scheme.resolved_group(w.shape[1])
+            clip = clip_search(w, scheme, power[name], (lo, hi)) if power else torch.ones(n, g, device=device)
             self.v[name] = torch.zeros(n, g, group, device=device, requires_grad=True)
-            self.min_scale[name] = torch.ones(n, g, device=device, requires_grad=True)
-            self.max_scale[name] = torch.ones(n, g, device=device, requires_grad=True)
+            self.min_scale[name] = clip.clone().requires_grad_()
+            self.max_scale[name] = clip.clone().requires_grad_()
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.v.values(), *self.min_scale.values(), *self.max_scale.values()]
@@ -228,7 +268,8 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
     schemes = {n: args.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
-    tuner = BlockTuner(params, schemes, device)
+    power = input_power(model.cfg, params, x_q, rope, args.batch_size) if args.clip_search else None
+    tuner = BlockTuner(params, schemes, device, power)
     g = torch.Generator().manual_seed(args.seed * 100003 + i)
     lr0, batch = args.effective_lr(), min(args.batch_size, len(x_q))
     order, pos = torch.randperm(len(x_q), generator=g), 0

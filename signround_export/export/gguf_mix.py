@@ -1,0 +1,93 @@
+"""Which GGUF type each layer is tuned for (`signround tune --gguf TYPE`).
+
+Every type below holds a checkpoint's integers exactly, so a layer tuned on its grid reaches the GGUF
+file bit for bit (export/gguf.py picks the same types back from the integers). A grid is a tuning
+scheme: (bits, group size, symmetric, sub-scale bits; see quant/quantizer.py).
+
+| type | grid              | bits per weight | rows                 |
+| ---- | ----------------- | --------------- | -------------------- |
+| Q3_K | W3G16 sym, 6-bit  | 3.4375          | a multiple of 256    |
+| Q4_0 | W4G32 sym         | 4.5             | a multiple of 32     |
+| Q5_0 | W5G32 sym         | 5.5             | a multiple of 32     |
+| Q6_K | W6G16 sym, 8-bit  | 6.5625          | a multiple of 256    |
+| Q8_0 | W8G32 sym         | 8.5             | a multiple of 32     |
+
+The asymmetric types store float16 minima, which the checkpoint's integer zero points cannot hold.
+Each one is tuned on the symmetric grid of the same size instead: Q4_K and Q4_1 on Q4_0's, Q5_K and
+Q5_1 on Q5_0's. Q2_K has no such grid and is not offered.
+
+Rows that are not a multiple of 256 cannot take a K-quant; llama.cpp then falls back to Q4_0 for Q3_K,
+Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for Q6_K, and so do we (Q5_1 as Q5_0).
+
+The _S/_M types are llama.cpp's per-tensor mixes (n layers, layer i, integer division):
+
+| mix    | attn_v                                | attn_output | ffn_down                              | others |
+| ------ | ------------------------------------- | ----------- | ------------------------------------- | ------ |
+| Q3_K_S | Q3_K                                  | Q3_K        | Q3_K                                  | Q3_K   |
+| Q3_K_M | Q5_K if i < 2, else Q4_K              | Q4_K        | Q5_K if i < n / 16, else Q4_K         | Q3_K   |
+| Q4_K_M | Q6_K if more_bits(i), else Q4_K       | Q4_K        | Q6_K if more_bits(i), else Q4_K       | Q4_K   |
+
+more_bits(i) = i < n / 8 or i >= 7 n / 8 or (i - n / 8) % 3 == 2: the first and last eighth of the
+layers and every third one between.
+"""
+
+from __future__ import annotations
+
+import re
+
+GRIDS = {
+    "Q3_K": (3, 16, True, 6),
+    "Q4_0": (4, 32, True, 0),
+    "Q5_0": (5, 32, True, 0),
+    "Q6_K": (6, 16, True, 8),
+    "Q8_0": (8, 32, True, 0),
+}
+SAME_SIZE = {"Q4_K": "Q4_0", "Q4_1": "Q4_0", "Q5_K": "Q5_0", "Q5_1": "Q5_0"}  # asymmetric -> symmetric grid
+FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}  # rows not a multiple of 256
+SUPER_BLOCK = 256
+
+ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _q3_k_m(role: str, i: int, n: int) -> str:
+    if role == "attn_v":
+        return "Q5_K" if i < 2 else "Q4_K"
+    if role == "attn_output":
+        return "Q4_K"
+    if role == "ffn_down":
+        return "Q5_K" if i < n // 16 else "Q4_K"
+    return "Q3_K"
+
+
+def _q4_k_m(role: str, i: int, n: int) -> str:
+    if role in ("attn_v", "ffn_down") and more_bits(i, n):
+        return "Q6_K"
+    return "Q4_K"
+
+
+MIXES = {"Q3_K_S": lambda role, i, n: "Q3_K", "Q3_K_M": _q3_k_m, "Q4_K_M": _q4_k_m}
+TYPES = list(GRIDS) + ["Q4_K", "Q5_K"] + list(MIXES)  # what --gguf accepts
+
+
+def layer_type(gguf_type: str, name: str, k: int, n_layers: int) -> str:
+    """The exact GGUF type that layer `name` (an HF decoder-block linear with rows of k) is tuned for."""
+    m = re.search(r"layers\.(\d+)\.\w+\.(\w+)$", name)
+    if m is None or m.group(2) not in ROLES:
+        raise ValueError(f"{name} is not a decoder-block linear of a llama-family model")
+    mix = MIXES.get(gguf_type)
+    t = mix(ROLES[m.group(2)], int(m.group(1)), n_layers) if mix else gguf_type
+    if k % SUPER_BLOCK and t in FALLBACK:
+        t = FALLBACK[t]
+    return SAME_SIZE.get(t, t)
+
+
+def layer_types(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: int) -> dict[str, str]:
+    """Every layer's exact GGUF type for `tune --gguf gguf_type`; shapes are the HF [N, K] of each linear."""
+    if gguf_type not in TYPES:
+        raise ValueError(f"--gguf {gguf_type.lower()}: choose one of {', '.join(t.lower() for t in TYPES)}")
+    return {name: layer_type(gguf_type, name, k, n_layers) for name, (_, k) in shapes.items()}
