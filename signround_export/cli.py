@@ -58,9 +58,10 @@ def add_tune(sub):
                         "carries the tuned integers bit for bit: " + ", ".join(t.lower() for t in gguf_mix.TYPES)
                         + "; the _S/_M mixes follow llama.cpp's per-tensor choices (README; replaces --bits, "
                           "--group-size, --sym)")
-    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="start each group's clipping at the factor with the least input-weighted error instead of "
-                        "the full range (default: on)")
+                        "the full range (default: on when --iters > 0); with --iters 0, that search's result is "
+                        "the checkpoint (calibration statistics, no SignRound steps)")
     p.add_argument("--iters", type=non_negative_int, help="tuning steps per block; 0 = round-to-nearest (RTN)")
     p.add_argument("--nsamples", type=positive(int), help="calibration sequences")
     p.add_argument("--seqlen", type=positive(int), help="tokens per calibration sequence")
@@ -121,7 +122,8 @@ def checkpoint_parts(model, targs, qweights: dict):
     if model.cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     quant = QuantConfig(bits=targs.bits, group_size=targs.group_size, sym=targs.sym,
-                        packing_format="auto_round:auto_gptq" if targs.sym else "auto_round",
+                        # auto_gptq's zero point minus 1 cannot hold an asymmetric layer's zero point of 0
+                        packing_format="auto_round:auto_gptq" if all(q.sym for q in qweights.values()) else "auto_round",
                         extra_config={}, iters=targs.iters, tuning=asdict(targs))
     return quant, tensors
 
@@ -140,7 +142,7 @@ def cmd_tune(args) -> int:
     bits, group_size, sym = tune_scheme(args)
     targs = TuneArgs(bits=bits, group_size=group_size, sym=sym, lr=args.lr, seed=args.seed, clip_search=args.clip_search,
                      quant_lm_head=args.quant_lm_head, **recipe)
-    if targs.iters > 0 and targs.batch_size > targs.nsamples:
+    if targs.uses_data() and targs.batch_size > targs.nsamples:
         raise ValueError(f"--batch-size {targs.batch_size} is larger than --nsamples {targs.nsamples}")
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     say(f"recipe {args.recipe}: " + ", ".join(f"{f.name}={getattr(targs, f.name)}" for f in fields(targs)))
@@ -149,7 +151,7 @@ def cmd_tune(args) -> int:
         raise ValueError("give --avg-bits (bits chosen by importance) or --allocation (bits from a file), not both")
     model, hf, folder = load_float_model(args.model)
     calib = None
-    if targs.iters > 0 or args.avg_bits is not None:
+    if targs.uses_data() or args.avg_bits is not None:
         tok = load_tokenizer(folder)
         text = read_text(args.calib) if args.calib else default_calibration_text()
         calib = calibration_samples(encode(tok, text), targs.nsamples, targs.seqlen, targs.seed)

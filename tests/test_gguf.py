@@ -239,8 +239,9 @@ def test_export_and_read_back_refuse_what_they_cannot_do(tiny_ckpt, tiny_model, 
         read_gguf_weights(tmp_path / "other.gguf", LlamaConfig.from_hf(ckpt.hf_config))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0"])
-def test_tune_for_a_gguf_type_exports_bit_for_bit(type_name, tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("type_name,extra", [("Q4_0", []), ("Q5_0", []), ("Q8_0", []),
+                                             ("Q4_0", ["--iters", "0", "--clip-search"])])
+def test_tune_for_a_gguf_type_exports_bit_for_bit(type_name, extra, tiny_model, tmp_path, capsys):
     from signround_export.export.gguf import container_for
     from signround_export.export.gguf_mix import GRIDS
 
@@ -248,7 +249,7 @@ def test_tune_for_a_gguf_type_exports_bit_for_bit(type_name, tiny_model, tmp_pat
     assert container_for(bits, sym) == type_name and group % 32 == 0
     out = tmp_path / "ckpt"
     assert main(["tune", str(tiny_model), "--out", str(out), "--gguf", type_name.lower(), "--iters", "2",
-                 "--nsamples", "2", "--seqlen", "32", "--batch-size", "2", "--quiet"]) == 0
+                 "--nsamples", "2", "--seqlen", "32", "--batch-size", "2", "--quiet", *extra]) == 0
     ckpt = read_checkpoint(out)
     assert (ckpt.quant.bits, ckpt.quant.group_size, ckpt.quant.sym) == (bits, group, sym)
     report = export_gguf(ckpt, tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")

@@ -92,4 +92,29 @@ def test_clip_search_lowers_the_input_weighted_error(sym):
     f = clip_search(w, scheme, power, rng)
     ones = torch.ones_like(f)
     assert torch.all(err(f) <= err(ones)) and err(f).sum() < 0.9 * err(ones).sum()
-    assert f.min() < 1 and f.max() <= 1
+    assert f.min() < 1 and f.max() <= 1.5
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_iters_0_with_clip_search_keeps_the_search_result(setup, sym):
+    """--iters 0 --clip-search: calibration statistics choose each group's clipping, no SignRound step
+    runs, and the model is closer to the float one than plain round-to-nearest on held-out text."""
+    model, ids = setup
+    args = TuneArgs(bits=3, group_size=32, sym=sym, iters=0, clip_search=True, nsamples=16, seqlen=64, batch_size=4)
+    calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
+    searched = tune(model, calib, args, progress=False)
+    rtn = tune(model, None, TuneArgs(bits=3, group_size=32, sym=sym, iters=0), progress=False)
+    assert all(b.best_iter is None for b in searched.blocks)
+    assert any(not np.array_equal(searched.qweights[n].q, rtn.qweights[n].q) for n in rtn.qweights)
+    held_out = calibration_samples(ids[len(ids) // 2 :], 4, 64, seed=7)
+    assert output_error(model, searched.qweights, held_out) < output_error(model, rtn.qweights, held_out)
+
+
+def test_rtn_default_ignores_calibration(setup):
+    """Without --clip-search, --iters 0 stays plain round-to-nearest even when data is at hand."""
+    model, ids = setup
+    calib = calibration_samples(ids, 4, 32, 0)
+    a = tune(model, calib, TuneArgs(bits=4, group_size=32, iters=0), progress=False).qweights
+    b = tune(model, None, TuneArgs(bits=4, group_size=32, iters=0), progress=False).qweights
+    for name in a:
+        np.testing.assert_array_equal(a[name].q, b[name].q)

@@ -454,9 +454,6 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
         w = gguf.GGUFWriter(str(tmp), arch)
         _add_hparams(w, cfg, hf, hf.get("_name_or_path") or Path(ckpt.path).name, FILE_TYPES[report.file_type])
         _add_tokenizer(w, Path(ckpt.path), hf, tokenizer_pre_name)
-        w.add_string("signround.source", str(ckpt.path))
-        if ckpt.quant is not None:
-            w.add_string("signround.quantization", json.dumps(ckpt.quant.to_json()))
         for name, type_name, data, shape in records:
             if type_name in ("F32", "F16"):
                 w.add_tensor(name, data)

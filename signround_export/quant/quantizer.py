@@ -19,8 +19,8 @@ With sub_scale_bits = B (the symmetric GGUF K-quants Q3_K, B = 6, and Q6_K, B = 
 so that d * sc needs at most 11 significant bits: the float16 scale the checkpoint stores is then the
 K-quant's own d * sc, and the GGUF export recovers d and sc exactly.
 
-V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1]) are what SignRound
-tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
+V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1], or somewhat above 1
+where the clipping search starts them there) are what SignRound tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
 inside the computation, because that is what the checkpoint stores: the tuned loss is the loss of
 the stored weight. round() passes gradients straight through.
 """

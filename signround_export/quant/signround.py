@@ -3,7 +3,8 @@
 For each decoder block, in order:
   1. the float block maps the float model's inputs X to targets Y (computed once);
   2. every quantizable linear gets a rounding offset V (per weight, starts at 0, kept in [-0.5, 0.5])
-     and clipping factors min_scale / max_scale (per group, start at 1, kept in [0, 1]);
+     and clipping factors min_scale / max_scale (per group, start at 1, kept in [0, 1]; with
+     clip_search they start at its factor, and the bound is widened to it where it lies above 1);
   3. for `iters` steps, a random batch of the quantized model's inputs X_q goes through the block
      with fake-quantized weights; the loss is MSE(block_q(X_q), Y); each parameter moves by
      lr_t * sign(grad), with lr_t decaying linearly from lr to 0;
@@ -47,11 +48,19 @@ class TuneArgs:
     lr: float | None = None  # None: 1 / iters
     seed: int = 42
     quant_lm_head: bool = False
-    clip_search: bool = True  # start the clipping at the input-weighted best factor (clip_search)
+    # start the clipping at the input-weighted best factor (clip_search); None: when iters > 0. With
+    # iters 0 and clip_search True, the search's start is the result (no SignRound steps).
+    clip_search: bool | None = None
     layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # layer name -> scheme, where not the above
 
     def scheme(self, layer: str | None = None) -> Scheme:
         return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym)
+
+    def searches(self) -> bool:
+        return self.clip_search if self.clip_search is not None else self.iters > 0
+
+    def uses_data(self) -> bool:
+        return self.iters > 0 or self.searches()
 
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
@@ -169,24 +178,51 @@ class Progress:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-CLIP_FACTORS = torch.linspace(1.0, 0.6, 21).tolist()
+def clip_factors(scheme: Scheme) -> list[float]:
+    """The clipping factors clip_search tries. Symmetric: the range end moves by at most 0.9 of a code,
+    m / (m + 0.1 i) for i in -9..9 (m = 2^(bits-1)), as importance-matrix quantizers search it; deeper
+    clipping lowers the input-weighted error further but measured worse perplexity (docs/benchmarks.md).
+    Asymmetric: 1.0 down to 0.6, which measured better than no search at groups of 128."""
+    if scheme.sym:
+        m = 2 ** (scheme.bits - 1)
+        return [m / (m + 0.1 * i) for i in range(-9, 10)]
+    return torch.linspace(1.0, 0.6, 21).tolist()
+
+
+def group_power(power: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """Per-column input power [K] as per-weight weights [N, G, group] (padding weighs 0)."""
+    return grouped(power.expand(n, -1), group)
+
+
+def ls_factor(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Tensor, w_range) -> torch.Tensor:
+    """The factor whose scale is the input-weighted least-squares scale for the codes that f gives:
+    s = sum p * w * c / sum p * c^2 over a group, c the signed codes (symmetric grids only)."""
+    _, q, scale, zero = quantize(w, scheme, None, f, f, w_range)
+    c = q - zero[..., None]
+    wg = grouped(w, scheme.resolved_group(w.shape[1]))
+    den = (power_g * c * c).sum(-1)
+    s = torch.where(den > 0, (power_g * wg * c).sum(-1) / den.clamp(min=1e-30), scale)
+    return (f * s / scale).clamp(0.3, 1.5)
 
 
 @torch.no_grad()
 def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -> torch.Tensor:
-    """Per group, the clipping factor f (both ends of the range scaled by f) from CLIP_FACTORS whose
-    rounded weight has the least output error, sum over k of power[k] * (W - Q(W))^2: the weighted
-    scale search that importance-matrix quantizers do, used here as SignRound's starting point."""
+    """Per group, the clipping factor f (both ends of the range scaled by f) whose rounded weight has
+    the least output error, sum over k of power[k] * (W - Q(W))^2: the weighted scale search that
+    importance-matrix quantizers do, used here as SignRound's starting point. Candidates: clip_factors
+    and, on symmetric grids, each one's least-squares refinement (ls_factor)."""
     group = scheme.resolved_group(w.shape[1])
+    power_g = group_power(power, w.shape[0], group)
     best_err = best = None
-    for f in CLIP_FACTORS:
+    for f in clip_factors(scheme):
         fs = torch.full_like(w_range[0], f)
-        err = grouped((w - quantize(w, scheme, None, fs, fs, w_range)[0]) ** 2 * power, group).sum(-1)
-        if best is None:
-            best_err, best = err, fs
-        else:
-            better = err < best_err
-            best_err, best = torch.where(better, err, best_err), torch.where(better, fs, best)
+        for cand in (fs, ls_factor(w, scheme, fs, power_g, w_range)) if scheme.sym else (fs,):
+            err = ((grouped(w - quantize(w, scheme, None, cand, cand, w_range)[0], group)) ** 2 * power_g).sum(-1)
+            if best is None:
+                best_err, best = err, cand
+            else:
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, cand, best)
     return best
 
 
@@ -213,7 +249,7 @@ class BlockTuner:
         """power: each linear's mean squared input per column; given, the clipping starts at clip_search's."""
         self.params = params
         self.schemes = schemes
-        self.ranges, self.v, self.min_scale, self.max_scale = {}, {}, {}, {}
+        self.ranges, self.v, self.min_scale, self.max_scale, self.clip_max = {}, {}, {}, {}, {}
         for name, scheme in schemes.items():
             w = params[name + ".weight"]
             lo, hi = group_range(w, scheme.resolved_group(w.shape[1]))
@@ -224,6 +260,7 @@ class BlockTuner:
             self.v[name] = torch.zeros(n, g, group, device=device, requires_grad=True)
             self.min_scale[name] = clip.clone().requires_grad_()
             self.max_scale[name] = clip.clone().requires_grad_()
+            self.clip_max[name] = clip.clamp(min=1.0)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.v.values(), *self.min_scale.values(), *self.max_scale.values()]
@@ -238,11 +275,13 @@ class BlockTuner:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """Signed gradient descent, then the bounds of the published method."""
+        """Signed gradient descent, then the bounds: the published [0, 1] for the clipping factors,
+        widened above 1 to the start where clip_search began above it."""
         for t in self.v.values():
             t.sub_(lr * t.grad.sign()).clamp_(-0.5, 0.5)
-        for t in [*self.min_scale.values(), *self.max_scale.values()]:
-            t.sub_(lr * t.grad.sign()).clamp_(0.0, 1.0)
+        for name, top in self.clip_max.items():
+            for t in (self.min_scale[name], self.max_scale[name]):
+                t.sub_(lr * t.grad.sign()).clamp_(min=0.0).copy_(torch.minimum(t, top))
         for t in self.tensors():
             t.grad = None
 
@@ -268,7 +307,7 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
     schemes = {n: args.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
-    power = input_power(model.cfg, params, x_q, rope, args.batch_size) if args.clip_search else None
+    power = input_power(model.cfg, params, x_q, rope, args.batch_size) if args.searches() else None
     tuner = BlockTuner(params, schemes, device, power)
     g = torch.Generator().manual_seed(args.seed * 100003 + i)
     lr0, batch = args.effective_lr(), min(args.batch_size, len(x_q))
@@ -293,7 +332,8 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
         if it % 10 == 0:
             bar.set_postfix(loss=f"{value:.3g}", best=f"{best_loss:.3g}")
     bar.close()
-    qweights = {f"model.layers.{i}.{n}": qw for n, qw in tuner.qweights(best).items()}
+    kept = best if best is not None else tuner.snapshot()  # iters 0: clip_search's start as is
+    qweights = {f"model.layers.{i}.{n}": qw for n, qw in tuner.qweights(kept).items()}
     log = BlockLog(i, first_loss, best_loss if best is not None else None, best_iter,
                    round(time.perf_counter() - t0, 2))
     return qweights, log
@@ -316,7 +356,7 @@ def quantized_params(model: Llama, i: int, qweights: dict[str, QuantWeight], dev
 def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir: Path | None = None,
          device: str = "auto", progress: bool = True) -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
-    token ids, unused when iters == 0 (round-to-nearest needs no data)."""
+    token ids, unused by plain round-to-nearest (iters 0 without clip_search)."""
     start = time.perf_counter()
     dev = pick_device(device)
     dtype = pick_dtype(dev) if args.iters > 0 else torch.float32
@@ -325,8 +365,8 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
     store = Progress(progress_dir, fingerprint) if progress_dir is not None else None
     cfg = model.cfg
 
-    x = x_q = rope = None
-    if args.iters > 0:
+    x = x_q = rope = y = None
+    if args.uses_data():
         with torch.no_grad():
             x = model.embed(calib).to(dev)
         x_q = x.clone()
@@ -343,7 +383,7 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
             qws, log = saved
             result.resumed_blocks += 1
         else:
-            if args.iters == 0:
+            if not args.uses_data():
                 qws, log = rtn_block(model, i, args), BlockLog(i, None, None, None, 0.0)
             else:
                 qws, log = tune_block(model, i, x_q, y, rope, args, dtype, progress)
@@ -351,7 +391,7 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
                 store.save(i, qws, log)
         result.qweights.update(qws)
         result.blocks.append(log)
-        if args.iters > 0:
+        if args.uses_data():  # the quantized model's inputs of the next block
             with torch.no_grad():
                 qp = quantized_params(model, i, qws, dev)
                 x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, args.batch_size)
