@@ -182,7 +182,7 @@ def clip_factors(scheme: Scheme) -> list[float]:
     """The clipping factors clip_search tries. Symmetric: the range end moves by at most 0.9 of a code,
     m / (m + 0.1 i) for i in -9..9 (m = 2^(bits-1)), as importance-matrix quantizers search it; deeper
     clipping lowers the input-weighted error further but measured worse perplexity (docs/benchmarks.md).
-    Asymmetric: 1.0 down to 0.6, which measured better than no search at groups of 128."""
+    Asymmetric: 1.0 down to 0.6 (about neutral at W4G128 on SmolLM2: 23.74 against 23.76 without)."""
     if scheme.sym:
         m = 2 ** (scheme.bits - 1)
         return [m / (m + 0.1 * i) for i in range(-9, 10)]
