@@ -25,6 +25,14 @@ only the trivial k // g is accepted (act-order reorders columns, which no export
 
 We write the first two (auto_round:auto_gptq only when every layer is symmetric: "zero - 1" has no
 room for a zero point of 0) and read all three, in one file or sharded (model.safetensors.index.json).
+
+One extension, written only for layers tuned on an asymmetric GGUF K-quant grid (`tune --gguf q4_k`,
+q5_k, q2_k and the mixes): `L.offsets` float16 [G, N], the float minimum of each group, with zero
+points stored as 0, and then
+
+    weight[n, k] = q[n, k] * scale[n, k // g] - offset[n, k // g]
+
+auto-round's own loader does not know this tensor; checkpoints without such layers never carry it.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ WRITE_FORMATS = (GPTQ_V1, GPTQ)
 AUTOROUND_FORMAT_VERSION = "0.16.1"  # the auto-round release whose layout we write and test against
 QUANT_METHODS = ("auto-round", "intel/auto-round")  # the second is what older auto-round wrote
 SCHEME_KEYS = ("bits", "group_size", "sym")
-LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias", "offsets")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
@@ -258,6 +266,11 @@ def _pack_layer(name: str, qw: QuantWeight, packing_format: str) -> dict[str, np
         f"{name}.qzeros": pack_bits(zero.T.astype(np.uint8), qw.bits, axis=1),  # [G, N] -> [G, N*bits/32]
         f"{name}.scales": np.ascontiguousarray(scales),
     }
+    if qw.offset is not None:
+        offsets = qw.offset.T.astype(np.float16)
+        if not np.array_equal(offsets.astype(np.float32), qw.offset.T):
+            raise ValueError(f"{name}: offsets are not float16 values; round them to float16 before writing")
+        out[f"{name}.offsets"] = np.ascontiguousarray(offsets)
     if qw.bias is not None:
         out[f"{name}.bias"] = np.asarray(qw.bias, dtype=np.float32)
     return out
@@ -296,7 +309,7 @@ def read_checkpoint(path) -> Checkpoint:
                 raise CheckpointError(f"{source[tname]}: tensor {tname} belongs to quantized layer {module} but is "
                                       f"none of {', '.join(LAYER_TENSORS)}; this reader does not know it")
             continue
-        if suffix in ("qzeros", "scales", "g_idx"):
+        if suffix in ("qzeros", "scales", "g_idx", "offsets"):
             raise CheckpointError(f"{source[tname]}: {tname} is there but {module}.qweight is missing; the "
                                   "checkpoint is incomplete (write it again)")
         if not np.issubdtype(t.dtype, np.floating):
@@ -433,9 +446,14 @@ def _unpack_layer(name: str, tensors: dict, source: dict, quant: QuantConfig) ->
                                                          equal_nan=True):
         raise CheckpointError(f"{where}: {name}.scales are {scales.dtype} values that float16 cannot hold exactly")
     bias = tensors.get(name + ".bias")
+    offset = None
+    if name + ".offsets" in tensors:
+        offsets = need("offsets", (np.dtype(np.float16),))
+        expect(name + ".offsets", (g, n), f"{g} groups of {group} for K={k}")
+        offset = np.ascontiguousarray(offsets.T.astype(np.float32))
     qw = QuantWeight(q=np.ascontiguousarray(q), scale=np.ascontiguousarray(scale),
                      zero=np.ascontiguousarray(zero.T.astype(np.uint8)), bits=bits, group_size=group, sym=sym,
-                     bias=None if bias is None else bias.astype(np.float32).reshape(-1))
+                     bias=None if bias is None else bias.astype(np.float32).reshape(-1), offset=offset)
     try:
         qw.check(name)
     except ValueError as e:

@@ -42,6 +42,9 @@ def random_qweight(rng, n, k, bits, group, sym, bias=False) -> QuantWeight:
 def assert_same(a: QuantWeight, b: QuantWeight, name=""):
     for f in ("q", "zero", "scale"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{name}.{f}")
+    assert (a.offset is None) == (b.offset is None), name
+    if a.offset is not None:
+        np.testing.assert_array_equal(a.offset, b.offset, err_msg=f"{name}.offset")
     assert (a.bits, a.group_size, a.sym) == (b.bits, b.group_size, b.sym), name
     assert (a.bias is None) == (b.bias is None), name
     if a.bias is not None:
@@ -133,6 +136,30 @@ def test_round_trip(tmp_path, bits, sym, group):
     np.testing.assert_array_equal(ckpt.tensors["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
     assert ckpt.quant.packing_format == (GPTQ_V1 if sym else GPTQ)
     assert not ckpt.quant.extra_config
+
+
+def test_float_offsets_round_trip_beside_integer_zero_layers(tmp_path):
+    rng = np.random.default_rng(5)
+    with_offsets = random_qweight(rng, 40, 512, 4, 32, sym=False)
+    with_offsets.zero[:] = 0
+    with_offsets.offset = rng.uniform(0, 0.5, with_offsets.scale.shape).astype(np.float16).astype(np.float32)
+    qweights = {"model.layers.0.mlp.down_proj": with_offsets,
+                "model.layers.0.mlp.up_proj": random_qweight(rng, 40, 512, 4, 32, sym=False)}
+    folder = write_checkpoint(tmp_path / "c", HF_CONFIG, QuantConfig(4, 32, False, GPTQ), qweights, {})
+    ckpt = read_checkpoint(folder)
+    for name, qw in qweights.items():
+        assert_same(qw, ckpt.qweights[name], name)
+    w = ckpt.qweights["model.layers.0.mlp.down_proj"]
+    np.testing.assert_array_equal(w.dequantize(), w.q * w.scale[:, w.group_index()] - w.offset[:, w.group_index()])
+    with safe_open(str(folder / "model.safetensors"), "np") as f:
+        assert "model.layers.0.mlp.up_proj.offsets" not in f.keys()  # only the layers that have them
+    edit_tensors(folder, lambda t: t.update({"model.layers.0.mlp.down_proj.offsets":
+                                             t["model.layers.0.mlp.down_proj.offsets"][:, :5]}))
+    with pytest.raises(CheckpointError, match="down_proj.offsets has shape"):
+        read_checkpoint(folder)
+    bad = replace(with_offsets, zero=np.ones_like(with_offsets.zero))
+    with pytest.raises(ValueError, match="keeps its zero points at 0"):
+        write_checkpoint(tmp_path / "d", HF_CONFIG, QuantConfig(4, 32, False, GPTQ), {"model.layers.0.mlp.down_proj": bad}, {})
 
 
 def test_symmetric_weights_round_trip_in_plain_auto_round_packing(tmp_path):

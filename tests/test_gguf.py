@@ -192,18 +192,49 @@ def test_float_model_exports_as_f16(tiny_model, tmp_path):
             np.testing.assert_allclose(weights[name], t.numpy(), rtol=1e-3, atol=1e-4)
 
 
-def test_q4_k_blocks_match_gguf_dequantize():
-    from signround_export.export.gguf_blocks import pack_q4_k
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_asymmetric_k_quant_blocks_match_gguf_dequantize(type_name):
+    from signround_export.export import gguf_blocks
 
+    nbytes, sub, cmax, smax = gguf_blocks.ASYM_K_TYPES[type_name]
+    pack = getattr(gguf_blocks, f"pack_{type_name.lower()}")
     rng = np.random.default_rng(3)
     rows, k = 3, 512
-    codes = rng.integers(0, 16, (rows, k))
-    sc, m = rng.integers(0, 64, (rows, k // 32)), rng.integers(0, 64, (rows, k // 32))
-    d, dmin = f16(rng.uniform(1e-3, 1e-2, (rows, 2))), f16(rng.uniform(1e-3, 1e-2, (rows, 2)))
-    got = dequantize("Q4_K", pack_q4_k(codes, sc, m, d, dmin), (rows, k))
-    sub = np.arange(k) // 32
-    want = (np.repeat(d, 256, 1) * sc[:, sub]) * codes - np.repeat(dmin, 256, 1) * m[:, sub]
-    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+    codes = rng.integers(0, cmax + 1, (rows, k))
+    sc, m = rng.integers(0, smax + 1, (2, rows, k // sub))
+    d, dmin = f16(rng.uniform(1e-3, 1e-2, (2, rows, k // 256)))
+    data = pack(codes, sc, m, d, dmin)
+    assert data.dtype == np.uint8 and data.shape == (rows, k // 256 * nbytes)
+    # gguf-py computes (d * sc[j]) * code - dmin * m[j] in float32 per sub-block: the same operations
+    # in the same order here, so the values agree bit for bit
+    j = np.arange(k) // sub
+    f32 = lambda x: np.asarray(x, dtype=np.float32)
+    want = np.repeat(d, 256, 1) * f32(sc[:, j]) * f32(codes) - np.repeat(dmin, 256, 1) * f32(m[:, j])
+    np.testing.assert_array_equal(dequantize(type_name, data, (rows, k)), want)
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_asymmetric_k_quant_blocks_refuse_what_does_not_fit(type_name):
+    from signround_export.export import gguf_blocks
+
+    _, sub, cmax, smax = gguf_blocks.ASYM_K_TYPES[type_name]
+    pack = getattr(gguf_blocks, f"pack_{type_name.lower()}")
+    codes, sc, d = np.zeros((2, 256), dtype=int), np.zeros((2, 256 // sub), dtype=int), f16(np.ones((2, 1)))
+    pack(codes + cmax, sc + smax, sc + smax, d, d)  # the largest values fit
+    with pytest.raises(ValueError, match=f"{type_name}: codes outside 0..{cmax}"):
+        pack(codes + cmax + 1, sc, sc, d, d)
+    with pytest.raises(ValueError, match=f"{type_name}: codes outside"):
+        pack(codes - 1, sc, sc, d, d)
+    with pytest.raises(ValueError, match=f"{type_name}: sub-block scales or minima outside 0..{smax}"):
+        pack(codes, sc, sc + smax + 1, d, d)
+    with pytest.raises(ValueError, match=f"{type_name}: sub-block scales or minima outside"):
+        pack(codes, sc - 1, sc, d, d)
+    with pytest.raises(ValueError, match=f"{type_name}: sc and m must be"):
+        pack(codes, sc[:, :-1], sc, d, d)
+    with pytest.raises(ValueError, match=f"{type_name}: sc and m must be"):
+        pack(codes, sc, sc, d, d[:1])
+    with pytest.raises(ValueError, match=f"{type_name} needs rows whose length is a multiple of 256"):
+        pack(codes[:, :128], sc, sc, d, d)
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -298,7 +329,8 @@ def test_k_quant_grid_scales_export_exactly_and_free_scales_do_not(bits, sub_bit
     assert grid_err < 1.05 * np.abs(free.dequantize() - w.numpy()).mean()  # the grid costs little accuracy
 
 
-@pytest.mark.parametrize("type_name,fallback", [("Q3_K", "Q4_0"), ("Q6_K", "Q8_0")])
+@pytest.mark.parametrize("type_name,fallback", [("Q3_K", "Q4_0"), ("Q6_K", "Q8_0"), ("Q2_K", "Q4_0"),
+                                                ("Q4_K", "Q5_0"), ("Q5_K", "Q5_0")])
 def test_tune_for_a_k_quant_exports_bit_for_bit_and_runs_in_llama_cpp(type_name, fallback, tmp_path):
     from conftest import write_tiny_model
 
@@ -333,10 +365,10 @@ def _gguf_mix_case(tmp_path):
 @needs_llama
 @pytest.mark.parametrize("mix", ["Q3_K_S", "Q3_K_M", "Q4_K_M"])
 def test_mixes_follow_llama_quantize_tensor_by_tensor(mix, tmp_path):
-    """Our per-layer types are llama-quantize's, with asymmetric types on the same-size symmetric grid."""
+    """Our per-layer types are llama-quantize's (its Q5_1 fallback for Q5_K rows is our Q5_0)."""
     from gguf import GGUFReader
 
-    from signround_export.export.gguf_mix import FALLBACK, SAME_SIZE, layer_types
+    from signround_export.export.gguf_mix import FALLBACK, layer_types
     from signround_export.modelio import float_checkpoint
 
     model = _gguf_mix_case(tmp_path)
@@ -350,9 +382,8 @@ def test_mixes_follow_llama_quantize_tensor_by_tensor(mix, tmp_path):
     ckpt = read_checkpoint(rtn_checkpoint(model, tmp_path / "ckpt", bits=4, group_size=32))
     ours = layer_types(mix, {n: qw.shape for n, qw in ckpt.qweights.items()}, 8)
     gguf_names = {n: _gguf_name_of(n) for n in ours}
-    symmetric = {t: SAME_SIZE.get(t, t) for t in set(theirs.values())} | {"Q5_1": "Q5_0"}
     for name, t in ours.items():
-        want = symmetric[theirs[gguf_names[name]]]
+        want = {"Q5_1": "Q5_0"}.get(theirs[gguf_names[name]], theirs[gguf_names[name]])
         assert t == want, (name, t, theirs[gguf_names[name]])
     assert set(ours.values()) - set(FALLBACK.values()), "the case must exercise K-quant rows too"
 
@@ -373,6 +404,6 @@ def test_tune_for_a_mix_tunes_each_layer_on_its_own_grid(tmp_path, capsys):
     types = {t.source.removesuffix(".weight"): t.type for t in report.tensors if t.quantized}
     assert all(t.exact for t in report.tensors if t.quantized)
     assert types["model.layers.0.self_attn.v_proj"] == "Q6_K"  # more bits: first eighth
-    assert types["model.layers.2.self_attn.v_proj"] == "Q4_0"  # Q4_K's size, symmetric
+    assert types["model.layers.2.self_attn.v_proj"] == "Q4_K"
     assert types["model.layers.0.mlp.down_proj"] == "Q8_0"  # Q6_K falls back on rows of 320
     assert types["model.layers.2.mlp.down_proj"] == "Q5_0"  # Q4_K falls back to Q5_0

@@ -145,6 +145,22 @@ def test_parity_with_the_reference(case, tmp_path):
     assert dec.greedy(tokens[:8], 32) == reference_greedy(reference, tokens[:8], 32)
 
 
+@pytest.mark.parametrize("gguf_type", ["q4_k", "q2_k"])
+def test_parity_with_float_offsets(gguf_type, tmp_path):
+    """Layers tuned for GGUF's asymmetric K-quants (W = q * scale - offset) take float zero points."""
+    model_dir = write_tiny_model(tmp_path / "model", hidden=256, intermediate=320, heads=4, kv_heads=2)
+    assert main(["tune", str(model_dir), "--out", str(tmp_path / "ckpt"), "--gguf", gguf_type, "--iters", "0",
+                 "--quiet"]) == 0
+    ckpt = read_checkpoint(tmp_path / "ckpt")
+    assert sum(qw.offset is not None for qw in ckpt.qweights.values()) == 12  # all but the two down_proj
+    export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0)
+    reference = reference_from_checkpoint(ckpt)
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
+    want = reference.logits(torch.tensor([tokens]))[0].numpy()
+    got = Decoder(tmp_path / "onnx").run(tokens, steps=10)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
 def test_level_4_is_close_and_head_rounding_is_reported(tiny_model, tmp_path):
     ckpt = read_checkpoint(rtn_checkpoint(tiny_model, tmp_path / "ckpt", bits=4, group_size=32))
     report = export_onnx(ckpt, tmp_path / "onnx", accuracy_level=4, lm_head_bits=8)

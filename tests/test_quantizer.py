@@ -76,3 +76,27 @@ def test_all_zero_group_gets_a_finite_scale():
         qw = to_qweight(w, Scheme(4, 32, sym))
         assert np.isfinite(qw.scale).all() and (qw.scale != 0).all()
         np.testing.assert_array_equal(qw.dequantize(), 0)
+
+
+@pytest.mark.parametrize("bits,group,sub_bits", [(2, 16, 4), (4, 32, 6), (5, 32, 6)])
+def test_float_offset_grid_is_the_k_quant_form_and_beats_integer_zero_points(bits, group, sub_bits):
+    """Asymmetric K-quant grids: W = q * d * sc - dmin * m per sub-block, with sc, m sub_bits-bit integers;
+    what the loss sees is exactly what the integers, scales and offsets give."""
+    w = weight(n=16, k=512)
+    w[2] = w[2].abs()  # a row with no negative weight: offsets 0
+    scheme = Scheme(bits, group, False, sub_bits)
+    wq, q, scale, offset = quantize(w, scheme)
+    qw = to_qweight(w, scheme)
+    assert (qw.zero == 0).all() and qw.offset is not None and (qw.offset[2] == 0).all()
+    np.testing.assert_array_equal(qw.dequantize(), wq.numpy())
+    limit = 2**sub_bits - 1
+    for values in (qw.scale, qw.offset):  # per 256-weight super-block: one float16 step times 0..limit
+        per_super = values.reshape(16, 2, -1).astype(np.float64)
+        top = per_super.max(-1, keepdims=True)
+        assert (per_super >= 0).all()
+        steps = [t / m for t in top.ravel() for m in range(limit, 0, -1)
+                 if t > 0 and np.float16(t / m) == t / m]
+        assert steps, "no float16 step"
+    free = to_qweight(w, Scheme(bits, group, False))  # integer zero points, free float16 scales
+    err = lambda x: np.abs(x.dequantize() - w.numpy()).mean()  # noqa: E731
+    assert err(qw) < err(free)  # a float minimum fits each group better than a rounded zero point

@@ -86,13 +86,18 @@ def test_clip_search_lowers_the_input_weighted_error(sym):
     power = torch.rand(256, generator=g) ** 4
     scheme, rng = Scheme(4, 32, sym), group_range(w, 32)
 
-    def err(f):
-        return (grouped((w - quantize(w, scheme, None, f, f, rng)[0]) ** 2 * power, 32)).sum(-1)
+    def err(f_lo, f_hi):
+        return (grouped((w - quantize(w, scheme, None, f_lo, f_hi, rng)[0]) ** 2 * power, 32)).sum(-1)
 
-    f = clip_search(w, scheme, power, rng)
-    ones = torch.ones_like(f)
-    assert torch.all(err(f) <= err(ones)) and err(f).sum() < 0.9 * err(ones).sum()
-    assert f.min() < 1 and f.max() <= 1.5
+    f_lo, f_hi = clip_search(w, scheme, power, rng)
+    ones = torch.ones_like(f_lo)
+    assert torch.all(err(f_lo, f_hi) <= err(ones, ones)) and err(f_lo, f_hi).sum() < 0.9 * err(ones, ones).sum()
+    for f in (f_lo, f_hi):
+        assert f.min() < 1 and f.max() <= 1.5
+    if sym:
+        assert torch.equal(f_lo, f_hi)  # one scale: both ends move together
+    else:
+        assert (f_lo != f_hi).float().mean() > 0.2  # the least-squares line moves each end on its own
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -16,7 +16,12 @@ multiple of 256, and in every 256-weight super-block, scales that are one float1
 signed integers (6-bit for Q3_K, 8-bit for Q6_K). `tune --gguf q3_k|q6_k` puts them on that grid;
 `encode_sym_k` finds the step again from the stored scales.
 
-With --type q4_k, layers of at most 4 bits whose rows are a multiple of 256 long go to Q4_K instead
+Layers tuned on an asymmetric K-quant grid (float offsets, `tune --gguf q4_k|q5_k|q2_k`) go to Q4_K,
+Q5_K or Q2_K exactly (`encode_asym_k`: d, sc and dmin, m found again from the stored scales and
+offsets); 4- and 5-bit ones whose rows are not a multiple of 256 to Q4_1 and Q5_1 (exact: those store
+a float16 step and minimum per 32 weights).
+
+With --type q4_k, integer-zero layers of at most 4 bits whose rows are a multiple of 256 long go to Q4_K instead
 (encode_q4_k; not exact: the scales become 6-bit sub-block multiples, error reported); the rest keep
 the exact types above, where llama.cpp's own quantizer would fall back to Q5_0.
 
@@ -42,8 +47,8 @@ from ..checkpoint import Checkpoint
 from ..fileio import atomic_file
 from ..llama import LlamaConfig
 from ..quant.qweight import QuantWeight
-from .gguf_blocks import (BLOCK_TYPES, K_SUB, QK, QK_K, SYM_K_TYPES, pack_blocks, pack_q3_k, pack_q4_k,
-                          pack_q6_k)
+from .gguf_blocks import (BLOCK_TYPES, K_SUB, QK, QK_K, SYM_K_TYPES, pack_blocks, pack_q2_k, pack_q3_k,
+                          pack_q4_k, pack_q5_k, pack_q6_k)
 
 # HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -75,11 +80,11 @@ KNOWN_VOCABS = {
 }
 
 # most common block type of the file -> general.file_type (llama.cpp's LLAMA_FTYPE_*)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q3_K": 11, "Q4_K": 15,
-              "Q6_K": 18}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 11,
+              "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
 
 # the types that carry a checkpoint's integers and float16 scales without rounding (see the table above)
-EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K")
+EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q2_K", "Q4_K", "Q5_K", "Q4_1", "Q5_1")
 
 TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 5, 3, 4
 
@@ -227,6 +232,33 @@ def encode_sym_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
     c = qw.q.astype(np.int16) - 2 ** (qw.bits - 1)
     pack = pack_q3_k if type_name == "Q3_K" else pack_q6_k
     return type_name, pack(c, sc.reshape(n, -1), d)
+
+
+ASYM_K = {2: ("Q2_K", K_SUB, 15, pack_q2_k), 4: ("Q4_K", QK, 63, pack_q4_k), 5: ("Q5_K", QK, 63, pack_q5_k)}
+OFFSET_BLOCKS = {4: "Q4_1", 5: "Q5_1"}  # float16 step and minimum per 32 weights
+
+
+def encode_offsets(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
+    """A layer with float offsets (W = q * scale - offset) as Q2_K, Q4_K or Q5_K, exactly, where its rows
+    are a multiple of 256 and its scales and offsets lie on the K-quant's sub-block grid (what `tune
+    --gguf q4_k` produces); else as Q4_1 or Q5_1, exact for groups a multiple of 32; else None."""
+    n, k = qw.shape
+    if qw.offset is None:
+        return None
+    if qw.bits in ASYM_K and k % QK_K == 0 and qw.group_size % ASYM_K[qw.bits][1] == 0:
+        type_name, sub, limit, pack = ASYM_K[qw.bits]
+        group = (np.arange(k // sub) * sub) // qw.group_size  # the group of every sub-block
+        per_super = (n, k // QK_K, QK_K // sub)
+        steps = sub_scale_steps(qw.scale[:, group].reshape(per_super), 0, limit)
+        mins = sub_scale_steps(qw.offset[:, group].reshape(per_super), 0, limit)
+        if steps is not None and mins is not None:
+            (d, sc), (dmin, m) = steps, mins
+            return type_name, pack(qw.q, sc.reshape(n, -1), m.reshape(n, -1), d, dmin)
+    if qw.bits in OFFSET_BLOCKS and k % QK == 0 and qw.group_size % QK == 0:
+        group = (np.arange(k // QK) * QK) // qw.group_size
+        type_name = OFFSET_BLOCKS[qw.bits]
+        return type_name, pack_blocks(type_name, qw.q, qw.scale[:, group], -qw.offset[:, group])
+    return None
 
 
 def encode_q4_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
@@ -423,9 +455,13 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
             qw = item
             if nh:
                 qw = QuantWeight(_rope_permute(qw.q, nh), _rope_permute(qw.scale, nh), _rope_permute(qw.zero, nh),
-                                 qw.bits, qw.group_size, qw.sym)
+                                 qw.bits, qw.group_size, qw.sym,
+                                 offset=None if qw.offset is None else _rope_permute(qw.offset, nh))
             want = qw.dequantize()
-            enc = encode_sym_k(qw) or (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)
+            if qw.offset is not None:
+                enc = encode_offsets(qw)
+            else:
+                enc = encode_sym_k(qw) or (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)
             type_name, data = enc if enc else ("F16", want.astype(np.float16))
             got = dequantize(type_name, data, want.shape)
             err = qw.step_error(got)

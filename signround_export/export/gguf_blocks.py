@@ -92,7 +92,16 @@ def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray 
 
 
 # ---------------------------------------------------------------------------------------------
-# Q4_K: super-blocks of 256 weights = 8 sub-blocks of 32, 144 bytes:
+# Asymmetric K-quants: super-blocks of 256 weights, a float16 d and dmin per super-block and
+# unsigned integer sub-block scales sc[j] and minima m[j]; weight = d * sc[j] * code - dmin * m[j].
+#
+# | type | bytes | sub-block | code  | sc, m |
+# | ---- | ----- | --------- | ----- | ----- |
+# | Q2_K | 84    | 16        | 0..3  | 0..15 |
+# | Q4_K | 144   | 32        | 0..15 | 0..63 |
+# | Q5_K | 176   | 32        | 0..31 | 0..63 |
+#
+# Q4_K, 8 sub-blocks of 32:
 #
 # | bytes | field      | meaning                                                                |
 # | ----- | ---------- | ---------------------------------------------------------------------- |
@@ -101,36 +110,109 @@ def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray 
 # | 12    | scales     | sc[8], m[8], 6 bits each (packing below)                               |
 # | 128   | qs         | pair p of sub-blocks: byte l = code[2p][l] | code[2p+1][l] << 4         |
 #
-# weight = d * sc[j] * code - dmin * m[j], code in 0..15. scales bytes, i in 0..3:
+# Q5_K, 8 sub-blocks of 32 (Q4_K with the codes' bit 4 in qh, before qs):
+#
+# | bytes | field      | meaning                                                                |
+# | ----- | ---------- | ---------------------------------------------------------------------- |
+# | 2     | d f16      | as Q4_K                                                                |
+# | 2     | dmin f16   | as Q4_K                                                                |
+# | 12    | scales     | as Q4_K                                                                |
+# | 32    | qh         | byte l, bit j = bit 4 of code[j][l]                                    |
+# | 128   | qs         | bits 0-3 of the codes, as Q4_K                                         |
+#
+# Q2_K, 16 sub-blocks of 16 (code[e] is element e of the super-block, e = 128 h + i):
+#
+# | bytes | field      | meaning                                                                |
+# | ----- | ---------- | ---------------------------------------------------------------------- |
+# | 16    | scales     | byte j = sc[j] | m[j] << 4                                             |
+# | 64    | qs         | code[128 h + i] at bits 2 * (i // 32) and up of byte 32 h + i % 32     |
+# | 2     | d f16      | step of the sub-block scales                                           |
+# | 2     | dmin f16   | step of the sub-block minima                                           |
+#
+# Q4_K and Q5_K scales bytes, i in 0..3:
 #   byte i     = sc[i] | (sc[i+4] >> 4) << 6        byte 4 + i = m[i] | (m[i+4] >> 4) << 6
 #   byte 8 + i = (sc[i+4] & 15) | (m[i+4] & 15) << 4
 
 QK_K = 256
+ASYM_K_TYPES = {  # type -> (bytes per super-block, weights per sub-block, largest code, largest sc and m)
+    "Q2_K": (84, 16, 3, 15),
+    "Q4_K": (144, 32, 15, 63),
+    "Q5_K": (176, 32, 31, 63),
+}
+
+
+def _crumbs(u: np.ndarray) -> np.ndarray:
+    """[..., 256] 2-bit values -> [..., 64] bytes: element 128 h + i at bits 2 * (i // 32) of byte 32 h + i % 32."""
+    q = (u.astype(np.uint8) & 3).reshape(*u.shape[:-1], 2, 4, 32)
+    return (q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)).reshape(*u.shape[:-1], 64)
+
+
+def _bit_planes(b: np.ndarray) -> np.ndarray:
+    """[..., 256] bits -> [..., 32] bytes: element e at bit e // 32 of byte e % 32."""
+    planes = (b.astype(np.uint8) & 1).reshape(*b.shape[:-1], 8, 32) << np.arange(8, dtype=np.uint8)[:, None]
+    return planes.sum(-2, dtype=np.uint8)  # distinct bits: the sum is their OR
+
+
+def _k_nibbles(c: np.ndarray) -> np.ndarray:
+    """[..., 256] codes -> [..., 128] bytes: byte 32 p + l = code[64 p + l] | code[64 p + 32 + l] << 4 (low 4 bits)."""
+    q = (c.astype(np.uint8) & 15).reshape(*c.shape[:-1], 4, 2, 32)
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*c.shape[:-1], 128)
+
+
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """[..., 8] sc and m in 0..63 -> [..., 12] bytes (Q4_K and Q5_K packing, table above)."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    return np.concatenate([
+        (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+        (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+        (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
+    ], axis=-1)
+
+
+def _check_asym_k(type_name: str, codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
+                  dmin: np.ndarray) -> tuple[int, int]:
+    _, sub, cmax, smax = ASYM_K_TYPES[type_name]
+    rows, k = codes.shape
+    if k % QK_K:
+        raise ValueError(f"{type_name} needs rows whose length is a multiple of {QK_K}, got {k}")
+    nb = k // QK_K
+    if sc.shape != (rows, k // sub) or m.shape != (rows, k // sub) or d.shape != (rows, nb) or dmin.shape != (rows, nb):
+        raise ValueError(f"{type_name}: sc and m must be [{rows}, {k // sub}] and d and dmin [{rows}, {nb}], got "
+                         f"{sc.shape}, {m.shape}, {d.shape}, {dmin.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() > cmax):
+        raise ValueError(f"{type_name}: codes outside 0..{cmax}")
+    if sc.size and (min(sc.min(), m.min()) < 0 or max(sc.max(), m.max()) > smax):
+        raise ValueError(f"{type_name}: sub-block scales or minima outside 0..{smax}")
+    return rows, nb
 
 
 def pack_q4_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
     """codes [rows, K] in 0..15, sc and m [rows, K/32] in 0..63, d and dmin [rows, K/256] float16 values
     -> uint8 [rows, K/256 * 144]."""
-    rows, k = codes.shape
-    if k % QK_K:
-        raise ValueError(f"Q4_K needs rows whose length is a multiple of {QK_K}, got {k}")
-    nb = k // QK_K
-    if codes.size and (codes.min() < 0 or codes.max() > 15):
-        raise ValueError("Q4_K: codes outside 0..15")
-    if (sc.min(initial=0) < 0 or sc.max(initial=0) > 63 or m.min(initial=0) < 0 or m.max(initial=0) > 63):
-        raise ValueError("Q4_K: sub-block scales and minima must lie in 0..63")
-    sc = sc.reshape(rows, nb, 8).astype(np.uint8)
-    m = m.reshape(rows, nb, 8).astype(np.uint8)
-    scales = np.concatenate([
-        (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
-        (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
-        (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
-    ], axis=-1)
-    c = codes.reshape(rows, nb, 4, 2, 32).astype(np.uint8)
-    qs = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(rows, nb, 128)
-    out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, qs], axis=-1)
+    rows, nb = _check_asym_k("Q4_K", codes, sc, m, d, dmin)
+    c = codes.reshape(rows, nb, QK_K)
+    scales = _k_scales(sc.reshape(rows, nb, 8), m.reshape(rows, nb, 8))
+    out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, _k_nibbles(c)], axis=-1)
     return out.reshape(rows, nb * 144)
 
+
+def pack_q5_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """codes [rows, K] in 0..31, sc and m [rows, K/32] in 0..63, d and dmin [rows, K/256] float16 values
+    -> uint8 [rows, K/256 * 176]."""
+    rows, nb = _check_asym_k("Q5_K", codes, sc, m, d, dmin)
+    c = codes.reshape(rows, nb, QK_K)
+    scales = _k_scales(sc.reshape(rows, nb, 8), m.reshape(rows, nb, 8))
+    out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, _bit_planes(c >> 4), _k_nibbles(c)], axis=-1)
+    return out.reshape(rows, nb * 176)
+
+
+def pack_q2_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """codes [rows, K] in 0..3, sc and m [rows, K/16] in 0..15, d and dmin [rows, K/256] float16 values
+    -> uint8 [rows, K/256 * 84]."""
+    rows, nb = _check_asym_k("Q2_K", codes, sc, m, d, dmin)
+    scales = sc.reshape(rows, nb, 16).astype(np.uint8) | (m.reshape(rows, nb, 16).astype(np.uint8) << 4)
+    out = np.concatenate([scales, _crumbs(codes.reshape(rows, nb, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], axis=-1)
+    return out.reshape(rows, nb * 84)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +261,7 @@ def pack_q6_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     u = (c + 32).astype(np.uint8).reshape(rows, nb, 2, 128)  # halves
     low, high = u & 15, u >> 4
     ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, nb, 128)
-    h = high.reshape(rows, nb, 2, 4, 32)
-    qh = (h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)).reshape(rows, nb, 64)
+    qh = _crumbs(high.reshape(rows, nb, QK_K))
     scales = sc.reshape(rows, nb, 16).astype(np.int8).view(np.uint8)
     out = np.concatenate([ql, qh, scales, _f16_bytes(d)], axis=-1)
     return out.reshape(rows, nb * 210)
@@ -191,10 +272,7 @@ def pack_q3_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     -> uint8 [rows, K/256 * 110]."""
     rows, nb = _check_sym_k("Q3_K", c, sc, d)
     u = (c + 4).astype(np.uint8).reshape(rows, nb, 256)
-    top = (u >> 2).reshape(rows, nb, 8, 32)
-    hmask = sum(top[..., b, :] << b for b in range(8)).astype(np.uint8)
-    low = (u & 3).reshape(rows, nb, 2, 4, 32)
-    qs = (low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)).reshape(rows, nb, 64)
+    hmask, qs = _bit_planes(u >> 2), _crumbs(u)
     s = (sc.reshape(rows, nb, 16) + 32).astype(np.uint8)
     lo = (s[..., :8] & 15) | ((s[..., 8:] & 15) << 4)
     hi = (s >> 4).reshape(rows, nb, 4, 4)  # [.., group of 4 sub-blocks t, i]: bits 4-5 of s[4 t + i]

@@ -4,20 +4,24 @@ Every type below holds a checkpoint's integers exactly, so a layer tuned on its 
 file bit for bit (export/gguf.py picks the same types back from the integers). A grid is a tuning
 scheme: (bits, group size, symmetric, sub-scale bits; see quant/quantizer.py).
 
-| type | grid              | bits per weight | rows                 |
-| ---- | ----------------- | --------------- | -------------------- |
-| Q3_K | W3G16 sym, 6-bit  | 3.4375          | a multiple of 256    |
-| Q4_0 | W4G32 sym         | 4.5             | a multiple of 32     |
-| Q5_0 | W5G32 sym         | 5.5             | a multiple of 32     |
-| Q6_K | W6G16 sym, 8-bit  | 6.5625          | a multiple of 256    |
-| Q8_0 | W8G32 sym         | 8.5             | a multiple of 32     |
+| type | grid                        | bits per weight | rows                 |
+| ---- | --------------------------- | --------------- | -------------------- |
+| Q2_K | W2G16 asym, 4-bit, offsets  | 2.625           | a multiple of 256    |
+| Q3_K | W3G16 sym, 6-bit            | 3.4375          | a multiple of 256    |
+| Q4_0 | W4G32 sym                   | 4.5             | a multiple of 32     |
+| Q4_K | W4G32 asym, 6-bit, offsets  | 4.5             | a multiple of 256    |
+| Q5_0 | W5G32 sym                   | 5.5             | a multiple of 32     |
+| Q5_K | W5G32 asym, 6-bit, offsets  | 5.5             | a multiple of 256    |
+| Q6_K | W6G16 sym, 8-bit            | 6.5625          | a multiple of 256    |
+| Q8_0 | W8G32 sym                   | 8.5             | a multiple of 32     |
 
-The asymmetric types store float16 minima, which the checkpoint's integer zero points cannot hold.
-Each one is tuned on the symmetric grid of the same size instead: Q4_K and Q4_1 on Q4_0's, Q5_K and
-Q5_1 on Q5_0's. Q2_K has no such grid and is not offered.
+"6-bit" is the width of the sub-block scales of each 256-weight super-block; the asymmetric K-quants
+also hold each group's float minimum ("offsets", quant/quantizer.py) as a 6-bit (Q2_K: 4-bit)
+multiple of a float16 step, and the checkpoint stores it beside the scales.
 
-Rows that are not a multiple of 256 cannot take a K-quant; llama.cpp then falls back to Q4_0 for Q3_K,
-Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for Q6_K, and so do we (Q5_1 as Q5_0).
+Rows that are not a multiple of 256 cannot take a K-quant; llama.cpp then falls back to Q4_0 for Q2_K
+and Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for Q6_K, and so do we (Q5_1 as Q5_0). Q2_K here is
+one type for every layer, not llama.cpp's Q2_K mix.
 
 The _S/_M types are llama.cpp's per-tensor mixes (n layers, layer i, integer division):
 
@@ -35,15 +39,17 @@ from __future__ import annotations
 
 import re
 
-GRIDS = {
+GRIDS = {  # type -> (bits, group size, symmetric, sub-scale bits): a quant.quantizer.Scheme
+    "Q2_K": (2, 16, False, 4),
     "Q3_K": (3, 16, True, 6),
     "Q4_0": (4, 32, True, 0),
+    "Q4_K": (4, 32, False, 6),
     "Q5_0": (5, 32, True, 0),
+    "Q5_K": (5, 32, False, 6),
     "Q6_K": (6, 16, True, 8),
     "Q8_0": (8, 32, True, 0),
 }
-SAME_SIZE = {"Q4_K": "Q4_0", "Q4_1": "Q4_0", "Q5_K": "Q5_0", "Q5_1": "Q5_0"}  # asymmetric -> symmetric grid
-FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}  # rows not a multiple of 256
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}  # rows not a multiple of 256
 SUPER_BLOCK = 256
 
 ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -71,7 +77,7 @@ def _q4_k_m(role: str, i: int, n: int) -> str:
 
 
 MIXES = {"Q3_K_S": lambda role, i, n: "Q3_K", "Q3_K_M": _q3_k_m, "Q4_K_M": _q4_k_m}
-TYPES = list(GRIDS) + ["Q4_K", "Q5_K"] + list(MIXES)  # what --gguf accepts
+TYPES = list(GRIDS) + list(MIXES)  # what --gguf accepts
 
 
 def layer_type(gguf_type: str, name: str, k: int, n_layers: int) -> str:
@@ -83,7 +89,7 @@ def layer_type(gguf_type: str, name: str, k: int, n_layers: int) -> str:
     t = mix(ROLES[m.group(2)], int(m.group(1)), n_layers) if mix else gguf_type
     if k % SUPER_BLOCK and t in FALLBACK:
         t = FALLBACK[t]
-    return SAME_SIZE.get(t, t)
+    return t
 
 
 def layer_types(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: int) -> dict[str, str]:

@@ -18,6 +18,9 @@ From a checkpoint group of g columns:
   scale and zero point repeats over the g / block blocks of its group.
 - 3-bit codes go into 4-bit containers, 5- and 6-bit codes into 8-bit ones: same codes, explicit
   zero points.
+- float offsets (weights tuned for GGUF's asymmetric K-quants, W = q * scale - offset): zero points
+  unpacked as float32 offset / scale, which MatMulNBits also takes (a slower kernel); exact to float32
+  rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class MatMulNBitsError(ValueError):
 class NBitsWeight:
     b: np.ndarray  # uint8 [N, k_blocks, block * bits / 8]
     scales: np.ndarray  # float32 [N, k_blocks]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks * bits / 8)], None: the default 2^(bits-1)
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks * bits / 8)] or float32 [N, k_blocks]; None: 2^(bits-1)
     bits: int
     block: int
     k: int
@@ -81,9 +84,14 @@ def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBi
     codes = np.zeros((n, k_blocks * block), dtype=np.uint8)
     codes[:, :k] = qw.q
     b = pack_codes(codes.reshape(n, k_blocks, block), bits)
-    default_zero = bool(np.all(zeros == 2 ** (bits - 1)))
-    return NBitsWeight(b=b, scales=np.ascontiguousarray(scales, dtype=np.float32),
-                       zero_points=None if default_zero else pack_codes(zeros, bits),
+    if qw.offset is not None:
+        zero_points = np.ascontiguousarray(np.repeat(qw.offset / qw.scale, repeat, axis=1)[:, :k_blocks],
+                                           dtype=np.float32)
+    elif np.all(zeros == 2 ** (bits - 1)):
+        zero_points = None
+    else:
+        zero_points = pack_codes(zeros, bits)
+    return NBitsWeight(b=b, scales=np.ascontiguousarray(scales, dtype=np.float32), zero_points=zero_points,
                        bits=bits, block=block, k=k, n=n)
 
 
@@ -98,7 +106,11 @@ def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
 
     k_blocks = w.scales.shape[1]
     codes = unpack(w.b, w.block).reshape(w.n, k_blocks * w.block)[:, : w.k].astype(np.float32)
-    zeros = (np.full(w.scales.shape, 2 ** (w.bits - 1)) if w.zero_points is None
-             else unpack(w.zero_points, k_blocks)).astype(np.float32)
+    if w.zero_points is None:
+        zeros = np.full(w.scales.shape, 2 ** (w.bits - 1), dtype=np.float32)
+    elif w.zero_points.dtype == np.float32:
+        zeros = w.zero_points
+    else:
+        zeros = unpack(w.zero_points, k_blocks).astype(np.float32)
     block_of = np.arange(w.k) // w.block
     return (codes - zeros[:, block_of]) * w.scales[:, block_of]

@@ -12,12 +12,16 @@ For a weight W [N, K] cut into groups of `group_size` along K (the last group ze
 
     dequantized  W_q = (q - zero) * scale
 
-With sub_scale_bits = B (the symmetric GGUF K-quants Q3_K, B = 6, and Q6_K, B = 8), the scales of each
-256-weight super-block of a row are further held to one float16 step d times signed B-bit integers:
-    d = max |scale| / (2^(B-1) - 1), rounded up to 12 - B significant bits
+With sub_scale_bits = B, the scales of each 256-weight super-block of a row are further held to one
+float16 step d times B-bit integers sc, as GGUF's K-quants store them:
+    symmetric (Q3_K, B = 6; Q6_K, B = 8): sc signed, |sc| <= L = 2^(B-1) - 1
+    asymmetric (Q2_K, B = 4; Q4_K and Q5_K, B = 6): sc in 1..L = 2^B - 1, and the offset -lo of each
+        group is held the same way to dmin * m, m in 0..L; the weight is then q * scale - offset
+        with q = clamp(round((W - lo) / scale + V), 0, 2^b - 1), no integer zero point
+    d = max |scale| / L, rounded up so that d * sc needs at most 11 significant bits
     scale = d * round(scale / d)
-so that d * sc needs at most 11 significant bits: the float16 scale the checkpoint stores is then the
-K-quant's own d * sc, and the GGUF export recovers d and sc exactly.
+The float16 scale (and offset) the checkpoint stores is then the K-quant's own d * sc (dmin * m), and
+the GGUF export recovers d and sc exactly.
 
 V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1], or somewhat above 1
 where the clipping search starts them there) are what SignRound tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
@@ -45,7 +49,12 @@ class Scheme:
     bits: int
     group_size: int  # -1: one group per row
     sym: bool
-    sub_scale_bits: int = 0  # > 0: scales on a K-quant grid, see above (symmetric, K % 256 == 0)
+    sub_scale_bits: int = 0  # > 0: scales on a K-quant grid, see above (K % 256 == 0)
+
+    @property
+    def float_offset(self) -> bool:
+        """Asymmetric K-quant grids keep a float offset per group instead of an integer zero point."""
+        return self.sub_scale_bits > 0 and not self.sym
 
     def resolved_group(self, k: int) -> int:
         return k if self.group_size == -1 else self.group_size
@@ -76,24 +85,28 @@ def group_range(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
 
 
-def sub_scale_grid(scale: torch.Tensor, group: int, bits: int) -> torch.Tensor:
-    """Scales [N, G] held to d * sc per super-block, sc signed `bits`-bit integers (see above)."""
+def sub_scale_grid(scale: torch.Tensor, group: int, bits: int, signed: bool = True,
+                   allow_zero: bool = False) -> torch.Tensor:
+    """Scales [N, G] held to d * sc per super-block, sc `bits`-bit integers (see above). A scale never
+    rounds to zero; the offsets of asymmetric K-quants (allow_zero) may."""
     n, g = scale.shape
     if (g * group) % SUPER_BLOCK or SUPER_BLOCK % group:
         raise ValueError(f"K-quant scales need groups that divide {SUPER_BLOCK} and rows a multiple of it")
     s = scale.view(n, -1, SUPER_BLOCK // group)
-    limit = 2 ** (bits - 1) - 1
+    magnitude_bits = bits - 1 if signed else bits
+    limit = 2**magnitude_bits - 1
     d = (s.detach().abs().amax(-1, keepdim=True) / limit).clamp(min=2.0**-24)
-    quantum = torch.exp2(torch.floor(torch.log2(d)) - (11 - bits)).clamp(min=2.0**-24)  # 12 - bits significant bits
-    d = torch.ceil(d / quantum) * quantum
+    quantum = torch.exp2(torch.floor(torch.log2(d)) - (10 - magnitude_bits)).clamp(min=2.0**-24)
+    d = torch.ceil(d / quantum) * quantum  # 11 - magnitude_bits significant bits: d * sc fits float16
     sc = round_ste(s / d)
-    sc = torch.where(s < 0, sc.clamp(-limit, -1), sc.clamp(1, limit))  # a scale never rounds to zero
+    sc = torch.where(s < 0, sc.clamp(-limit, -1), sc.clamp(0 if allow_zero else 1, limit))
     return (d * sc).view(n, g)
 
 
 def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None, w_range=None):
     """(dequantized W_q [N, K] float32, q [N, G, group], scale [N, G], zero [N, G]); differentiable in v,
-    min_scale and max_scale. w_range is group_range(w) when the caller has it at hand."""
+    min_scale and max_scale. w_range is group_range(w) when the caller has it at hand. On float-offset
+    grids the fourth value is the offset, not a zero point."""
     n, k = w.shape
     group = scheme.resolved_group(k)
     wg = grouped(w, group)
@@ -109,9 +122,15 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
         scale = to_fp16_ste(scale)
         zero = torch.full_like(scale, m)
         lo_q, hi_q = -m, m - 1
+    elif scheme.float_offset:
+        maxq = 2**scheme.bits - 1
+        scale = ((hi - lo) / maxq).clamp(min=SCALE_EPS)
+        scale = to_fp16_ste(sub_scale_grid(scale, group, scheme.sub_scale_bits, signed=False))
+        offset = to_fp16_ste(sub_scale_grid(-lo, group, scheme.sub_scale_bits, signed=False, allow_zero=True))
+        q = torch.clamp(round_ste((wg + offset[..., None]) / scale[..., None] + (0 if v is None else v)), 0, maxq)
+        wq = q * scale[..., None] - offset[..., None]
+        return wq.view(n, -1)[:, :k], q, scale, offset
     else:
-        if scheme.sub_scale_bits:
-            raise ValueError("K-quant sub-scales are implemented for symmetric weights only")
         maxq = 2**scheme.bits - 1
         scale = to_fp16_ste(((hi - lo) / maxq).clamp(min=SCALE_EPS))
         zero = round_ste(-lo / scale).clamp(0, maxq)
@@ -133,10 +152,14 @@ def to_qweight(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scal
     with torch.no_grad():
         _, q, scale, zero = quantize(w.float(), scheme, v, min_scale, max_scale)
     n, k = w.shape
+    offset = None
+    if scheme.float_offset:
+        offset, zero = zero.half().float().cpu().numpy(), torch.zeros_like(zero)
     qw = QuantWeight(
         q=q.reshape(n, -1)[:, :k].round().to(torch.uint8).contiguous().cpu().numpy(),
         scale=scale.half().float().cpu().numpy(),
         zero=zero.round().to(torch.uint8).cpu().numpy(),
+        offset=offset,
         bits=scheme.bits,
         group_size=scheme.resolved_group(k),
         sym=scheme.sym,

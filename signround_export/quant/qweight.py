@@ -10,6 +10,13 @@ its scale and zero point are computed from the real columns only).
 q and zero are unsigned integers in [0, 2**bits - 1]. Symmetric weights have zero == 2**(bits-1)
 everywhere. Scales are float16 values (the checkpoint stores them as float16; we keep them in
 float32 arrays holding exactly representable float16 numbers).
+
+Asymmetric weights may instead carry a float offset per group (GGUF's K-quants Q2_K, Q4_K, Q5_K
+store their minimum that way; `tune --gguf q4_k` tunes on that grid); zero is then all 0 and
+
+    W[n, k] ~= q[n, k] * scale[n, k // group_size] - offset[n, k // group_size]
+
+with offsets float16 values too, computed in float32 like every consumer does.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class QuantWeight:
     group_size: int  # the resolved size (K for per-channel "-1")
     sym: bool
     bias: np.ndarray | None = None  # float32 [N]
+    offset: np.ndarray | None = None  # float32 [N, G] float16 values: W = q * scale - offset (zero unused, 0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,6 +70,13 @@ class QuantWeight:
             raise ValueError(f"{name}: scales contain NaN or infinity")
         if np.any(self.scale == 0):
             raise ValueError(f"{name}: scales contain zeros")
+        if self.offset is not None:
+            if self.sym:
+                raise ValueError(f"{name}: a symmetric weight cannot carry float offsets")
+            if self.offset.shape != (n, g) or not np.all(np.isfinite(self.offset)):
+                raise ValueError(f"{name}: offsets must be {n} x {g} finite values, got {self.offset.shape}")
+            if self.zero.size and int(self.zero.max()) != 0:
+                raise ValueError(f"{name}: a weight with float offsets keeps its zero points at 0")
 
     def group_index(self) -> np.ndarray:
         """Group of every column k: k // group_size."""
@@ -77,5 +92,7 @@ class QuantWeight:
     def dequantize(self) -> np.ndarray:
         """float32 [N, K] weight."""
         gi = self.group_index()
+        if self.offset is not None:
+            return self.q.astype(np.float32) * self.scale[:, gi] - self.offset[:, gi]
         zero = self.zero.astype(np.float32)[:, gi]
         return (self.q.astype(np.float32) - zero) * self.scale[:, gi]

@@ -158,7 +158,7 @@ class Progress:
         for name, info in json.loads(meta["layers"]).items():
             qweights[name] = QuantWeight(
                 q=arrays[name + ".q"], scale=arrays[name + ".scale"], zero=arrays[name + ".zero"],
-                bias=arrays.get(name + ".bias"), **info,
+                bias=arrays.get(name + ".bias"), offset=arrays.get(name + ".offset"), **info,
             )
         return qweights, BlockLog(**json.loads(meta["log"]))
 
@@ -166,8 +166,9 @@ class Progress:
         arrays, layers = {}, {}
         for name, qw in qweights.items():
             arrays |= {name + ".q": qw.q, name + ".scale": qw.scale, name + ".zero": qw.zero}
-            if qw.bias is not None:
-                arrays[name + ".bias"] = qw.bias
+            for key, value in (("bias", qw.bias), ("offset", qw.offset)):
+                if value is not None:
+                    arrays[f"{name}.{key}"] = value
             layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
         meta = {"layers": json.dumps(layers), "log": json.dumps(asdict(log))}
         with atomic_file(self.path(i)) as tmp:
@@ -205,24 +206,47 @@ def ls_factor(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.T
     return (f * s / scale).clamp(0.3, 1.5)
 
 
+def ls_range(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Tensor, w_range):
+    """Asymmetric grids: the factors (of lo, of hi) of the input-weighted least-squares line through the
+    codes q that f gives, w ~ s * q - o: the range it spans is lo = -o, hi = s * (2^b - 1) - o."""
+    _, q, _, _ = quantize(w, scheme, None, f, f, w_range)
+    wg = grouped(w, scheme.resolved_group(w.shape[1]))
+    sp, sq, sqq = power_g.sum(-1), (power_g * q).sum(-1), (power_g * q * q).sum(-1)
+    sw, sqw = (power_g * wg).sum(-1), (power_g * q * wg).sum(-1)
+    det = sp * sqq - sq * sq
+    ok = det > 1e-12 * sp * sqq  # codes that are all alike fit no line: keep f there
+    s = (sp * sqw - sq * sw) / torch.where(ok, det, 1)
+    o = (s * sq - sw) / sp.clamp(min=1e-30)
+    lo, hi = w_range
+    f_lo = torch.where(ok & (lo < 0), -o / torch.where(lo < 0, lo, -1), f)
+    f_hi = torch.where(ok & (hi > 0), (s * (2**scheme.bits - 1) - o) / torch.where(hi > 0, hi, 1), f)
+    return f_lo.clamp(0.3, 1.5), f_hi.clamp(0.3, 1.5)
+
+
 @torch.no_grad()
-def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -> torch.Tensor:
-    """Per group, the clipping factor f (both ends of the range scaled by f) whose rounded weight has
+def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the clipping factors (of the range's low end, of its high end) whose rounded weight has
     the least output error, sum over k of power[k] * (W - Q(W))^2: the weighted scale search that
     importance-matrix quantizers do, used here as SignRound's starting point. Candidates: clip_factors
-    and, on symmetric grids, each one's least-squares refinement (ls_factor)."""
+    on both ends, and each one's least-squares refinement (ls_factor, ls_range)."""
     group = scheme.resolved_group(w.shape[1])
     power_g = group_power(power, w.shape[0], group)
     best_err = best = None
     for f in clip_factors(scheme):
         fs = torch.full_like(w_range[0], f)
-        for cand in (fs, ls_factor(w, scheme, fs, power_g, w_range)) if scheme.sym else (fs,):
-            err = ((grouped(w - quantize(w, scheme, None, cand, cand, w_range)[0], group)) ** 2 * power_g).sum(-1)
+        if scheme.sym:
+            refined = ls_factor(w, scheme, fs, power_g, w_range)
+            cands = ((fs, fs), (refined, refined))
+        else:
+            cands = ((fs, fs), ls_range(w, scheme, fs, power_g, w_range))
+        for cand in cands:
+            err = ((grouped(w - quantize(w, scheme, None, *cand, w_range)[0], group)) ** 2 * power_g).sum(-1)
             if best is None:
                 best_err, best = err, cand
             else:
                 better = err < best_err
-                best_err, best = torch.where(better, err, best_err), torch.where(better, cand, best)
+                best_err = torch.where(better, err, best_err)
+                best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
     return best
 
 
@@ -256,11 +280,12 @@ class BlockTuner:
             self.ranges[name] = (lo, hi)
             n, g = lo.shape
             group = scheme.resolved_group(w.shape[1])
-            clip = clip_search(w, scheme, power[name], (lo, hi)) if power else torch.ones(n, g, device=device)
+            ones = torch.ones(n, g, device=device)
+            f_lo, f_hi = clip_search(w, scheme, power[name], (lo, hi)) if power else (ones, ones)
             self.v[name] = torch.zeros(n, g, group, device=device, requires_grad=True)
-            self.min_scale[name] = clip.clone().requires_grad_()
-            self.max_scale[name] = clip.clone().requires_grad_()
-            self.clip_max[name] = clip.clamp(min=1.0)
+            self.min_scale[name] = f_lo.clone().requires_grad_()
+            self.max_scale[name] = f_hi.clone().requires_grad_()
+            self.clip_max[name] = (f_lo.clamp(min=1.0), f_hi.clamp(min=1.0))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.v.values(), *self.min_scale.values(), *self.max_scale.values()]
@@ -279,8 +304,8 @@ class BlockTuner:
         widened above 1 to the start where clip_search began above it."""
         for t in self.v.values():
             t.sub_(lr * t.grad.sign()).clamp_(-0.5, 0.5)
-        for name, top in self.clip_max.items():
-            for t in (self.min_scale[name], self.max_scale[name]):
+        for name, tops in self.clip_max.items():
+            for t, top in zip((self.min_scale[name], self.max_scale[name]), tops):
                 t.sub_(lr * t.grad.sign()).clamp_(min=0.0).copy_(torch.minimum(t, top))
         for t in self.tensors():
             t.grad = None
