@@ -163,3 +163,27 @@ def test_default_model_w4_exports_pass_validate(default_checkpoint_w4, tmp_path,
         assert len(a["exact_layers"]) == 210 and not any(a["layer_errors"].values()), a["name"]
     assert (report / "layer_error.png").is_file()
     assert "| onnx |" in capsys.readouterr().out
+
+
+def test_float_minima_exports_pass_validate(tmp_path, capsys):
+    """A checkpoint tuned for Q4_K: the GGUF file holds every layer exactly; ONNX holds the float minima as
+    float zero points, exact to float32 rounding, which the report says instead of calling them broken."""
+    from conftest import write_tiny_model
+    from signround_export.checkpoint import read_checkpoint
+    from signround_export.export.gguf import export_gguf
+    from signround_export.export.onnx import export_onnx
+
+    model = write_tiny_model(tmp_path / "model", hidden=256, intermediate=320, heads=4, kv_heads=2)
+    ckpt = tmp_path / "ckpt"
+    assert main(["tune", str(model), "--out", str(ckpt), "--gguf", "q4_k", "--iters", "0", "--quiet"]) == 0
+    export_gguf(read_checkpoint(ckpt), tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
+    export_onnx(read_checkpoint(ckpt), tmp_path / "onnx", accuracy_level=0)
+    report = tmp_path / "r"
+    assert main(["validate", str(ckpt), "--tokens", "256", "--window", "128", "--quiet", "--report", str(report),
+                 "--gguf", str(tmp_path / "m.gguf"), "--gguf-runner", "numpy", "--onnx", str(tmp_path / "onnx")]) == 0
+    artifacts = {a["name"]: a for a in json.loads((report / "validation.json").read_text())["artifacts"]}
+    gguf, onnx = artifacts["gguf"], artifacts["onnx"]
+    assert len(gguf["exact_layers"]) == 14 and not any(gguf["layer_errors"].values())
+    assert sorted(onnx["exact_layers"]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert any("12 layers with float minima take float zero points" in n for n in onnx["notes"])
+    assert max(onnx["layer_errors"].values()) < 1e-4

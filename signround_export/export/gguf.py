@@ -83,8 +83,15 @@ KNOWN_VOCABS = {
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 11,
               "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
 
-# the types that carry a checkpoint's integers and float16 scales without rounding (see the table above)
-EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q2_K", "Q4_K", "Q5_K", "Q4_1", "Q5_1")
+# the types that carry a checkpoint's integers and float16 scales without rounding (see the table above):
+# for integer zero points, and for float offsets
+EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K")
+OFFSET_EXACT_TYPES = ("Q2_K", "Q4_K", "Q5_K", "Q4_1", "Q5_1")
+
+
+def holds_exactly(type_name: str, qw: QuantWeight) -> bool:
+    """Whether a GGUF type holds this layer's integers exactly (Q4_K does for float offsets only)."""
+    return type_name in (OFFSET_EXACT_TYPES if qw.offset is not None else EXACT_TYPES)
 
 TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 5, 3, 4
 
