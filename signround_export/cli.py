@@ -56,7 +56,7 @@ def add_tune(sub):
     p.add_argument("--gguf", type=str.upper, metavar="TYPE", choices=gguf_mix.TYPES,
                    help="tune every layer on the grid of the GGUF type it will be written as, so that `export gguf` "
                         "carries the tuned integers bit for bit: " + ", ".join(t.lower() for t in gguf_mix.TYPES)
-                        + "; the _S/_M mixes follow llama.cpp's per-tensor choices (README; replaces --bits, "
+                        + "; q2_k and the _S/_M/_L mixes follow llama.cpp's per-tensor choices (README; replaces --bits, "
                           "--group-size, --sym)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="start each group's clipping at the factor with the least input-weighted error instead of "
@@ -163,7 +163,7 @@ def cmd_tune(args) -> int:
     elif args.allocation is not None:
         targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in read_allocation(args.allocation, model).items()}
     elif args.gguf is not None:
-        (targs.bits, targs.group_size, targs.sym, _), targs.layer_schemes = gguf_schemes(model, args.gguf, say)
+        (targs.bits, targs.group_size, targs.sym, *_), targs.layer_schemes = gguf_schemes(model, args.gguf, say)
     result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
     log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
                                "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
@@ -200,7 +200,7 @@ def gguf_schemes(model, gguf_type: str, say) -> tuple[tuple, dict]:
     from .quant.quantizer import Scheme
 
     shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
-    types = gguf_mix.layer_types(gguf_type, shapes, model.cfg.n_layers)
+    types = gguf_mix.layer_types(gguf_type, shapes, model.cfg.n_layers, model.cfg.n_heads // model.cfg.n_kv_heads)
     say(f"--gguf {gguf_type.lower()}: " + ", ".join(f"{c} layers {t}" for t, c in Counter(types.values()).most_common()))
     grids = {n: gguf_mix.GRIDS[t] for n, t in types.items()}
     return Counter(grids.values()).most_common(1)[0][0], {n: Scheme(*g) for n, g in grids.items()}

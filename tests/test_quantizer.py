@@ -84,7 +84,7 @@ def test_float_offset_grid_is_the_k_quant_form_and_beats_integer_zero_points(bit
     what the loss sees is exactly what the integers, scales and offsets give."""
     w = weight(n=16, k=512)
     w[2] = w[2].abs()  # a row with no negative weight: offsets 0
-    scheme = Scheme(bits, group, False, sub_bits)
+    scheme = Scheme(bits, group, False, sub_bits, float_offset=True)
     wq, q, scale, offset = quantize(w, scheme)
     qw = to_qweight(w, scheme)
     assert (qw.zero == 0).all() and qw.offset is not None and (qw.offset[2] == 0).all()

@@ -16,10 +16,10 @@ multiple of 256, and in every 256-weight super-block, scales that are one float1
 signed integers (6-bit for Q3_K, 8-bit for Q6_K). `tune --gguf q3_k|q6_k` puts them on that grid;
 `encode_sym_k` finds the step again from the stored scales.
 
-Layers tuned on an asymmetric K-quant grid (float offsets, `tune --gguf q4_k|q5_k|q2_k`) go to Q4_K,
-Q5_K or Q2_K exactly (`encode_asym_k`: d, sc and dmin, m found again from the stored scales and
-offsets); 4- and 5-bit ones whose rows are not a multiple of 256 to Q4_1 and Q5_1 (exact: those store
-a float16 step and minimum per 32 weights).
+Layers with float offsets (W = q * scale - offset) tuned on an asymmetric K-quant grid (`tune --gguf
+q4_k|q5_k|q2_k`) go to Q4_K, Q5_K or Q2_K exactly (`encode_offsets`: d, sc and dmin, m found again
+from the stored scales and offsets); other 4- and 5-bit ones (`tune --gguf q4_1|q5_1`, or rows not a
+multiple of 256) to Q4_1 and Q5_1, exact too: those store a float16 step and minimum per 32 weights.
 
 With --type q4_k, integer-zero layers of at most 4 bits whose rows are a multiple of 256 long go to Q4_K instead
 (encode_q4_k; not exact: the scales become 6-bit sub-block multiples, error reported); the rest keep

@@ -15,13 +15,16 @@ For a weight W [N, K] cut into groups of `group_size` along K (the last group ze
 With sub_scale_bits = B, the scales of each 256-weight super-block of a row are further held to one
 float16 step d times B-bit integers sc, as GGUF's K-quants store them:
     symmetric (Q3_K, B = 6; Q6_K, B = 8): sc signed, |sc| <= L = 2^(B-1) - 1
-    asymmetric (Q2_K, B = 4; Q4_K and Q5_K, B = 6): sc in 1..L = 2^B - 1, and the offset -lo of each
-        group is held the same way to dmin * m, m in 0..L; the weight is then q * scale - offset
-        with q = clamp(round((W - lo) / scale + V), 0, 2^b - 1), no integer zero point
+    asymmetric (Q2_K, B = 4; Q4_K and Q5_K, B = 6): sc in 1..L = 2^B - 1, and the float offset -lo
+        of each group (below) is held the same way to dmin * m, m in 0..L
     d = max |scale| / L, rounded up so that d * sc needs at most 11 significant bits
     scale = d * round(scale / d)
 The float16 scale (and offset) the checkpoint stores is then the K-quant's own d * sc (dmin * m), and
 the GGUF export recovers d and sc exactly.
+
+With float_offset (GGUF's Q4_1, Q5_1 and the asymmetric K-quants), the minimum is not rounded to a
+whole step: offset = -lo in float16, q = clamp(round((W + offset) / scale + V), 0, 2^b - 1), and
+W_q = q * scale - offset.
 
 V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1], or somewhat above 1
 where the clipping search starts them there) are what SignRound tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
@@ -50,11 +53,13 @@ class Scheme:
     group_size: int  # -1: one group per row
     sym: bool
     sub_scale_bits: int = 0  # > 0: scales on a K-quant grid, see above (K % 256 == 0)
+    float_offset: bool = False  # asymmetric with a float16 minimum per group instead of an integer zero point
 
-    @property
-    def float_offset(self) -> bool:
-        """Asymmetric K-quant grids keep a float offset per group instead of an integer zero point."""
-        return self.sub_scale_bits > 0 and not self.sym
+    def __post_init__(self):
+        if self.float_offset and self.sym:
+            raise ValueError("a float offset is for asymmetric weights")
+        if self.sub_scale_bits and not self.sym and not self.float_offset:
+            raise ValueError("asymmetric K-quant grids hold float offsets (float_offset=True)")
 
     def resolved_group(self, k: int) -> int:
         return k if self.group_size == -1 else self.group_size
@@ -124,9 +129,11 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
         lo_q, hi_q = -m, m - 1
     elif scheme.float_offset:
         maxq = 2**scheme.bits - 1
-        scale = ((hi - lo) / maxq).clamp(min=SCALE_EPS)
-        scale = to_fp16_ste(sub_scale_grid(scale, group, scheme.sub_scale_bits, signed=False))
-        offset = to_fp16_ste(sub_scale_grid(-lo, group, scheme.sub_scale_bits, signed=False, allow_zero=True))
+        scale, offset = ((hi - lo) / maxq).clamp(min=SCALE_EPS), -lo
+        if scheme.sub_scale_bits:
+            scale = sub_scale_grid(scale, group, scheme.sub_scale_bits, signed=False)
+            offset = sub_scale_grid(offset, group, scheme.sub_scale_bits, signed=False, allow_zero=True)
+        scale, offset = to_fp16_ste(scale), to_fp16_ste(offset)
         q = torch.clamp(round_ste((wg + offset[..., None]) / scale[..., None] + (0 if v is None else v)), 0, maxq)
         wq = q * scale[..., None] - offset[..., None]
         return wq.view(n, -1)[:, :k], q, scale, offset
