@@ -100,6 +100,25 @@ def test_clip_search_lowers_the_input_weighted_error(sym):
         assert (f_lo != f_hi).float().mean() > 0.2  # the least-squares line moves each end on its own
 
 
+def test_clip_search_finds_a_coarser_grid_the_weights_lie_on():
+    """Weights on a 4-bit grid (a step and a minimum per group of 32, as a model shipped in Q4_1 is) lie
+    exactly on a 5-bit grid of half the step; the full-range 5-bit step, range / 31, misses it."""
+    from signround_export.quant.quantizer import Scheme, group_range, quantize
+    from signround_export.quant.signround import clip_search
+
+    g = torch.Generator().manual_seed(1)
+    d = (torch.rand(16, 8, 1, generator=g) * 0.01 + 0.004).half().float()
+    m = (-torch.rand(16, 8, 1, generator=g) * 0.05).half().float()  # groups hold both signs: m + 15 d > 0
+    codes = torch.randint(0, 16, (16, 8, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15  # each group spans its whole range
+    w = (m + d * codes).reshape(16, 256)
+    scheme = Scheme(5, 32, False, float_offset=True)  # Q5_1's grid
+    rng = group_range(w, 32)
+    assert (quantize(w, scheme, None, None, None, rng)[0] - w).abs().max() > 1e-4
+    f_lo, f_hi = clip_search(w, scheme, torch.ones(256), rng)
+    assert (quantize(w, scheme, None, f_lo, f_hi, rng)[0] - w).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("sym", [True, False])
 def test_iters_0_with_clip_search_keeps_the_search_result(setup, sym):
     """--iters 0 --clip-search: calibration statistics choose each group's clipping, no SignRound step

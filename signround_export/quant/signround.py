@@ -179,15 +179,25 @@ class Progress:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def clip_factors(scheme: Scheme) -> list[float]:
-    """The clipping factors clip_search tries. Symmetric: the range end moves by at most 0.9 of a code,
-    m / (m + 0.1 i) for i in -9..9 (m = 2^(bits-1)), as importance-matrix quantizers search it; deeper
-    clipping lowers the input-weighted error further but measured worse perplexity (docs/benchmarks.md).
-    Asymmetric: 1.0 down to 0.6 (about neutral at W4G128 on SmolLM2: 23.74 against 23.76 without)."""
+def clip_candidates(scheme: Scheme, w_range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (factor of lo, factor of hi) pairs per group that clip_search tries: the step becomes
+    range / (n + 0.1 i), the range end moving by at most about one code, as importance-matrix
+    quantizers search it. Deeper clipping lowers the input-weighted error further but measured worse
+    perplexity (docs/benchmarks.md).
+    Symmetric (n = 2^(bits-1), i in -9..9): both ends scale together.
+    Asymmetric (n = 2^bits - 1, i in -10..10): lo stays, hi moves (hi stays where it is 0); this
+    includes, at i = -1, the grid of half the step, where a model shipped on a coarser grid lies."""
+    lo, hi = w_range
     if scheme.sym:
         m = 2 ** (scheme.bits - 1)
-        return [m / (m + 0.1 * i) for i in range(-9, 10)]
-    return torch.linspace(1.0, 0.6, 21).tolist()
+        return [(torch.full_like(lo, m / (m + 0.1 * i)),) * 2 for i in range(-9, 10)]
+    maxq = 2**scheme.bits - 1
+    out = []
+    for i in range(-10, 11):
+        r = maxq / (maxq + 0.1 * i)  # new range / old range
+        f_hi = ((lo + (hi - lo) * r) / torch.where(hi > 0, hi, 1)).clamp(min=0)
+        out.append((torch.where(hi > 0, 1.0, r), torch.where(hi > 0, f_hi, 1.0)))
+    return out
 
 
 def group_power(power: torch.Tensor, n: int, group: int) -> torch.Tensor:
@@ -206,10 +216,11 @@ def ls_factor(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.T
     return (f * s / scale).clamp(0.3, 1.5)
 
 
-def ls_range(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Tensor, w_range):
+def ls_range(w: torch.Tensor, scheme: Scheme, f_lo: torch.Tensor, f_hi: torch.Tensor, power_g: torch.Tensor,
+             w_range):
     """Asymmetric grids: the factors (of lo, of hi) of the input-weighted least-squares line through the
-    codes q that f gives, w ~ s * q - o: the range it spans is lo = -o, hi = s * (2^b - 1) - o."""
-    _, q, _, _ = quantize(w, scheme, None, f, f, w_range)
+    codes q that (f_lo, f_hi) give, w ~ s * q - o: the range it spans is lo = -o, hi = s * (2^b - 1) - o."""
+    _, q, _, _ = quantize(w, scheme, None, f_lo, f_hi, w_range)
     wg = grouped(w, scheme.resolved_group(w.shape[1]))
     sp, sq, sqq = power_g.sum(-1), (power_g * q).sum(-1), (power_g * q * q).sum(-1)
     sw, sqw = (power_g * wg).sum(-1), (power_g * q * wg).sum(-1)
@@ -218,8 +229,8 @@ def ls_range(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Te
     s = (sp * sqw - sq * sw) / torch.where(ok, det, 1)
     o = (s * sq - sw) / sp.clamp(min=1e-30)
     lo, hi = w_range
-    f_lo = torch.where(ok & (lo < 0), -o / torch.where(lo < 0, lo, -1), f)
-    f_hi = torch.where(ok & (hi > 0), (s * (2**scheme.bits - 1) - o) / torch.where(hi > 0, hi, 1), f)
+    f_lo = torch.where(ok & (lo < 0), -o / torch.where(lo < 0, lo, -1), f_lo)
+    f_hi = torch.where(ok & (hi > 0), (s * (2**scheme.bits - 1) - o) / torch.where(hi > 0, hi, 1), f_hi)
     return f_lo.clamp(0.3, 1.5), f_hi.clamp(0.3, 1.5)
 
 
@@ -227,18 +238,17 @@ def ls_range(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Te
 def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the clipping factors (of the range's low end, of its high end) whose rounded weight has
     the least output error, sum over k of power[k] * (W - Q(W))^2: the weighted scale search that
-    importance-matrix quantizers do, used here as SignRound's starting point. Candidates: clip_factors
-    on both ends, and each one's least-squares refinement (ls_factor, ls_range)."""
+    importance-matrix quantizers do, used here as SignRound's starting point. Candidates:
+    clip_candidates, and each one's least-squares refinement (ls_factor, ls_range)."""
     group = scheme.resolved_group(w.shape[1])
     power_g = group_power(power, w.shape[0], group)
     best_err = best = None
-    for f in clip_factors(scheme):
-        fs = torch.full_like(w_range[0], f)
+    for f_lo, f_hi in clip_candidates(scheme, w_range):
         if scheme.sym:
-            refined = ls_factor(w, scheme, fs, power_g, w_range)
-            cands = ((fs, fs), (refined, refined))
+            refined = ls_factor(w, scheme, f_lo, power_g, w_range)
+            cands = ((f_lo, f_hi), (refined, refined))
         else:
-            cands = ((fs, fs), ls_range(w, scheme, fs, power_g, w_range))
+            cands = ((f_lo, f_hi), ls_range(w, scheme, f_lo, f_hi, power_g, w_range))
         for cand in cands:
             err = ((grouped(w - quantize(w, scheme, None, *cand, w_range)[0], group)) ** 2 * power_g).sum(-1)
             if best is None:
