@@ -26,9 +26,9 @@ only the trivial k // g is accepted (act-order reorders columns, which no export
 We write the first two (auto_round:auto_gptq only when every layer is symmetric: "zero - 1" has no
 room for a zero point of 0) and read all three, in one file or sharded (model.safetensors.index.json).
 
-One extension, written only for layers tuned on an asymmetric GGUF K-quant grid (`tune --gguf q4_k`,
-q5_k, q2_k and the mixes): `L.offsets` float16 [G, N], the float minimum of each group, with zero
-points stored as 0, and then
+One extension, written only for layers tuned on a GGUF grid with a float minimum (`tune --gguf q4_1`,
+q5_1, q4_k, q5_k, q2_k and the mixes): `L.offsets` float16 [G, N], the float minimum of each group,
+with zero points stored as 0, and then
 
     weight[n, k] = q[n, k] * scale[n, k // g] - offset[n, k // g]
 
