@@ -47,8 +47,8 @@ from ..checkpoint import Checkpoint
 from ..fileio import atomic_file
 from ..llama import LlamaConfig
 from ..quant.qweight import QuantWeight
-from .gguf_blocks import (BLOCK_TYPES, K_SUB, QK, QK_K, SYM_K_TYPES, pack_blocks, pack_q2_k, pack_q3_k,
-                          pack_q4_k, pack_q5_k, pack_q6_k)
+from .gguf_blocks import (ASYM_K_TYPES, BLOCK_TYPES, K_SUB, QK, QK_K, SYM_K_TYPES, pack_blocks, pack_q2_k,
+                          pack_q3_k, pack_q4_k, pack_q5_k, pack_q6_k)
 
 # HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -241,7 +241,7 @@ def encode_sym_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
     return type_name, pack(c, sc.reshape(n, -1), d)
 
 
-ASYM_K = {2: ("Q2_K", K_SUB, 15, pack_q2_k), 4: ("Q4_K", QK, 63, pack_q4_k), 5: ("Q5_K", QK, 63, pack_q5_k)}
+ASYM_K = {2: ("Q2_K", pack_q2_k), 4: ("Q4_K", pack_q4_k), 5: ("Q5_K", pack_q5_k)}  # layouts: ASYM_K_TYPES
 OFFSET_BLOCKS = {4: "Q4_1", 5: "Q5_1"}  # float16 step and minimum per 32 weights
 
 
@@ -252,15 +252,17 @@ def encode_offsets(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
     n, k = qw.shape
     if qw.offset is None:
         return None
-    if qw.bits in ASYM_K and k % QK_K == 0 and qw.group_size % ASYM_K[qw.bits][1] == 0:
-        type_name, sub, limit, pack = ASYM_K[qw.bits]
-        group = (np.arange(k // sub) * sub) // qw.group_size  # the group of every sub-block
-        per_super = (n, k // QK_K, QK_K // sub)
-        steps = sub_scale_steps(qw.scale[:, group].reshape(per_super), 0, limit)
-        mins = sub_scale_steps(qw.offset[:, group].reshape(per_super), 0, limit)
-        if steps is not None and mins is not None:
-            (d, sc), (dmin, m) = steps, mins
-            return type_name, pack(qw.q, sc.reshape(n, -1), m.reshape(n, -1), d, dmin)
+    if qw.bits in ASYM_K and k % QK_K == 0:
+        type_name, pack = ASYM_K[qw.bits]
+        _, sub, _, limit = ASYM_K_TYPES[type_name]
+        if qw.group_size % sub == 0:
+            group = (np.arange(k // sub) * sub) // qw.group_size  # the group of every sub-block
+            per_super = (n, k // QK_K, QK_K // sub)
+            steps = sub_scale_steps(qw.scale[:, group].reshape(per_super), 0, limit)
+            mins = sub_scale_steps(qw.offset[:, group].reshape(per_super), 0, limit)
+            if steps is not None and mins is not None:
+                (d, sc), (dmin, m) = steps, mins
+                return type_name, pack(qw.q, sc.reshape(n, -1), m.reshape(n, -1), d, dmin)
     if qw.bits in OFFSET_BLOCKS and k % QK == 0 and qw.group_size % QK == 0:
         group = (np.arange(k // QK) * QK) // qw.group_size
         type_name = OFFSET_BLOCKS[qw.bits]
