@@ -157,6 +157,10 @@ def test_float_offsets_round_trip_beside_integer_zero_layers(tmp_path):
                                              t["model.layers.0.mlp.down_proj.offsets"][:, :5]}))
     with pytest.raises(CheckpointError, match="down_proj.offsets has shape"):
         read_checkpoint(folder)
+    not_f16 = replace(with_offsets, offset=with_offsets.offset + np.float32(1e-7))
+    with pytest.raises(ValueError, match="offsets are not float16 values"):
+        write_checkpoint(tmp_path / "e", HF_CONFIG, QuantConfig(4, 32, False, GPTQ),
+                         {"model.layers.0.mlp.down_proj": not_f16}, {})
     bad = replace(with_offsets, zero=np.ones_like(with_offsets.zero))
     with pytest.raises(ValueError, match="keeps its zero points at 0"):
         write_checkpoint(tmp_path / "d", HF_CONFIG, QuantConfig(4, 32, False, GPTQ), {"model.layers.0.mlp.down_proj": bad}, {})

@@ -100,3 +100,20 @@ def test_float_offset_grid_is_the_k_quant_form_and_beats_integer_zero_points(bit
     free = to_qweight(w, Scheme(bits, group, False))  # integer zero points, free float16 scales
     err = lambda x: np.abs(x.dequantize() - w.numpy()).mean()  # noqa: E731
     assert err(qw) < err(free)  # a float minimum fits each group better than a rounded zero point
+
+
+def test_schemes_and_weights_refuse_float_offsets_where_they_cannot_be():
+    from signround_export.quant.qweight import QuantWeight
+
+    with pytest.raises(ValueError, match="a float offset is for asymmetric weights"):
+        Scheme(4, 32, True, float_offset=True)
+    with pytest.raises(ValueError, match="asymmetric K-quant grids hold float offsets"):
+        Scheme(4, 32, False, 6)
+    qw = to_qweight(weight(n=4, k=64), Scheme(4, 32, False, float_offset=True))
+    qw.check()
+    bad_shape = QuantWeight(qw.q, qw.scale, qw.zero, 4, 32, False, offset=qw.offset[:, :1])
+    with pytest.raises(ValueError, match="offsets must be 4 x 2 finite values"):
+        bad_shape.check()
+    symmetric = QuantWeight(qw.q, qw.scale, np.full_like(qw.zero, 8), 4, 32, True, offset=qw.offset)
+    with pytest.raises(ValueError, match="a symmetric weight cannot carry float offsets"):
+        symmetric.check()
