@@ -81,6 +81,10 @@ class Model:
             raise RuntimeModelError(f"onnxruntime cannot load {self.folder / 'model.onnx'}: "
                                     f"{str(e).splitlines()[0][-200:]}") from None
         self._ort = ort
+        width = {o.name: o.shape for o in self.session.get_outputs()}.get("logits", [None])[-1]
+        if not isinstance(width, int):
+            raise RuntimeModelError(f"{self.folder / 'model.onnx'} has no logits output of a fixed vocabulary size")
+        self.logits_width = width
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -123,14 +127,14 @@ class Model:
                                     f"the context length {self.context_length}")
         stop_ids = self.stop_ids if stop_ids is None else stop_ids
         rngs = [np.random.default_rng(s.seed) for s in samplings]
-        cache = self._cache(batch, max_len)
+        io, kv = self._bind_cache(batch, max_len)  # kv: the buffers io points at, alive while it is used
 
         ids = np.full((batch, int(lengths.max())), self.pad_id, dtype=np.int64)  # right-padded
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = p
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         t0 = time.perf_counter()
-        logits = self._step(ids, mask, cache)
+        logits = self._step(ids, mask, io)
         last = logits[np.arange(batch), lengths - 1]
         out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(lengths.sum()),
                          prefill_seconds=time.perf_counter() - t0, finish=["length"] * batch)
@@ -163,7 +167,7 @@ class Model:
             # finished sequences keep stepping on a pad token (the cache has room); their output is unused
             feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            last = self._step(feed, mask, cache)[:, -1]
+            last = self._step(feed, mask, io)[:, -1]
             out.decode_steps += 1
         out.decode_seconds = time.perf_counter() - t1
         return out
@@ -204,23 +208,26 @@ class Model:
 
     # -- onnxruntime -----------------------------------------------------------------------------
 
-    def _cache(self, batch: int, max_len: int) -> dict:
+    def _bind_cache(self, batch: int, max_len: int):
+        """An IOBinding with every layer's KV buffer bound as both its past input and its present output,
+        made once per generation; each step then binds only the tokens, the mask and the logits. The
+        buffers are returned too: the binding points at their memory without keeping them alive."""
+        io, buffers = self.session.io_binding(), []
         shape = (batch, self.kv_heads, max_len, self.head_size)
-        return {f"{self.decoder['inputs'][f'past_{kind}_names'] % i}": self._ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros(shape, dtype=np.float32))
-                for i in range(self.layers) for kind in ("key", "value")}
-
-    def _step(self, ids: np.ndarray, mask: np.ndarray, cache: dict) -> np.ndarray:
-        io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_output("logits")
-        outputs = self.decoder["outputs"]
+        names = self.decoder["inputs"], self.decoder["outputs"]
         for i in range(self.layers):
             for kind in ("key", "value"):
-                buf = cache[self.decoder["inputs"][f"past_{kind}_names"] % i]
-                io.bind_ortvalue_input(self.decoder["inputs"][f"past_{kind}_names"] % i, buf)
-                io.bind_ortvalue_output(outputs[f"present_{kind}_names"] % i, buf)
+                buf = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+                buffers.append(buf)
+                io.bind_ortvalue_input(names[0][f"past_{kind}_names"] % i, buf)
+                io.bind_ortvalue_output(names[1][f"present_{kind}_names"] % i, buf)
+        return io, buffers
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray, io) -> np.ndarray:
+        # the logits land in an array of ours: fetching onnxruntime's outputs would wrap every KV buffer too
+        logits = np.empty((*ids.shape, self.logits_width), dtype=np.float32)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
-        # only the logits: copy_outputs_to_cpu would also copy every layer's whole KV buffer
-        return io.get_outputs()[0].numpy()
+        return logits
