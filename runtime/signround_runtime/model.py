@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class Model:
         if not isinstance(width, int):
             raise RuntimeModelError(f"{self.folder / 'model.onnx'} has no logits output of a fixed vocabulary size")
         self.logits_width = width
+        self._logits = np.empty(0, dtype=np.float32)
+        self._busy = threading.Lock()  # one generation at a time: they share the logits buffer
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -127,55 +130,54 @@ class Model:
                                     f"the context length {self.context_length}")
         stop_ids = self.stop_ids if stop_ids is None else stop_ids
         rngs = [np.random.default_rng(s.seed) for s in samplings]
-        io, kv = self._bind_cache(batch, max_len)  # kv: the buffers io points at, alive while it is used
+        with self._busy:
+            io, kv = self._bind_cache(batch, max_len)  # kv: the buffers io points at, alive while it is used
 
-        ids = np.full((batch, int(lengths.max())), self.pad_id, dtype=np.int64)  # right-padded
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = p
-        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        t0 = time.perf_counter()
-        logits = self._step(ids, mask, io)
-        last = logits[np.arange(batch), lengths - 1]
-        out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(lengths.sum()),
-                         prefill_seconds=time.perf_counter() - t0, finish=["length"] * batch)
-        done = np.zeros(batch, dtype=bool)
-        seen = [list(p) for p in prompts]
-        t1 = time.perf_counter()
-        for step in range(max(limits)):
-            nxt = []
-            for b in range(batch):
-                if done[b]:
-                    nxt.append(None)
-                    continue
-                tok = choose(last[b], samplings[b], rngs[b], np.asarray(seen[b]))
-                if tok in stop_ids:
+            ids = np.full((batch, int(lengths.max())), self.pad_id, dtype=np.int64)  # right-padded
+            for b, p in enumerate(prompts):
+                ids[b, : len(p)] = p
+            mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+            t0 = time.perf_counter()
+            last = self._step(ids, mask, io, lengths - 1)
+            out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(lengths.sum()),
+                             prefill_seconds=time.perf_counter() - t0, finish=["length"] * batch)
+            done = np.zeros(batch, dtype=bool)
+            seen = [list(p) for p in prompts]
+            t1 = time.perf_counter()
+            for step in range(max(limits)):
+                nxt = []
+                for b in range(batch):
+                    if done[b]:
+                        nxt.append(None)
+                        continue
+                    tok = choose(last[b], samplings[b], rngs[b], np.asarray(seen[b]))
+                    if tok in stop_ids:
+                        done[b] = True
+                        out.finish[b] = "stop"
+                        nxt.append(None)
+                        continue
+                    out.tokens[b].append(tok)
+                    seen[b].append(tok)
+                    nxt.append(tok)
+                    if len(out.tokens[b]) == limits[b]:
+                        done[b] = True  # finish stays "length"
+                ended = on_step(nxt) if on_step else None
+                for b in ended or ():
                     done[b] = True
                     out.finish[b] = "stop"
-                    nxt.append(None)
-                    continue
-                out.tokens[b].append(tok)
-                seen[b].append(tok)
-                nxt.append(tok)
-                if len(out.tokens[b]) == limits[b]:
-                    done[b] = True  # finish stays "length"
-            ended = on_step(nxt) if on_step else None
-            for b in ended or ():
-                done[b] = True
-                out.finish[b] = "stop"
-            if done.all():
-                break
-            # finished sequences keep stepping on a pad token (the cache has room); their output is unused
-            feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            last = self._step(feed, mask, io)[:, -1]
-            out.decode_steps += 1
-        out.decode_seconds = time.perf_counter() - t1
-        return out
+                if done.all():
+                    break
+                # finished sequences keep stepping on a pad token (the cache has room); their output is unused
+                feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
+                mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+                last = self._step(feed, mask, io, np.zeros(batch, dtype=np.int64))
+                out.decode_steps += 1
+            out.decode_seconds = time.perf_counter() - t1
+            return out
 
     def stream(self, prompt: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None) -> Iterator[str]:
         """Text pieces of one prompt's reply as they are generated (whole characters only)."""
         import queue
-        import threading
 
         from .text import TextStream
 
@@ -223,11 +225,16 @@ class Model:
                 io.bind_ortvalue_output(names[1][f"present_{kind}_names"] % i, buf)
         return io, buffers
 
-    def _step(self, ids: np.ndarray, mask: np.ndarray, io) -> np.ndarray:
-        # the logits land in an array of ours: fetching onnxruntime's outputs would wrap every KV buffer too
-        logits = np.empty((*ids.shape, self.logits_width), dtype=np.float32)
+    def _step(self, ids: np.ndarray, mask: np.ndarray, io, positions: np.ndarray) -> np.ndarray:
+        """One run; the logits [batch, vocab] at each sequence's position in ids."""
+        # The logits land in a buffer of ours, reused across runs (fetching onnxruntime's outputs would
+        # wrap every KV buffer too, and a fresh prompt-sized buffer costs page faults every prefill).
+        size = ids.size * self.logits_width
+        if self._logits.size < size:
+            self._logits = np.empty(size, dtype=np.float32)
+        logits = self._logits[:size].reshape(*ids.shape, self.logits_width)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
-        return logits
+        return logits[np.arange(len(ids)), positions]  # a copy: the buffer is overwritten next run
