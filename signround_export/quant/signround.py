@@ -260,17 +260,16 @@ def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -
     return best
 
 
-def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, batch: int) -> dict[str, torch.Tensor]:
-    """Mean over calibration tokens of each linear's squared input, per input column."""
+def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, batch: int,
+                dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of each linear's squared input, per input column (matmuls in dtype)."""
     sums: dict[str, torch.Tensor] = {}
 
     def tap(name: str, t: torch.Tensor) -> None:
         s = t.detach().float().pow(2).reshape(-1, t.shape[-1]).sum(0)
         sums[name] = sums[name] + s if name in sums else s
 
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            block_forward(cfg, params, x[i : i + batch], *rope, tap=tap)
+    batched(lambda b: block_forward(cfg, params, b, *rope, tap=tap), x, batch, dtype)
     tokens = x.shape[0] * x.shape[1]
     return {n: s / tokens for n, s in sums.items()}
 
@@ -332,8 +331,10 @@ class BlockTuner:
         return out
 
 
-def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+def batched(fn, x: torch.Tensor, batch: int, dtype) -> torch.Tensor:
+    """fn over x in batches, without gradients, its matmuls in dtype; float32 results."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return torch.cat([fn(x[i : i + batch]).float() for i in range(0, len(x), batch)])
 
 
 def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, args: TuneArgs, dtype,
@@ -342,7 +343,7 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
     schemes = {n: args.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
-    power = input_power(model.cfg, params, x_q, rope, args.batch_size) if args.searches() else None
+    power = input_power(model.cfg, params, x_q, rope, args.batch_size, dtype) if args.searches() else None
     tuner = BlockTuner(params, schemes, device, power)
     g = torch.Generator().manual_seed(args.seed * 100003 + i)
     lr0, batch = args.effective_lr(), min(args.batch_size, len(x_q))
@@ -410,9 +411,8 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
     bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
     for i in bar:
         if args.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
-            with torch.no_grad():
-                fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
-                y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size)
+            fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
+            y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size, dtype)
         saved = store.load(i) if store else None
         if saved is not None:
             qws, log = saved
@@ -427,9 +427,8 @@ def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
         result.qweights.update(qws)
         result.blocks.append(log)
         if args.uses_data():  # the quantized model's inputs of the next block
-            with torch.no_grad():
-                qp = quantized_params(model, i, qws, dev)
-                x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, args.batch_size)
+            qp = quantized_params(model, i, qws, dev)
+            x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, args.batch_size, dtype)
             x = y
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
