@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -38,8 +37,7 @@ from signround_export.export.gguf import export_gguf  # noqa: E402
 from signround_export.modelio import float_checkpoint  # noqa: E402
 from signround_export.validate import Accumulator, llama_cpp_logits  # noqa: E402
 
-MODEL = REPO / "models" / "smollm2-135m-instruct"
-TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+from common import MODEL, TEXT, machine  # noqa: E402
 
 
 def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
@@ -131,7 +129,7 @@ def main() -> None:
 
     import llama_cpp
 
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, llama-cpp-python {llama_cpp.__version__}; "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, llama-cpp-python {llama_cpp.__version__}; "
           f"{args.windows} windows of 512 tokens of {TEXT.name}, no BOS; {params} parameters\n")
     print("| file | MiB | bits/weight | perplexity (llama.cpp) |\n| --- | --- | --- | --- |")
     for name, path in files.items():

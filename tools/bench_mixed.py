@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import MODEL, REPO, SIGNROUND, evaluate, run
+from common import MODEL, REPO, SIGNROUND, evaluate, machine, run
 
 sys.path.insert(0, str(REPO))
 from signround_export.llama import BLOCK_LINEARS, LlamaConfig  # noqa: E402
@@ -68,7 +67,7 @@ def main() -> None:
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"rows": []}
     results |= {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                "machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", ")}
+                "machine": machine()}
     done = {(r["budget"], r["method"]) for r in results["rows"]}
 
     def measure(budget: float, method: str, flags: list[str]) -> None:

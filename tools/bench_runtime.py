@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+from common import TEXT, machine
 
 ONNX_RUN = """
 import json, resource, sys, time
@@ -140,7 +138,7 @@ def main() -> None:
                      "decode_vs_roofline": med["decode_tps"] / roof,
                      "prefill_ratio": med["prefill_tps"] / base["prefill_tps"],
                      "decode_ratio": med["decode_tps"] / base["decode_tps"]})
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads, prompt {args.prompt}, "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, {args.threads} threads, prompt {args.prompt}, "
           f"decode {args.new}, {args.rounds} alternating rounds (medians); one-thread read bandwidth {bw:.1f} GB/s\n")
     print("| model | MiB | prefill tok/s | decode tok/s | prefill vs first | decode vs first | peak RSS MB "
           "| decode roofline tok/s | of roofline |\n" + "| --- " * 9 + "|")
@@ -149,7 +147,7 @@ def main() -> None:
               f"{r['prefill_ratio']:.2f}x | {r['decode_ratio']:.2f}x | {r['peak_rss_mb']:.0f} | "
               f"{r['roofline_tps']:.0f} | {100 * r['decode_vs_roofline']:.0f}% |")
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows, "args": vars(args) | {
+        args.json.write_text(json.dumps({"machine": machine(), "bandwidth_gbs": bw, "rows": rows, "args": vars(args) | {
             "onnx": [str(p) for p in args.onnx], "gguf": [str(p) for p in args.gguf], "json": str(args.json)}},
             indent=2))
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 import time
 from pathlib import Path
 
-from common import MODEL, REPO, SIGNROUND, evaluate, run
+from common import MODEL, REPO, SIGNROUND, evaluate, machine, run
 
 SCHEMES = "W4G128a,W4G128s,W4G32s,W3G128a,W2G64a"
 
@@ -39,8 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     signround = SIGNROUND
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}"
-               .strip(", "), "recipe": args.recipe, "command": " ".join(sys.argv), "rows": []}
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "recipe": args.recipe, "command": " ".join(sys.argv), "rows": []}
     results["float_ppl"] = evaluate(args.model, args.out / "float.json", args.windows)
     for scheme in args.schemes.split(","):
         row = {"scheme": scheme}

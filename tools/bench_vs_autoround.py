@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import MODEL, REPO, SIGNROUND, evaluate, run
+from common import MODEL, REPO, SIGNROUND, evaluate, machine, run
 
 
 def autoround_worker(a) -> None:
@@ -86,7 +86,7 @@ def main() -> None:
     np.save(calib_file, ids.numpy())
     scheme = ["--bits", str(a.bits), "--group-size", str(a.group_size), "--sym" if a.sym else "--asym",
               "--iters", str(a.iters), "--batch-size", str(a.batch_size), "--seed", str(a.seed)]
-    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "settings": vars(a) | {
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv), "settings": vars(a) | {
         "out": str(a.out), "model": str(a.model)}, "runs": {}}
 
     ours = a.out / "signround"

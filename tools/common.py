@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,26 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "smollm2-135m-instruct"
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SIGNROUND = str(REPO / ".venv" / "bin" / "signround")
+
+
+def machine() -> str:
+    """The CPU a benchmark ran on, for its header: the name, the cores, and the vector extensions that
+    change the speeds measured here (int8 and bf16 kernels differ between AVX2 and AVX-512)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    extensions = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                                            ("avx512_bf16", "BF16"), ("amx_tile", "AMX")) if flag in flags]
+    return f"{name}, {os.cpu_count()} cores" + (f", {' '.join(extensions)}" if extensions else "")
 
 
 def run(cmd: list[str]) -> str:
