@@ -369,19 +369,23 @@ def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[s
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        module = node.input[1].removesuffix(".B")
-        qw = ckpt.qweights.get(module)
-        if qw is None:
-            notes.append(f"{module}: MatMulNBits with no integers in the checkpoint (rounded at export)")
+        stacked = node.input[1].removesuffix(".B")  # "a+b+c": linears stacked row after row
+        qws = {m: ckpt.qweights.get(m) for m in stacked.split("+")}
+        if any(qw is None for qw in qws.values()):
+            notes.append(f"{stacked}: MatMulNBits with no integers in the checkpoint (rounded at export)")
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         b, scales = (numpy_helper.to_array(inits[name]) for name in node.input[1:3])
         zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
         w = NBitsWeight(b, scales, zp, attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"])
-        if (w.n, w.k) != qw.shape:
-            raise ValueError(f"--onnx {folder}: {module} is {w.n}x{w.k}, the checkpoint's is "
-                             f"{qw.shape[0]}x{qw.shape[1]}; the folder belongs to another model")
-        errors[module] = qw.step_error(dequantize_nbits(w))
+        want = (sum(qw.shape[0] for qw in qws.values()), next(iter(qws.values())).shape[1])
+        if (w.n, w.k) != want:
+            raise ValueError(f"--onnx {folder}: {stacked} is {w.n}x{w.k}, the checkpoint's is "
+                             f"{want[0]}x{want[1]}; the folder belongs to another model")
+        rows, start = dequantize_nbits(w), 0
+        for module, qw in qws.items():
+            errors[module] = qw.step_error(rows[start : start + qw.shape[0]])
+            start += qw.shape[0]
     missing = [m for m in ckpt.qweights if m not in errors]
     if missing:
         notes.append(f"{len(missing)} quantized layers are not MatMulNBits in the graph, e.g. {missing[0]}")

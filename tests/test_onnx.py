@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -155,6 +156,11 @@ def test_parity_with_float_offsets(gguf_type, tmp_path):
     # q4_k: all but the two down_proj (rows of 320: Q5_0); q2_k's mix also puts v and o in Q3_K (symmetric)
     assert sum(qw.offset is not None for qw in ckpt.qweights.values()) == {"q4_k": 12, "q2_k": 8}[gguf_type]
     export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0)
+    # q/k/v and gate/up that share a layout run as one MatMulNBits each; q2_k's symmetric v keeps q, k, v apart
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    per_layer = {"q4_k": 4, "q2_k": 6}[gguf_type]
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == per_layer * layers
     reference = reference_from_checkpoint(ckpt)
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
     want = reference.logits(torch.tensor([tokens]))[0].numpy()
