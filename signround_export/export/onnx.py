@@ -4,13 +4,15 @@ The graph, per decoder block i (x: the residual stream, float32 [batch, seq, hid
 
     h       = SimplifiedLayerNormalization(x)                  (block 0; later blocks get h and x
     h, x    = SkipSimplifiedLayerNormalization(out, x)          from the previous block's output)
-    q, k, v = MatMulNBits(h)  (+ bias for qwen2)
+    q, k, v = Split(MatMulNBits_qkv(h))  (+ bias for qwen2; q, k, v stacked row after row, or one
+              MatMulNBits each where their integers differ in layout)
     a, present.i.key, present.i.value
             = GroupQueryAttention(q, k, v, past_key_values.i.*, seqlens_k, total_seq_len, cos, sin)
               (rotary fused, half-split layout like HF's rotate_half)
     out     = MatMulNBits(a)
     h, x    = SkipSimplifiedLayerNormalization(out, x)
-    out     = MatMulNBits_down(silu(MatMulNBits_gate(h)) * MatMulNBits_up(h))
+    gate, up = Split(MatMulNBits_gate_up(h))  (stacked the same way)
+    out     = MatMulNBits_down(silu(gate) * up)
 
 then logits = head(SkipSimplifiedLayerNormalization(out, x)). Inputs and outputs use
 onnxruntime-genai's names, and genai_config.json beside model.onnx lets onnxruntime-genai run the
