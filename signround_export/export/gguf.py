@@ -153,6 +153,11 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
+def block_groups(k: int, block: int, group_size: int) -> np.ndarray:
+    """The checkpoint group of every block of `block` weights along a row of k (block divides the group)."""
+    return (np.arange(k // block) * block) // group_size
+
+
 CONTAINERS = ("Q4_0", "Q5_0", "Q8_0")  # the exact legacy types for c = q - zero, smallest first
 
 
@@ -180,7 +185,7 @@ def encode_quantized(qw: QuantWeight, asym4: str = "Q5_0") -> tuple[str, np.ndar
     if k % QK or qw.group_size % QK:
         return None
     nb = k // QK
-    group = (np.arange(nb) * QK) // qw.group_size  # the group of every block
+    group = block_groups(k, QK, qw.group_size)
     d = qw.scale[:, group]
     zero = qw.zero[:, group].astype(np.int16)
     c = (qw.q.reshape(n, nb, QK).astype(np.int16) - zero[..., None]).reshape(n, k)  # q - zero, per block
@@ -231,7 +236,7 @@ def encode_sym_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
     if type_name is None or not qw.sym or k % QK_K or qw.group_size % K_SUB:
         return None
     _, _, (smin, smax) = SYM_K_TYPES[type_name]
-    sub = (np.arange(k // K_SUB) * K_SUB) // qw.group_size  # the group of every sub-block
+    sub = block_groups(k, K_SUB, qw.group_size)
     steps = sub_scale_steps(qw.scale[:, sub].reshape(n, k // QK_K, QK_K // K_SUB), smin, smax)
     if steps is None:
         return None
@@ -256,7 +261,7 @@ def encode_offsets(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
         type_name, pack = ASYM_K[qw.bits]
         _, sub, _, limit = ASYM_K_TYPES[type_name]
         if qw.group_size % sub == 0:
-            group = (np.arange(k // sub) * sub) // qw.group_size  # the group of every sub-block
+            group = block_groups(k, sub, qw.group_size)
             per_super = (n, k // QK_K, QK_K // sub)
             steps = sub_scale_steps(qw.scale[:, group].reshape(per_super), 0, limit)
             mins = sub_scale_steps(qw.offset[:, group].reshape(per_super), 0, limit)
@@ -264,7 +269,7 @@ def encode_offsets(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
                 (d, sc), (dmin, m) = steps, mins
                 return type_name, pack(qw.q, sc.reshape(n, -1), m.reshape(n, -1), d, dmin)
     if qw.bits in OFFSET_BLOCKS and k % QK == 0 and qw.group_size % QK == 0:
-        group = (np.arange(k // QK) * QK) // qw.group_size
+        group = block_groups(k, QK, qw.group_size)
         type_name = OFFSET_BLOCKS[qw.bits]
         return type_name, pack_blocks(type_name, qw.q, qw.scale[:, group], -qw.offset[:, group])
     return None
@@ -280,7 +285,7 @@ def encode_q4_k(qw: QuantWeight) -> tuple[str, np.ndarray] | None:
     if k % QK_K or qw.group_size % QK or qw.bits > 4:
         return None
     nsub, maxq = k // QK, 2**qw.bits - 1
-    group = (np.arange(nsub) * QK) // qw.group_size
+    group = block_groups(k, QK, qw.group_size)
     s, z = qw.scale[:, group], qw.zero[:, group].astype(np.float32)
     flip = s < 0
     codes = qw.q.reshape(n, nsub, QK)

@@ -179,8 +179,9 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
         qws = [ckpt.qweights.get(m) for m in modules]
         if any(qw is None for qw in qws) or len({stack_key(qw) for qw in qws}) != 1:
             return [linear(x, m) for m in modules]
-        y = matmul_nbits(x, "+".join(modules), stack_rows(qws), count=len(modules))
-        return g.op("Split", [y, g.const("+".join(modules) + ".split", np.array([qw.shape[0] for qw in qws]))],
+        name = "+".join(modules)  # validate reads the stacked rows back by this name
+        y = matmul_nbits(x, name, stack_rows(qws), count=len(modules))
+        return g.op("Split", [y, g.const(name + ".split", np.array([qw.shape[0] for qw in qws]))],
                     n_out=len(modules), axis=-1)
 
     def linear(x: str, module: str) -> str:
