@@ -94,6 +94,22 @@ def test_bad_requests_are_clear(exported, tmp_path, capsys):
     assert "has no model.onnx" in capsys.readouterr().err
 
 
+def test_a_graph_without_a_fixed_vocabulary_is_refused(exported, tmp_path):
+    """The runtime sizes its logits buffer from the graph's logits output."""
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "symbolic-vocab"
+    shutil.copytree(exported[0], folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[-1].dim_param = "vocab_size"
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(RuntimeModelError, match="no logits output of a fixed vocabulary size"):
+        Model(folder, threads=1)
+
+
 def test_chat_template_with_and_without_jinja(tmp_path):
     template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                 "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + "

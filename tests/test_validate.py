@@ -88,6 +88,20 @@ def test_bad_input_is_one_line(ckpt, tmp_path, capsys, extra, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_onnx_folder_of_another_model_is_named_as_such(ckpt, tmp_path):
+    """Stacked q/k/v rows are checked against the checkpoint's shapes before they are split."""
+    from conftest import write_tiny_model
+    from signround_export.checkpoint import read_checkpoint
+    from signround_export.export.onnx import export_onnx
+    from signround_export.validate import onnx_layer_errors
+
+    other = rtn_checkpoint(write_tiny_model(tmp_path / "m", hidden=96, heads=6, kv_heads=2), tmp_path / "c",
+                           bits=3, group_size=32)
+    export_onnx(read_checkpoint(other), tmp_path / "onnx", accuracy_level=0)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        onnx_layer_errors(tmp_path / "onnx", read_checkpoint(ckpt))
+
+
 def _drop_zero_points(to_nbits):
     def broken(qw, *args):
         w = to_nbits(qw, *args)
