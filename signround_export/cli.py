@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .export import gguf_mix
+from .export.gguf import mixes as gguf_mix
 
 # Named settings for `tune`; explicit flags override them. "best" is the full default recipe.
 RECIPES = {
@@ -92,7 +92,7 @@ def bits_list(s: str) -> list[int]:
         bits = sorted({int(b) for b in s.split(",") if b.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,4,8, got {s!r}") from None
-    from .quant.qweight import SUPPORTED_BITS
+    from .checkpoint.qweight import SUPPORTED_BITS
 
     if not bits or any(b not in SUPPORTED_BITS for b in bits):
         raise argparse.ArgumentTypeError(f"bit widths must be among {','.join(map(str, SUPPORTED_BITS))}, got {s!r}")
@@ -115,7 +115,7 @@ def add_eval(sub):
 
 def checkpoint_parts(model, targs, qweights: dict):
     """The QuantConfig and float tensors that go beside the tuned integers into a checkpoint."""
-    from .checkpoint import QuantConfig
+    from .checkpoint.format import QuantConfig
 
     quantized = {n + suffix for n in qweights for suffix in (".weight", ".bias")}
     tensors = {n: t.numpy() for n, t in model.tensors.items() if n not in quantized}
@@ -129,11 +129,11 @@ def checkpoint_parts(model, targs, qweights: dict):
 
 
 def cmd_tune(args) -> int:
-    from .checkpoint import write_checkpoint
+    from .checkpoint.qweight import Scheme
+    from .checkpoint.write import write_checkpoint
     from .data import calibration_samples, default_calibration_text, encode, load_tokenizer, read_text
-    from .modelio import load_float_model
-    from .quant.quantizer import Scheme
-    from .quant.signround import TuneArgs, summary, tune
+    from .model.load import load_float_model
+    from .tune.signround import TuneArgs, summary, tune
 
     recipe = dict(RECIPES[args.recipe])
     for key in recipe:
@@ -196,8 +196,8 @@ def gguf_schemes(model, gguf_type: str, say) -> tuple[tuple, dict]:
     """(the most common grid, {layer: Scheme} for every layer) for `tune --gguf`."""
     from collections import Counter
 
-    from .quant.importance import block_linear_names
-    from .quant.quantizer import Scheme
+    from .checkpoint.qweight import Scheme
+    from .tune.importance import block_linear_names
 
     shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
     types = gguf_mix.layer_types(gguf_type, shapes, model.cfg.n_layers, model.cfg.n_heads // model.cfg.n_kv_heads)
@@ -212,8 +212,8 @@ def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
     import numpy as np
 
     from .fileio import atomic_file
-    from .quant.allocate import Allocation, layer_file_bits, solve
-    from .quant.importance import importance
+    from .tune.allocate import Allocation, layer_file_bits, solve
+    from .tune.importance import importance
 
     saved = progress_dir / "allocation.json"
     settings = {"avg_bits": args.avg_bits, "bits_choices": args.bits_choices, "importance": args.importance,
@@ -237,8 +237,8 @@ def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
 
 
 def read_allocation(path: Path, model) -> dict[str, int]:
-    from .quant.importance import block_linear_names
-    from .quant.qweight import SUPPORTED_BITS
+    from .checkpoint.qweight import SUPPORTED_BITS
+    from .tune.importance import block_linear_names
 
     try:
         record = json.loads(Path(path).read_text())
@@ -259,8 +259,8 @@ def read_allocation(path: Path, model) -> dict[str, int]:
 
 def cmd_eval(args) -> int:
     from .data import encode, heldout_text, load_tokenizer, read_text
-    from .evaluate import perplexity
-    from .modelio import load_any, resolve_model_dir
+    from .model.load import load_any, resolve_model_dir
+    from .validation.metrics import perplexity
 
     t0 = time.perf_counter()
     folder = resolve_model_dir(args.model)
@@ -280,7 +280,7 @@ def cmd_eval(args) -> int:
 
 
 def add_validate(sub):
-    from .validate import Thresholds
+    from .validation.validate import Thresholds
 
     p = sub.add_parser("validate", help="prove a deployed file's accuracy against the checkpoint's reference",
                        description="Run the checkpoint's PyTorch reference, the float source model when present, and "
@@ -308,7 +308,7 @@ def add_validate(sub):
 
 
 def cmd_validate(args) -> int:
-    from .validate import Thresholds, validate, write_report
+    from .validation.validate import Thresholds, validate, write_report
 
     thresholds = Thresholds(max_kl=args.max_kl, min_top1=args.min_top1, max_ppl_increase=args.max_ppl_increase)
     result = validate(args.checkpoint, onnx=args.onnx, gguf=args.gguf, float_model=args.float_model, text=args.text,
@@ -389,8 +389,8 @@ def checkpoint_or_rtn(source: Path, args, stack):
     checkpoint of it in a temporary folder, or (--bits 16) its float weights."""
     import tempfile
 
-    from .checkpoint import read_checkpoint
-    from .modelio import float_checkpoint, is_checkpoint, resolve_model_dir
+    from .checkpoint.read import read_checkpoint
+    from .model.load import float_checkpoint, is_checkpoint, resolve_model_dir
 
     folder = resolve_model_dir(source)
     if is_checkpoint(folder):
@@ -415,7 +415,7 @@ def checkpoint_or_rtn(source: Path, args, stack):
 def cmd_export_onnx(args) -> int:
     import contextlib
 
-    from .export.onnx import export_onnx
+    from .export.onnx.build import export_onnx
 
     with contextlib.ExitStack() as stack:
         ckpt = checkpoint_or_rtn(args.source, args, stack)
@@ -428,7 +428,7 @@ def cmd_export_onnx(args) -> int:
 def cmd_export_gguf(args) -> int:
     import contextlib
 
-    from .export.gguf import export_gguf
+    from .export.gguf.write import export_gguf
 
     with contextlib.ExitStack() as stack:
         ckpt = checkpoint_or_rtn(args.source, args, stack)
@@ -451,10 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .llama import UnsupportedModelError
-    from .modelio import ModelError
+    from .errors import CheckpointError, DataError, ModelError, UnsupportedModelError
 
     try:
         return args.func(args)

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-
-class DataError(ValueError):
-    pass
+from .errors import DataError
 
 
 def _topics() -> list[str]:

@@ -13,10 +13,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from signround_export.checkpoint import (AWQ, GPTQ, GPTQ_V1, CheckpointError, QuantConfig, read_checkpoint,
-                                         write_checkpoint)
-from signround_export.packing import pack_awq, pack_bits, unpack_awq, unpack_bits, words_for
-from signround_export.quant.qweight import QuantWeight
+from signround_export.checkpoint.format import AWQ, GPTQ, GPTQ_V1, QuantConfig
+from signround_export.checkpoint.packing import pack_awq, pack_bits, unpack_awq, unpack_bits, words_for
+from signround_export.checkpoint.qweight import QuantWeight
+from signround_export.checkpoint.read import read_checkpoint
+from signround_export.checkpoint.write import write_checkpoint
+from signround_export.errors import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "autoround"
 AUTOROUND = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
@@ -502,7 +504,7 @@ def test_writer_refuses_symmetric_weights_with_other_zero_points(tmp_path):
 
 def test_step_error_counts_groups_with_negative_scales():
     """Symmetric tuning can leave negative scales; an error there must not hide behind the sign."""
-    from signround_export.quant.qweight import QuantWeight
+    from signround_export.checkpoint.qweight import QuantWeight
 
     qw = QuantWeight(np.full((1, 64), 3, np.uint8), np.array([[0.5, -0.25]], np.float32),
                      np.full((1, 2), 8, np.uint8), 4, 32, True)

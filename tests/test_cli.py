@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from signround_export.checkpoint import read_checkpoint
+from signround_export.checkpoint.read import read_checkpoint
 
 TUNE = ["--bits", "4", "--group-size", "32", "--iters", "150", "--nsamples", "16", "--seqlen", "128",
         "--batch-size", "4", "--quiet"]

@@ -3,13 +3,13 @@
 import json
 
 import pytest
-
 from conftest import WIKITEXT
-from signround_export.checkpoint import read_checkpoint
+
+from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
 from signround_export.data import encode, load_tokenizer, read_text
-from signround_export.evaluate import perplexity
-from signround_export.modelio import load_float_model, reference_from_checkpoint
+from signround_export.model.load import load_float_model, reference_from_checkpoint
+from signround_export.validation.metrics import perplexity
 
 pytestmark = pytest.mark.slow
 

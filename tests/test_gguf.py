@@ -7,17 +7,23 @@ import re
 import numpy as np
 import pytest
 import torch
-
-from signround_export.checkpoint import read_checkpoint
-from signround_export.cli import main
-from signround_export.export.gguf import (GGUFExportError, _rope_permute, _rope_unpermute, dequantize,
-                                          encode_quantized, export_gguf, read_gguf_weights)
-from signround_export.export.gguf_blocks import BLOCK_TYPES, pack_blocks
-from signround_export.llama import LlamaConfig
-from signround_export.modelio import reference_from_checkpoint
-from signround_export.quant.qweight import QuantWeight
-
 from conftest import WIKITEXT, rtn_checkpoint
+
+from signround_export.checkpoint.qweight import QuantWeight
+from signround_export.checkpoint.read import read_checkpoint
+from signround_export.cli import main
+from signround_export.errors import GGUFExportError
+from signround_export.export.gguf.blocks import BLOCK_TYPES, pack_blocks
+from signround_export.export.gguf.write import (
+    _rope_permute,
+    _rope_unpermute,
+    dequantize,
+    encode_quantized,
+    export_gguf,
+    read_gguf_weights,
+)
+from signround_export.model.config import ModelConfig
+from signround_export.model.load import reference_from_checkpoint
 
 try:
     import llama_cpp
@@ -100,7 +106,7 @@ def test_file_reads_back_to_the_checkpoint_weights(tiny_ckpt, tmp_path):
     ckpt = read_checkpoint(tiny_ckpt)
     report = export_gguf(ckpt, tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
     assert all(t.exact for t in report.tensors if t.quantized) and {t.type for t in report.tensors} >= {"Q5_0", "F32"}
-    weights, types = read_gguf_weights(tmp_path / "m.gguf", LlamaConfig.from_hf(ckpt.hf_config))
+    weights, types = read_gguf_weights(tmp_path / "m.gguf", ModelConfig.from_hf(ckpt.hf_config))
     ref = reference_from_checkpoint(ckpt)
     for name, t in ref.tensors.items():
         want = t.numpy()
@@ -133,7 +139,7 @@ def test_broken_file_is_refused(tiny_ckpt, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(GGUFExportError, match="truncated or corrupt"):
-        read_gguf_weights(path, LlamaConfig.from_hf(ckpt.hf_config))
+        read_gguf_weights(path, ModelConfig.from_hf(ckpt.hf_config))
 
 
 def logits_error(llm, model, ids):
@@ -146,7 +152,7 @@ def logits_error(llm, model, ids):
 
 @needs_llama
 def test_llama_cpp_runs_the_tiny_file_like_the_reference(tiny_ckpt, tmp_path, monkeypatch):
-    import signround_export.export.gguf as gguf_export
+    import signround_export.export.gguf.write as gguf_export
 
     ckpt = read_checkpoint(tiny_ckpt)
     ref = reference_from_checkpoint(ckpt)
@@ -167,7 +173,7 @@ def test_llama_cpp_runs_the_tiny_file_like_the_reference(tiny_ckpt, tmp_path, mo
 @needs_llama
 def test_default_model_w4_in_llama_cpp_agrees_with_the_reference(default_checkpoint_w4, tmp_path):
     """The issue's bar: 2048 wikitext tokens, top-1 >= 96%, mean KL <= 5e-3, perplexity within 1%."""
-    from signround_export.validate import validate
+    from signround_export.validation.validate import validate
 
     path = tmp_path / "w4.gguf"
     report = export_gguf(read_checkpoint(default_checkpoint_w4), path)
@@ -181,13 +187,13 @@ def test_default_model_w4_in_llama_cpp_agrees_with_the_reference(default_checkpo
 
 
 def test_float_model_exports_as_f16(tiny_model, tmp_path):
-    from signround_export.modelio import load_float_model
+    from signround_export.model.load import load_float_model
 
     out = tmp_path / "f16.gguf"
     assert main(["export", "gguf", str(tiny_model), "--bits", "16", "--out", str(out), "--tokenizer-pre", "gpt-2",
                  "--quiet"]) == 0
     model, hf, _ = load_float_model(tiny_model)
-    weights, types = read_gguf_weights(out, LlamaConfig.from_hf(hf))
+    weights, types = read_gguf_weights(out, ModelConfig.from_hf(hf))
     assert set(types.values()) == {"F16", "F32"}
     for name, t in model.tensors.items():
         if name != "lm_head.weight":
@@ -196,7 +202,7 @@ def test_float_model_exports_as_f16(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
 def test_asymmetric_k_quant_blocks_match_gguf_dequantize(type_name):
-    from signround_export.export import gguf_blocks
+    from signround_export.export.gguf import blocks as gguf_blocks
 
     nbytes, sub, cmax, smax = gguf_blocks.ASYM_K_TYPES[type_name]
     pack = getattr(gguf_blocks, f"pack_{type_name.lower()}")
@@ -217,7 +223,7 @@ def test_asymmetric_k_quant_blocks_match_gguf_dequantize(type_name):
 
 @pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
 def test_asymmetric_k_quant_blocks_refuse_what_does_not_fit(type_name):
-    from signround_export.export import gguf_blocks
+    from signround_export.export.gguf import blocks as gguf_blocks
 
     _, sub, cmax, smax = gguf_blocks.ASYM_K_TYPES[type_name]
     pack = getattr(gguf_blocks, f"pack_{type_name.lower()}")
@@ -241,7 +247,7 @@ def test_asymmetric_k_quant_blocks_refuse_what_does_not_fit(type_name):
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_q4_k_conversion_keeps_the_integers_and_bounds_the_error(sym):
-    from signround_export.export.gguf import encode_q4_k
+    from signround_export.export.gguf.write import encode_q4_k
 
     qw = random_qweight(4, sym, group_size=32, n=8, k=512)
     if sym:
@@ -269,14 +275,14 @@ def test_export_and_read_back_refuse_what_they_cannot_do(tiny_ckpt, tiny_model, 
     other = read_checkpoint(rtn_checkpoint(write_tiny_model(tmp_path / "m3", layers=3), tmp_path / "c3"))
     export_gguf(other, tmp_path / "other.gguf", tokenizer_pre_name="gpt-2")
     with pytest.raises(GGUFExportError, match="belongs to another model"):
-        read_gguf_weights(tmp_path / "other.gguf", LlamaConfig.from_hf(ckpt.hf_config))
+        read_gguf_weights(tmp_path / "other.gguf", ModelConfig.from_hf(ckpt.hf_config))
 
 
 @pytest.mark.parametrize("type_name,extra", [("Q4_0", []), ("Q5_0", []), ("Q8_0", []),
                                              ("Q4_0", ["--iters", "0", "--clip-search"])])
 def test_tune_for_a_gguf_type_exports_bit_for_bit(type_name, extra, tiny_model, tmp_path, capsys):
-    from signround_export.export.gguf import container_for
-    from signround_export.export.gguf_mix import GRIDS
+    from signround_export.export.gguf.mixes import GRIDS
+    from signround_export.export.gguf.write import container_for
 
     bits, group, sym, *_ = GRIDS[type_name]
     assert container_for(bits, sym) == type_name and group % 32 == 0
@@ -300,7 +306,7 @@ def test_tune_for_a_gguf_type_refuses_a_clashing_scheme(tiny_model, tmp_path, ca
 
 @pytest.mark.parametrize("type_name", ["Q3_K", "Q6_K"])
 def test_symmetric_k_quant_blocks_match_gguf_dequantize(type_name):
-    from signround_export.export.gguf_blocks import SYM_K_TYPES, pack_q3_k, pack_q6_k
+    from signround_export.export.gguf.blocks import SYM_K_TYPES, pack_q3_k, pack_q6_k
 
     _, (cmin, cmax), (smin, smax) = SYM_K_TYPES[type_name]
     rng = np.random.default_rng(4)
@@ -316,8 +322,9 @@ def test_symmetric_k_quant_blocks_match_gguf_dequantize(type_name):
 @pytest.mark.parametrize("bits,sub_bits,group,want", [(3, 6, 16, "Q3_K"), (6, 8, 16, "Q6_K"), (3, 6, 64, "Q3_K"),
                                                       (6, 8, 32, "Q6_K")])
 def test_k_quant_grid_scales_export_exactly_and_free_scales_do_not(bits, sub_bits, group, want):
-    from signround_export.export.gguf import encode_sym_k
-    from signround_export.quant.quantizer import Scheme, to_qweight
+    from signround_export.checkpoint.qweight import Scheme
+    from signround_export.export.gguf.write import encode_sym_k
+    from signround_export.tune.quantizer import to_qweight
 
     w = torch.randn(16, 512, generator=torch.Generator().manual_seed(0)) * 0.02
     w[3] *= 1e-4  # a row of tiny weights: float16 subnormal steps
@@ -375,8 +382,8 @@ def test_mixes_follow_llama_quantize_tensor_by_tensor(mix, kv_heads, tmp_path):
     key/value head, which Q2_K's attn_v rule looks at)."""
     from gguf import GGUFReader
 
-    from signround_export.export.gguf_mix import FALLBACK, layer_types
-    from signround_export.modelio import float_checkpoint
+    from signround_export.export.gguf.mixes import FALLBACK, layer_types
+    from signround_export.model.load import float_checkpoint
 
     model = _gguf_mix_case(tmp_path, kv_heads)
     f16 = tmp_path / "f16.gguf"
@@ -394,7 +401,7 @@ def test_mixes_follow_llama_quantize_tensor_by_tensor(mix, kv_heads, tmp_path):
 
 
 def _gguf_name_of(hf_module: str) -> str:
-    from signround_export.export.gguf import _gguf_name
+    from signround_export.export.gguf.write import _gguf_name
 
     return _gguf_name(hf_module + ".weight")
 

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import write_tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import write_tiny_model
-from signround_export.llama import LlamaConfig, UnsupportedModelError
-from signround_export.modelio import ModelError, load_float_model
+from signround_export.errors import ModelError, UnsupportedModelError
+from signround_export.model.config import ModelConfig
+from signround_export.model.load import load_float_model
 
 
 @pytest.mark.parametrize("model_type,tied,kv_heads", [("llama", True, 2), ("llama", False, 4), ("qwen2", False, 2),
@@ -26,13 +27,13 @@ def test_logits_match_transformers(tmp_path, model_type, tied, kv_heads):
 
 def test_unsupported_architecture_is_named(tmp_path):
     with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: llama, mistral, qwen2"):
-        LlamaConfig.from_hf({"model_type": "gpt2"})
+        ModelConfig.from_hf({"model_type": "gpt2"})
 
 
 def test_rope_scaling_is_refused():
     cfg = {"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}
     with pytest.raises(UnsupportedModelError, match="yarn"):
-        LlamaConfig.from_hf(cfg)
+        ModelConfig.from_hf(cfg)
 
 
 def test_bad_model_folders(tmp_path, tiny_model):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from signround_export.checkpoint import read_checkpoint
+from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
-from signround_export.modelio import load_float_model
-from signround_export.quant.allocate import depth_allocation, lagrangian_bound, layer_file_bits, solve
-from signround_export.quant.importance import _forward, block_linear_names, importance, rtn_error
+from signround_export.model.load import load_float_model
+from signround_export.tune.allocate import depth_allocation, lagrangian_bound, layer_file_bits, solve
+from signround_export.tune.importance import _forward, block_linear_names, importance, rtn_error
 
 
 def brute_force(cost, error, budget):
@@ -63,9 +63,8 @@ def test_budget_below_the_smallest_size_is_a_clear_error():
 
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, 128), (8, -1)])
 def test_layer_file_bits_counts_what_the_checkpoint_stores(tmp_path, tiny_model, bits, group):
-    from safetensors.numpy import load_file
-
     from conftest import rtn_checkpoint
+    from safetensors.numpy import load_file
 
     ckpt = rtn_checkpoint(tiny_model, tmp_path / "c", bits=bits, group_size=group)
     tensors = load_file(str(ckpt / "model.safetensors"))

@@ -10,14 +10,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import WIKITEXT, rtn_checkpoint, write_tiny_model
-from signround_export.checkpoint import read_checkpoint
+
+from signround_export.checkpoint.qweight import QuantWeight
+from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
-from signround_export.export.matmulnbits import MatMulNBitsError, dequantize_nbits, pack_codes, to_nbits
-from signround_export.export.onnx import ONNXExportError, export_onnx
-from signround_export.modelio import reference_from_checkpoint
-from signround_export.quant.qweight import QuantWeight
+from signround_export.errors import MatMulNBitsError, ONNXExportError
+from signround_export.export.onnx.build import export_onnx
+from signround_export.export.onnx.matmulnbits import dequantize_nbits, pack_codes, to_nbits
+from signround_export.model.load import reference_from_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -210,7 +211,7 @@ def test_bad_input_is_a_one_line_error(tiny_model, tmp_path, capsys):
 @pytest.mark.slow
 def test_default_model_w4_level0_agrees_with_the_reference(default_checkpoint_w4, tmp_path):
     """The issue's bar: 2048 wikitext tokens, top-1 >= 99.5%, mean KL <= 1e-4 at accuracy level 0."""
-    from signround_export.validate import validate
+    from signround_export.validation.validate import validate
 
     export_onnx(read_checkpoint(default_checkpoint_w4), tmp_path / "onnx", accuracy_level=0)
     result = validate(default_checkpoint_w4, onnx=tmp_path / "onnx", text=WIKITEXT, tokens=2048, progress=False)
@@ -219,7 +220,7 @@ def test_default_model_w4_level0_agrees_with_the_reference(default_checkpoint_w4
 
 
 def test_float_model_exports_as_float32(tiny_model, tmp_path):
-    from signround_export.modelio import load_float_model
+    from signround_export.model.load import load_float_model
 
     assert main(["export", "onnx", str(tiny_model), "--bits", "16", "--out", str(tmp_path / "onnx"), "--quiet"]) == 0
     model = load_float_model(tiny_model)[0]
@@ -231,13 +232,13 @@ def test_float_model_exports_as_float32(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rounded_tied_head_is_shared_with_the_embedding(bits, tiny_model, tmp_path):
-    from signround_export.export.onnx import plan_head
-    from signround_export.llama import LlamaConfig
+    from signround_export.export.onnx.build import plan_head
+    from signround_export.model.config import ModelConfig
 
     ckpt = read_checkpoint(rtn_checkpoint(tiny_model, tmp_path / "ckpt", bits=4, group_size=32))
     report = export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0, lm_head_bits=bits)
     assert "GatherBlockQuantized" in report.head
-    head_qw, _ = plan_head(LlamaConfig.from_hf(ckpt.hf_config), ckpt, bits)
+    head_qw, _ = plan_head(ModelConfig.from_hf(ckpt.hf_config), ckpt, bits)
     reference = reference_from_checkpoint(ckpt)
     reference.tensors["model.embed_tokens.weight"] = torch.from_numpy(head_qw.dequantize())  # the file's one matrix
     tokens = list(range(3, 40))
@@ -250,7 +251,7 @@ def test_rounded_tied_head_is_shared_with_the_embedding(bits, tiny_model, tmp_pa
 
 def test_large_models_go_to_external_data(tiny_model, tmp_path, monkeypatch):
     """Over protobuf's 2 GB limit the weights go to model.onnx.data; here the limit is lowered to see it."""
-    import signround_export.export.onnx as onnx_export
+    import signround_export.export.onnx.build as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
     ckpt = read_checkpoint(rtn_checkpoint(tiny_model, tmp_path / "ckpt", bits=4, group_size=32))

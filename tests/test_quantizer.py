@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from signround_export.quant.quantizer import Scheme, quantize, to_qweight
+from signround_export.checkpoint.qweight import Scheme
+from signround_export.tune.quantizer import quantize, to_qweight
 
 
 def weight(n=24, k=200, seed=0):
@@ -103,7 +104,7 @@ def test_float_offset_grid_is_the_k_quant_form_and_beats_integer_zero_points(bit
 
 
 def test_schemes_and_weights_refuse_float_offsets_where_they_cannot_be():
-    from signround_export.quant.qweight import QuantWeight
+    from signround_export.checkpoint.qweight import QuantWeight
 
     with pytest.raises(ValueError, match="a float offset is for asymmetric weights"):
         Scheme(4, 32, True, float_offset=True)

@@ -21,11 +21,12 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import rtn_checkpoint  # noqa: E402
-from signround_export.checkpoint import read_checkpoint  # noqa: E402
-from signround_export.export.onnx import export_onnx  # noqa: E402
 from signround_runtime import Model  # noqa: E402
-from signround_runtime.text import TextStream  # noqa: E402
 from signround_runtime.server import Server, make_uvicorn  # noqa: E402
+from signround_runtime.text import TextStream  # noqa: E402
+
+from signround_export.checkpoint.read import read_checkpoint  # noqa: E402
+from signround_export.export.onnx.build import export_onnx  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from signround_export.checkpoint.qweight import Scheme
 from signround_export.data import calibration_samples, default_calibration_text, encode, load_tokenizer
-from signround_export.modelio import load_float_model
-from signround_export.quant.quantizer import Scheme, quantize
-from signround_export.quant.signround import BlockTuner, TuneArgs, tune
+from signround_export.model.load import load_float_model
+from signround_export.tune.quantizer import quantize
+from signround_export.tune.signround import BlockTuner, TuneArgs, tune
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,9 @@ def test_signed_steps_stay_within_bounds():
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_clip_search_lowers_the_input_weighted_error(sym):
-    from signround_export.quant.quantizer import Scheme, group_range, grouped, quantize
-    from signround_export.quant.signround import clip_search
+    from signround_export.checkpoint.qweight import Scheme
+    from signround_export.tune.quantizer import group_range, grouped, quantize
+    from signround_export.tune.signround import clip_search
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 256, generator=g) * 0.02
@@ -103,8 +105,9 @@ def test_clip_search_lowers_the_input_weighted_error(sym):
 def test_clip_search_finds_a_coarser_grid_the_weights_lie_on():
     """Weights on a 4-bit grid (a step and a minimum per group of 32, as a model shipped in Q4_1 is) lie
     exactly on a 5-bit grid of half the step; the full-range 5-bit step, range / 31, misses it."""
-    from signround_export.quant.quantizer import Scheme, group_range, quantize
-    from signround_export.quant.signround import clip_search
+    from signround_export.checkpoint.qweight import Scheme
+    from signround_export.tune.quantizer import group_range, quantize
+    from signround_export.tune.signround import clip_search
 
     g = torch.Generator().manual_seed(1)
     d = (torch.rand(16, 8, 1, generator=g) * 0.01 + 0.004).half().float()

@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import rtn_checkpoint
+
 from signround_export.cli import main
 from signround_export.data import encode, heldout_text, load_tokenizer
-from signround_export.evaluate import perplexity
-from signround_export.modelio import load_any
-from signround_export.validate import Accumulator, ArtifactReport, Scores, Thresholds, judge
+from signround_export.model.load import load_any
+from signround_export.validation.metrics import perplexity
+from signround_export.validation.validate import Accumulator, ArtifactReport, Scores, Thresholds, judge
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,10 @@ def test_bad_input_is_one_line(ckpt, tmp_path, capsys, extra, message):
 def test_onnx_folder_of_another_model_is_named_as_such(ckpt, tmp_path):
     """Stacked q/k/v rows are checked against the checkpoint's shapes before they are split."""
     from conftest import write_tiny_model
-    from signround_export.checkpoint import read_checkpoint
-    from signround_export.export.onnx import export_onnx
-    from signround_export.validate import onnx_layer_errors
+
+    from signround_export.checkpoint.read import read_checkpoint
+    from signround_export.export.onnx.build import export_onnx
+    from signround_export.validation.validate import onnx_layer_errors
 
     other = rtn_checkpoint(write_tiny_model(tmp_path / "m", hidden=96, heads=6, kv_heads=2), tmp_path / "c",
                            bits=3, group_size=32)
@@ -118,11 +119,11 @@ def _swap_nibbles(pack_codes):
 
 
 BROKEN_EXPORTS = {  # a bug an exporter could have -> (artifact kind, module, attribute, patch)
-    "gguf: nibbles swapped": ("gguf", "signround_export.export.gguf_blocks", "_nibbles",
+    "gguf: nibbles swapped": ("gguf", "signround_export.export.gguf.blocks", "_nibbles",
                               lambda f: lambda codes: f(codes[..., ::-1])),
-    "gguf: no RoPE permutation": ("gguf", "signround_export.export.gguf", "_rope_permute", lambda f: lambda rows, n: rows),
-    "onnx: zero points dropped": ("onnx", "signround_export.export.onnx", "to_nbits", _drop_zero_points),
-    "onnx: nibbles swapped": ("onnx", "signround_export.export.matmulnbits", "pack_codes", _swap_nibbles),
+    "gguf: no RoPE permutation": ("gguf", "signround_export.export.gguf.write", "_rope_permute", lambda f: lambda rows, n: rows),
+    "onnx: zero points dropped": ("onnx", "signround_export.export.onnx.build", "to_nbits", _drop_zero_points),
+    "onnx: nibbles swapped": ("onnx", "signround_export.export.onnx.matmulnbits", "pack_codes", _swap_nibbles),
 }
 
 
@@ -130,9 +131,9 @@ BROKEN_EXPORTS = {  # a bug an exporter could have -> (artifact kind, module, at
 def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, capsys):
     import importlib
 
-    from signround_export.checkpoint import read_checkpoint
-    from signround_export.export.gguf import export_gguf
-    from signround_export.export.onnx import export_onnx
+    from signround_export.checkpoint.read import read_checkpoint
+    from signround_export.export.gguf.write import export_gguf
+    from signround_export.export.onnx.build import export_onnx
 
     kind, module, attr, patch = BROKEN_EXPORTS[bug]
     target = importlib.import_module(module)
@@ -151,8 +152,8 @@ def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, caps
 
 
 def test_a_truncated_gguf_is_refused(ckpt, tmp_path, capsys):
-    from signround_export.checkpoint import read_checkpoint
-    from signround_export.export.gguf import export_gguf
+    from signround_export.checkpoint.read import read_checkpoint
+    from signround_export.export.gguf.write import export_gguf
 
     path = tmp_path / "m.gguf"
     export_gguf(read_checkpoint(ckpt), path, tokenizer_pre_name="gpt-2")
@@ -183,9 +184,10 @@ def test_float_minima_exports_pass_validate(tmp_path, capsys):
     """A checkpoint tuned for Q4_K: the GGUF file holds every layer exactly; ONNX holds the float minima as
     float zero points, exact to float32 rounding, which the report says instead of calling them broken."""
     from conftest import write_tiny_model
-    from signround_export.checkpoint import read_checkpoint
-    from signround_export.export.gguf import export_gguf
-    from signround_export.export.onnx import export_onnx
+
+    from signround_export.checkpoint.read import read_checkpoint
+    from signround_export.export.gguf.write import export_gguf
+    from signround_export.export.onnx.build import export_onnx
 
     model = write_tiny_model(tmp_path / "model", hidden=256, intermediate=320, heads=4, kv_heads=2)
     ckpt = tmp_path / "ckpt"

@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import MODEL, REPO, SIGNROUND, evaluate, machine, run
 
 sys.path.insert(0, str(REPO))
-from signround_export.llama import BLOCK_LINEARS, LlamaConfig  # noqa: E402
-from signround_export.quant.allocate import depth_allocation, layer_file_bits  # noqa: E402
+from signround_export.model.config import BLOCK_LINEARS, ModelConfig  # noqa: E402
+from signround_export.tune.allocate import depth_allocation, layer_file_bits  # noqa: E402
 
 
-def linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     h, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out_in = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
@@ -57,7 +56,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=MODEL)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig.from_hf(json.loads((args.model / "config.json").read_text()))
+    cfg = ModelConfig.from_hf(json.loads((args.model / "config.json").read_text()))
     shapes = linear_shapes(cfg)
     names = list(shapes)
     choices = [int(b) for b in args.bits_choices.split(",")]
@@ -77,7 +76,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run([SIGNROUND, "tune", str(args.model), "--out", str(ckpt), *common, *flags])
         seconds = time.perf_counter() - t0
-        from signround_export.checkpoint import read_checkpoint
+        from signround_export.checkpoint.read import read_checkpoint
 
         bits = {n: qw.bits for n, qw in read_checkpoint(ckpt).qweights.items() if n in shapes}
         row = {"budget": budget, "method": method, "bpw": round(file_bpw(shapes, bits, args.group_size), 4),

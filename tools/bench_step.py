@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from signround_export.llama import block_forward
-from signround_export.modelio import load_float_model
-from signround_export.quant.quantizer import Scheme
-from signround_export.quant.signround import BlockTuner
+from signround_export.checkpoint.qweight import Scheme
+from signround_export.model.forward import block_forward
+from signround_export.model.load import load_float_model
+from signround_export.tune.signround import BlockTuner
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
 

@@ -76,9 +76,9 @@ def tiny_tokenizer():
 
 def tiny_llama(folder: Path) -> None:
     """A seeded random 2-layer LLaMA saved as an HF folder with its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM, ModelConfig
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
     torch.manual_seed(0)

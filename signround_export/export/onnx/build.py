@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import TOKENIZER_FILES, Checkpoint
-from ..fileio import atomic_dir
-from ..llama import LlamaConfig
-from ..quant.qweight import QuantWeight
+from ...checkpoint.format import TOKENIZER_FILES, Checkpoint
+from ...checkpoint.qweight import QuantWeight
+from ...errors import ONNXExportError
+from ...fileio import atomic_dir
+from ...model.config import ModelConfig
 from .matmulnbits import to_nbits
 
 OPSET = 17
@@ -47,10 +48,6 @@ IR_VERSION = 8  # the IR of opset 17; onnx writes its newest IR by default, whic
 MS = "com.microsoft"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB in one file
 HEAD_GROUP = 32  # group of a head rounded here (--lm-head-bits), as onnxruntime-genai's builder uses
-
-
-class ONNXExportError(ValueError):
-    """A checkpoint or request the ONNX exporter cannot turn into a correct model."""
 
 
 @dataclass
@@ -91,7 +88,7 @@ class GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def rope_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [max_positions, head_dim / 2], the same angles as llama.rope_tables."""
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     angles = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
@@ -134,7 +131,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
         raise ONNXExportError(f"--accuracy-level {accuracy_level}: choose 0 (exact), 1, 2, 3 or 4 (int8 activations)")
     if lm_head_bits not in (None, 4, 8, 16):
         raise ONNXExportError(f"--lm-head-bits {lm_head_bits}: choose 4, 8 or 16")
-    cfg = LlamaConfig.from_hf(ckpt.hf_config)
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
     if cfg.head_dim % 16:
         raise ONNXExportError(f"head size {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
                               "GroupQueryAttention requires")
@@ -275,12 +272,13 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     return report
 
 
-def plan_head(cfg: LlamaConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWeight | None, str]:
+def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWeight | None, str]:
     """The head's integers (the checkpoint's, or a float head rounded to lm_head_bits here) or None for a
     float head, and a sentence for the report."""
     import torch
 
-    from ..quant.quantizer import Scheme, to_qweight
+    from ...checkpoint.qweight import Scheme
+    from ...tune.quantizer import to_qweight
 
     if "lm_head" in ckpt.qweights:
         qw = ckpt.qweights["lm_head"]
@@ -296,7 +294,7 @@ def plan_head(cfg: LlamaConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
                 "symmetric (--lm-head-bits)")
 
 
-def float_head(g: GraphBuilder, cfg: LlamaConfig, ckpt: Checkpoint, h: str, embed: str | None) -> None:
+def float_head(g: GraphBuilder, cfg: ModelConfig, ckpt: Checkpoint, h: str, embed: str | None) -> None:
     """logits = h @ W.T as a Gemm with transB, which reads the [vocab, hidden] matrix as it lies, so a
     tied head shares the embedding's initializer."""
     weight = ckpt.tensors.get("lm_head.weight")
@@ -319,7 +317,7 @@ def _token_id(ckpt: Checkpoint, key: str):
     return value
 
 
-def genai_config(cfg: LlamaConfig, ckpt: Checkpoint) -> dict:
+def genai_config(cfg: ModelConfig, ckpt: Checkpoint) -> dict:
     """onnxruntime-genai's genai_config.json for this graph."""
     eos = _token_id(ckpt, "eos")
     pad = _token_id(ckpt, "pad")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .llama import Llama
+from ..model.forward import Model
 
 
 @dataclass
@@ -36,7 +36,7 @@ def windows(ids: torch.Tensor, window: int, max_windows: int | None) -> torch.Te
     return ids[: n * window].view(n, window)
 
 
-def perplexity(model: Llama, ids: torch.Tensor, window: int = 512, max_windows: int | None = 40,
+def perplexity(model: Model, ids: torch.Tensor, window: int = 512, max_windows: int | None = 40,
                batch: int = 4, progress: bool = True) -> Perplexity:
     w = windows(ids, window, max_windows)
     total, count = 0.0, 0

@@ -225,10 +225,10 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
 
     from tqdm import tqdm
 
-    from .checkpoint import read_checkpoint
-    from .data import encode, heldout_text, load_tokenizer, read_text
-    from .evaluate import windows as cut_windows
-    from .modelio import load_float_model, reference_from_checkpoint
+    from ..checkpoint.read import read_checkpoint
+    from ..data import encode, heldout_text, load_tokenizer, read_text
+    from ..model.load import load_float_model, reference_from_checkpoint
+    from .metrics import windows as cut_windows
 
     t0 = time.perf_counter()
     ckpt = read_checkpoint(checkpoint)
@@ -284,11 +284,12 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
 def gguf_weights(path, ckpt) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The GGUF file's weights under HF names and its tensor types (export.gguf.read_gguf_weights), with
     a broken or foreign file as a ValueError naming --gguf."""
-    from .export.gguf import GGUFExportError, read_gguf_weights
-    from .llama import LlamaConfig
+    from ..errors import GGUFExportError
+    from ..export.gguf.write import read_gguf_weights
+    from ..model.config import ModelConfig
 
     try:
-        return read_gguf_weights(path, LlamaConfig.from_hf(ckpt.hf_config))
+        return read_gguf_weights(path, ModelConfig.from_hf(ckpt.hf_config))
     except GGUFExportError as e:
         raise ValueError(f"--gguf {e}") from None
 
@@ -317,10 +318,11 @@ def numpy_gguf_logits(ckpt, weights: dict[str, np.ndarray]) -> tuple[LogitsFn, s
     contents without llama.cpp's 8-bit activations."""
     from importlib.metadata import version
 
-    from .llama import Llama, LlamaConfig
+    from ..model.config import ModelConfig
+    from ..model.forward import Model
 
-    cfg = LlamaConfig.from_hf(ckpt.hf_config)
-    model = Llama(cfg, {n: torch.from_numpy(np.array(w, dtype=np.float32)) for n, w in weights.items()})
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
+    model = Model(cfg, {n: torch.from_numpy(np.array(w, dtype=np.float32)) for n, w in weights.items()})
     return torch_logits(model), f"gguf-py {version('gguf')} dequantization + PyTorch (float32)"
 
 
@@ -328,7 +330,7 @@ def gguf_layer_errors(path, ckpt, weights: dict[str, np.ndarray], types: dict[st
                       ) -> tuple[dict[str, float], list[str], list[str]]:
     """(error in steps of every quantized layer, the layers whose GGUF type holds integers exactly,
     notes) for a GGUF file (weights and types as gguf_weights reads them) against its checkpoint."""
-    from .export.gguf import holds_exactly
+    from ..export.gguf.write import holds_exactly
 
     errors, exact, missing = {}, [], []
     for name, qw in ckpt.qweights.items():
@@ -361,7 +363,7 @@ def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[s
     import onnx
     from onnx import numpy_helper
 
-    from .export.matmulnbits import NBitsWeight, dequantize_nbits
+    from ..export.onnx.matmulnbits import NBitsWeight, dequantize_nbits
 
     model = onnx.load(str(Path(folder) / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -402,8 +404,8 @@ def write_report(result: dict, out_dir) -> list:
     import json
     from pathlib import Path
 
-    from .fileio import atomic_file
-    from .plots import plot_layer_errors, plot_perplexity, plot_tuning_loss
+    from ..fileio import atomic_file
+    from ..plots import plot_layer_errors, plot_perplexity, plot_tuning_loss
 
     out_dir = Path(out_dir)
     reports = [ArtifactReport(**(a | {"scores": Scores(**a["scores"]),

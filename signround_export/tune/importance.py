@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..llama import BLOCK_LINEARS, Llama, block_forward
-from .quantizer import Scheme, quantize
+from ..checkpoint.qweight import Scheme
+from ..model.config import BLOCK_LINEARS
+from ..model.forward import Model, block_forward
+from .quantizer import quantize
 
 MEASURES = ("gradient", "fisher", "activation")
 
 
-def block_linear_names(model: Llama) -> list[str]:
+def block_linear_names(model: Model) -> list[str]:
     return [f"model.layers.{i}.{n}" for i in range(model.cfg.n_layers) for n in BLOCK_LINEARS]
 
 
@@ -37,7 +39,7 @@ def rtn_error(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.T
         return w - quantize(w, Scheme(bits, group_size, sym))[0]
 
 
-def importance(model: Llama, calib: torch.Tensor, choices: list[int], group_size: int, sym: bool,
+def importance(model: Model, calib: torch.Tensor, choices: list[int], group_size: int, sym: bool,
                measure: str, batch_size: int = 4, progress: bool = True) -> tuple[list[str], np.ndarray]:
     """(layer names, scores [layers, choices]) of every decoder-block linear."""
     if measure not in MEASURES:
@@ -63,7 +65,7 @@ def importance(model: Llama, calib: torch.Tensor, choices: list[int], group_size
     return names, scores
 
 
-def _forward(model: Llama, p_override: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+def _forward(model: Model, p_override: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """Logits with some weights replaced (so that gradients reach the replacements)."""
     cfg = model.cfg
     x = model.embed(ids)
@@ -76,7 +78,7 @@ def _forward(model: Llama, p_override: dict[str, torch.Tensor], ids: torch.Tenso
     return model.head(x)
 
 
-def _loss_gradients(model: Llama, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _loss_gradients(model: Model, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     leaves = {n + ".weight": w.detach().requires_grad_(True) for n, w in weights.items()}
     logits = _forward(model, leaves, ids)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -100,7 +102,7 @@ class _LinearInputs(torch.overrides.TorchFunctionMode):
 
 
 @torch.no_grad()
-def _input_second_moments(model: Llama, weights: dict[str, torch.Tensor], batches) -> dict[str, torch.Tensor]:
+def _input_second_moments(model: Model, weights: dict[str, torch.Tensor], batches) -> dict[str, torch.Tensor]:
     counter = _LinearInputs(weights)
     tokens = 0
     with counter:

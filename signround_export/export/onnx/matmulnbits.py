@@ -29,16 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..packing import pack_bits
-from ..quant.qweight import QuantWeight
+from ...checkpoint.packing import pack_bits
+from ...checkpoint.qweight import QuantWeight
+from ...errors import MatMulNBitsError
 
 KERNEL_BITS = (2, 4, 8)
 CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}  # checkpoint bits -> the kernel's bits that hold them
 BLOCK_SIZES = (256, 128, 64, 32, 16)
-
-
-class MatMulNBitsError(ValueError):
-    """A weight MatMulNBits cannot hold exactly."""
 
 
 @dataclass

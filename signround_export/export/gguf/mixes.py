@@ -1,8 +1,8 @@
 """Which GGUF type each layer is tuned for (`signround tune --gguf TYPE`).
 
 Every type below holds a checkpoint's integers exactly, so a layer tuned on its grid reaches the GGUF
-file bit for bit (export/gguf.py picks the same types back from the integers). A grid is a tuning
-scheme: (bits, group size, symmetric, sub-scale bits, float offset; see quant/quantizer.py).
+file bit for bit (export/gguf/write.py picks the same types back from the integers). A grid is a tuning
+scheme: (bits, group size, symmetric, sub-scale bits, float offset; see tune/quantizer.py).
 
 | type | grid                        | bits per weight | rows                 |
 | ---- | --------------------------- | --------------- | -------------------- |
@@ -18,7 +18,7 @@ scheme: (bits, group size, symmetric, sub-scale bits, float offset; see quant/qu
 | Q8_0 | W8G32 sym                   | 8.5             | a multiple of 32     |
 
 "6-bit" is the width of the sub-block scales of each 256-weight super-block; "offsets": each group
-keeps a float16 minimum ("offsets", quant/quantizer.py), which the checkpoint stores beside the
+keeps a float16 minimum ("offsets", tune/quantizer.py), which the checkpoint stores beside the
 scales; the asymmetric K-quants hold it as a 6-bit (Q2_K: 4-bit) multiple of a float16 step.
 
 Rows that are not a multiple of 256 cannot take a K-quant; llama.cpp then falls back to Q4_0 for Q2_K

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .qweight import n_groups
+from ..checkpoint.qweight import n_groups
 
 
 def layer_file_bits(n: int, k: int, bits: int, group_size: int) -> int:
-    """Bits one [N, K] linear takes in the checkpoint (checkpoint.py's layout, either packing format):
+    """Bits one [N, K] linear takes in the checkpoint (checkpoint/format.py's layout, either packing format):
 
     | tensor  | dtype | shape                | bits                       |
     | qweight | int32 | [K * bits / 32, N]   | K * bits * N               |

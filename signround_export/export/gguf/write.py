@@ -1,7 +1,7 @@
 """GGUF export for llama.cpp: the checkpoint's integers repacked into GGUF blocks, and read back.
 
 Each quantized linear goes to the smallest legacy block type that holds its integers exactly
-(gguf_blocks.py has the layouts). With c = q - zero, per 32-weight block of a group:
+(blocks.py has the layouts). With c = q - zero, per 32-weight block of a group:
 
 | checkpoint layer          | GGUF type | code stored | exact                                    |
 | ------------------------- | --------- | ----------- | ---------------------------------------- |
@@ -43,12 +43,25 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..fileio import atomic_file
-from ..llama import LlamaConfig
-from ..quant.qweight import QuantWeight
-from .gguf_blocks import (ASYM_K_TYPES, BLOCK_TYPES, K_SUB, QK, QK_K, SYM_K_TYPES, pack_blocks, pack_q2_k,
-                          pack_q3_k, pack_q4_k, pack_q5_k, pack_q6_k)
+from ...checkpoint.format import Checkpoint
+from ...checkpoint.qweight import QuantWeight
+from ...errors import GGUFExportError
+from ...fileio import atomic_file
+from ...model.config import ModelConfig
+from .blocks import (
+    ASYM_K_TYPES,
+    BLOCK_TYPES,
+    K_SUB,
+    QK,
+    QK_K,
+    SYM_K_TYPES,
+    pack_blocks,
+    pack_q2_k,
+    pack_q3_k,
+    pack_q4_k,
+    pack_q5_k,
+    pack_q6_k,
+)
 
 # HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -94,10 +107,6 @@ def holds_exactly(type_name: str, qw: QuantWeight) -> bool:
     return type_name in (OFFSET_EXACT_TYPES if qw.offset is not None else EXACT_TYPES)
 
 TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 5, 3, 4
-
-
-class GGUFExportError(ValueError):
-    """A checkpoint or request the GGUF exporter cannot turn into a correct file."""
 
 
 @dataclass
@@ -405,7 +414,7 @@ def _add_tokenizer(w, folder: Path, hf: dict, pre: str | None) -> None:
         w.add_chat_template(template)
 
 
-def _add_hparams(w, cfg: LlamaConfig, hf: dict, name: str, file_type: int) -> None:
+def _add_hparams(w, cfg: ModelConfig, hf: dict, name: str, file_type: int) -> None:
     w.add_name(name)
     w.add_context_length(cfg.max_positions)
     w.add_embedding_length(cfg.hidden_size)
@@ -440,7 +449,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
     if float_type not in ("F16", "F32", "Q8_0"):
         raise GGUFExportError(f"--float-type {float_type}: choose f16, f32 or q8_0")
     hf = ckpt.hf_config
-    cfg = LlamaConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf(hf)
     arch, permute = ARCHS[cfg.model_type]
     heads = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.n_kv_heads} if permute else {}
 
@@ -521,7 +530,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
 # reading back
 
 
-def read_gguf_weights(path, cfg: LlamaConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The float32 weights of a GGUF file under their HF names (q/k rows back in HF order), and each
     tensor's GGUF type. GGUFExportError when the file is unreadable or does not match cfg."""
     import gguf

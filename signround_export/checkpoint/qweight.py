@@ -27,6 +27,25 @@ from dataclasses import dataclass
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPER_BLOCK = 256  # weights per K-quant super-block
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int
+    group_size: int  # -1: one group per row
+    sym: bool
+    sub_scale_bits: int = 0  # > 0: scales on a K-quant grid (tune/quantizer.py; K % 256 == 0)
+    float_offset: bool = False  # asymmetric with a float16 minimum per group instead of an integer zero point
+
+    def __post_init__(self):
+        if self.float_offset and self.sym:
+            raise ValueError("a float offset is for asymmetric weights")
+        if self.sub_scale_bits and not self.sym and not self.float_offset:
+            raise ValueError("asymmetric K-quant grids hold float offsets (float_offset=True)")
+
+    def resolved_group(self, k: int) -> int:
+        return k if self.group_size == -1 else self.group_size
 
 
 def n_groups(k: int, group_size: int) -> int:

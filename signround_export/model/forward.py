@@ -7,74 +7,10 @@ checkpoint's integers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-# The quantizable linears of one decoder block, in the order they run.
-BLOCK_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-
-class UnsupportedModelError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    rms_eps: float
-    rope_theta: float
-    max_positions: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported (only plain RoPE)")
-        n_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            rms_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            max_positions=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            # qwen2 always carries q/k/v biases; llama and mistral say so in attention_bias
-            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
-        )
+from .config import BLOCK_LINEARS, ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,7 +18,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rope_tables(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [T, head_dim] for the rotate-half layout HF checkpoints use."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
@@ -102,7 +38,7 @@ def linear(p: dict, name: str, x: torch.Tensor, tap=None) -> torch.Tensor:
     return F.linear(x, p[name + ".weight"], p.get(name + ".bias"))
 
 
-def block_forward(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   tap=None) -> torch.Tensor:
     """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
     relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input)
@@ -120,10 +56,10 @@ def block_forward(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
     return x + linear(p, "mlp.down_proj", act, tap)
 
 
-class Llama:
+class Model:
     """A decoder-only LLaMA-family model over float tensors keyed by their HF names."""
 
-    def __init__(self, cfg: LlamaConfig, tensors: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]):
         self.cfg = cfg
         self.tensors = tensors
         missing = [n for n in self.expected_names() if n not in tensors]

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from ..checkpoint.qweight import QuantWeight, Scheme
 from ..fileio import atomic_file
-from ..llama import BLOCK_LINEARS, Llama, block_forward
-from .quantizer import Scheme, dequantize, group_range, grouped, quantize, to_qweight
-from .qweight import QuantWeight
+from ..model.config import BLOCK_LINEARS
+from ..model.forward import Model, block_forward
+from .quantizer import dequantize, group_range, grouped, quantize, to_qweight
 
 
 @dataclass
@@ -337,7 +338,7 @@ def batched(fn, x: torch.Tensor, batch: int, dtype) -> torch.Tensor:
         return torch.cat([fn(x[i : i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, args: TuneArgs, dtype,
+def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, args: TuneArgs, dtype,
                progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
     t0 = time.perf_counter()
     device = x_q.device
@@ -375,21 +376,21 @@ def tune_block(model: Llama, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
     return qweights, log
 
 
-def rtn_block(model: Llama, i: int, args: TuneArgs) -> dict[str, QuantWeight]:
+def rtn_block(model: Model, i: int, args: TuneArgs) -> dict[str, QuantWeight]:
     """Round-to-nearest integers of one block's linears."""
     p = model.block_params(i)
     names = {n: f"model.layers.{i}.{n}" for n in BLOCK_LINEARS}
     return {name: to_qweight(p[n + ".weight"], args.scheme(name), bias=p.get(n + ".bias")) for n, name in names.items()}
 
 
-def quantized_params(model: Llama, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
+def quantized_params(model: Model, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
     p = {n: t.to(device) for n, t in model.block_params(i).items()}
     for name, qw in qweights.items():
         p[name.split(f"model.layers.{i}.", 1)[-1] + ".weight"] = dequantize(qw, device)
     return p
 
 
-def tune(model: Llama, calib: torch.Tensor | None, args: TuneArgs, progress_dir: Path | None = None,
+def tune(model: Model, calib: torch.Tensor | None, args: TuneArgs, progress_dir: Path | None = None,
          device: str = "auto", progress: bool = True) -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
     token ids, unused by plain round-to-nearest (iters 0 without clip_search)."""

@@ -1,4 +1,4 @@
-"""Load a float HF model folder, or a quantized checkpoint as the reference model, into `Llama`."""
+"""Load a float HF model folder, or a quantized checkpoint as the reference model, into `Model`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .llama import Llama, LlamaConfig
-
-
-class ModelError(ValueError):
-    pass
+from ..errors import ModelError
+from .config import ModelConfig
+from .forward import Model
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -63,23 +61,23 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise ModelError(f"tensor {name} contains NaN or infinity; the model weights are broken")
 
 
-def load_float_model(model: str | Path) -> tuple[Llama, dict, Path]:
+def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
     """(model, HF config dict, folder) with float32 weights."""
     folder = resolve_model_dir(model)
     hf = read_hf_config(folder)
     if "quantization_config" in hf:
         raise ModelError(f"{folder} is already quantized ({hf['quantization_config'].get('quant_method')}); "
                          "give the float model")
-    cfg = LlamaConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf(hf)
     tensors = {n: t.float() for n, t in load_safetensors(folder).items()}
     check_finite(tensors)
-    return Llama(cfg, tensors), hf, folder
+    return Model(cfg, tensors), hf, folder
 
 
 def float_checkpoint(model: str | Path):
     """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
     float tensor (float16 GGUF, float32 ONNX)."""
-    from .checkpoint import Checkpoint
+    from ..checkpoint.format import Checkpoint
 
     llama, hf, folder = load_float_model(model)
     tensors = {n: t.numpy() for n, t in llama.tensors.items()}
@@ -88,15 +86,15 @@ def float_checkpoint(model: str | Path):
     return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={}, tensors=tensors)
 
 
-def reference_from_checkpoint(ckpt) -> Llama:
+def reference_from_checkpoint(ckpt) -> Model:
     """The PyTorch reference of a quantized checkpoint: float weights dequantized from its integers."""
-    cfg = LlamaConfig.from_hf(ckpt.hf_config)
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
     tensors = {n: torch.from_numpy(np.asarray(t, dtype=np.float32)) for n, t in ckpt.tensors.items()}
     for name, qw in ckpt.qweights.items():
         tensors[name + ".weight"] = torch.from_numpy(qw.dequantize())
         if qw.bias is not None:
             tensors[name + ".bias"] = torch.from_numpy(qw.bias.astype(np.float32))
-    return Llama(cfg, tensors)
+    return Model(cfg, tensors)
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -106,11 +104,11 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def load_any(model: str | Path) -> tuple[Llama, str]:
+def load_any(model: str | Path) -> tuple[Model, str]:
     """A float model or the reference of a checkpoint, with a word saying which."""
     folder = resolve_model_dir(model)
     if is_checkpoint(folder):
-        from .checkpoint import read_checkpoint
+        from ..checkpoint.read import read_checkpoint
 
         return reference_from_checkpoint(read_checkpoint(folder)), "checkpoint reference"
     return load_float_model(folder)[0], "float model"

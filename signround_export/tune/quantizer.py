@@ -34,35 +34,12 @@ the stored weight. round() passes gradients straight through.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from .qweight import QuantWeight
+from ..checkpoint.qweight import SUPER_BLOCK, QuantWeight, Scheme
 
 SCALE_EPS = 1e-5  # smallest |scale|; keeps a group of zeros from dividing by zero
-
-
-SUPER_BLOCK = 256  # weights per K-quant super-block
-
-
-@dataclass(frozen=True)
-class Scheme:
-    bits: int
-    group_size: int  # -1: one group per row
-    sym: bool
-    sub_scale_bits: int = 0  # > 0: scales on a K-quant grid, see above (K % 256 == 0)
-    float_offset: bool = False  # asymmetric with a float16 minimum per group instead of an integer zero point
-
-    def __post_init__(self):
-        if self.float_offset and self.sym:
-            raise ValueError("a float offset is for asymmetric weights")
-        if self.sub_scale_bits and not self.sym and not self.float_offset:
-            raise ValueError("asymmetric K-quant grids hold float offsets (float_offset=True)")
-
-    def resolved_group(self, k: int) -> int:
-        return k if self.group_size == -1 else self.group_size
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""The quantized checkpoint: auto-round's "auto_round" format, written and read.
+
+A checkpoint is one folder, the hub every exporter reads:
+
+    config.json         the model's HF config plus `quantization_config` (QuantConfig below)
+    model.safetensors   the quantized linears packed as below; every other tensor (embeddings,
+                        norms, a float lm_head) as float32
+    tuning_log.json     what the tuning did (optional)
+    tokenizer files     copied from the source model
+
+A quantized linear L with HF weight [N, K] (N out, K in), bits b, groups of g along K,
+G = ceil(K / g) (a short last group counts as zero-padded) is stored as
+
+    weight[n, k] = (q[n, k] - zero[n, k // g]) * scale[n, k // g]
+
+| packing_format       | L.qweight int32               | L.qzeros int32             | zero stored       |
+| -------------------- | ----------------------------- | -------------------------- | ----------------- |
+| auto_round:auto_gptq | [K*b/32, N], q packed along K | [G, ceil(N*b/32)], along N | zero - 1          |
+| auto_round           | [K*b/32, N], q packed along K | [G, ceil(N*b/32)], along N | zero              |
+| auto_round:auto_awq  | [K, N/8], along N, AWQ order  | [G, N/8], AWQ order        | zero (4-bit only) |
+
+and L.scales is float16 [G, N] in all three (bit layouts in packing.py; "zero - 1" is GPTQ v1's
+habit, so readers add 1). L.bias, when the layer has one, is float. A `L.g_idx` [K] may be present;
+only the trivial k // g is accepted (act-order reorders columns, which no exporter here can carry).
+
+We write the first two (auto_round:auto_gptq only when every layer is symmetric: "zero - 1" has no
+room for a zero point of 0) and read all three, in one file or sharded (model.safetensors.index.json).
+
+One extension, written only for layers tuned on a GGUF grid with a float minimum (`tune --gguf q4_1`,
+q5_1, q4_k, q5_k, q2_k and the mixes): `L.offsets` float16 [G, N], the float minimum of each group,
+with zero points stored as 0, and then
+
+    weight[n, k] = q[n, k] * scale[n, k // g] - offset[n, k // g]
+
+auto-round's own loader does not know this tensor; checkpoints without such layers never carry it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .qweight import QuantWeight
+
+GPTQ_V1 = "auto_round:auto_gptq"  # GPTQ layout, zero point stored minus 1
+GPTQ = "auto_round"  # GPTQ layout, zero point as is
+AWQ = "auto_round:auto_awq"  # AWQ layout (4-bit), zero point as is
+READ_FORMATS = (GPTQ_V1, GPTQ, AWQ)
+WRITE_FORMATS = (GPTQ_V1, GPTQ)
+
+AUTOROUND_FORMAT_VERSION = "0.16.1"  # the auto-round release whose layout we write and test against
+QUANT_METHODS = ("auto-round", "intel/auto-round")  # the second is what older auto-round wrote
+SCHEME_KEYS = ("bits", "group_size", "sym")
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias", "offsets")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("signround-export")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
+@dataclass
+class QuantConfig:
+    bits: int
+    group_size: int  # as in the config: -1 means one group per row
+    sym: bool
+    packing_format: str = GPTQ_V1
+    extra_config: dict[str, dict] = field(default_factory=dict)  # layer name or regex -> differing keys
+    iters: int | None = None
+    tuning: dict = field(default_factory=dict)  # the tuning arguments, recorded, never used to read
+    block_name_to_quantize: str = "model.layers"
+    autoround_version: str | None = AUTOROUND_FORMAT_VERSION
+    quantizer: str | None = None  # the tool that wrote the checkpoint; None: not recorded
+
+    def layer_scheme(self, name: str) -> tuple[int, int, bool]:
+        """(bits, group_size as in the config, sym) of one layer, after extra_config.
+
+        An exact layer name wins; otherwise the first key that matches as a regex. Like auto-round's
+        loader we use re.search; auto-round writes its patterns as ".*name.*", so for its files this
+        is the same as a full match. A layer kept in float by auto-round reads as 16 bits.
+        """
+        over = self.extra_config.get(name)
+        if over is None:
+            over = next((v for k, v in self.extra_config.items() if _regex_search(k, name)), {})
+        bits = int(over.get("bits", self.bits))
+        if over.get("data_type", "int") != "int":
+            bits = max(bits, 16)  # a float layer ("fp") is not quantized, whatever bits says
+        return bits, int(over.get("group_size", self.group_size)), bool(over.get("sym", self.sym))
+
+    def to_json(self) -> dict:
+        d = {
+            "quant_method": "auto-round",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "data_type": "int",
+            "packing_format": self.packing_format,
+            "block_name_to_quantize": self.block_name_to_quantize,
+            "autoround_version": self.autoround_version,
+            "quantizer": self.quantizer if self.quantizer is not None else f"signround-export {_tool_version()}",
+            "iters": self.iters,
+        }
+        if self.extra_config:
+            d["extra_config"] = self.extra_config
+        if self.tuning:
+            d["tuning"] = self.tuning
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantConfig":
+        """Parse a quantization_config; raise CheckpointError for anything this project cannot read."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"quantization_config must be a JSON object, got {type(d).__name__}")
+        method = d.get("quant_method")
+        if method not in QUANT_METHODS:
+            raise CheckpointError(f"quant_method is {method!r}; only auto-round checkpoints "
+                                  f"(quant_method \"auto-round\") can be read")
+        if d.get("data_type", "int") != "int":
+            raise CheckpointError(f"data_type is {d['data_type']!r}; only integer weights (\"int\") can be read")
+        missing = [k for k in SCHEME_KEYS if k not in d]
+        if missing:
+            raise CheckpointError(f"quantization_config lacks {', '.join(missing)}")
+        fmt = d.get("packing_format", GPTQ_V1)  # early auto-round wrote no packing_format: GPTQ v1 then
+        if fmt not in READ_FORMATS:
+            raise CheckpointError(f"packing_format {fmt!r} is not one this reader knows "
+                                  f"({', '.join(READ_FORMATS)}); re-export with auto-round's \"auto_round\" format")
+        known = {"quant_method", "data_type", "packing_format", "extra_config", "iters", "tuning",
+                 "block_name_to_quantize", "autoround_version", "quantizer", *SCHEME_KEYS}
+        # Our own tuning arguments sit under "tuning"; auto-round records its own (nsamples, seqlen,
+        # amp, ...) as top-level keys: keep those as the tuning record.
+        tuning = d.get("tuning") or {k: v for k, v in d.items() if k not in known}
+        blocks = d.get("block_name_to_quantize") or "model.layers"
+        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), sym=bool(d["sym"]), packing_format=fmt,
+                   extra_config=dict(d.get("extra_config") or {}), iters=d.get("iters"), tuning=dict(tuning),
+                   block_name_to_quantize=blocks if isinstance(blocks, str) else ",".join(blocks),
+                   autoround_version=d.get("autoround_version"), quantizer=d.get("quantizer"))
+
+
+def _regex_search(pattern: str, name: str) -> bool:
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:  # a key that is no valid regex can only match exactly
+        return False
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    hf_config: dict  # config.json without quantization_config
+    quant: QuantConfig
+    qweights: dict[str, QuantWeight]  # module name ("model.layers.0.self_attn.q_proj") -> integers
+    tensors: dict[str, np.ndarray]  # every other tensor, float32, by HF name
+    tuning_log: dict | None = None
