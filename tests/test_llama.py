@@ -49,7 +49,7 @@ def test_bad_model_folders(tmp_path, tiny_model):
     (broken / "config.json").write_text((tiny_model / "config.json").read_text())
     data = (tiny_model / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelError, match="corrupt or truncated"):
+    with pytest.raises(ModelError, match="truncated or corrupt"):
         load_float_model(broken)
 
 

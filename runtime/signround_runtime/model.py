@@ -210,6 +210,17 @@ class Model:
 
     # -- onnxruntime -----------------------------------------------------------------------------
 
+    def logits(self, ids) -> np.ndarray:
+        """float32 logits [T, vocab] at every position of one sequence of token ids, run at once from an
+        empty cache: what validation compares with the PyTorch reference."""
+        ids = np.asarray(ids, dtype=np.int64)[None]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        empty = np.zeros((1, self.kv_heads, 0, self.head_size), dtype=np.float32)
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                feeds[self.decoder["inputs"][f"past_{kind}_names"] % i] = empty
+        return self.session.run([self.decoder["outputs"]["logits"]], feeds)[0][0]
+
     def _bind_cache(self, batch: int, max_len: int):
         """An IOBinding with every layer's KV buffer bound as both its past input and its present output,
         made once per generation; each step then binds only the tokens, the mask and the logits. The

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
+from ..model.folder import read_json, read_safetensors
 from .format import AWQ, GPTQ_V1, LAYER_TENSORS, Checkpoint, QuantConfig
 from .packing import unpack_awq, unpack_bits, words_for
 from .qweight import SUPPORTED_BITS, QuantWeight
@@ -21,7 +21,7 @@ def read_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{folder}: no such checkpoint folder (give the folder `signround tune` wrote, "
                               "with config.json and model.safetensors)")
     config_path = folder / "config.json"
-    hf = _read_json(config_path, "the checkpoint's config.json")
+    hf = read_json(config_path, "the checkpoint's config.json", CheckpointError)
     qc = hf.pop("quantization_config", None)
     if qc is None:
         raise CheckpointError(f"{config_path} has no quantization_config: {folder} is a float model, not a "
@@ -31,7 +31,7 @@ def read_checkpoint(path) -> Checkpoint:
     except CheckpointError as e:
         raise CheckpointError(f"{config_path}: {e}") from None
 
-    tensors, source = _read_tensors(folder)
+    tensors, source = read_safetensors(folder, CheckpointError, "write the checkpoint again")
     modules = sorted(t[: -len(".qweight")] for t in tensors if t.endswith(".qweight"))
     qweights = {m: _unpack_layer(m, tensors, source, quant) for m in modules}
 
@@ -55,62 +55,9 @@ def read_checkpoint(path) -> Checkpoint:
         floats[tname] = t.astype(np.float32, copy=False)
 
     log_path = folder / "tuning_log.json"
-    tuning_log = _read_json(log_path, "the tuning log") if log_path.is_file() else None
+    tuning_log = read_json(log_path, "the tuning log", CheckpointError) if log_path.is_file() else None
     return Checkpoint(path=folder, hf_config=hf, quant=quant, qweights=qweights, tensors=floats,
                       tuning_log=tuning_log)
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {path.parent} is not a complete checkpoint ({what})")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is damaged (write it again)") from None
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():  # sharded: the index names the shards
-        weight_map = _read_json(index, "the shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no weight_map; the shard index is damaged")
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        other = " (only .bin weights found: save with safetensors)" if list(folder.glob("*.bin")) else ""
-        raise CheckpointError(f"{folder} holds no model.safetensors{other}")
-    return files
-
-
-def _read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of the folder as numpy arrays, and the file each came from (for messages)."""
-    import torch  # reads bfloat16, which numpy cannot hold
-    from safetensors import SafetensorError, safe_open
-
-    tensors: dict[str, np.ndarray] = {}
-    source: dict[str, str] = {}
-    for f in _safetensors_files(folder):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    if name in tensors:
-                        raise CheckpointError(f"{f}: tensor {name} is also in {source[name]}; the shards overlap")
-                    t = st.get_tensor(name)
-                    tensors[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-                    source[name] = str(f)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{f} is truncated or corrupt ({e}); write the checkpoint again") from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        lost = sorted(set(_read_json(index, "the shard index")["weight_map"]) - set(tensors))
-        if lost:
-            raise CheckpointError(f"{index} lists tensors no shard holds: {', '.join(lost[:5])}")
-    return tensors, source
 
 
 def _unpack_layer(name: str, tensors: dict, source: dict, quant: QuantConfig) -> QuantWeight:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from ..fileio import atomic_dir
-from .format import GPTQ, GPTQ_V1, TOKENIZER_FILES, WRITE_FORMATS, QuantConfig
+from ..model.folder import copy_tokenizer_files
+from .format import GPTQ, GPTQ_V1, WRITE_FORMATS, QuantConfig
 from .packing import pack_bits
 from .qweight import QuantWeight
 
@@ -46,10 +46,7 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: dic
         if tuning_log is not None:
             (tmp / "tuning_log.json").write_text(json.dumps(tuning_log, indent=2) + "\n")
         if tokenizer_src_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_src_dir) / fname
-                if src.is_file():
-                    shutil.copyfile(src, tmp / fname)
+            copy_tokenizer_files(tokenizer_src_dir, tmp)
     return out_dir
 
 

@@ -7,23 +7,17 @@ checkpoint's integers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import BLOCK_LINEARS, ModelConfig
+from .rope import rope_tables
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, head_dim] for the rotate-half layout HF checkpoints use."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,8 +80,9 @@ class Model:
         return F.embedding(ids, self.tensors["model.embed_tokens.weight"])
 
     def rope(self, t: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rope_tables(self.cfg, torch.arange(t))
-        return cos.to(device), sin.to(device)
+        """cos and sin [t, head_dim] for positions 0 .. t - 1, repeated over both halves of a head."""
+        cos, sin = (torch.from_numpy(np.concatenate([a, a], axis=-1)).to(device) for a in rope_tables(self.cfg, t))
+        return cos, sin
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = rms_norm(x, self.tensors["model.norm.weight"], self.cfg.rms_eps)

@@ -2,57 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..errors import ModelError
 from .config import ModelConfig
+from .folder import read_hf_config, read_safetensors, resolve_model_dir
 from .forward import Model
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    """A local folder as is; otherwise a hub id fetched into the local HF cache."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelError(f"{model} is a file; give a model folder (config.json + *.safetensors)")
-    if str(model).count("/") != 1:
-        raise ModelError(f"{model}: no such folder (give a local HF model folder or a hub id org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
-    except Exception as e:  # the hub's own errors are long; say what happened in one line
-        raise ModelError(f"{model}: not a local folder, and fetching it from the hub failed: {e}") from None
-
-
-def read_hf_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from None
-
-
-def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder} holds no *.safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"{f} is corrupt or truncated ({e}); rebuild or re-download it") from None
-    return tensors
 
 
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
@@ -69,7 +27,8 @@ def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
         raise ModelError(f"{folder} is already quantized ({hf['quantization_config'].get('quant_method')}); "
                          "give the float model")
     cfg = ModelConfig.from_hf(hf)
-    tensors = {n: t.float() for n, t in load_safetensors(folder).items()}
+    arrays, _ = read_safetensors(folder, ModelError, "rebuild or re-download it")
+    tensors = {n: torch.from_numpy(a.astype(np.float32, copy=False)) for n, a in arrays.items()}
     check_finite(tensors)
     return Model(cfg, tensors), hf, folder
 

@@ -364,6 +364,7 @@ def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[s
     from onnx import numpy_helper
 
     from ..export.onnx.matmulnbits import NBitsWeight, dequantize_nbits
+    from ..export.onnx.stacking import stacked_modules
 
     model = onnx.load(str(Path(folder) / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -371,8 +372,8 @@ def onnx_layer_errors(folder, ckpt) -> tuple[dict[str, float], list[str], list[s
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        stacked = node.input[1].removesuffix(".B")  # "a+b+c": linears stacked row after row
-        qws = {m: ckpt.qweights.get(m) for m in stacked.split("+")}
+        stacked = node.input[1].removesuffix(".B")
+        qws = {m: ckpt.qweights.get(m) for m in stacked_modules(stacked)}
         if any(qw is None for qw in qws.values()):
             notes.append(f"{stacked}: MatMulNBits with no integers in the checkpoint (rounded at export)")
             continue

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import re
 
+from ...checkpoint.qweight import Scheme
+
 GRIDS = {  # type -> quant.quantizer.Scheme(bits, group size, symmetric, sub-scale bits, float offset)
     "Q2_K": (2, 16, False, 4, True),
     "Q3_K": (3, 16, True, 6, False),
@@ -112,3 +114,8 @@ def layer_types(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: in
     if gguf_type not in TYPES:
         raise ValueError(f"--gguf {gguf_type.lower()}: choose one of {', '.join(t.lower() for t in TYPES)}")
     return {name: layer_type(gguf_type, name, k, n_layers, gqa) for name, (_, k) in shapes.items()}
+
+
+def layer_schemes(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: int, gqa: int = 1) -> dict[str, Scheme]:
+    """The tuning grid of every layer for `tune --gguf gguf_type`: the Scheme of its exact GGUF type."""
+    return {name: Scheme(*GRIDS[t]) for name, t in layer_types(gguf_type, shapes, n_layers, gqa).items()}

@@ -29,19 +29,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ...checkpoint.format import TOKENIZER_FILES, Checkpoint
+from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import ONNXExportError
 from ...fileio import atomic_dir
 from ...model.config import ModelConfig
+from ...model.folder import config_token_id, copy_tokenizer_files
+from ...model.rope import rope_tables
 from .matmulnbits import to_nbits
+from .stacking import stack_key, stack_name, stack_rows
 
 OPSET = 17
 IR_VERSION = 8  # the IR of opset 17; onnx writes its newest IR by default, which older onnxruntime refuses
@@ -86,34 +88,6 @@ class GraphBuilder:
         outputs = outputs or [f"{name}/out{j}" for j in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
-
-
-def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [max_positions, head_dim / 2], the same angles as llama.rope_tables."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
-    angles = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def stack_key(qw: QuantWeight) -> tuple:
-    """What weights must share to be stacked into one MatMulNBits: their layout, groups and zero-point kind."""
-    return qw.shape[1], qw.bits, qw.group_size, qw.sym, qw.offset is None
-
-
-def stack_rows(qws: list[QuantWeight]) -> QuantWeight:
-    """Weights of one stack_key as one weight with their rows one after another (biases too, zero where
-    a weight has none)."""
-    def rows(arrays):
-        return np.concatenate(arrays, axis=0)
-
-    first = qws[0]
-    bias = None
-    if any(qw.bias is not None for qw in qws):
-        bias = rows([qw.bias if qw.bias is not None else np.zeros(qw.shape[0], np.float32) for qw in qws])
-    return QuantWeight(q=rows([qw.q for qw in qws]), scale=rows([qw.scale for qw in qws]),
-                       zero=rows([qw.zero for qw in qws]),
-                       offset=None if first.offset is None else rows([qw.offset for qw in qws]),
-                       bits=first.bits, group_size=first.group_size, sym=first.sym, bias=bias)
 
 
 def _scheme(qw: QuantWeight, block: int) -> str:
@@ -176,7 +150,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
         qws = [ckpt.qweights.get(m) for m in modules]
         if any(qw is None for qw in qws) or len({stack_key(qw) for qw in qws}) != 1:
             return [linear(x, m) for m in modules]
-        name = "+".join(modules)  # validate reads the stacked rows back by this name
+        name = stack_name(modules)
         y = matmul_nbits(x, name, stack_rows(qws), count=len(modules))
         return g.op("Split", [y, g.const(name + ".split", np.array([qw.shape[0] for qw in qws]))],
                     n_out=len(modules), axis=-1)
@@ -206,7 +180,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]),
                                               g.const("index_1", np.array(1, dtype=np.int64))], axis=0)],
                      to=TensorProto.INT32)
-    cos, sin = rope_cache(cfg)
+    cos, sin = rope_tables(cfg, cfg.max_positions)
     cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
 
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
@@ -263,10 +237,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
         onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=total > EXTERNAL_DATA_BYTES,
                         all_tensors_to_one_file=True, location="model.onnx.data")
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, ckpt), indent=2) + "\n")
-        for fname in TOKENIZER_FILES:
-            src = Path(ckpt.path) / fname
-            if src.is_file():
-                shutil.copyfile(src, tmp / fname)
+        copy_tokenizer_files(ckpt.path, tmp)
     report.bytes = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     report.seconds = time.perf_counter() - t0
     return report
@@ -308,22 +279,13 @@ def float_head(g: GraphBuilder, cfg: ModelConfig, ckpt: Checkpoint, h: str, embe
     g.op("Reshape", [logits, shape], outputs=["logits"])
 
 
-def _token_id(ckpt: Checkpoint, key: str):
-    value = ckpt.hf_config.get(f"{key}_token_id")
-    if value is None:
-        gen = Path(ckpt.path) / "generation_config.json"
-        if gen.is_file():
-            value = json.loads(gen.read_text()).get(f"{key}_token_id")
-    return value
-
-
 def genai_config(cfg: ModelConfig, ckpt: Checkpoint) -> dict:
     """onnxruntime-genai's genai_config.json for this graph."""
-    eos = _token_id(ckpt, "eos")
-    pad = _token_id(ckpt, "pad")
+    eos = config_token_id(ckpt.path, ckpt.hf_config, "eos")
+    pad = config_token_id(ckpt.path, ckpt.hf_config, "pad")
     return {
         "model": {
-            "bos_token_id": _token_id(ckpt, "bos"),
+            "bos_token_id": config_token_id(ckpt.path, ckpt.hf_config, "bos"),
             "context_length": cfg.max_positions,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

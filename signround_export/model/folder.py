@@ -1,0 +1,122 @@
+"""A Hugging Face model folder on disk: its config, its safetensors weights, its tokenizer files.
+
+Float models and quantized checkpoints are both such folders; everything that reads or copies their
+files goes through here, so both are read the same way (sharded or not, bfloat16 or not).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError, SignroundError
+
+INDEX = "model.safetensors.index.json"  # the shard index of a sharded folder
+# what a folder needs besides its weights to tokenize, chat and generate; copied into every output
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A local folder as is; otherwise a hub id fetched into the local HF cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"{model} is a file; give a model folder (config.json + *.safetensors)")
+    if str(model).count("/") != 1:
+        raise ModelError(f"{model}: no such folder (give a local HF model folder or a hub id org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except Exception as e:  # the hub's own errors are long; say what happened in one line
+        raise ModelError(f"{model}: not a local folder, and fetching it from the hub failed: {e}") from None
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_json(path: Path, what: str, error: type[SignroundError] = ModelError) -> dict:
+    """A JSON file that must be there; `error` names it as `what` when it is missing or damaged."""
+    if not path.is_file():
+        raise error(f"{path} is missing: {path.parent} is not complete ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); the file is damaged (write it again)") from None
+
+
+def safetensors_files(folder: Path, error: type[SignroundError] = ModelError) -> list[Path]:
+    """The weight files: the shards the index names, or every *.safetensors of the folder."""
+    index = folder / INDEX
+    if index.is_file():
+        weight_map = read_json(index, "the shard index", error).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise error(f"{index} has no weight_map; the shard index is damaged")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise error(f"{index} names shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = " (only .bin weights found: save with safetensors)" if list(folder.glob("*.bin")) else ""
+        raise error(f"{folder} holds no model.safetensors{other}")
+    return files
+
+
+def read_safetensors(folder: Path, error: type[SignroundError] = ModelError,
+                     remedy: str = "rebuild or re-download it") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of the folder as a numpy array (bfloat16 as float32, every other dtype as stored),
+    and the file each came from (for messages). A damaged file raises `error`, ending with `remedy`."""
+    import torch  # reads bfloat16, which numpy cannot hold
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}
+    for f in safetensors_files(folder, error):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    if name in tensors:
+                        raise error(f"{f}: tensor {name} is also in {source[name]}; the shards overlap")
+                    t = st.get_tensor(name)
+                    tensors[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+                    source[name] = str(f)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
+    index = folder / INDEX
+    if index.is_file():
+        lost = sorted(set(read_json(index, "the shard index", error)["weight_map"]) - set(tensors))
+        if lost:
+            raise error(f"{index} lists tensors no shard holds: {', '.join(lost[:5])}")
+    return tensors, source
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the TOKENIZER_FILES that src has into dst."""
+    for fname in TOKENIZER_FILES:
+        if (Path(src) / fname).is_file():
+            shutil.copyfile(Path(src) / fname, Path(dst) / fname)
+
+
+def config_token_id(folder: Path, hf_config: dict, key: str):
+    """The `{key}_token_id` ("bos", "eos", "pad") of config.json, else of generation_config.json; an id,
+    a list of ids (several eos) or None."""
+    value = hf_config.get(f"{key}_token_id")
+    if value is None:
+        gen = Path(folder) / "generation_config.json"
+        if gen.is_file():
+            value = json.loads(gen.read_text()).get(f"{key}_token_id")
+    return value
