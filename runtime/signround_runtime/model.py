@@ -113,67 +113,42 @@ class Model:
         batch = len(prompts)
         limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
         samplings = sampling if isinstance(sampling, list) else [sampling or Sampling()] * batch
+        self._check_request(prompts, limits, samplings)
+        seqs = _Sequences(prompts, limits, samplings, self.stop_ids if stop_ids is None else stop_ids, self.pad_id)
+        with self._busy:
+            io, kv = self._bind_cache(batch, len(seqs.ids[0]) + max(limits))  # kv: alive while io is used
+            t0 = time.perf_counter()
+            last = self._step(seqs.ids, seqs.mask, io, seqs.lengths - 1)
+            out = seqs.out
+            out.prefill_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for _ in range(max(limits)):
+                nxt = seqs.pick(last)
+                seqs.stop(on_step(nxt) if on_step else None)
+                if seqs.done.all():
+                    break
+                # finished sequences keep stepping on a pad token (the cache has room); their output is unused
+                feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
+                last = self._step(feed, seqs.grow_mask(), io, np.zeros(batch, dtype=np.int64))
+                out.decode_steps += 1
+            out.decode_seconds = time.perf_counter() - t1
+            return out
+
+    def _check_request(self, prompts: list[list[int]], limits: list[int], samplings: list[Sampling]) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeModelError("every prompt needs at least one token")
-        if len(limits) != batch or len(samplings) != batch:
+        if len(limits) != len(prompts) or len(samplings) != len(prompts):
             raise RuntimeModelError("give one max_new_tokens and one sampling per prompt, or one for all")
         for s in samplings:
             s.check()
         if min(limits) < 1:
             raise RuntimeModelError(f"max_new_tokens must be at least 1, got {min(limits)}")
-        lengths = np.array([len(p) for p in prompts])
         if self.vocab_size and any(t < 0 or t >= self.vocab_size for p in prompts for t in p):
             raise RuntimeModelError(f"token ids must lie in 0..{self.vocab_size - 1}")
-        max_len = int(lengths.max()) + max(limits)
-        if max_len > self.context_length:
-            raise RuntimeModelError(f"prompt of {int(lengths.max())} tokens plus {max(limits)} new ones exceeds "
+        longest = max(len(p) for p in prompts)
+        if longest + max(limits) > self.context_length:
+            raise RuntimeModelError(f"prompt of {longest} tokens plus {max(limits)} new ones exceeds "
                                     f"the context length {self.context_length}")
-        stop_ids = self.stop_ids if stop_ids is None else stop_ids
-        rngs = [np.random.default_rng(s.seed) for s in samplings]
-        with self._busy:
-            io, kv = self._bind_cache(batch, max_len)  # kv: the buffers io points at, alive while it is used
-
-            ids = np.full((batch, int(lengths.max())), self.pad_id, dtype=np.int64)  # right-padded
-            for b, p in enumerate(prompts):
-                ids[b, : len(p)] = p
-            mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-            t0 = time.perf_counter()
-            last = self._step(ids, mask, io, lengths - 1)
-            out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(lengths.sum()),
-                             prefill_seconds=time.perf_counter() - t0, finish=["length"] * batch)
-            done = np.zeros(batch, dtype=bool)
-            seen = [list(p) for p in prompts]
-            t1 = time.perf_counter()
-            for step in range(max(limits)):
-                nxt = []
-                for b in range(batch):
-                    if done[b]:
-                        nxt.append(None)
-                        continue
-                    tok = choose(last[b], samplings[b], rngs[b], np.asarray(seen[b]))
-                    if tok in stop_ids:
-                        done[b] = True
-                        out.finish[b] = "stop"
-                        nxt.append(None)
-                        continue
-                    out.tokens[b].append(tok)
-                    seen[b].append(tok)
-                    nxt.append(tok)
-                    if len(out.tokens[b]) == limits[b]:
-                        done[b] = True  # finish stays "length"
-                ended = on_step(nxt) if on_step else None
-                for b in ended or ():
-                    done[b] = True
-                    out.finish[b] = "stop"
-                if done.all():
-                    break
-                # finished sequences keep stepping on a pad token (the cache has room); their output is unused
-                feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
-                mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-                last = self._step(feed, mask, io, np.zeros(batch, dtype=np.int64))
-                out.decode_steps += 1
-            out.decode_seconds = time.perf_counter() - t1
-            return out
 
     def stream(self, prompt: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None) -> Iterator[str]:
         """Text pieces of one prompt's reply as they are generated (whole characters only)."""
@@ -249,3 +224,47 @@ class Model:
         io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
         return logits[np.arange(len(ids)), positions]  # a copy: the buffer is overwritten next run
+
+
+class _Sequences:
+    """The prompts of one generate() call as a right-padded batch, and each one's decoding state."""
+
+    def __init__(self, prompts: list[list[int]], limits: list[int], samplings: list[Sampling], stop_ids: set[int],
+                 pad_id: int = 0):
+        self.limits, self.samplings, self.stop_ids = limits, samplings, stop_ids
+        self.lengths = np.array([len(p) for p in prompts])
+        self.ids = np.full((len(prompts), int(self.lengths.max())), pad_id, dtype=np.int64)
+        for b, p in enumerate(prompts):
+            self.ids[b, : len(p)] = p
+        self.mask = (np.arange(self.ids.shape[1])[None, :] < self.lengths[:, None]).astype(np.int64)
+        self.rngs = [np.random.default_rng(s.seed) for s in samplings]
+        self.seen = [list(p) for p in prompts]
+        self.done = np.zeros(len(prompts), dtype=bool)
+        self.out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(self.lengths.sum()),
+                              finish=["length"] * len(prompts))
+
+    def pick(self, last: np.ndarray) -> list[int | None]:
+        """Each unfinished sequence's next token from its logits (None for finished ones); a stop token
+        or the sequence's limit ends it."""
+        nxt = []
+        for b in range(len(self.limits)):
+            tok = None if self.done[b] else choose(last[b], self.samplings[b], self.rngs[b], np.asarray(self.seen[b]))
+            if tok is not None and tok in self.stop_ids:
+                self.stop([b])
+                tok = None
+            if tok is not None:
+                self.out.tokens[b].append(tok)
+                self.seen[b].append(tok)
+                self.done[b] = len(self.out.tokens[b]) == self.limits[b]  # finish stays "length"
+            nxt.append(tok)
+        return nxt
+
+    def stop(self, indices: Iterable[int] | None) -> None:
+        for b in indices or ():
+            self.done[b] = True
+            self.out.finish[b] = "stop"
+
+    def grow_mask(self) -> np.ndarray:
+        """The attention mask one position longer: every sequence steps once more."""
+        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
+        return self.mask
