@@ -16,8 +16,7 @@ from signround_export.checkpoint.qweight import QuantWeight
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
 from signround_export.errors import MatMulNBitsError, ONNXExportError
-from signround_export.export.onnx.build import export_onnx
-from signround_export.export.onnx.matmulnbits import dequantize_nbits, pack_codes, to_nbits
+from signround_export.export.onnx import dequantize_nbits, export_onnx, pack_codes, to_nbits
 from signround_export.model.load import reference_from_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
@@ -206,6 +205,15 @@ def test_bad_input_is_a_one_line_error(tiny_model, tmp_path, capsys):
     with pytest.raises(ONNXExportError, match="group size 168"):
         export_onnx(read_checkpoint(odd_ckpt), tmp_path / "o3")
     assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".o3*"))
+
+
+def test_bad_options_name_their_parameter(tiny_model, tmp_path):
+    ckpt = read_checkpoint(rtn_checkpoint(tiny_model, tmp_path / "ckpt", bits=4, group_size=32))
+    for param, value in [("accuracy_level", 5), ("lm_head_bits", 3), ("max_block", 8)]:
+        with pytest.raises(ONNXExportError, match=f"^{param} {value}: choose") as refused:
+            export_onnx(ckpt, tmp_path / "onnx", **{param: value})
+        assert refused.value.param == param
+    assert not (tmp_path / "onnx").exists()
 
 
 @pytest.mark.slow

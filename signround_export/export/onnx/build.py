@@ -20,7 +20,7 @@ folder unchanged. seqlens_k = sum(attention_mask) - 1 and total_seq_len = attent
 as GroupQueryAttention wants them.
 
 The head is the checkpoint's: its integers when it quantized the lm_head, else float (a Gemm that
-shares the embedding's initializer when the two are tied). --lm-head-bits 4|8 rounds a float head to
+shares the embedding's initializer when the two are tied). lm_head_bits=4|8 rounds a float head to
 nearest, the one place this exporter rounds anything; the report says so. A tied embedding then
 reads the head's integers through GatherBlockQuantized, so the matrix is stored once.
 """
@@ -34,22 +34,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
 
 from ...checkpoint.format import Checkpoint
-from ...checkpoint.qweight import QuantWeight
+from ...checkpoint.qweight import QuantWeight, Scheme
 from ...errors import ONNXExportError
 from ...fileio import atomic_dir
 from ...model.config import ModelConfig
-from ...model.folder import config_token_id, copy_tokenizer_files
+from ...model.folder import copy_tokenizer_files
 from ...model.rope import rope_tables
-from .matmulnbits import to_nbits
+from ...tune.quantizer import to_qweight
+from .genai import genai_config
+from .graph import FLOAT, INT32, INT64, MS, GraphBuilder, tensor_info
+from .matmulnbits import BLOCK_SIZES, NBitsWeight, to_nbits
 from .stacking import stack_key, stack_name, stack_rows
 
-OPSET = 17
-IR_VERSION = 8  # the IR of opset 17; onnx writes its newest IR by default, which older onnxruntime refuses
-MS = "com.microsoft"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 computes in float32, 4 quantizes activations to int8
+HEAD_BITS = (4, 8, 16)  # lm_head_bits: 16 keeps a float head float
+HEAD_GROUP = 32  # group of a head rounded here (lm_head_bits), as onnxruntime-genai's builder uses
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB in one file
-HEAD_GROUP = 32  # group of a head rounded here (--lm-head-bits), as onnxruntime-genai's builder uses
 
 
 @dataclass
@@ -68,189 +72,44 @@ class ONNXExport:
         return f"{self.folder}: {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; {weights}; head: {self.head}"
 
 
-class GraphBuilder:
-    """Nodes and initializers with unique names; op() returns the output names."""
-
-    def __init__(self):
-        self.nodes, self.initializers, self.count = [], [], 0
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs=None, **attrs):
-        from onnx import helper
-
-        self.count += 1
-        name = f"/{op_type}_{self.count}"
-        outputs = outputs or [f"{name}/out{j}" for j in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _scheme(qw: QuantWeight, block: int) -> str:
-    return f"W{qw.bits} block {block} {'sym' if qw.sym else 'asym'}"
-
-
 def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_bits: int | None = None,
                 max_block: int = 32) -> ONNXExport:
-    """Write the ONNX folder (model.onnx, genai_config.json, tokenizer files) atomically."""
-    import onnx
-    from onnx import TensorProto, helper
+    """Write the ONNX folder (model.onnx, genai_config.json, tokenizer files) atomically.
 
+    accuracy_level: MatMulNBits' (0 exact float32 .. 4 int8 activations); lm_head_bits: 4 or 8 round a
+    float head to nearest here (None or 16 keep it); max_block: the largest MatMulNBits block."""
     t0 = time.perf_counter()
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ONNXExportError(f"--accuracy-level {accuracy_level}: choose 0 (exact), 1, 2, 3 or 4 (int8 activations)")
-    if lm_head_bits not in (None, 4, 8, 16):
-        raise ONNXExportError(f"--lm-head-bits {lm_head_bits}: choose 4, 8 or 16")
+    check_options(accuracy_level, lm_head_bits, max_block)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     if cfg.head_dim % 16:
         raise ONNXExportError(f"head size {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
-                              "GroupQueryAttention requires")
+                              "GroupQueryAttention requires: this model cannot be exported to ONNX")
     report = ONNXExport(folder=Path(out_dir), accuracy_level=accuracy_level)
-    g = GraphBuilder()
-    tensors = ckpt.tensors
-
-    def float_weight(name: str) -> np.ndarray:
-        if name not in tensors:
-            raise ONNXExportError(f"the checkpoint has no tensor {name}; it is incomplete")
-        return tensors[name]
-
-    packed: dict[str, tuple[list[str], object]] = {}
-
-    def nbits_inputs(module: str, qw: QuantWeight):
-        """The MatMulNBits initializers of one weight (B, scales[, zero_points]), made once."""
-        if module not in packed:
-            try:
-                w = to_nbits(qw, module, max_block)
-            except ValueError as e:
-                raise ONNXExportError(str(e)) from None
-            names = [g.const(f"{module}.B", w.b), g.const(f"{module}.scales", w.scales)]
-            if w.zero_points is not None:
-                names.append(g.const(f"{module}.zero_points", w.zero_points))
-            packed[module] = names, w
-        return packed[module]
-
-    def matmul_nbits(x: str, module: str, qw: QuantWeight, count: int = 1) -> str:
-        names, w = nbits_inputs(module, qw)
-        y = g.op("MatMulNBits", [x, *names], domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
-                 accuracy_level=accuracy_level)
-        key = _scheme(qw, w.block)
-        report.layers[key] = report.layers.get(key, 0) + count
-        if qw.bias is not None:
-            y = g.op("Add", [y, g.const(f"{module}.bias", qw.bias.astype(np.float32))])
-        return y
-
-    def linears(x: str, modules: list[str]) -> list[str]:
-        """Linears that read the same input (q, k, v; gate, up). When their integers share one layout they
-        run as one MatMulNBits over their stacked rows and a Split: decode measured about 8% faster
-        than one MatMulNBits each (docs/benchmarks.md). Otherwise one each."""
-        qws = [ckpt.qweights.get(m) for m in modules]
-        if any(qw is None for qw in qws) or len({stack_key(qw) for qw in qws}) != 1:
-            return [linear(x, m) for m in modules]
-        name = stack_name(modules)
-        y = matmul_nbits(x, name, stack_rows(qws), count=len(modules))
-        return g.op("Split", [y, g.const(name + ".split", np.array([qw.shape[0] for qw in qws]))],
-                    n_out=len(modules), axis=-1)
-
-    def linear(x: str, module: str) -> str:
-        if module in ckpt.qweights:
-            return matmul_nbits(x, module, ckpt.qweights[module])
-        w = float_weight(module + ".weight")  # a linear the checkpoint keeps in float
-        y = g.op("MatMul", [x, g.const(module + ".weight_t", np.ascontiguousarray(w.T))])
-        if module + ".bias" in tensors:
-            y = g.op("Add", [y, g.const(module + ".bias", tensors[module + ".bias"])])
-        return y
-
-    # inputs and the attention bookkeeping GroupQueryAttention wants
-    kv_shape = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
-    present_shape = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
-    for i in range(cfg.n_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape))
-    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axis_1", np.array([1], dtype=np.int64))], keepdims=0)
-    seqlens_k = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one_i64", np.array(1, dtype=np.int64))])],
-                     to=TensorProto.INT32)
-    total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]),
-                                              g.const("index_1", np.array(1, dtype=np.int64))], axis=0)],
-                     to=TensorProto.INT32)
-    cos, sin = rope_tables(cfg, cfg.max_positions)
-    cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
-
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
-    tied = "lm_head.weight" not in tensors and "lm_head" not in ckpt.qweights
-    shared = tied and head_qw is not None
-    if shared:
-        names, w = nbits_inputs("lm_head", head_qw)  # packed once: the head below uses the same initializers
-        shared = w.k % w.block == 0  # B viewed as [vocab, hidden * bits / 8] needs whole blocks per row
-    if shared:
-        # the head was rounded here from the tied embedding: the embedding reads the same integers, so
-        # the file holds the matrix once
-        data = g.op("Reshape", [names[0], g.const("embed_data_shape", np.array([w.n, -1], dtype=np.int64))])
-        x = g.op("GatherBlockQuantized", [data, "input_ids", *names[1:]], domain=MS, bits=w.bits,
-                 block_size=w.block, gather_axis=0, quantize_axis=1)
-        embed = None
-        report.head += "; the tied embedding reads the same integers (GatherBlockQuantized)"
-    else:
-        embed = g.const("model.embed_tokens.weight", float_weight("model.embed_tokens.weight"))
-        x = g.op("Gather", [embed, "input_ids"], axis=0)
-    out = None
-    eps = float(cfg.rms_eps)
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        ln1 = g.const(p + "input_layernorm.weight", float_weight(p + "input_layernorm.weight"))
-        if out is None:
-            h = g.op("SimplifiedLayerNormalization", [x, ln1], axis=-1, epsilon=eps, stash_type=1)
-        else:
-            h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, ln1], n_out=4, domain=MS, epsilon=eps)
-        q, k, v = linears(h, [p + f"self_attn.{n}_proj" for n in "qkv"])
-        attn, _, _ = g.op("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                                  seqlens_k, total_len, cos, sin],
-                          outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
-                          num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
-                          do_rotary=1, rotary_interleaved=0, local_window_size=-1)
-        out = linear(attn, p + "self_attn.o_proj")
-        ln2 = g.const(p + "post_attention_layernorm.weight", float_weight(p + "post_attention_layernorm.weight"))
-        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, ln2], n_out=4, domain=MS, epsilon=eps)
-        gate, up = linears(h, [p + "mlp.gate_proj", p + "mlp.up_proj"])
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        out = linear(act, p + "mlp.down_proj")
-    norm = g.const("model.norm.weight", float_weight("model.norm.weight"))
-    h = g.op("SkipSimplifiedLayerNormalization", [out, x, norm], n_out=4, domain=MS, epsilon=eps)[0]
-    if head_qw is not None:
-        g.op("Identity", [matmul_nbits(h, "lm_head", head_qw)], outputs=["logits"])
-    else:
-        float_head(g, cfg, ckpt, h, embed)
-
-    graph = helper.make_graph(g.nodes, "signround-llama", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="signround-export")
-    model.ir_version = IR_VERSION
-    total = sum(t.ByteSize() for t in g.initializers)
-    with atomic_dir(out_dir) as tmp:
-        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=total > EXTERNAL_DATA_BYTES,
-                        all_tensors_to_one_file=True, location="model.onnx.data")
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, ckpt), indent=2) + "\n")
-        copy_tokenizer_files(ckpt.path, tmp)
+    decoder = DecoderGraph(ckpt, cfg, report, accuracy_level=accuracy_level, max_block=max_block)
+    model = decoder.build(head_qw)
+    write_folder(out_dir, model, genai_config(cfg, ckpt), ckpt.path,
+                 external=decoder.g.initializer_bytes() > EXTERNAL_DATA_BYTES)
     report.bytes = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def check_options(accuracy_level: int, lm_head_bits: int | None, max_block: int) -> None:
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ONNXExportError(f"accuracy_level {accuracy_level}: choose 0 (exact), 1, 2, 3 or 4 (int8 activations)",
+                              param="accuracy_level")
+    if lm_head_bits not in (None, *HEAD_BITS):
+        raise ONNXExportError(f"lm_head_bits {lm_head_bits}: choose 4 or 8 to round a float head here, or "
+                              "16 (or None) to keep the checkpoint's head", param="lm_head_bits")
+    if max_block not in BLOCK_SIZES:
+        raise ONNXExportError(f"max_block {max_block}: choose one of the MatMulNBits block sizes "
+                              f"{', '.join(map(str, sorted(BLOCK_SIZES)))}", param="max_block")
+
+
 def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWeight | None, str]:
     """The head's integers (the checkpoint's, or a float head rounded to lm_head_bits here) or None for a
     float head, and a sentence for the report."""
-    import torch
-
-    from ...checkpoint.qweight import Scheme
-    from ...tune.quantizer import to_qweight
-
     if "lm_head" in ckpt.qweights:
         qw = ckpt.qweights["lm_head"]
         return qw, f"the checkpoint's W{qw.bits} integers"
@@ -265,48 +124,192 @@ def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
                 "symmetric (--lm-head-bits)")
 
 
-def float_head(g: GraphBuilder, cfg: ModelConfig, ckpt: Checkpoint, h: str, embed: str | None) -> None:
-    """logits = h @ W.T as a Gemm with transB, which reads the [vocab, hidden] matrix as it lies, so a
-    tied head shares the embedding's initializer."""
-    weight = ckpt.tensors.get("lm_head.weight")
-    w = embed if weight is None else g.const("lm_head.weight", weight)
-    bias = ckpt.tensors.get("lm_head.bias")
-    flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, cfg.hidden_size], dtype=np.int64))])
-    gemm_inputs = [flat, w] + ([g.const("lm_head.bias", bias)] if bias is not None else [])
-    logits = g.op("Gemm", gemm_inputs, transB=1)
-    ids_shape = g.op("Shape", ["input_ids"])
-    shape = g.op("Concat", [ids_shape, g.const("vocab", np.array([cfg.vocab_size], dtype=np.int64))], axis=0)
-    g.op("Reshape", [logits, shape], outputs=["logits"])
+def graph_io(cfg: ModelConfig) -> tuple[list, list]:
+    """The graph's inputs and outputs by onnxruntime-genai's names: ids, mask, logits and each block's KV cache."""
+    past = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
+    present = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
+    inputs = [tensor_info("input_ids", INT64, ["batch_size", "sequence_length"]),
+              tensor_info("attention_mask", INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [tensor_info("logits", FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(tensor_info(f"past_key_values.{i}.{kind}", FLOAT, past))
+            outputs.append(tensor_info(f"present.{i}.{kind}", FLOAT, present))
+    return inputs, outputs
 
 
-def genai_config(cfg: ModelConfig, ckpt: Checkpoint) -> dict:
-    """onnxruntime-genai's genai_config.json for this graph."""
-    eos = config_token_id(ckpt.path, ckpt.hf_config, "eos")
-    pad = config_token_id(ckpt.path, ckpt.hf_config, "pad")
-    return {
-        "model": {
-            "bos_token_id": config_token_id(ckpt.path, ckpt.hf_config, "bos"),
-            "context_length": cfg.max_positions,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": "model.onnx",
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.hidden_size,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": cfg.n_heads,
-                "num_hidden_layers": cfg.n_layers,
-                "num_key_value_heads": cfg.n_kv_heads,
-            },
-            "eos_token_id": eos,
-            "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
-            "type": cfg.model_type,
-            "vocab_size": cfg.vocab_size,
-        },
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": cfg.max_positions, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
-    }
+def write_folder(out_dir, model: onnx.ModelProto, genai: dict, source: Path, *, external: bool) -> None:
+    """model.onnx (its weights in model.onnx.data when `external`), genai_config.json and the tokenizer
+    files of `source`, all or nothing."""
+    with atomic_dir(out_dir) as tmp:
+        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location="model.onnx.data")
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+        copy_tokenizer_files(source, tmp)
+
+
+def _scheme(qw: QuantWeight, block: int) -> str:
+    return f"W{qw.bits} block {block} {'sym' if qw.sym else 'asym'}"
+
+
+class DecoderGraph:
+    """The decoder of one checkpoint, written into a GraphBuilder in the order of the module docstring.
+
+    Quantized weights are packed into MatMulNBits initializers once (`packed`: a tied embedding and
+    head share them), and every MatMulNBits is counted in the report."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, report: ONNXExport, *, accuracy_level: int,
+                 max_block: int):
+        self.g = GraphBuilder()
+        self.ckpt, self.cfg, self.report = ckpt, cfg, report
+        self.accuracy_level, self.max_block = accuracy_level, max_block
+        self.eps = float(cfg.rms_eps)
+        self.packed: dict[str, tuple[list[str], NBitsWeight]] = {}
+        self.attention_inputs: list[str] = []  # seqlens_k, total_seq_len, cos, sin: shared by every block
+
+    def build(self, head_qw: QuantWeight | None) -> onnx.ModelProto:
+        inputs, outputs = graph_io(self.cfg)
+        self.attention_inputs = [*self.sequence_lengths(), *self.rope_caches()]
+        x, embed = self.embedding(head_qw)
+        out = None
+        for i in range(self.cfg.n_layers):
+            out, x = self.block(i, out, x)
+        h, _ = self.skip_norm(out, x, "model.norm.weight")
+        if head_qw is not None:
+            self.g.op("Identity", [self.matmul_nbits(h, "lm_head", head_qw)], outputs=["logits"])
+        else:
+            self.float_head(h, embed)
+        return self.g.model("signround-llama", inputs, outputs, producer="signround-export")
+
+    # -- what every block's attention reads
+
+    def sequence_lengths(self) -> list[str]:
+        """seqlens_k = sum(attention_mask) - 1 and total_seq_len = attention_mask's length, as int32."""
+        g = self.g
+        mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axis_1", np.array([1], dtype=np.int64))], keepdims=0)
+        seqlens_k = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one_i64", np.array(1, dtype=np.int64))])], to=INT32)
+        length = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("index_1", np.array(1, dtype=np.int64))],
+                      axis=0)
+        return [seqlens_k, g.op("Cast", [length], to=INT32)]
+
+    def rope_caches(self) -> list[str]:
+        """GroupQueryAttention's cos and sin caches [max_positions, head_dim / 2]."""
+        cos, sin = rope_tables(self.cfg, self.cfg.max_positions)
+        return [self.g.const("cos_cache", cos), self.g.const("sin_cache", sin)]
+
+    # -- the pieces of the decoder, in graph order
+
+    def embedding(self, head_qw: QuantWeight | None) -> tuple[str, str | None]:
+        """x = the embedding rows of input_ids, and the float embedding's initializer for a float head to
+        share (None when the embedding reads the head's integers)."""
+        tied = "lm_head.weight" not in self.ckpt.tensors and "lm_head" not in self.ckpt.qweights
+        if tied and head_qw is not None:
+            # the head was rounded here from the tied embedding: packed now, the head reuses the initializers
+            names, w = self.nbits_inputs("lm_head", head_qw)
+            if w.k % w.block == 0:  # B viewed as [vocab, hidden * bits / 8] needs whole blocks per row
+                return self.quantized_embedding(names, w), None
+        embed = self.g.const("model.embed_tokens.weight", self.float_weight("model.embed_tokens.weight"))
+        return self.g.op("Gather", [embed, "input_ids"], axis=0), embed
+
+    def quantized_embedding(self, names: list[str], w: NBitsWeight) -> str:
+        """Rows of the head's MatMulNBits integers, dequantized by GatherBlockQuantized: the file holds the
+        matrix once."""
+        g = self.g
+        data = g.op("Reshape", [names[0], g.const("embed_data_shape", np.array([w.n, -1], dtype=np.int64))])
+        self.report.head += "; the tied embedding reads the same integers (GatherBlockQuantized)"
+        return g.op("GatherBlockQuantized", [data, "input_ids", *names[1:]], domain=MS, bits=w.bits,
+                    block_size=w.block, gather_axis=0, quantize_axis=1)
+
+    def block(self, i: int, out: str | None, x: str) -> tuple[str, str]:
+        """Decoder block i on the previous block's output `out` (None for block 0) and the residual x:
+        returns this block's output and the residual, to be summed by the next norm."""
+        p = f"model.layers.{i}."
+        h, x = self.skip_norm(out, x, p + "input_layernorm.weight")
+        q, k, v = self.linears(h, [p + f"self_attn.{n}_proj" for n in "qkv"])
+        out = self.linear(self.attention(i, q, k, v), p + "self_attn.o_proj")
+        h, x = self.skip_norm(out, x, p + "post_attention_layernorm.weight")
+        gate, up = self.linears(h, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        act = self.g.op("Mul", [self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate])]), up])  # silu(gate) * up
+        return self.linear(act, p + "mlp.down_proj"), x
+
+    def skip_norm(self, out: str | None, x: str, weight: str) -> tuple[str, str]:
+        """RMSNorm of x + out and the sum x + out, fused in one node (without `out`: RMSNorm of x, and x)."""
+        g = self.g
+        w = g.const(weight, self.float_weight(weight))
+        if out is None:
+            return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=self.eps, stash_type=1), x
+        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, w], n_out=4, domain=MS, epsilon=self.eps)
+        return h, x
+
+    def attention(self, i: int, q: str, k: str, v: str) -> str:
+        """Block i's GroupQueryAttention: rotary fused, its KV cache in past_key_values.i.* / present.i.*."""
+        cfg = self.cfg
+        attn, _, _ = self.g.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *self.attention_inputs],
+            outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+            num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
+            do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+        return attn
+
+    def float_head(self, h: str, embed: str | None) -> None:
+        """logits = h @ W.T as a Gemm with transB, which reads the [vocab, hidden] matrix as it lies, so a
+        tied head shares the embedding's initializer."""
+        g, cfg, tensors = self.g, self.cfg, self.ckpt.tensors
+        w = embed if "lm_head.weight" not in tensors else g.const("lm_head.weight", tensors["lm_head.weight"])
+        bias = tensors.get("lm_head.bias")
+        flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, cfg.hidden_size], dtype=np.int64))])
+        logits = g.op("Gemm", [flat, w] + ([g.const("lm_head.bias", bias)] if bias is not None else []), transB=1)
+        ids_shape = g.op("Shape", ["input_ids"])
+        shape = g.op("Concat", [ids_shape, g.const("vocab", np.array([cfg.vocab_size], dtype=np.int64))], axis=0)
+        g.op("Reshape", [logits, shape], outputs=["logits"])
+
+    # -- linears: MatMulNBits over the checkpoint's integers, MatMul over its float weights
+
+    def linears(self, x: str, modules: list[str]) -> list[str]:
+        """Linears that read the same input (q, k, v; gate, up). When their integers share one layout they
+        run as one MatMulNBits over their stacked rows and a Split: decode measured about 8% faster
+        than one MatMulNBits each (docs/benchmarks.md). Otherwise one each."""
+        qws = [self.ckpt.qweights.get(m) for m in modules]
+        if any(qw is None for qw in qws) or len({stack_key(qw) for qw in qws}) != 1:
+            return [self.linear(x, m) for m in modules]
+        name = stack_name(modules)
+        y = self.matmul_nbits(x, name, stack_rows(qws), count=len(modules))
+        rows = self.g.const(name + ".split", np.array([qw.shape[0] for qw in qws]))
+        return self.g.op("Split", [y, rows], n_out=len(modules), axis=-1)
+
+    def linear(self, x: str, module: str) -> str:
+        if module in self.ckpt.qweights:
+            return self.matmul_nbits(x, module, self.ckpt.qweights[module])
+        g, tensors = self.g, self.ckpt.tensors
+        w = self.float_weight(module + ".weight")  # a linear the checkpoint keeps in float
+        y = g.op("MatMul", [x, g.const(module + ".weight_t", np.ascontiguousarray(w.T))])
+        if module + ".bias" in tensors:
+            y = g.op("Add", [y, g.const(module + ".bias", tensors[module + ".bias"])])
+        return y
+
+    def matmul_nbits(self, x: str, module: str, qw: QuantWeight, count: int = 1) -> str:
+        """x @ dequant(qw).T (+ bias); `count`: how many of the checkpoint's linears it computes."""
+        names, w = self.nbits_inputs(module, qw)
+        y = self.g.op("MatMulNBits", [x, *names], domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
+                      accuracy_level=self.accuracy_level)
+        key = _scheme(qw, w.block)
+        self.report.layers[key] = self.report.layers.get(key, 0) + count
+        if qw.bias is not None:
+            y = self.g.op("Add", [y, self.g.const(f"{module}.bias", qw.bias.astype(np.float32))])
+        return y
+
+    def nbits_inputs(self, module: str, qw: QuantWeight) -> tuple[list[str], NBitsWeight]:
+        """The MatMulNBits initializers of one weight (B, scales[, zero_points]), made once."""
+        if module not in self.packed:
+            w = to_nbits(qw, module, self.max_block)
+            names = [self.g.const(f"{module}.B", w.b), self.g.const(f"{module}.scales", w.scales)]
+            if w.zero_points is not None:
+                names.append(self.g.const(f"{module}.zero_points", w.zero_points))
+            self.packed[module] = names, w
+        return self.packed[module]
+
+    def float_weight(self, name: str) -> np.ndarray:
+        if name not in self.ckpt.tensors:
+            raise ONNXExportError(f"the checkpoint has no tensor {name}; it is incomplete: write it again")
+        return self.ckpt.tensors[name]

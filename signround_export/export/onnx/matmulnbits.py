@@ -57,13 +57,14 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(words).view(np.uint8)[..., : -(-codes.shape[-1] * bits // 8)]
 
 
-def block_for(group: int, max_block: int = 256) -> int:
+def block_for(group: int, max_block: int = 256, name: str = "weight") -> int:
     """The largest MatMulNBits block, at most max_block, that carries groups of `group` columns exactly."""
     for block in BLOCK_SIZES:
         if block <= max_block and group % block == 0:
             return block
-    raise MatMulNBitsError(f"group size {group} is not a multiple of a MatMulNBits block size "
-                           f"({', '.join(map(str, sorted(BLOCK_SIZES)))})")
+    raise MatMulNBitsError(f"{name}: group size {group} is not a multiple of a MatMulNBits block size "
+                           f"({', '.join(map(str, sorted(BLOCK_SIZES)))}); quantize with a group_size that is "
+                           "(group_size -1 makes each whole row one group)")
 
 
 def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBitsWeight:
@@ -72,8 +73,9 @@ def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBi
     n, k = qw.shape
     bits = CONTAINER.get(qw.bits)
     if bits not in KERNEL_BITS:
-        raise MatMulNBitsError(f"{name}: {qw.bits}-bit weights have no MatMulNBits CPU kernel")
-    block = block_for(qw.group_size, max_block)
+        raise MatMulNBitsError(f"{name}: {qw.bits}-bit weights have no MatMulNBits CPU kernel; quantize with bits "
+                               f"{', '.join(map(str, sorted(CONTAINER)))}")
+    block = block_for(qw.group_size, max_block, name)
     repeat = qw.group_size // block
     k_blocks = -(-k // block)
     scales = np.repeat(qw.scale, repeat, axis=1)[:, :k_blocks]
@@ -92,22 +94,22 @@ def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBi
                        bits=bits, block=block, k=k, n=n)
 
 
+def unpack_codes(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """pack_codes undone: the first `length` codes of each row of bytes [..., L] (low bits first)."""
+    shifts = np.arange(8 // bits) * bits
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :length]
+
+
 def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
     """float32 [N, K] as MatMulNBits reads the inputs (the contract above, for tests)."""
-    per_byte = 8 // w.bits
-    mask = (1 << w.bits) - 1
-
-    def unpack(packed: np.ndarray, length: int) -> np.ndarray:
-        shifts = np.arange(per_byte) * w.bits
-        return ((packed[..., None] >> shifts) & mask).reshape(*packed.shape[:-1], -1)[..., :length]
-
     k_blocks = w.scales.shape[1]
-    codes = unpack(w.b, w.block).reshape(w.n, k_blocks * w.block)[:, : w.k].astype(np.float32)
+    codes = unpack_codes(w.b, w.bits, w.block).reshape(w.n, k_blocks * w.block)[:, : w.k].astype(np.float32)
     if w.zero_points is None:
         zeros = np.full(w.scales.shape, 2 ** (w.bits - 1), dtype=np.float32)
     elif w.zero_points.dtype == np.float32:
         zeros = w.zero_points
     else:
-        zeros = unpack(w.zero_points, k_blocks).astype(np.float32)
+        zeros = unpack_codes(w.zero_points, w.bits, k_blocks).astype(np.float32)
     block_of = np.arange(w.k) // w.block
     return (codes - zeros[:, block_of]) * w.scales[:, block_of]
