@@ -106,6 +106,25 @@ def test_q4_1_is_near_exact_and_fallbacks():
     assert encode_quantized(wide) is None
 
 
+def test_holds_exactly_integer_zeros_without_float_minima_and_offsets_with_them():
+    from signround_export.export.gguf import holds_exactly
+
+    qw = random_qweight(4, False)
+    assert holds_exactly("Q5_0", qw) and holds_exactly("Q3_K", qw)
+    assert not any(holds_exactly(t, qw) for t in ("Q4_1", "Q4_K", "F16", "IQ4_NL"))
+    qw.offset, qw.zero = qw.scale * 3, np.zeros_like(qw.zero)
+    assert holds_exactly("Q4_K", qw) and holds_exactly("Q4_1", qw) and not holds_exactly("Q5_0", qw)
+
+
+def test_an_unknown_gguf_type_for_tuning_is_named():
+    from signround_export.errors import TuneError
+    from signround_export.export.gguf.mixes import layer_types
+
+    with pytest.raises(TuneError, match="gguf_type 'Q7_K': choose one of q3_k, ") as e:
+        layer_types("Q7_K", {"model.layers.0.mlp.up_proj": (64, 256)}, 1)
+    assert e.value.param == "gguf_type"
+
+
 def test_rope_permutation_is_a_row_reordering_and_inverts():
     rows = np.arange(4 * 16)[:, None] * np.ones((1, 3))
     p = rope_permute(rows, 4)
@@ -238,26 +257,39 @@ def test_asymmetric_k_quant_blocks_match_gguf_dequantize(type_name):
     np.testing.assert_array_equal(dequantize(type_name, data, (rows, k)), want)
 
 
-@pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
-def test_asymmetric_k_quant_blocks_refuse_what_does_not_fit(type_name):
-    t, pack = GGUF_TYPES[type_name], PACK_K[type_name]
-    sub, cmax, smax = t.sub_block, t.codes[1], t.sub_scales[1]
-    codes, sc, d = np.zeros((2, 256), dtype=int), np.zeros((2, 256 // sub), dtype=int), f16(np.ones((2, 1)))
-    pack(codes + cmax, sc + smax, sc + smax, d, d)  # the largest values fit
-    with pytest.raises(ValueError, match=f"{type_name}: codes {cmax + 1}..{cmax + 1} outside 0..{cmax}"):
-        pack(codes + cmax + 1, sc, sc, d, d)
-    with pytest.raises(ValueError, match=f"{type_name}: codes -1..-1 outside"):
-        pack(codes - 1, sc, sc, d, d)
-    with pytest.raises(ValueError, match=f"{type_name}: sub-block scales or minima outside 0..{smax}"):
-        pack(codes, sc, sc + smax + 1, d, d)
-    with pytest.raises(ValueError, match=f"{type_name}: sub-block scales or minima outside"):
-        pack(codes, sc - 1, sc, d, d)
-    with pytest.raises(ValueError, match=f"{type_name}: sc and m must be"):
-        pack(codes, sc[:, :-1], sc, d, d)
-    with pytest.raises(ValueError, match=f"{type_name}: sc and m must be"):
-        pack(codes, sc, sc, d, d[:1])
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_refuse_what_does_not_fit(type_name):
+    t = GGUF_TYPES[type_name]
+    (cmin, cmax), (smin, smax) = t.codes, t.sub_scales
+    codes, sc, d = np.zeros((2, 256), dtype=int), np.zeros((2, 256 // t.sub_block), dtype=int), f16(np.ones((2, 1)))
+
+    def pack(codes, sc, d, m=None, dmin=None):  # m, dmin: the same shapes as sc, d unless given
+        if t.float_min:
+            return PACK_K[type_name](codes, sc, sc if m is None else m, d, d if dmin is None else dmin)
+        return PACK_K[type_name](codes, sc, d)
+
+    ints, steps = ("sc and m", "d and dmin") if t.float_min else ("sc", "d")
+    pack(codes + cmax, sc + smax, d)  # the ends of the ranges fit
+    pack(codes + cmin, sc + smin, d)
+    with pytest.raises(ValueError, match=f"{type_name}: codes {cmax + 1}..{cmax + 1} outside {cmin}..{cmax}"):
+        pack(codes + cmax + 1, sc, d)
+    with pytest.raises(ValueError, match=f"{type_name}: codes {cmin - 1}..{cmin - 1} outside"):
+        pack(codes + cmin - 1, sc, d)
+    with pytest.raises(ValueError, match=f"{type_name}: sub-block scales.* outside {smin}..{smax}"):
+        pack(codes, sc + smax + 1, d)
+    with pytest.raises(ValueError, match=f"{type_name}: sub-block scales.* outside"):
+        pack(codes, sc + smin - 1, d)
+    with pytest.raises(ValueError, match=f"{type_name}: {ints} must be .* and {steps} "):
+        pack(codes, sc[:, :-1], d)
+    with pytest.raises(ValueError, match=f"{type_name}: {ints} must be"):
+        pack(codes, sc, d[:1])
+    if t.float_min:
+        with pytest.raises(ValueError, match=f"{type_name}: sub-block scales or minima outside 0..{smax}"):
+            pack(codes, sc, d, m=sc + smax + 1)
+        with pytest.raises(ValueError, match=f"{type_name}: sc and m must be"):
+            pack(codes, sc, d, dmin=d[:1])
     with pytest.raises(ValueError, match=f"{type_name} needs rows whose length is a multiple of 256"):
-        pack(codes[:, :128], sc, sc, d, d)
+        pack(codes[:, :128], sc, d)
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -35,19 +35,18 @@ def _check_codes(t: GGUFType, codes: np.ndarray) -> tuple[int, int]:
     return rows, k // t.block
 
 
-def _check_sub_scales(t: GGUFType, rows: int, nb: int, sc: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
-                      dmin: np.ndarray | None = None) -> None:
-    """Shapes of a K-quant's sub-block scales sc (minima m) [rows, K/sub] and steps d (dmin) [rows, K/256],
-    and sc, m within t's range."""
+def _check_sub_scales(t: GGUFType, rows: int, nb: int, ints: dict[str, np.ndarray], steps: dict[str, np.ndarray]
+                      ) -> None:
+    """A K-quant's sub-block integers (sc, and m) [rows, K/sub] within t's range, and its float16 steps
+    (d, and dmin) [rows, K/256]; ValueError naming what does not fit."""
     subs = (rows, nb * (QK_K // t.sub_block))
-    ints, steps = [sc] if m is None else [sc, m], [d] if dmin is None else [d, dmin]
-    if any(x.shape != subs for x in ints) or any(x.shape != (rows, nb) for x in steps):
-        raise ValueError(f"{t.name}: {'sc' if m is None else 'sc and m'} must be {list(subs)} and "
-                         f"{'d' if dmin is None else 'd and dmin'} {[rows, nb]}, got "
-                         + ", ".join(str(x.shape) for x in ints + steps))
+    if any(x.shape != subs for x in ints.values()) or any(x.shape != (rows, nb) for x in steps.values()):
+        raise ValueError(f"{t.name}: {' and '.join(ints)} must be {list(subs)} and {' and '.join(steps)} "
+                         f"{[rows, nb]}, got " + ", ".join(str(x.shape) for x in [*ints.values(), *steps.values()]))
     lo, hi = t.sub_scales
-    if sc.size and (min(int(x.min()) for x in ints) < lo or max(int(x.max()) for x in ints) > hi):
-        raise ValueError(f"{t.name}: sub-block scales{'' if m is None else ' or minima'} outside {lo}..{hi}")
+    values = np.concatenate([x.ravel() for x in ints.values()])
+    if values.size and (int(values.min()) < lo or int(values.max()) > hi):
+        raise ValueError(f"{t.name}: sub-block {'scales' if len(ints) == 1 else 'scales or minima'} outside {lo}..{hi}")
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -167,7 +166,7 @@ def _check_asym_k(type_name: str, codes: np.ndarray, sc: np.ndarray, m: np.ndarr
                   dmin: np.ndarray) -> tuple[GGUFType, int, int]:
     t = GGUF_TYPES[type_name]
     rows, nb = _check_codes(t, codes)
-    _check_sub_scales(t, rows, nb, sc, d, m, dmin)
+    _check_sub_scales(t, rows, nb, {"sc": sc, "m": m}, {"d": d, "dmin": dmin})
     return t, rows, nb
 
 
@@ -220,7 +219,7 @@ def pack_q2_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, d
 def _check_sym_k(type_name: str, codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> tuple[GGUFType, int, int]:
     t = GGUF_TYPES[type_name]
     rows, nb = _check_codes(t, codes)
-    _check_sub_scales(t, rows, nb, sc, d)
+    _check_sub_scales(t, rows, nb, {"sc": sc}, {"d": d})
     return t, rows, nb
 
 
