@@ -195,15 +195,15 @@ def tune_scheme(args) -> tuple[int, int, bool]:
 def gguf_schemes(model, gguf_type: str, say) -> tuple[tuple, dict]:
     """(the most common grid, {layer: Scheme} for every layer) for `tune --gguf`."""
     from collections import Counter
+    from dataclasses import astuple
 
-    from .checkpoint.qweight import Scheme
     from .tune.importance import block_linear_names
 
     shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
     types = gguf_mix.layer_types(gguf_type, shapes, model.cfg.n_layers, model.cfg.n_heads // model.cfg.n_kv_heads)
     say(f"--gguf {gguf_type.lower()}: " + ", ".join(f"{c} layers {t}" for t, c in Counter(types.values()).most_common()))
-    grids = {n: gguf_mix.GRIDS[t] for n, t in types.items()}
-    return Counter(grids.values()).most_common(1)[0][0], {n: Scheme(*g) for n, g in grids.items()}
+    schemes = gguf_mix.layer_schemes(gguf_type, shapes, model.cfg.n_layers, model.cfg.n_heads // model.cfg.n_kv_heads)
+    return astuple(Counter(schemes.values()).most_common(1)[0][0]), schemes
 
 
 def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
@@ -428,7 +428,7 @@ def cmd_export_onnx(args) -> int:
 def cmd_export_gguf(args) -> int:
     import contextlib
 
-    from .export.gguf.write import export_gguf
+    from .export.gguf import export_gguf
 
     with contextlib.ExitStack() as stack:
         ckpt = checkpoint_or_rtn(args.source, args, stack)

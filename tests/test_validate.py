@@ -121,7 +121,7 @@ def _swap_nibbles(pack_codes):
 BROKEN_EXPORTS = {  # a bug an exporter could have -> (artifact kind, module, attribute, patch)
     "gguf: nibbles swapped": ("gguf", "signround_export.export.gguf.blocks", "_nibbles",
                               lambda f: lambda codes: f(codes[..., ::-1])),
-    "gguf: no RoPE permutation": ("gguf", "signround_export.export.gguf.write", "_rope_permute", lambda f: lambda rows, n: rows),
+    "gguf: no RoPE permutation": ("gguf", "signround_export.export.gguf.tensors", "rope_permute", lambda f: lambda rows, n: rows),
     "onnx: zero points dropped": ("onnx", "signround_export.export.onnx.build", "to_nbits", _drop_zero_points),
     "onnx: nibbles swapped": ("onnx", "signround_export.export.onnx.matmulnbits", "pack_codes", _swap_nibbles),
 }
@@ -132,7 +132,7 @@ def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, caps
     import importlib
 
     from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.gguf.write import export_gguf
+    from signround_export.export.gguf import export_gguf
     from signround_export.export.onnx.build import export_onnx
 
     kind, module, attr, patch = BROKEN_EXPORTS[bug]
@@ -153,7 +153,7 @@ def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, caps
 
 def test_a_truncated_gguf_is_refused(ckpt, tmp_path, capsys):
     from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.gguf.write import export_gguf
+    from signround_export.export.gguf import export_gguf
 
     path = tmp_path / "m.gguf"
     export_gguf(read_checkpoint(ckpt), path, tokenizer_pre_name="gpt-2")
@@ -186,7 +186,7 @@ def test_float_minima_exports_pass_validate(tmp_path, capsys):
     from conftest import write_tiny_model
 
     from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.gguf.write import export_gguf
+    from signround_export.export.gguf import export_gguf
     from signround_export.export.onnx.build import export_onnx
 
     model = write_tiny_model(tmp_path / "model", hidden=256, intermediate=320, heads=4, kv_heads=2)

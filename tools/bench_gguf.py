@@ -34,7 +34,7 @@ from common import MODEL, TEXT, machine  # noqa: E402
 
 from signround_export.checkpoint.read import read_checkpoint  # noqa: E402
 from signround_export.data import default_calibration_text, encode, load_tokenizer, read_text  # noqa: E402
-from signround_export.export.gguf.write import export_gguf  # noqa: E402
+from signround_export.export.gguf import export_gguf  # noqa: E402
 from signround_export.model.load import float_checkpoint  # noqa: E402
 from signround_export.validation.metrics import windows as cut_windows  # noqa: E402
 from signround_export.validation.validate import Accumulator, llama_cpp_logits  # noqa: E402

@@ -285,7 +285,7 @@ def gguf_weights(path, ckpt) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The GGUF file's weights under HF names and its tensor types (export.gguf.read_gguf_weights), with
     a broken or foreign file as a ValueError naming --gguf."""
     from ..errors import GGUFExportError
-    from ..export.gguf.write import read_gguf_weights
+    from ..export.gguf import read_gguf_weights
     from ..model.config import ModelConfig
 
     try:
@@ -330,7 +330,7 @@ def gguf_layer_errors(path, ckpt, weights: dict[str, np.ndarray], types: dict[st
                       ) -> tuple[dict[str, float], list[str], list[str]]:
     """(error in steps of every quantized layer, the layers whose GGUF type holds integers exactly,
     notes) for a GGUF file (weights and types as gguf_weights reads them) against its checkpoint."""
-    from ..export.gguf.write import holds_exactly
+    from ..export.gguf import holds_exactly
 
     errors, exact, missing = {}, [], []
     for name, qw in ckpt.qweights.items():

@@ -1,14 +1,16 @@
-"""GGUF's legacy 32-element blocks, packed from integer codes and float16 scales (no re-rounding).
+"""The byte layouts of GGUF blocks (ggml-common.h), packed from integer codes and float16 scales: nothing
+is rounded here. Every packer takes the stored codes (types.py: code range, zero, sub-block scales)
+and refuses values out of their ranges.
 
-Every block holds 32 consecutive weights of one row and a float16 step `d` (and offset `m`):
+Legacy blocks: 32 consecutive weights of one row and a float16 step `d` (and minimum `m`):
 
-| type | bytes | layout (in file order)            | weight            | code range |
-| ---- | ----- | --------------------------------- | ----------------- | ---------- |
-| Q4_0 | 18    | d f16, qs[16]                     | (c - 8) * d       | 0..15      |
-| Q4_1 | 20    | d f16, m f16, qs[16]              | c * d + m         | 0..15      |
-| Q5_0 | 22    | d f16, qh u32, qs[16]             | (c - 16) * d      | 0..31      |
-| Q5_1 | 24    | d f16, m f16, qh u32, qs[16]      | c * d + m         | 0..31      |
-| Q8_0 | 34    | d f16, qs[32] int8                | c * d             | -128..127  |
+| type | bytes | layout (in file order)            | weight            |
+| ---- | ----- | --------------------------------- | ----------------- |
+| Q4_0 | 18    | d f16, qs[16]                     | (c - 8) * d       |
+| Q4_1 | 20    | d f16, m f16, qs[16]              | c * d + m         |
+| Q5_0 | 22    | d f16, qh u32, qs[16]             | (c - 16) * d      |
+| Q5_1 | 24    | d f16, m f16, qh u32, qs[16]      | c * d + m         |
+| Q8_0 | 34    | d f16, qs[32] int8                | c * d             |
 
 qs: byte j holds the low 4 bits of element j (low nibble) and of element j + 16 (high nibble).
 qh: little-endian uint32 whose bit j is bit 4 of element j.
@@ -16,30 +18,35 @@ qh: little-endian uint32 whose bit j is bit 4 of element j.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-QK = 32  # elements per block
+from .types import GGUF_TYPES, QK, QK_K, GGUFType
 
 
-@dataclass(frozen=True)
-class BlockType:
-    name: str
-    nbytes: int
-    code_min: int
-    code_max: int
-    offset: int  # weight = (code - offset) * d for the types without m
-    has_m: bool
+def _check_codes(t: GGUFType, codes: np.ndarray) -> tuple[int, int]:
+    """(rows, blocks per row) of codes [rows, K]; ValueError when K is not whole blocks of t or a code
+    lies outside t's range."""
+    rows, k = codes.shape
+    if k % t.block:
+        raise ValueError(f"{t.name} needs rows whose length is a multiple of {t.block}, got {k}")
+    lo, hi = t.codes
+    if codes.size and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise ValueError(f"{t.name}: codes {int(codes.min())}..{int(codes.max())} outside {lo}..{hi}")
+    return rows, k // t.block
 
 
-BLOCK_TYPES = {t.name: t for t in (
-    BlockType("Q4_0", 18, 0, 15, 8, False),
-    BlockType("Q4_1", 20, 0, 15, 0, True),
-    BlockType("Q5_0", 22, 0, 31, 16, False),
-    BlockType("Q5_1", 24, 0, 31, 0, True),
-    BlockType("Q8_0", 34, -128, 127, 0, False),
-)}
+def _check_sub_scales(t: GGUFType, rows: int, nb: int, ints: dict[str, np.ndarray], steps: dict[str, np.ndarray]
+                      ) -> None:
+    """A K-quant's sub-block integers (sc, and m) [rows, K/sub] within t's range, and its float16 steps
+    (d, and dmin) [rows, K/256]; ValueError naming what does not fit."""
+    subs = (rows, nb * (QK_K // t.sub_block))
+    if any(x.shape != subs for x in ints.values()) or any(x.shape != (rows, nb) for x in steps.values()):
+        raise ValueError(f"{t.name}: {' and '.join(ints)} must be {list(subs)} and {' and '.join(steps)} "
+                         f"{[rows, nb]}, got " + ", ".join(str(x.shape) for x in [*ints.values(), *steps.values()]))
+    lo, hi = t.sub_scales
+    values = np.concatenate([x.ravel() for x in ints.values()])
+    if values.size and (int(values.min()) < lo or int(values.max()) > hi):
+        raise ValueError(f"{t.name}: sub-block {'scales' if len(ints) == 1 else 'scales or minima'} outside {lo}..{hi}")
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -66,19 +73,13 @@ def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray 
     The codes must already lie in the type's code range and d, m must hold float16 values: this is a
     byte layout, nothing is rounded here.
     """
-    bt = BLOCK_TYPES[type_name]
-    rows, k = codes.shape
-    if k % QK:
-        raise ValueError(f"{type_name} needs rows whose length is a multiple of {QK}, got {k}")
-    nb = k // QK
-    if d.shape != (rows, nb) or (bt.has_m and (m is None or m.shape != (rows, nb))):
+    t = GGUF_TYPES[type_name]
+    rows, nb = _check_codes(t, codes)
+    if d.shape != (rows, nb) or (t.float_min and (m is None or m.shape != (rows, nb))):
         raise ValueError(f"{type_name}: d/m must be [{rows}, {nb}], got {d.shape} / {None if m is None else m.shape}")
-    if codes.size and (int(codes.min()) < bt.code_min or int(codes.max()) > bt.code_max):
-        raise ValueError(f"{type_name}: codes {int(codes.min())}..{int(codes.max())} outside "
-                         f"{bt.code_min}..{bt.code_max}")
     c = codes.reshape(rows, nb, QK)
     parts = [_f16_bytes(d)]
-    if bt.has_m:
+    if t.float_min:
         parts.append(_f16_bytes(m))
     if type_name == "Q8_0":
         parts.append(c.astype(np.int8).view(np.uint8))
@@ -87,8 +88,8 @@ def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray 
             parts.append(_fifth_bits(c))
         parts.append(_nibbles(c))
     out = np.concatenate(parts, axis=-1)
-    assert out.shape[-1] == bt.nbytes
-    return out.reshape(rows, nb * bt.nbytes)
+    assert out.shape[-1] == t.nbytes
+    return out.reshape(rows, nb * t.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,14 +134,6 @@ def pack_blocks(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray 
 #   byte i     = sc[i] | (sc[i+4] >> 4) << 6        byte 4 + i = m[i] | (m[i+4] >> 4) << 6
 #   byte 8 + i = (sc[i+4] & 15) | (m[i+4] & 15) << 4
 
-QK_K = 256
-ASYM_K_TYPES = {  # type -> (bytes per super-block, weights per sub-block, largest code, largest sc and m)
-    "Q2_K": (84, 16, 3, 15),
-    "Q4_K": (144, 32, 15, 63),
-    "Q5_K": (176, 32, 31, 63),
-}
-
-
 def _crumbs(u: np.ndarray) -> np.ndarray:
     """[..., 256] 2-bit values -> [..., 64] bytes: element 128 h + i at bits 2 * (i // 32) of byte 32 h + i % 32."""
     q = (u.astype(np.uint8) & 3).reshape(*u.shape[:-1], 2, 4, 32)
@@ -170,113 +163,92 @@ def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def _check_asym_k(type_name: str, codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
-                  dmin: np.ndarray) -> tuple[int, int]:
-    _, sub, cmax, smax = ASYM_K_TYPES[type_name]
-    rows, k = codes.shape
-    if k % QK_K:
-        raise ValueError(f"{type_name} needs rows whose length is a multiple of {QK_K}, got {k}")
-    nb = k // QK_K
-    if sc.shape != (rows, k // sub) or m.shape != (rows, k // sub) or d.shape != (rows, nb) or dmin.shape != (rows, nb):
-        raise ValueError(f"{type_name}: sc and m must be [{rows}, {k // sub}] and d and dmin [{rows}, {nb}], got "
-                         f"{sc.shape}, {m.shape}, {d.shape}, {dmin.shape}")
-    if codes.size and (codes.min() < 0 or codes.max() > cmax):
-        raise ValueError(f"{type_name}: codes outside 0..{cmax}")
-    if sc.size and (min(sc.min(), m.min()) < 0 or max(sc.max(), m.max()) > smax):
-        raise ValueError(f"{type_name}: sub-block scales or minima outside 0..{smax}")
-    return rows, nb
+                  dmin: np.ndarray) -> tuple[GGUFType, int, int]:
+    t = GGUF_TYPES[type_name]
+    rows, nb = _check_codes(t, codes)
+    _check_sub_scales(t, rows, nb, {"sc": sc, "m": m}, {"d": d, "dmin": dmin})
+    return t, rows, nb
 
 
 def pack_q4_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
     """codes [rows, K] in 0..15, sc and m [rows, K/32] in 0..63, d and dmin [rows, K/256] float16 values
     -> uint8 [rows, K/256 * 144]."""
-    rows, nb = _check_asym_k("Q4_K", codes, sc, m, d, dmin)
+    t, rows, nb = _check_asym_k("Q4_K", codes, sc, m, d, dmin)
     c = codes.reshape(rows, nb, QK_K)
     scales = _k_scales(sc.reshape(rows, nb, 8), m.reshape(rows, nb, 8))
     out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, _k_nibbles(c)], axis=-1)
-    return out.reshape(rows, nb * 144)
+    return out.reshape(rows, nb * t.nbytes)
 
 
 def pack_q5_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
     """codes [rows, K] in 0..31, sc and m [rows, K/32] in 0..63, d and dmin [rows, K/256] float16 values
     -> uint8 [rows, K/256 * 176]."""
-    rows, nb = _check_asym_k("Q5_K", codes, sc, m, d, dmin)
+    t, rows, nb = _check_asym_k("Q5_K", codes, sc, m, d, dmin)
     c = codes.reshape(rows, nb, QK_K)
     scales = _k_scales(sc.reshape(rows, nb, 8), m.reshape(rows, nb, 8))
     out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, _bit_planes(c >> 4), _k_nibbles(c)], axis=-1)
-    return out.reshape(rows, nb * 176)
+    return out.reshape(rows, nb * t.nbytes)
 
 
 def pack_q2_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
     """codes [rows, K] in 0..3, sc and m [rows, K/16] in 0..15, d and dmin [rows, K/256] float16 values
     -> uint8 [rows, K/256 * 84]."""
-    rows, nb = _check_asym_k("Q2_K", codes, sc, m, d, dmin)
+    t, rows, nb = _check_asym_k("Q2_K", codes, sc, m, d, dmin)
     scales = sc.reshape(rows, nb, 16).astype(np.uint8) | (m.reshape(rows, nb, 16).astype(np.uint8) << 4)
     out = np.concatenate([scales, _crumbs(codes.reshape(rows, nb, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], axis=-1)
-    return out.reshape(rows, nb * 84)
+    return out.reshape(rows, nb * t.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
 # Symmetric K-quants: super-blocks of 256 weights = 16 sub-blocks of 16, one float16 step d per
-# super-block and a signed integer sub-scale sc[j] per sub-block; weight = d * sc[j] * c.
+# super-block and a signed integer sub-scale sc[j] per sub-block; weight = d * sc[j] * (u - zero).
 #
-# | type | bytes | layout (file order)                    | c       | sc stored as        |
-# | ---- | ----- | -------------------------------------- | ------- | ------------------- |
-# | Q3_K | 110   | hmask[32], qs[64], scales[12], d f16   | -4..3   | sc + 32, 6 bits     |
-# | Q6_K | 210   | ql[128], qh[64], scales[16] i8, d f16  | -32..31 | sc, int8            |
+# | type | bytes | layout (file order)                    | u     | zero | sc stored as        |
+# | ---- | ----- | -------------------------------------- | ----- | ---- | ------------------- |
+# | Q3_K | 110   | hmask[32], qs[64], scales[12], d f16   | 0..7  | 4    | sc + 32, 6 bits     |
+# | Q6_K | 210   | ql[128], qh[64], scales[16] i8, d f16  | 0..63 | 32   | sc, int8            |
 #
 # Element e of a super-block, in halves h of 128 (e = 128 h + i):
-#   Q6_K  u = c + 32:  low 4 bits in ql[64 h + i % 64], nibble i // 64;
-#                      high 2 bits in qh[32 h + i % 32], bits 2 * (i // 32) and up.
-#   Q3_K  u = c + 4:   low 2 bits in qs[32 h + i % 32], bits 2 * (i // 32) and up;
-#                      bit 2 in hmask[e % 32], bit e // 32.
+#   Q6_K  low 4 bits of u in ql[64 h + i % 64], nibble i // 64;
+#         high 2 bits in qh[32 h + i % 32], bits 2 * (i // 32) and up.
+#   Q3_K  low 2 bits of u in qs[32 h + i % 32], bits 2 * (i // 32) and up;
+#         bit 2 in hmask[e % 32], bit e // 32.
 #   Q3_K scales: byte i < 8 = (s[i] & 15) | (s[i + 8] & 15) << 4; byte 8 + i (i < 4) holds bits 4-5
 #                of s[i], s[i + 4], s[i + 8], s[i + 12] at bits 0, 2, 4, 6.
 
-K_SUB = 16  # weights per sub-block of the symmetric K-quants
-SYM_K_TYPES = {  # type -> (bytes per super-block, code range of c, sub-scale range)
-    "Q3_K": (110, (-4, 3), (-32, 31)),
-    "Q6_K": (210, (-32, 31), (-128, 127)),
-}
+def _check_sym_k(type_name: str, codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> tuple[GGUFType, int, int]:
+    t = GGUF_TYPES[type_name]
+    rows, nb = _check_codes(t, codes)
+    _check_sub_scales(t, rows, nb, {"sc": sc}, {"d": d})
+    return t, rows, nb
 
 
-def _check_sym_k(type_name: str, c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> tuple[int, int]:
-    _, (cmin, cmax), (smin, smax) = SYM_K_TYPES[type_name]
-    rows, k = c.shape
-    if k % QK_K:
-        raise ValueError(f"{type_name} needs rows whose length is a multiple of {QK_K}, got {k}")
-    nb = k // QK_K
-    if sc.shape != (rows, k // K_SUB) or d.shape != (rows, nb):
-        raise ValueError(f"{type_name}: sc must be [{rows}, {k // K_SUB}] and d [{rows}, {nb}]")
-    if c.size and (c.min() < cmin or c.max() > cmax):
-        raise ValueError(f"{type_name}: codes outside {cmin}..{cmax}")
-    if sc.size and (sc.min() < smin or sc.max() > smax):
-        raise ValueError(f"{type_name}: sub-block scales outside {smin}..{smax}")
-    return rows, nb
-
-
-def pack_q6_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """c [rows, K] in -32..31, sc [rows, K/16] in -128..127, d [rows, K/256] float16 values
+def pack_q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """codes [rows, K] in 0..63, sc [rows, K/16] in -128..127, d [rows, K/256] float16 values
     -> uint8 [rows, K/256 * 210]."""
-    rows, nb = _check_sym_k("Q6_K", c, sc, d)
-    u = (c + 32).astype(np.uint8).reshape(rows, nb, 2, 128)  # halves
+    t, rows, nb = _check_sym_k("Q6_K", codes, sc, d)
+    u = codes.astype(np.uint8).reshape(rows, nb, 2, 128)  # halves
     low, high = u & 15, u >> 4
     ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, nb, 128)
     qh = _crumbs(high.reshape(rows, nb, QK_K))
     scales = sc.reshape(rows, nb, 16).astype(np.int8).view(np.uint8)
     out = np.concatenate([ql, qh, scales, _f16_bytes(d)], axis=-1)
-    return out.reshape(rows, nb * 210)
+    return out.reshape(rows, nb * t.nbytes)
 
 
-def pack_q3_k(c: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """c [rows, K] in -4..3, sc [rows, K/16] in -32..31, d [rows, K/256] float16 values
+def pack_q3_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """codes [rows, K] in 0..7, sc [rows, K/16] in -32..31, d [rows, K/256] float16 values
     -> uint8 [rows, K/256 * 110]."""
-    rows, nb = _check_sym_k("Q3_K", c, sc, d)
-    u = (c + 4).astype(np.uint8).reshape(rows, nb, 256)
+    t, rows, nb = _check_sym_k("Q3_K", codes, sc, d)
+    u = codes.astype(np.uint8).reshape(rows, nb, QK_K)
     hmask, qs = _bit_planes(u >> 2), _crumbs(u)
     s = (sc.reshape(rows, nb, 16) + 32).astype(np.uint8)
     lo = (s[..., :8] & 15) | ((s[..., 8:] & 15) << 4)
     hi = (s >> 4).reshape(rows, nb, 4, 4)  # [.., group of 4 sub-blocks t, i]: bits 4-5 of s[4 t + i]
     hi = hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)
     out = np.concatenate([hmask, qs, lo, hi, _f16_bytes(d)], axis=-1)
-    return out.reshape(rows, nb * 110)
+    return out.reshape(rows, nb * t.nbytes)
 
+
+# the packer of each K-quant: pack(codes, sc, d) without float minima, pack(codes, sc, m, d, dmin) with
+PACK_K = {"Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k}

@@ -1,28 +1,10 @@
 """Which GGUF type each layer is tuned for (`signround tune --gguf TYPE`).
 
-Every type below holds a checkpoint's integers exactly, so a layer tuned on its grid reaches the GGUF
-file bit for bit (export/gguf/write.py picks the same types back from the integers). A grid is a tuning
-scheme: (bits, group size, symmetric, sub-scale bits, float offset; see tune/quantizer.py).
-
-| type | grid                        | bits per weight | rows                 |
-| ---- | --------------------------- | --------------- | -------------------- |
-| Q2_K | W2G16 asym, 4-bit, offsets  | 2.625           | a multiple of 256    |
-| Q3_K | W3G16 sym, 6-bit            | 3.4375          | a multiple of 256    |
-| Q4_0 | W4G32 sym                   | 4.5             | a multiple of 32     |
-| Q4_1 | W4G32 asym, offsets         | 5.0             | a multiple of 32     |
-| Q4_K | W4G32 asym, 6-bit, offsets  | 4.5             | a multiple of 256    |
-| Q5_0 | W5G32 sym                   | 5.5             | a multiple of 32     |
-| Q5_1 | W5G32 asym, offsets         | 6.0             | a multiple of 32     |
-| Q5_K | W5G32 asym, 6-bit, offsets  | 5.5             | a multiple of 256    |
-| Q6_K | W6G16 sym, 8-bit            | 6.5625          | a multiple of 256    |
-| Q8_0 | W8G32 sym                   | 8.5             | a multiple of 32     |
-
-"6-bit" is the width of the sub-block scales of each 256-weight super-block; "offsets": each group
-keeps a float16 minimum ("offsets", tune/quantizer.py), which the checkpoint stores beside the
-scales; the asymmetric K-quants hold it as a 6-bit (Q2_K: 4-bit) multiple of a float16 step.
-
-Rows that are not a multiple of 256 cannot take a K-quant; llama.cpp then falls back to Q4_0 for Q2_K
-and Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for Q6_K, and so do we.
+Every quantized type of types.py holds a checkpoint's integers exactly, so a layer tuned on its grid
+(the `scheme` of the type's record: a tuning Scheme, see tune/quantizer.py) reaches the GGUF file bit
+for bit; export/gguf/encode.py picks the same types back from the integers. Rows that are not a
+multiple of 256 cannot take a K-quant; llama.cpp then falls back to the record's `fallback` (Q4_0 for
+Q2_K and Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for Q6_K), and so do we.
 
 The mixes are llama.cpp's per-tensor choices for its file types (llama-quant.cpp, for dense
 non-Falcon models; n layers, layer i, integer division; others: every other linear):
@@ -47,21 +29,8 @@ from __future__ import annotations
 import re
 
 from ...checkpoint.qweight import Scheme
-
-GRIDS = {  # type -> quant.quantizer.Scheme(bits, group size, symmetric, sub-scale bits, float offset)
-    "Q2_K": (2, 16, False, 4, True),
-    "Q3_K": (3, 16, True, 6, False),
-    "Q4_0": (4, 32, True, 0, False),
-    "Q4_1": (4, 32, False, 0, True),
-    "Q4_K": (4, 32, False, 6, True),
-    "Q5_0": (5, 32, True, 0, False),
-    "Q5_1": (5, 32, False, 0, True),
-    "Q5_K": (5, 32, False, 6, True),
-    "Q6_K": (6, 16, True, 8, False),
-    "Q8_0": (8, 32, True, 0, False),
-}
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # rows not a multiple of 256
-SUPER_BLOCK = 256
+from ...errors import TuneError
+from .types import GGUF_TYPES, QK_K
 
 ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
          "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -93,7 +62,7 @@ MIXES = {
     "Q5_K_M": mix("Q5_K", lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K", "Q5_K",
                   lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K"),
 }
-SINGLE = [t for t in GRIDS if t not in MIXES]  # Q2_K is llama.cpp's mix of that name, not one type
+SINGLE = sorted(n for n, t in GGUF_TYPES.items() if t.quantized and n not in MIXES)  # Q2_K: the mix of that name
 TYPES = SINGLE + list(MIXES)  # what --gguf accepts
 
 
@@ -104,18 +73,19 @@ def layer_type(gguf_type: str, name: str, k: int, n_layers: int, gqa: int = 1) -
     if m is None or m.group(2) not in ROLES:
         raise ValueError(f"{name} is not a decoder-block linear of a llama-family model")
     t = MIXES[gguf_type](ROLES[m.group(2)], int(m.group(1)), n_layers, gqa) if gguf_type in MIXES else gguf_type
-    if k % SUPER_BLOCK and t in FALLBACK:
-        t = FALLBACK[t]
+    if k % QK_K and GGUF_TYPES[t].fallback:
+        t = GGUF_TYPES[t].fallback
     return t
 
 
 def layer_types(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: int, gqa: int = 1) -> dict[str, str]:
     """Every layer's exact GGUF type for `tune --gguf gguf_type`; shapes are the HF [N, K] of each linear."""
     if gguf_type not in TYPES:
-        raise ValueError(f"--gguf {gguf_type.lower()}: choose one of {', '.join(t.lower() for t in TYPES)}")
+        raise TuneError(f"gguf_type {gguf_type!r}: choose one of {', '.join(t.lower() for t in TYPES)}",
+                        param="gguf_type")
     return {name: layer_type(gguf_type, name, k, n_layers, gqa) for name, (_, k) in shapes.items()}
 
 
 def layer_schemes(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: int, gqa: int = 1) -> dict[str, Scheme]:
     """The tuning grid of every layer for `tune --gguf gguf_type`: the Scheme of its exact GGUF type."""
-    return {name: Scheme(*GRIDS[t]) for name, t in layer_types(gguf_type, shapes, n_layers, gqa).items()}
+    return {name: GGUF_TYPES[t].scheme for name, t in layer_types(gguf_type, shapes, n_layers, gqa).items()}

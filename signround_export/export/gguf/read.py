@@ -1,0 +1,61 @@
+"""A GGUF file's weights read back as float32 under their HF names, as llama.cpp sees them."""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+
+from ...errors import GGUFExportError
+from ...model.config import ModelConfig
+from .tensors import ARCHS, hf_names, rope_heads, rope_unpermute
+
+
+def dequantize(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values of one tensor as llama.cpp reads them (gguf-py's reference dequantization)."""
+    if type_name in ("F32", "F16"):
+        return np.asarray(data, dtype=np.float32).reshape(shape)
+    return gguf_dequantize(np.asarray(data).reshape(shape[0], -1), GGMLQuantizationType[type_name]).reshape(shape)
+
+
+def open_gguf(path) -> GGUFReader:
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError, struct errors, memmap errors for broken files
+        raise GGUFExportError(f"{path} is not a readable GGUF file ({str(e)[:200]}); it is truncated or corrupt") from None
+
+
+def check_model(reader: GGUFReader, path, cfg: ModelConfig) -> str:
+    """The file's architecture, once its hyperparameters are cfg's; GGUFExportError naming the first
+    that differs."""
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    want_arch = ARCHS[cfg.model_type][0]
+    if arch != want_arch:
+        raise GGUFExportError(f"{path} is a {arch!r} model, expected {want_arch!r}")
+    for key, value in (("block_count", cfg.n_layers), ("embedding_length", cfg.hidden_size),
+                       ("attention.head_count", cfg.n_heads), ("attention.head_count_kv", cfg.n_kv_heads)):
+        f = reader.fields.get(f"{arch}.{key}")
+        if f is None or int(f.contents()) != value:
+            raise GGUFExportError(f"{path}: {arch}.{key} is {None if f is None else f.contents()}, the checkpoint "
+                                  f"has {value}; the file belongs to another model")
+    return arch
+
+
+def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The float32 weights of a GGUF file under their HF names (q/k rows back in HF order), and each
+    tensor's GGUF type. GGUFExportError when the file is unreadable or does not match cfg."""
+    reader = open_gguf(path)
+    arch = check_model(reader, path, cfg)
+    to_hf = hf_names(cfg.n_layers)
+    weights, types = {}, {}
+    for t in reader.tensors:
+        if t.name not in to_hf:
+            raise GGUFExportError(f"{path}: tensor {t.name} is not one of a {arch} model's")
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        w = dequantize(t.tensor_type.name, t.data, shape)
+        hf_name = to_hf[t.name]
+        heads = rope_heads(cfg, hf_name)
+        weights[hf_name] = rope_unpermute(w, heads) if heads else w
+        types[hf_name] = t.tensor_type.name
+    return weights, types

@@ -1,0 +1,84 @@
+"""llama.cpp's names for a model's tensors, and its row order for the rotary projections.
+
+llama.cpp's "llama" architecture rotates q and k in interleaved pairs, HF's in halves: the rows of
+q_proj and k_proj are permuted per head (`rope_permute`), which reorders rows only, so it applies
+exactly to the integers, scales and zero points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...checkpoint.qweight import QuantWeight
+from ...model.config import ModelConfig
+
+# HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+# HF tensor name (with {i} for the block) -> GGUF tensor name
+TENSOR_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF name of an HF tensor, or None when llama.cpp has none for it."""
+    parts = hf_name.split(".")
+    if hf_name.startswith("model.layers.") and len(parts) > 3 and parts[2].isdigit():
+        key = ".".join(parts[:2] + ["{i}"] + parts[3:])
+        return TENSOR_NAMES[key].replace("{i}", parts[2]) if key in TENSOR_NAMES else None
+    return TENSOR_NAMES.get(hf_name)
+
+
+def hf_names(n_layers: int) -> dict[str, str]:
+    """GGUF name -> HF name of every tensor a model of n_layers blocks can have."""
+    names = {}
+    for hf_pattern, gguf_pattern in TENSOR_NAMES.items():
+        for i in range(n_layers) if "{i}" in hf_pattern else [None]:
+            names[gguf_pattern.replace("{i}", str(i))] = hf_pattern.replace("{i}", str(i))
+    return names
+
+
+def rope_heads(cfg: ModelConfig, hf_name: str) -> int | None:
+    """The number of heads whose rows llama.cpp wants interleaved, for q_proj and k_proj tensors of an
+    architecture that needs it; else None."""
+    if not ARCHS[cfg.model_type][1]:
+        return None
+    heads = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.n_kv_heads}
+    return next((n for key, n in heads.items() if f".{key}." in hf_name + "."), None)
+
+
+def rope_permute(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder rows (axis 0) from HF's half-split rotary layout to llama.cpp's interleaved one."""
+    r = rows.shape[0]
+    return rows.reshape(n_heads, 2, r // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def rope_unpermute(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    r = rows.shape[0]
+    return rows.reshape(n_heads, r // n_heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def llama_rows(item: QuantWeight | np.ndarray, n_heads: int) -> QuantWeight | np.ndarray:
+    """A quantized layer or a float tensor of q_proj or k_proj with its rows in llama.cpp's order (a
+    layer's bias is a tensor of its own: the result has none)."""
+    if not isinstance(item, QuantWeight):
+        return rope_permute(item, n_heads)
+    return QuantWeight(rope_permute(item.q, n_heads), rope_permute(item.scale, n_heads),
+                       rope_permute(item.zero, n_heads), item.bits, item.group_size, item.sym,
+                       offset=None if item.offset is None else rope_permute(item.offset, n_heads))
