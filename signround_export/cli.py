@@ -258,21 +258,15 @@ def read_allocation(path: Path, model) -> dict[str, int]:
 
 
 def cmd_eval(args) -> int:
-    from .data import encode, heldout_text, load_tokenizer, read_text
-    from .model.load import load_any, resolve_model_dir
-    from .validation.metrics import perplexity
+    from .fileio import atomic_file
+    from .validation import folder_perplexity
 
     t0 = time.perf_counter()
-    folder = resolve_model_dir(args.model)
-    model, kind = load_any(folder)
-    tok = load_tokenizer(folder)
-    text = read_text(args.text) if args.text else heldout_text()
-    result = perplexity(model, encode(tok, text), args.window, args.windows, progress=not args.quiet)
+    result, kind = folder_perplexity(args.model, args.text, window=args.window, max_windows=args.windows,
+                                     progress=not args.quiet)
     source = str(args.text) if args.text else "held-out pydoc_data.topics"
     print(f"perplexity {result.ppl:.4f}  ({kind}; {source}; {result.protocol()}; {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        from .fileio import atomic_file
-
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps(result.to_dict() | {"model": str(args.model), "kind": kind, "text": source},
                                       indent=2) + "\n")
@@ -308,7 +302,7 @@ def add_validate(sub):
 
 
 def cmd_validate(args) -> int:
-    from .validation.validate import Thresholds, validate, write_report
+    from .validation import Thresholds, validate, write_report
 
     thresholds = Thresholds(max_kl=args.max_kl, min_top1=args.min_top1, max_ppl_increase=args.max_ppl_increase)
     result = validate(args.checkpoint, onnx=args.onnx, gguf=args.gguf, float_model=args.float_model, text=args.text,
@@ -317,12 +311,11 @@ def cmd_validate(args) -> int:
     folder = Path(args.checkpoint)
     report = args.report or folder.with_name(folder.name + ".validation")
     written = write_report(result, report)
-    print((report / "validation.md").read_text())
+    print(result.markdown())
     print("wrote " + ", ".join(str(p) for p in written))
-    failures = [f"{a['name']}: {f}" for a in result["artifacts"] for f in a["failures"]]
-    for f in failures:
-        print(f"signround validate: FAILED {f}", file=sys.stderr)
-    return 1 if failures else 0
+    for failure in result.failures():
+        print(f"signround validate: FAILED {failure}", file=sys.stderr)
+    return 0 if result.passed else 1
 
 
 def add_export(sub):

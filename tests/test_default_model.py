@@ -9,7 +9,7 @@ from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
 from signround_export.data import encode, load_tokenizer, read_text
 from signround_export.model.load import load_float_model, reference_from_checkpoint
-from signround_export.validation.metrics import perplexity
+from signround_export.validation import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -211,17 +211,17 @@ def test_llama_cpp_runs_the_tiny_file_like_the_reference(tiny_ckpt, tmp_path, mo
 @needs_llama
 def test_default_model_w4_in_llama_cpp_agrees_with_the_reference(default_checkpoint_w4, tmp_path):
     """The issue's bar: 2048 wikitext tokens, top-1 >= 96%, mean KL <= 5e-3, perplexity within 1%."""
-    from signround_export.validation.validate import validate
+    from signround_export.validation import validate
 
     path = tmp_path / "w4.gguf"
     report = export_gguf(read_checkpoint(default_checkpoint_w4), path)
     assert all(t.exact for t in report.tensors if t.quantized)
     result = validate(default_checkpoint_w4, gguf=path, text=WIKITEXT, tokens=2048, progress=False)
-    ref, gguf = (next(a for a in result["artifacts"] if a["name"] == n) for n in ("reference", "gguf"))
-    s = gguf["scores"]
-    assert s["top1"] >= 0.96 and s["kl_mean"] <= 5e-3, s
-    assert abs(s["ppl"] / ref["scores"]["ppl"] - 1) <= 0.01, (s, ref["scores"])
-    assert len(gguf["exact_layers"]) == 210 and all(gguf["layer_errors"][n] == 0.0 for n in gguf["exact_layers"])
+    ref, gguf = result.artifact("reference"), result.artifact("gguf")
+    s = gguf.scores
+    assert s.top1 >= 0.96 and s.kl_mean <= 5e-3, s
+    assert abs(s.ppl / ref.scores.ppl - 1) <= 0.01, (s, ref.scores)
+    assert len(gguf.exact_layers) == 210 and all(gguf.layer_errors[n] == 0.0 for n in gguf.exact_layers)
 
 
 def test_float_model_exports_as_f16(tiny_model, tmp_path):

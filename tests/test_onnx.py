@@ -219,12 +219,12 @@ def test_bad_options_name_their_parameter(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_default_model_w4_level0_agrees_with_the_reference(default_checkpoint_w4, tmp_path):
     """The issue's bar: 2048 wikitext tokens, top-1 >= 99.5%, mean KL <= 1e-4 at accuracy level 0."""
-    from signround_export.validation.validate import validate
+    from signround_export.validation import validate
 
     export_onnx(read_checkpoint(default_checkpoint_w4), tmp_path / "onnx", accuracy_level=0)
     result = validate(default_checkpoint_w4, onnx=tmp_path / "onnx", text=WIKITEXT, tokens=2048, progress=False)
-    s = next(a for a in result["artifacts"] if a["name"] == "onnx")["scores"]
-    assert s["top1"] >= 0.995 and s["kl_mean"] <= 1e-4, s
+    s = result.artifact("onnx").scores
+    assert s.top1 >= 0.995 and s.kl_mean <= 1e-4, s
 
 
 def test_float_model_exports_as_float32(tiny_model, tmp_path):

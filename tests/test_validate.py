@@ -3,19 +3,27 @@ each exporter's tests)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from conftest import rtn_checkpoint
+import torch.nn.functional as F
+from conftest import WIKITEXT, rtn_checkpoint, write_tiny_model
 
+from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
 from signround_export.data import encode, heldout_text, load_tokenizer
+from signround_export.errors import DataError, ValidationError
+from signround_export.export.gguf import export_gguf
+from signround_export.export.onnx.build import export_onnx
 from signround_export.model.load import load_any
-from signround_export.validation.metrics import perplexity
-from signround_export.validation.validate import Accumulator, ArtifactReport, Scores, Thresholds, judge
+from signround_export.validation import Scores, Thresholds, ValidationResult, perplexity, validate, write_report
+from signround_export.validation.metrics import NLL, Accumulator, next_token_logp, next_tokens, windows
+from signround_export.validation.readback import onnx_layer_errors
+from signround_export.validation.report import ArtifactReport, judge
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +50,18 @@ def test_report_files_and_figures(ckpt, tmp_path, capsys):
     assert "| float |" in capsys.readouterr().out
 
 
+def test_the_result_is_what_the_report_holds(ckpt, tmp_path):
+    result = validate(ckpt, tokens=256, window=128, thresholds=Thresholds(max_kl=1e-9), progress=False)
+    assert isinstance(result, ValidationResult)
+    assert result.protocol.startswith("2 non-overlapping windows of 128 tokens") and "254 predicted" in result.protocol
+    assert result.artifact("reference").scores.top1 is None and result.artifact("float").scores.top1 is not None
+    assert result.passed and result.failures() == []  # the float model is not judged, only artifacts
+    written = write_report(result, tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "validation.json").read_text()) == result.to_json()
+    assert (tmp_path / "r" / "validation.md").read_text() == result.markdown()
+    assert [p.name for p in written] == ["validation.json", "validation.md", "perplexity.png", "tuning_loss.png"]
+
+
 def test_identical_logits_agree_perfectly():
     acc = Accumulator()
     ids = torch.randint(0, 50, (64,))
@@ -53,54 +73,98 @@ def test_identical_logits_agree_perfectly():
     assert s.ppl == pytest.approx(math.exp(float(nll)), rel=1e-6)
 
 
+def test_each_figure_keeps_its_summation_order():
+    """`perplexity` sums a batch as cross-entropy does, validation sums each window's gathered
+    log-probabilities: float32 sums in another order change published figures in the last digits."""
+    torch.manual_seed(0)
+    logits, ids = torch.randn(4, 300, 5000) * 4, torch.randint(0, 5000, (4, 300))
+    cascade, plain = NLL(), NLL()
+    cascade.add(next_token_logp(logits), next_tokens(ids), cascade=True)
+    assert cascade.total == F.cross_entropy(logits[:, :-1].reshape(-1, 5000), ids[:, 1:].reshape(-1),
+                                            reduction="sum").item()
+    for x, w in zip(logits, ids):
+        plain.add(next_token_logp(x), next_tokens(w))
+    assert plain.total == sum(float(-F.log_softmax(x[:-1], -1).gather(1, w[1:, None]).sum()) for x, w in zip(logits, ids))
+    assert cascade.count == plain.count == 4 * 299
+    assert cascade.ppl == pytest.approx(plain.ppl, rel=1e-6)
+
+
+def test_text_shorter_than_a_window_is_refused():
+    with pytest.raises(DataError, match="fewer than one window of 128") as e:
+        windows(torch.arange(100), 128, None)
+    assert e.value.param == "text"
+
+
 @pytest.mark.parametrize("scores,errors,expect", [
     (Scores(10.0, top1=0.99, kl_mean=0.001, kl_max=0.1), {}, []),
-    (Scores(10.0, top1=0.99, kl_mean=0.5, kl_max=2.0), {}, ["mean KL"]),
-    (Scores(10.0, top1=0.50, kl_mean=0.001, kl_max=0.1), {}, ["top-1 agreement"]),
+    (Scores(10.0, top1=0.99, kl_mean=0.5, kl_max=2.0), {}, ["mean KL 0.5 > max_kl 0.02"]),
+    (Scores(10.0, top1=0.50, kl_mean=0.001, kl_max=0.1), {}, ["top-1 agreement 0.5000 < min_top1 0.9"]),
     (Scores(12.0, top1=0.99, kl_mean=0.001, kl_max=0.1), {}, ["perplexity 12.0000 is 20.00% above"]),
     (Scores(10.0, top1=0.99, kl_mean=0.001, kl_max=0.1), {"a": 0.0, "b": 1.0}, ["layers the format holds exactly"]),
 ])
 def test_judge_names_the_figure_that_failed(scores, errors, expect):
     r = ArtifactReport("onnx", "x", "onnxruntime", scores, layer_errors=errors, exact_layers=list(errors))
-    judge(r, Scores(10.0), Thresholds())
-    assert len(r.failures) == len(expect)
-    for f, e in zip(r.failures, expect):
+    failures = judge(r, Scores(10.0), Thresholds())
+    assert len(failures) == len(expect)
+    for f, e in zip(failures, expect):
         assert e in f
 
 
+@pytest.fixture(scope="module")
+def broken_files(ckpt, tmp_path_factory):
+    """An exported ONNX folder whose model.onnx is not a protobuf, and a GGUF file with only a header."""
+    tmp = tmp_path_factory.mktemp("broken")
+    export_onnx(read_checkpoint(ckpt), tmp / "onnx", accuracy_level=0)
+    (tmp / "onnx" / "model.onnx").write_bytes(b"not an onnx protobuf")
+    (tmp / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
+    return tmp
+
+
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (make setup installs it)")
+
+
 @pytest.mark.parametrize("extra,message", [
-    (["--onnx", "{tmp}/nothing"], "no model.onnx there"),
+    (["--onnx", "{tmp}/nothing"], "has no model.onnx"),
     (["--gguf", "{tmp}/nothing.gguf"], "no such file"),
     (["--tokens", "100"], "less than one window"),
-    (["--onnx", "{tmp}/broken"], "onnxruntime cannot load model.onnx"),
-    pytest.param(["--gguf", "{tmp}/broken.gguf"], "llama.cpp cannot load the file",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                          reason="llama-cpp-python is not installed (make setup installs it)")),
+    (["--onnx", "{tmp}/onnx"], "onnxruntime cannot load"),
+    pytest.param(["--gguf", "{tmp}/broken.gguf"], "llama.cpp cannot load the file", marks=needs_llama),
 ])
-def test_bad_input_is_one_line(ckpt, tmp_path, capsys, extra, message):
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "model.onnx").write_bytes(b"not an onnx protobuf")
-    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
+def test_bad_input_is_one_line(ckpt, broken_files, tmp_path, capsys, extra, message):
     args = ["validate", str(ckpt), "--window", "128", "--quiet", "--report", str(tmp_path / "r")]
-    assert main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert main(args + [e.format(tmp=broken_files) for e in extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("kwargs,param,message", [
+    (dict(onnx="{tmp}/nothing"), "onnx", "has no model.onnx"),
+    (dict(onnx="{tmp}/onnx"), "onnx", "onnxruntime cannot load"),
+    (dict(gguf="{tmp}/nothing.gguf"), "gguf", "no such file"),
+    (dict(gguf="{tmp}/broken.gguf", gguf_runner="numpy"), "gguf", "truncated or corrupt"),
+    (dict(tokens=100), "tokens", "tokens 100 is less than one window of 128"),
+    (dict(window=0), "window", "window 0"),
+    (dict(gguf_runner="gpu"), "gguf_runner", "choose one of auto, llama.cpp, numpy"),
+    (dict(float_model="{tmp}/nothing"), "float_model", "no such folder"),
+])
+def test_bad_input_names_the_parameter(ckpt, broken_files, kwargs, param, message):
+    kwargs = {k: v.format(tmp=broken_files) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(ValidationError, match=message) as e:
+        validate(ckpt, **{"window": 128, "tokens": 128, "progress": False} | kwargs)
+    assert e.value.param == param
+    assert "--" not in str(e.value)
+
+
 def test_onnx_folder_of_another_model_is_named_as_such(ckpt, tmp_path):
     """Stacked q/k/v rows are checked against the checkpoint's shapes before they are split."""
-    from conftest import write_tiny_model
-
-    from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.onnx.build import export_onnx
-    from signround_export.validation.validate import onnx_layer_errors
-
     other = rtn_checkpoint(write_tiny_model(tmp_path / "m", hidden=96, heads=6, kv_heads=2), tmp_path / "c",
                            bits=3, group_size=32)
     export_onnx(read_checkpoint(other), tmp_path / "onnx", accuracy_level=0)
-    with pytest.raises(ValueError, match="belongs to another model"):
+    with pytest.raises(ValidationError, match="belongs to another model") as e:
         onnx_layer_errors(tmp_path / "onnx", read_checkpoint(ckpt))
+    assert e.value.param == "onnx"
 
 
 def _drop_zero_points(to_nbits):
@@ -129,11 +193,6 @@ BROKEN_EXPORTS = {  # a bug an exporter could have -> (artifact kind, module, at
 
 @pytest.mark.parametrize("bug", sorted(BROKEN_EXPORTS))
 def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, capsys):
-    import importlib
-
-    from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.gguf import export_gguf
-    from signround_export.export.onnx.build import export_onnx
 
     kind, module, attr, patch = BROKEN_EXPORTS[bug]
     target = importlib.import_module(module)
@@ -152,8 +211,6 @@ def test_a_broken_export_fails_validation(bug, ckpt, tmp_path, monkeypatch, caps
 
 
 def test_a_truncated_gguf_is_refused(ckpt, tmp_path, capsys):
-    from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.gguf import export_gguf
 
     path = tmp_path / "m.gguf"
     export_gguf(read_checkpoint(ckpt), path, tokenizer_pre_name="gpt-2")
@@ -165,8 +222,6 @@ def test_a_truncated_gguf_is_refused(ckpt, tmp_path, capsys):
 
 def test_default_model_w4_exports_pass_validate(default_checkpoint_w4, tmp_path, capsys):
     """What the project's CI gates on: the default model at W4, both exports, the real command."""
-    from conftest import WIKITEXT
-
     onnx_dir, gguf_file, report = tmp_path / "onnx", tmp_path / "w4.gguf", tmp_path / "report"
     assert main(["export", "onnx", str(default_checkpoint_w4), "--out", str(onnx_dir), "--quiet"]) == 0
     assert main(["export", "gguf", str(default_checkpoint_w4), "--out", str(gguf_file), "--quiet"]) == 0
@@ -183,11 +238,6 @@ def test_default_model_w4_exports_pass_validate(default_checkpoint_w4, tmp_path,
 def test_float_minima_exports_pass_validate(tmp_path, capsys):
     """A checkpoint tuned for Q4_K: the GGUF file holds every layer exactly; ONNX holds the float minima as
     float zero points, exact to float32 rounding, which the report says instead of calling them broken."""
-    from conftest import write_tiny_model
-
-    from signround_export.checkpoint.read import read_checkpoint
-    from signround_export.export.gguf import export_gguf
-    from signround_export.export.onnx.build import export_onnx
 
     model = write_tiny_model(tmp_path / "model", hidden=256, intermediate=320, heads=4, kv_heads=2)
     ckpt = tmp_path / "ckpt"

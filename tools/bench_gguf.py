@@ -36,8 +36,9 @@ from signround_export.checkpoint.read import read_checkpoint  # noqa: E402
 from signround_export.data import default_calibration_text, encode, load_tokenizer, read_text  # noqa: E402
 from signround_export.export.gguf import export_gguf  # noqa: E402
 from signround_export.model.load import float_checkpoint  # noqa: E402
+from signround_export.validation.metrics import Accumulator  # noqa: E402
 from signround_export.validation.metrics import windows as cut_windows  # noqa: E402
-from signround_export.validation.validate import Accumulator, llama_cpp_logits  # noqa: E402
+from signround_export.validation.runners import llama_cpp_runner  # noqa: E402
 
 
 def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
@@ -71,10 +72,10 @@ def imatrix_files(bin_dir: Path, f16: Path, out: Path, types: list[str], chunks:
 
 
 def perplexity(path: Path, w) -> float:
-    run, _ = llama_cpp_logits(path, w.shape[1])
+    runner = llama_cpp_runner(path, w.shape[1])
     acc = Accumulator()
     for ids in w:
-        acc.add(ids, run(ids), None)
+        acc.add(ids, runner.logits(ids), None)
     return acc.scores(False).ppl
 
 

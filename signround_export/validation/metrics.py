@@ -1,15 +1,130 @@
-"""Perplexity with one fixed protocol: non-overlapping windows, no BOS added, the first N windows."""
+"""The figures computed from logits: perplexity, top-1 agreement and KL against a reference.
+
+One protocol everywhere: non-overlapping windows of the token ids, no BOS added, the first N windows;
+every position but a window's last predicts the next token.
+
+| figure   | definition                                                              |
+| -------- | ----------------------------------------------------------------------- |
+| ppl      | exp(mean next-token negative log-likelihood) of the model itself        |
+| top1     | fraction of positions where argmax equals the reference's argmax        |
+| kl_mean  | mean over positions of KL(reference || model) of the next-token softmax |
+| kl_max   | the largest of those                                                    |
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data import encode, heldout_text, load_tokenizer, read_text
+from ..errors import DataError
+from ..model.folder import resolve_model_dir
 from ..model.forward import Model
+from ..model.load import load_any
+
+
+def windows(ids: torch.Tensor, window: int, max_windows: int | None) -> torch.Tensor:
+    """The first max_windows (all when None) non-overlapping windows of the ids: [n, window]."""
+    n = ids.numel() // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {window}; "
+                        "give a longer text or a smaller window", param="text")
+    return ids[: n * window].view(n, window)
+
+
+def next_token_logp(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of the logits [..., T, V] at every position but the last: [N, V]."""
+    return F.log_softmax(logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(), dim=-1)
+
+
+def next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """The tokens those positions predict: [N]."""
+    return ids[..., 1:].reshape(-1)
+
+
+@dataclass
+class NLL:
+    """Running sum of next-token negative log-likelihoods; perplexity = exp(total / count).
+
+    Each sum is a float32 reduction, so its order shows in the last digits. `cascade` sums with
+    nll_loss's cascaded order (how `perplexity` sums a batch of windows), else a plain tensor sum of
+    the gathered log-probabilities (how validation sums one window): each figure keeps its own order,
+    so published figures reproduce to the last digit."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, cascade: bool = False) -> None:
+        if cascade:
+            self.total += F.nll_loss(logp, targets, reduction="sum").item()
+        else:
+            self.total += float(-logp.gather(1, targets[:, None]).sum())
+        self.count += len(targets)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean)
+
+
+@dataclass
+class Scores:
+    ppl: float
+    top1: float | None = None  # None for the reference itself
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    tokens: int = 0
+
+
+class Accumulator:
+    """Running figures of one model over windows, against a reference's logits when given."""
+
+    def __init__(self):
+        self.nll = NLL()
+        self.agree = 0
+        self.kl_sum = 0.0
+        self.kl_max = 0.0
+
+    def add(self, ids: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
+        """One window: token ids [T], logits [T, V], the reference's logits [T, V] or None."""
+        logp = next_token_logp(logits)
+        self.nll.add(logp, next_tokens(ids))
+        if ref_logits is not None:
+            ref = next_token_logp(ref_logits)
+            kl = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0)
+            self.kl_sum += float(kl.sum())
+            self.kl_max = max(self.kl_max, float(kl.max()))
+            self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+
+    def scores(self, against_reference: bool) -> Scores:
+        count = self.nll.count
+        if not against_reference:
+            return Scores(ppl=self.nll.ppl, tokens=count)
+        n = max(count, 1)
+        return Scores(ppl=self.nll.ppl, top1=self.agree / n, kl_mean=self.kl_sum / n, kl_max=self.kl_max, tokens=count)
+
+
+def compare(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], pairs: list[tuple[str, str | None]],
+            windows: Iterable[torch.Tensor]) -> dict[tuple[str, str | None], Scores]:
+    """Scores of each (model, against) pair over the windows, each window run once through every model
+    (token ids [T] -> logits [T, V]): against None gives the perplexity alone, against another model
+    adds top-1 and KL against that model's logits."""
+    accs = {pair: Accumulator() for pair in pairs}
+    for w in windows:
+        logits = {name: fn(w) for name, fn in models.items()}
+        for (name, other), acc in accs.items():
+            acc.add(w, logits[name], None if other is None else logits[other])
+    return {pair: acc.scores(pair[1] is not None) for pair, acc in accs.items()}
 
 
 @dataclass
@@ -27,24 +142,22 @@ class Perplexity:
         return asdict(self) | {"protocol": self.protocol()}
 
 
-def windows(ids: torch.Tensor, window: int, max_windows: int | None) -> torch.Tensor:
-    n = ids.numel() // window
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {window}")
-    return ids[: n * window].view(n, window)
-
-
 def perplexity(model: Model, ids: torch.Tensor, window: int = 512, max_windows: int | None = 40,
                batch: int = 4, progress: bool = True) -> Perplexity:
+    """Perplexity of a PyTorch model over the first max_windows windows of ids, batch windows per forward."""
     w = windows(ids, window, max_windows)
-    total, count = 0.0, 0
+    nll = NLL()
     for start in tqdm(range(0, len(w), batch), desc="perplexity", unit="batch", disable=not progress):
         x = w[start : start + batch]
-        logits = model.logits(x)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += nll.item()
-        count += x[:, 1:].numel()
-    nll = total / count
-    return Perplexity(ppl=math.exp(nll), nll=nll, windows=len(w), window=window, tokens=count)
+        nll.add(next_token_logp(model.logits(x)), next_tokens(x), cascade=True)
+    return Perplexity(ppl=nll.ppl, nll=nll.mean, windows=len(w), window=window, tokens=nll.count)
+
+
+def folder_perplexity(model, text=None, *, window: int = 512, max_windows: int | None = 40,
+                      progress: bool = True) -> tuple[Perplexity, str]:
+    """Perplexity of a float model (folder or hub id) or of a checkpoint's reference over text (a file;
+    default: the held-out slice of the calibration text), with "float model" or "checkpoint reference"."""
+    folder = resolve_model_dir(model)
+    loaded, kind = load_any(folder)
+    ids = encode(load_tokenizer(folder), read_text(text) if text else heldout_text())
+    return perplexity(loaded, ids, window, max_windows, progress=progress), kind

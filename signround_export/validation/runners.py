@@ -1,0 +1,94 @@
+"""Logits of each kind of model over one window of token ids, from an empty cache.
+
+| runner    | model                                                               |
+| --------- | ------------------------------------------------------------------- |
+| torch     | a PyTorch Model: the float source, or a checkpoint's reference      |
+| onnx      | an exported ONNX folder through onnxruntime (signround_runtime)     |
+| llama.cpp | a GGUF file through llama-cpp-python                                |
+| numpy     | a GGUF file's weights dequantized by gguf-py, run in the PyTorch forward |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from signround_runtime import Model as RuntimeModel
+from signround_runtime import RuntimeModelError
+
+from ..errors import ValidationError
+from ..model.config import ModelConfig
+from ..model.forward import Model
+
+GGUF_RUNNERS = ("auto", "llama.cpp", "numpy")
+
+
+@dataclass
+class Runner:
+    logits: Callable[[torch.Tensor], torch.Tensor]  # token ids [T] -> float32 logits [T, V]
+    description: str  # what produces the logits, with versions
+
+
+def torch_runner(model: Model, description: str) -> Runner:
+    return Runner(lambda ids: model.logits(ids[None])[0], description)
+
+
+def onnx_runner(folder) -> Runner:
+    """An exported ONNX folder, the whole window in one run."""
+    import onnxruntime as ort
+
+    try:
+        model = RuntimeModel(folder)
+    except RuntimeModelError as e:
+        raise ValidationError(f"onnx: {e}", param="onnx") from None
+    return Runner(lambda ids: torch.from_numpy(np.asarray(model.logits(ids.numpy()), dtype=np.float32)),
+                  f"onnxruntime {ort.__version__}")
+
+
+def llama_cpp_runner(path, n_ctx: int) -> Runner:
+    """A GGUF file in llama.cpp, the cache reset before each window."""
+    import llama_cpp
+
+    try:
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, verbose=False)
+    except Exception as e:  # llama-cpp-python raises ValueError/RuntimeError with little detail
+        raise ValidationError(f"gguf {path}: llama.cpp cannot load the file ({e})", param="gguf") from None
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        llm.reset()
+        llm.eval(ids.tolist())
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+    return Runner(logits, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
+
+
+def numpy_gguf_runner(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> Runner:
+    """A GGUF file's own weights (gguf-py dequantization) in the PyTorch forward: checks the file's
+    contents without llama.cpp's 8-bit activations."""
+    model = Model(cfg, {n: torch.from_numpy(np.array(w, dtype=np.float32)) for n, w in weights.items()})
+    return torch_runner(model, f"gguf-py {version('gguf')} dequantization + PyTorch (float32)")
+
+
+def gguf_runner_kind(choice: str) -> str:
+    """"llama.cpp" or "numpy" for gguf_runner=choice: auto takes llama.cpp when it is installed."""
+    if choice not in GGUF_RUNNERS:
+        raise ValidationError(f"gguf_runner {choice!r}: choose one of {', '.join(GGUF_RUNNERS)}", param="gguf_runner")
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_llama = True
+    except ImportError:
+        have_llama = False
+    if choice == "llama.cpp" and not have_llama:
+        raise ValidationError("gguf_runner 'llama.cpp': llama-cpp-python is not installed (make setup installs it)",
+                              param="gguf_runner")
+    return "llama.cpp" if choice in ("auto", "llama.cpp") and have_llama else "numpy"
+
+
+def check_gguf_path(path) -> None:
+    if not Path(path).is_file():
+        raise ValidationError(f"gguf {path}: no such file", param="gguf")
