@@ -1,4 +1,5 @@
-"""Tiny random LLaMA-family models with real shapes, built in the test session (nothing downloaded)."""
+"""Fixtures of both test suites (tests/ and runtime/tests/): tiny random LLaMA-family models with real
+shapes, built in the test session (nothing downloaded), and the default model where it is built."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "smollm2-135m-instruct"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
