@@ -289,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flagged(message: str, param: str | None, flags: dict[str, str]) -> str:
     """The message in the command line's words: every `name` in backquotes that is a parameter with a
-    flag becomes the flag, and so does the bare name of the error's parameter when no backquote names it."""
+    flag becomes the flag; when none names the error's parameter, so does the first bare word that
+    does (a message names its parameter first; later the same word may mean something else)."""
     out = re.sub(r"`(\w+)`", lambda m: flags.get(m[1], m[0]), message)
     if param in flags and f"`{param}`" not in message:
-        out = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", flags[param], out)
+        out = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", flags[param], out, count=1)
     return out
 
 
