@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics as PYDOC_TOPICS
 
 import torch
 from tokenizers import Tokenizer
@@ -17,9 +18,7 @@ from .errors import DataError
 
 
 def _topics() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
+    return [PYDOC_TOPICS[k] for k in sorted(PYDOC_TOPICS)]
 
 
 def default_calibration_text() -> str:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from ..errors import CheckpointError
 from ..fileio import atomic_dir
@@ -24,8 +25,6 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: dic
     quantized layers outside the blocks (lm_head) and float linears inside them, so auto-round's
     loader finds the same layers we do.
     """
-    from safetensors.numpy import save_file
-
     quant = _settled_config(quant, qweights, tensors)
     arrays: dict[str, np.ndarray] = {}
     for name in sorted(qweights):
