@@ -1,0 +1,133 @@
+"""SignRound quantization of Hugging Face LLMs, exported to ONNX (MatMulNBits) and GGUF, validated
+against a PyTorch reference. The Python API; the `signround` command is a thin layer over it.
+
+    import signround_export as sr
+
+    result = sr.quantize("models/smollm2-135m-instruct", "out/w4g128", bits=4, group_size=128)
+    sr.export_onnx(result.checkpoint, "out/w4g128-onnx")
+    sr.export_gguf(result.checkpoint, "out/w4g128.gguf")
+    report = sr.validate(result.checkpoint, onnx="out/w4g128-onnx", gguf="out/w4g128.gguf")
+
+Every refusal of bad input is a SignroundError (a ValueError) whose message names the parameter at
+fault; `error.param` holds its name when the message is about one parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from .checkpoint.format import Checkpoint, QuantConfig
+from .checkpoint.qweight import QuantWeight, Scheme
+from .checkpoint.read import read_checkpoint
+from .errors import (
+    CheckpointError,
+    DataError,
+    ExportError,
+    GGUFExportError,
+    MatMulNBitsError,
+    ModelError,
+    ONNXExportError,
+    SignroundError,
+    TuneError,
+    UnsupportedModelError,
+    ValidationError,
+)
+from .export.gguf import write as gguf_write
+from .export.gguf.write import GGUFExport
+from .export.onnx import build as onnx_build
+from .export.onnx.build import ONNXExport
+from .tune.config import RECIPES, TuneConfig
+from .tune.pipeline import LayerBits, QuantizeResult, export_source, quantize_model
+from .validation import Perplexity, Thresholds, ValidationResult, folder_perplexity, perplexity, validate, write_report
+
+__all__ = [
+    "quantize", "export_onnx", "export_gguf", "validate", "evaluate", "perplexity", "read_checkpoint",
+    "write_report", "Thresholds", "ValidationResult", "QuantizeResult", "TuneConfig", "RECIPES", "Checkpoint", "QuantConfig",
+    "QuantWeight", "Scheme", "ONNXExport", "GGUFExport", "Perplexity",
+    "SignroundError", "ModelError", "UnsupportedModelError", "DataError", "CheckpointError", "TuneError",
+    "ExportError", "ONNXExportError", "MatMulNBitsError", "GGUFExportError", "ValidationError",
+]
+
+Source = str | Path | Checkpoint  # what an exporter takes: a checkpoint (folder or read) or a float model folder
+
+
+def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, group_size: int | None = None,
+             sym: bool | None = None, gguf: str | None = None, recipe: str = "best", iters: int | None = None,
+             nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
+             lr: float | None = None, clip_search: bool | None = None, quant_lm_head: bool = False,
+             avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
+             allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
+             device: str = "auto", seed: int = 42, progress: bool = True) -> QuantizeResult:
+    """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
+
+    model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
+    out: the checkpoint folder to write (auto-round format); it appears only once whole. A killed run
+        resumes from `out`.progress when started again with the same settings.
+    bits, group_size, sym: the scheme (default 4, 128, asymmetric); group_size -1 is one group per row.
+    gguf: tune every layer on the grid of the GGUF type it will be written as (e.g. "q4_k_m"), so that
+        export_gguf carries the tuned integers bit for bit; replaces bits, group_size and sym.
+    recipe: "best" or "fast", the defaults of iters, nsamples, seqlen and batch_size (RECIPES).
+    iters: SignRound steps per block, 0 for round to nearest; nsamples, seqlen: calibration windows;
+        batch_size: windows per step; lr: learning rate (default 1 / iters, decaying linearly to 0).
+    clip_search: start each group's clipping at the factor with the least input-weighted error
+        (default: when iters > 0); with iters 0 its result is the checkpoint.
+    quant_lm_head: also round the lm_head to nearest.
+    avg_bits: average bits per weight, counting scales and zero points as stored; each layer then gets
+        bits from bits_choices by importance ("gradient", "fisher" or "activation").
+    allocation: bits per layer from a JSON file {"bits": {layer: bits}} instead.
+    calib: calibration text (.txt, or .jsonl with a "text" field); default: Python's pydoc_data.topics.
+    device: "auto", "cpu" or "cuda". progress: progress bars and notes on stderr.
+
+    Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
+    """
+    given = [name for name, value in (("bits", bits), ("group_size", group_size), ("sym", sym)) if value is not None]
+    layer_bits = LayerBits(gguf=gguf, avg_bits=avg_bits, bits_choices=sorted(set(bits_choices)),
+                           allocation=allocation, importance=importance)
+    layer_bits.check(scheme_given=given)
+    config = TuneConfig.from_recipe(recipe, bits=bits, group_size=group_size, sym=sym, iters=iters,
+                                    nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
+                                    clip_search=clip_search, quant_lm_head=quant_lm_head)
+    return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
+                          progress=progress)
+
+
+def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,
+                max_block: int = 32, bits: int = 4, group_size: int = 32, sym: bool = True,
+                progress: bool = True) -> ONNXExport:
+    """Write an ONNX folder (model.onnx with MatMulNBits weights repacked exactly from the checkpoint's
+    integers, genai_config.json, tokenizer files) for onnxruntime and onnxruntime-genai.
+
+    source: a checkpoint folder, a Checkpoint, or a float model folder, which is first rounded to
+        nearest at bits / group_size / sym (bits 16: kept float).
+    accuracy_level: MatMulNBits accuracy level, 0 (float32, matches the reference) to 4 (int8
+        activations per block, the fast CPU path). lm_head_bits: 4 or 8 round a float head to nearest.
+    max_block: the largest MatMulNBits block; larger groups ride in blocks of this size (exact).
+    """
+    with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress) as ckpt:
+        return onnx_build.export_onnx(ckpt, out, accuracy_level=accuracy_level, lm_head_bits=lm_head_bits,
+                                      max_block=max_block)
+
+
+def export_gguf(source: Source, out: str | Path, *, asym4: str = "q5_0", float_type: str = "f16",
+                kquant: bool = False, tokenizer_pre_name: str | None = None, bits: int = 4, group_size: int = 32,
+                sym: bool = True, progress: bool = True) -> GGUFExport:
+    """Write one GGUF file for llama.cpp; each quantized layer goes into a block type that holds its
+    integers exactly where one exists, and the report gives every tensor's type and error.
+
+    source: as for export_onnx. asym4: carrier of 4-bit asymmetric layers, "q5_0" (exact) or "q4_1"
+    (smaller). float_type: "f16", "f32" or "q8_0" for float matrices. kquant: Q4_K for layers of up to
+    4 bits whose rows are a multiple of 256 (not exact). tokenizer_pre_name: llama.cpp's pre-tokenizer
+    name when the vocabulary is not recognised.
+    """
+    with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress) as ckpt:
+        return gguf_write.export_gguf(ckpt, out, asym4=asym4, float_type=float_type, kquant=kquant,
+                                      tokenizer_pre_name=tokenizer_pre_name, progress=progress)
+
+
+def evaluate(model: str | Path, *, text: str | Path | None = None, window: int = 512, windows: int = 40,
+             progress: bool = True) -> Perplexity:
+    """Perplexity of a float model folder, or of a checkpoint's PyTorch reference (weights dequantized
+    from its integers), over the first `windows` non-overlapping windows of `window` tokens, no BOS.
+    text: a .txt or .jsonl file (default: the held-out slice of the default calibration text)."""
+    return folder_perplexity(model, text, window=window, max_windows=windows, progress=progress)[0]

@@ -1,22 +1,27 @@
-"""`signround`: tune a model with SignRound, evaluate it, export it."""
+"""`signround`: tune a model with SignRound, evaluate it, export it, validate the exports.
+
+Parsing and printing only: each command calls the Python API (signround_export/__init__.py), whose
+parameter names are the flags' dests. A SignroundError ends the command with its message, parameter
+names turned into the flags that set them, and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import shutil
+import re
 import sys
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
-from .export.gguf import mixes as gguf_mix
-
-# Named settings for `tune`; explicit flags override them. "best" is the full default recipe.
-RECIPES = {
-    "best": dict(iters=200, nsamples=128, seqlen=512, batch_size=8),
-    "fast": dict(iters=50, nsamples=64, seqlen=256, batch_size=4),
-}
+from . import export_gguf, export_onnx, quantize, validate, write_report
+from .checkpoint.qweight import SUPPORTED_BITS
+from .errors import SignroundError
+from .export.gguf.mixes import TYPES as GGUF_TYPES
+from .fileio import atomic_file
+from .tune.config import RECIPES
+from .validation import Thresholds, folder_perplexity
 
 
 def positive(kind):
@@ -33,6 +38,26 @@ def non_negative_int(s):
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
     return v
+
+
+def bits_list(s: str) -> list[int]:
+    try:
+        bits = sorted({int(b) for b in s.split(",") if b.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,4,8, got {s!r}") from None
+    if not bits or any(b not in SUPPORTED_BITS for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be among {','.join(map(str, SUPPORTED_BITS))}, got {s!r}")
+    return bits
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """API parameter name (an argument's dest) -> the long flag that sets it, for error messages."""
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long:
+            flags.setdefault(action.dest, long[0])
+    return flags
 
 
 def add_tune(sub):
@@ -53,9 +78,9 @@ def add_tune(sub):
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric: zero point fixed at 2^(bits-1)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group (default)")
-    p.add_argument("--gguf", type=str.upper, metavar="TYPE", choices=gguf_mix.TYPES,
+    p.add_argument("--gguf", type=str.upper, metavar="TYPE", choices=GGUF_TYPES,
                    help="tune every layer on the grid of the GGUF type it will be written as, so that `export gguf` "
-                        "carries the tuned integers bit for bit: " + ", ".join(t.lower() for t in gguf_mix.TYPES)
+                        "carries the tuned integers bit for bit: " + ", ".join(t.lower() for t in GGUF_TYPES)
                         + "; q2_k and the _S/_M/_L mixes follow llama.cpp's per-tensor choices (README; replaces --bits, "
                           "--group-size, --sym)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
@@ -84,19 +109,23 @@ def add_tune(sub):
     mixed.add_argument("--importance", choices=["gradient", "fisher", "activation"], default="fisher",
                        help="how a layer's quantization error is scored (default: fisher; see docs/benchmarks.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_tune)
+    p.set_defaults(func=cmd_tune, flags=flag_names(p))
 
 
-def bits_list(s: str) -> list[int]:
-    try:
-        bits = sorted({int(b) for b in s.split(",") if b.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,4,8, got {s!r}") from None
-    from .checkpoint.qweight import SUPPORTED_BITS
+def cmd_tune(args) -> int:
+    result = call_api(quantize, args)
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
 
-    if not bits or any(b not in SUPPORTED_BITS for b in bits):
-        raise argparse.ArgumentTypeError(f"bit widths must be among {','.join(map(str, SUPPORTED_BITS))}, got {s!r}")
-    return bits
+
+def call_api(fn, args, **settings):
+    """fn with every parameter the parsed arguments hold (dests are the API's parameter names), then
+    `settings`; progress unless --quiet."""
+    params = inspect.signature(fn).parameters
+    given = {name: value for name, value in vars(args).items() if name in params}
+    return fn(**(given | {"progress": not args.quiet} | settings))
 
 
 def add_eval(sub):
@@ -110,157 +139,10 @@ def add_eval(sub):
     p.add_argument("--windows", type=positive(int), default=40, help="number of windows (default: 40)")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_eval)
-
-
-def checkpoint_parts(model, targs, qweights: dict):
-    """The QuantConfig and float tensors that go beside the tuned integers into a checkpoint."""
-    from .checkpoint.format import QuantConfig
-
-    quantized = {n + suffix for n in qweights for suffix in (".weight", ".bias")}
-    tensors = {n: t.numpy() for n, t in model.tensors.items() if n not in quantized}
-    if model.cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    quant = QuantConfig(bits=targs.bits, group_size=targs.group_size, sym=targs.sym,
-                        # auto_gptq's zero point minus 1 cannot hold an asymmetric layer's zero point of 0
-                        packing_format="auto_round:auto_gptq" if all(q.sym for q in qweights.values()) else "auto_round",
-                        extra_config={}, iters=targs.iters, tuning=asdict(targs))
-    return quant, tensors
-
-
-def cmd_tune(args) -> int:
-    from .checkpoint.qweight import Scheme
-    from .checkpoint.write import write_checkpoint
-    from .data import calibration_samples, default_calibration_text, encode, load_tokenizer, read_text
-    from .model.load import load_float_model
-    from .tune.signround import TuneArgs, summary, tune
-
-    recipe = dict(RECIPES[args.recipe])
-    for key in recipe:
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
-    bits, group_size, sym = tune_scheme(args)
-    targs = TuneArgs(bits=bits, group_size=group_size, sym=sym, lr=args.lr, seed=args.seed, clip_search=args.clip_search,
-                     quant_lm_head=args.quant_lm_head, **recipe)
-    if targs.uses_data() and targs.batch_size > targs.nsamples:
-        raise ValueError(f"--batch-size {targs.batch_size} is larger than --nsamples {targs.nsamples}")
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"recipe {args.recipe}: " + ", ".join(f"{f.name}={getattr(targs, f.name)}" for f in fields(targs)))
-
-    if args.avg_bits is not None and args.allocation is not None:
-        raise ValueError("give --avg-bits (bits chosen by importance) or --allocation (bits from a file), not both")
-    model, hf, folder = load_float_model(args.model)
-    calib = None
-    if targs.uses_data() or args.avg_bits is not None:
-        tok = load_tokenizer(folder)
-        text = read_text(args.calib) if args.calib else default_calibration_text()
-        calib = calibration_samples(encode(tok, text), targs.nsamples, targs.seqlen, targs.seed)
-    progress_dir = args.out.with_name(args.out.name + ".progress")
-    allocation = None
-    if args.avg_bits is not None:
-        allocation = allocate_bits(model, calib, args, targs, progress_dir, say)
-        targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in allocation.bits.items()}
-    elif args.allocation is not None:
-        targs.layer_schemes = {n: Scheme(b, group_size, sym) for n, b in read_allocation(args.allocation, model).items()}
-    elif args.gguf is not None:
-        (targs.bits, targs.group_size, targs.sym, *_), targs.layer_schemes = gguf_schemes(model, args.gguf, say)
-    result = tune(model, calib, targs, progress_dir=progress_dir, device=args.device, progress=not args.quiet)
-    log = result.log(targs) | {"source_model": str(Path(args.model)), "recipe": args.recipe,
-                               "calibration": str(args.calib) if args.calib else "pydoc_data.topics"}
-    if allocation is not None:
-        log["allocation"] = allocation.to_json() | {"importance": args.importance, "bits_choices": args.bits_choices}
-    quant, tensors = checkpoint_parts(model, targs, result.qweights)
-    write_checkpoint(args.out, hf, quant, result.qweights, tensors, tokenizer_src_dir=folder, tuning_log=log)
-    if allocation is not None:
-        from .plots import plot_allocation
-
-        plot_allocation(allocation, args.out / "allocation.png")
-    shutil.rmtree(progress_dir, ignore_errors=True)  # the checkpoint is whole: resume state is spent
-    say(summary(result))
-    print(f"wrote {args.out}")
-    return 0
-
-
-def tune_scheme(args) -> tuple[int, int, bool]:
-    """(bits, group size, sym) from --bits/--group-size/--sym and their defaults."""
-    if args.gguf is not None:
-        given = [f for f, v in (("--bits", args.bits), ("--group-size", args.group_size), ("--sym/--asym", args.sym))
-                 if v is not None]
-        if given or (args.avg_bits or args.allocation) is not None:
-            raise ValueError(f"--gguf sets every layer's bits and grid; it cannot be combined with "
-                             f"{', '.join(given) or '--avg-bits or --allocation'}")
-    return args.bits or 4, args.group_size or 128, bool(args.sym)
-
-
-def gguf_schemes(model, gguf_type: str, say) -> tuple[tuple, dict]:
-    """(the most common grid, {layer: Scheme} for every layer) for `tune --gguf`."""
-    from collections import Counter
-    from dataclasses import astuple
-
-    from .tune.importance import block_linear_names
-
-    shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
-    types = gguf_mix.layer_types(gguf_type, shapes, model.cfg.n_layers, model.cfg.n_heads // model.cfg.n_kv_heads)
-    say(f"--gguf {gguf_type.lower()}: " + ", ".join(f"{c} layers {t}" for t, c in Counter(types.values()).most_common()))
-    schemes = gguf_mix.layer_schemes(gguf_type, shapes, model.cfg.n_layers, model.cfg.n_heads // model.cfg.n_kv_heads)
-    return astuple(Counter(schemes.values()).most_common(1)[0][0]), schemes
-
-
-def allocate_bits(model, calib, args, targs, progress_dir: Path, say):
-    """Bits per decoder-block linear under --avg-bits, kept in the progress folder so a resumed run
-    tunes the same allocation."""
-    import numpy as np
-
-    from .fileio import atomic_file
-    from .tune.allocate import Allocation, layer_file_bits, solve
-    from .tune.importance import importance
-
-    saved = progress_dir / "allocation.json"
-    settings = {"avg_bits": args.avg_bits, "bits_choices": args.bits_choices, "importance": args.importance,
-                "group_size": targs.group_size, "sym": targs.sym, "nsamples": targs.nsamples,
-                "seqlen": targs.seqlen, "seed": targs.seed, "calib": str(args.calib)}
-    if saved.is_file():
-        record = json.loads(saved.read_text())
-        if record["settings"] == settings:
-            say(f"allocation read from {saved}")
-            return Allocation.from_json(record["allocation"])
-    names, scores = importance(model, calib, args.bits_choices, targs.group_size, targs.sym, args.importance,
-                               batch_size=targs.batch_size, progress=not args.quiet)
-    shapes = [tuple(model.tensors[n + ".weight"].shape) for n in names]
-    cost = np.array([[layer_file_bits(n, k, b, targs.group_size) for b in args.bits_choices] for n, k in shapes])
-    allocation = solve(names, args.bits_choices, cost, scores, sum(n * k for n, k in shapes), args.avg_bits)
-    say(allocation.table())
-    progress_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_file(saved) as tmp:
-        tmp.write_text(json.dumps({"settings": settings, "allocation": allocation.to_json()}, indent=1))
-    return allocation
-
-
-def read_allocation(path: Path, model) -> dict[str, int]:
-    from .checkpoint.qweight import SUPPORTED_BITS
-    from .tune.importance import block_linear_names
-
-    try:
-        record = json.loads(Path(path).read_text())
-        bits = record.get("allocation", record)["bits"]
-        bits = {str(k): int(v) for k, v in bits.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"--allocation {path}: expected a JSON object {{\"bits\": {{layer: bits}}}} ({e})") from None
-    known = set(block_linear_names(model))
-    unknown = sorted(set(bits) - known)
-    if unknown:
-        raise ValueError(f"--allocation {path}: {len(unknown)} names are not decoder-block linears of this model, "
-                         f"e.g. {unknown[0]!r}")
-    bad = sorted({b for b in bits.values() if b not in SUPPORTED_BITS})
-    if bad:
-        raise ValueError(f"--allocation {path}: bits {bad} are not among {', '.join(map(str, SUPPORTED_BITS))}")
-    return bits
+    p.set_defaults(func=cmd_eval, flags=flag_names(p))
 
 
 def cmd_eval(args) -> int:
-    from .fileio import atomic_file
-    from .validation import folder_perplexity
-
     t0 = time.perf_counter()
     result, kind = folder_perplexity(args.model, args.text, window=args.window, max_windows=args.windows,
                                      progress=not args.quiet)
@@ -274,8 +156,6 @@ def cmd_eval(args) -> int:
 
 
 def add_validate(sub):
-    from .validation.validate import Thresholds
-
     p = sub.add_parser("validate", help="prove a deployed file's accuracy against the checkpoint's reference",
                        description="Run the checkpoint's PyTorch reference, the float source model when present, and "
                                    "each artifact over the same tokens; report perplexity, top-1 agreement and KL; "
@@ -298,12 +178,10 @@ def add_validate(sub):
                    help="run the GGUF in llama.cpp (auto: when installed) or as numpy-dequantized weights")
     p.add_argument("--report", type=Path, help="report folder (default: CHECKPOINT.validation next to it)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func=cmd_validate, flags=flag_names(p))
 
 
 def cmd_validate(args) -> int:
-    from .validation import Thresholds, validate, write_report
-
     thresholds = Thresholds(max_kl=args.max_kl, min_top1=args.min_top1, max_ppl_increase=args.max_ppl_increase)
     result = validate(args.checkpoint, onnx=args.onnx, gguf=args.gguf, float_model=args.float_model, text=args.text,
                       tokens=args.tokens, window=args.window, thresholds=thresholds, gguf_runner=args.gguf_runner,
@@ -343,7 +221,7 @@ def add_export(sub):
                         "speed) for a slightly larger file; 256 keeps one block per group (default: 32)")
     add_rtn_args(o)
     o.add_argument("--quiet", action="store_true")
-    o.set_defaults(func=cmd_export_onnx)
+    o.set_defaults(func=cmd_export_onnx, flags=flag_names(o))
     g = kinds.add_parser("gguf", help="a GGUF file for llama.cpp",
                          description="Write a GGUF file for llama.cpp from SOURCE. A checkpoint's integers go into "
                                      "the smallest legacy block type that holds them exactly (4-bit symmetric and "
@@ -362,10 +240,11 @@ def add_export(sub):
     g.add_argument("--float-type", choices=["f16", "f32", "q8_0"], default="f16",
                    help="type of float matrices such as the embedding (default: f16; q8_0 rounds them to "
                         "8 bits, a quarter of the file for small models)")
-    g.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: recognised from the vocabulary)")
+    g.add_argument("--tokenizer-pre", dest="tokenizer_pre_name",
+                   help="llama.cpp pre-tokenizer name (default: recognised from the vocabulary)")
     add_rtn_args(g)
     g.add_argument("--quiet", action="store_true")
-    g.set_defaults(func=cmd_export_gguf)
+    g.set_defaults(func=cmd_export_gguf, flags=flag_names(g))
 
 
 def add_rtn_args(p):
@@ -377,58 +256,13 @@ def add_rtn_args(p):
     p.set_defaults(sym=True)
 
 
-def checkpoint_or_rtn(source: Path, args, stack):
-    """The Checkpoint to export: source itself when it is one; for a float model, a round-to-nearest
-    checkpoint of it in a temporary folder, or (--bits 16) its float weights."""
-    import tempfile
-
-    from .checkpoint.read import read_checkpoint
-    from .model.load import float_checkpoint, is_checkpoint, resolve_model_dir
-
-    folder = resolve_model_dir(source)
-    if is_checkpoint(folder):
-        return read_checkpoint(folder)
-    if args.bits == 16:
-        return float_checkpoint(folder)
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="signround-rtn-")))
-    argv = ["tune", str(folder), "--out", str(tmp / "rtn"), "--iters", "0", "--bits", str(args.bits),
-            "--group-size", str(args.group_size), "--sym" if args.sym else "--asym", "--quiet"]
-    if not args.quiet:
-        print(f"{folder} is a float model: rounding to nearest at W{args.bits} group {args.group_size} "
-              f"{'symmetric' if args.sym else 'asymmetric'} first", file=sys.stderr)
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # the nested tune's "wrote" line names a temporary folder
-        if main(argv) != 0:
-            raise ValueError(f"could not quantize {folder}")
-    return read_checkpoint(tmp / "rtn")
-
-
 def cmd_export_onnx(args) -> int:
-    import contextlib
-
-    from .export.onnx.build import export_onnx
-
-    with contextlib.ExitStack() as stack:
-        ckpt = checkpoint_or_rtn(args.source, args, stack)
-        report = export_onnx(ckpt, args.out, accuracy_level=args.accuracy_level, max_block=args.max_block,
-                             lm_head_bits=None if args.lm_head_bits == 16 else args.lm_head_bits)
-    print(report)
+    print(call_api(export_onnx, args, lm_head_bits=None if args.lm_head_bits == 16 else args.lm_head_bits))
     return 0
 
 
 def cmd_export_gguf(args) -> int:
-    import contextlib
-
-    from .export.gguf import export_gguf
-
-    with contextlib.ExitStack() as stack:
-        ckpt = checkpoint_or_rtn(args.source, args, stack)
-        report = export_gguf(ckpt, args.out, asym4=args.asym4, float_type=args.float_type,
-                             kquant=args.gguf_type == "q4_k",
-                             tokenizer_pre_name=args.tokenizer_pre, progress=not args.quiet)
-    print(report.summary())
+    print(call_api(export_gguf, args, kquant=args.gguf_type == "q4_k").summary())
     return 0
 
 
@@ -442,14 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def flagged(message: str, param: str | None, flags: dict[str, str]) -> str:
+    """The message in the command line's words: every `name` in backquotes that is a parameter with a
+    flag becomes the flag; when none names the error's parameter, so does the first bare word that
+    does (a message names its parameter first; later the same word may mean something else)."""
+    out = re.sub(r"`(\w+)`", lambda m: flags.get(m[1], m[0]), message)
+    if param in flags and f"`{param}`" not in message:
+        out = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", flags[param], out, count=1)
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import CheckpointError, DataError, ModelError, UnsupportedModelError
-
     try:
         return args.func(args)
-    except (CheckpointError, DataError, ModelError, UnsupportedModelError, ValueError) as e:  # GGUFExportError too
-        print(f"signround {args.command}: error: {e}", file=sys.stderr)
+    except SignroundError as e:
+        print(f"signround {args.command}: error: {flagged(str(e), e.param, args.flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"signround {args.command}: interrupted", file=sys.stderr)
@@ -458,4 +300,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

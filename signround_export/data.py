@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics as PYDOC_TOPICS
 
 import torch
 from tokenizers import Tokenizer
@@ -17,9 +18,7 @@ from .errors import DataError
 
 
 def _topics() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
+    return [PYDOC_TOPICS[k] for k in sorted(PYDOC_TOPICS)]
 
 
 def default_calibration_text() -> str:
@@ -66,9 +65,18 @@ def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     n_windows = ids.numel() // seqlen
     if n_windows < nsamples:
         raise DataError(
-            f"the calibration text gives {n_windows} windows of {seqlen} tokens, fewer than --nsamples {nsamples}; "
-            "lower --nsamples or --seqlen, or give a longer --calib file"
+            f"the calibration text gives {n_windows} windows of {seqlen} tokens, fewer than `nsamples` {nsamples}; "
+            "lower `nsamples` or `seqlen`, or give a longer `calib` file", param="nsamples"
         )
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:nsamples].sort().values
     return ids[: n_windows * seqlen].view(n_windows, seqlen)[pick]
+
+
+def calibration_ids(folder: str | Path, nsamples: int, seqlen: int, seed: int,
+                    path: str | Path | None = None) -> torch.Tensor:
+    """calibration_samples of the text at path (default: default_calibration_text), tokenized with the
+    tokenizer of the model folder."""
+    tokenizer = load_tokenizer(folder)
+    text = read_text(path) if path else default_calibration_text()
+    return calibration_samples(encode(tokenizer, text), nsamples, seqlen, seed)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from signround_export import cli
 from signround_export.checkpoint.read import read_checkpoint
+from signround_export.errors import GGUFExportError
 
 TUNE = ["--bits", "4", "--group-size", "32", "--iters", "150", "--nsamples", "16", "--seqlen", "128",
         "--batch-size", "4", "--quiet"]
@@ -126,3 +128,34 @@ def test_quantized_lm_head_round_trips_through_the_checkpoint(deep_model, tmp_pa
     assert ckpt.quant.extra_config["lm_head"]["bits"] == 8
     assert "model.embed_tokens.weight" in ckpt.tensors  # the tied embedding stays float
     assert "lm_head.weight" not in ckpt.tensors
+
+
+def test_parameter_names_in_errors_become_flags(deep_model, tmp_path, capsys):
+    args = ["tune", str(deep_model), "--out", str(tmp_path / "o"), "--batch-size", "16", "--nsamples", "8"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip() == \
+        "signround tune: error: --batch-size 16 is larger than --nsamples 8; lower the first or raise the second"
+    flags = cli.flag_names(cli.build_parser()._subparsers._group_actions[0].choices["tune"])
+    assert flags["batch_size"] == "--batch-size" and flags["quant_lm_head"] == "--quant-lm-head"
+    # a message in bare words: the first use of its parameter's name is the flag, paths stay as they are
+    assert cli.flagged("out /x/out/y: out is a file", "out", flags) == "--out /x/out/y: out is a file"
+
+
+def test_every_signround_error_is_one_line_and_nothing_else_is_hidden(deep_model, tmp_path, capsys, monkeypatch):
+    """main catches the one error type, whichever stage raised it; any other exception is a bug and
+    keeps its traceback."""
+    def fail(error):
+        def export(*args, **kwargs):
+            raise error
+        return export
+
+    args = ["export", "gguf", str(deep_model), "--out", str(tmp_path / "m.gguf"), "--quiet"]
+    monkeypatch.setattr(cli, "export_gguf", fail(GGUFExportError("float_type 'f8': choose f16, f32 or q8_0",
+                                                                  param="float_type")))
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == "signround export: error: --float-type 'f8': choose f16, f32 or q8_0\n"
+    monkeypatch.setattr(cli, "export_gguf", fail(KeyboardInterrupt()))
+    assert cli.main(args) == 130
+    monkeypatch.setattr(cli, "export_gguf", fail(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(args)

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import WIKITEXT, rtn_checkpoint
 
+from conftest import WIKITEXT, rtn_checkpoint
 from signround_export.checkpoint.qweight import QuantWeight
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
@@ -455,7 +455,7 @@ def test_tune_for_a_mix_tunes_each_layer_on_its_own_grid(tmp_path, capsys):
     out = tmp_path / "ckpt"
     assert main(["tune", str(model), "--out", str(out), "--gguf", "q4_k_m", "--iters", "2", "--nsamples", "2",
                  "--seqlen", "32", "--batch-size", "2"]) == 0
-    assert "--gguf q4_k_m: " in capsys.readouterr().err
+    assert "gguf q4_k_m: " in capsys.readouterr().err
     report = export_gguf(read_checkpoint(out), tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
     types = {t.source.removesuffix(".weight"): t.type for t in report.tensors if t.quantized}
     assert all(t.exact for t in report.tensors if t.quantized)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from signround_export.checkpoint.qweight import Scheme
+from signround_export.checkpoint.qweight import QuantWeight, Scheme
 from signround_export.tune.quantizer import quantize, to_qweight
 
 
@@ -19,11 +19,13 @@ def weight(n=24, k=200, seed=0):
 def test_rtn_integers_dequantize_to_the_fake_quant_weight(bits, sym, group):
     w = weight()
     scheme = Scheme(bits, group, sym)
-    wq, _, scale, _ = quantize(w, scheme)
+    fq = quantize(w, scheme)
     qw = to_qweight(w, scheme)
     assert qw.q.max() <= 2**bits - 1
     # the integers are the truth: their dequantization is exactly the weight the tuning loss saw
-    np.testing.assert_array_equal(qw.dequantize(), wq.numpy())
+    np.testing.assert_array_equal(qw.dequantize(), fq.weight.numpy())
+    assert fq.offset is None
+    np.testing.assert_array_equal(qw.zero, fq.zero.numpy())
     # float16 scales: what the checkpoint stores is what was used
     np.testing.assert_array_equal(qw.scale, qw.scale.astype(np.float16).astype(np.float32))
     if sym:
@@ -61,7 +63,7 @@ def test_offsets_and_clipping_change_the_integers_and_carry_gradients():
     v = torch.zeros(4, 2, 32, requires_grad=True)
     lo = torch.ones(4, 2, requires_grad=True)
     hi = torch.ones(4, 2, requires_grad=True)
-    wq = quantize(w, scheme, v, lo, hi)[0]
+    wq = quantize(w, scheme, v, lo, hi).weight
     ((wq - w) ** 2).sum().backward()
     assert v.grad.abs().sum() > 0 and lo.grad.abs().sum() > 0 and hi.grad.abs().sum() > 0
     rtn = to_qweight(w, scheme)
@@ -86,10 +88,12 @@ def test_float_offset_grid_is_the_k_quant_form_and_beats_integer_zero_points(bit
     w = weight(n=16, k=512)
     w[2] = w[2].abs()  # a row with no negative weight: offsets 0
     scheme = Scheme(bits, group, False, sub_bits, float_offset=True)
-    wq, q, scale, offset = quantize(w, scheme)
+    fq = quantize(w, scheme)
     qw = to_qweight(w, scheme)
+    assert fq.zero is None and fq.offset is not None  # a float minimum, not an integer zero point
     assert (qw.zero == 0).all() and qw.offset is not None and (qw.offset[2] == 0).all()
-    np.testing.assert_array_equal(qw.dequantize(), wq.numpy())
+    np.testing.assert_array_equal(qw.offset, fq.offset.numpy())
+    np.testing.assert_array_equal(qw.dequantize(), fq.weight.numpy())
     limit = 2**sub_bits - 1
     for values in (qw.scale, qw.offset):  # per 256-weight super-block: one float16 step times 0..limit
         per_super = values.reshape(16, 2, -1).astype(np.float64)
@@ -104,8 +108,6 @@ def test_float_offset_grid_is_the_k_quant_form_and_beats_integer_zero_points(bit
 
 
 def test_schemes_and_weights_refuse_float_offsets_where_they_cannot_be():
-    from signround_export.checkpoint.qweight import QuantWeight
-
     with pytest.raises(ValueError, match="a float offset is for asymmetric weights"):
         Scheme(4, 32, True, float_offset=True)
     with pytest.raises(ValueError, match="asymmetric K-quant grids hold float offsets"):

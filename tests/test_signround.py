@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from signround_export.checkpoint.qweight import Scheme
 from signround_export.data import calibration_samples, default_calibration_text, encode, load_tokenizer
 from signround_export.model.load import load_float_model
-from signround_export.tune.quantizer import quantize
-from signround_export.tune.signround import BlockTuner, TuneArgs, tune
+from signround_export.tune.clip import clip_search
+from signround_export.tune.config import TuneConfig
+from signround_export.tune.quantizer import group_range, grouped, quantize
+from signround_export.tune.signround import BlockTuner, tune
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,10 @@ def output_error(model, qweights, ids):
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (2, 64, False), (3, 32, True)])
 def test_signround_beats_rtn(setup, bits, group, sym):
     model, ids = setup
-    args = TuneArgs(bits=bits, group_size=group, sym=sym, iters=60, nsamples=16, seqlen=64, batch_size=4)
+    args = TuneConfig(bits=bits, group_size=group, sym=sym, iters=60, nsamples=16, seqlen=64, batch_size=4)
     calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
     tuned = tune(model, calib, args, progress=False)
-    rtn = tune(model, None, TuneArgs(bits=bits, group_size=group, sym=sym, iters=0), progress=False)
+    rtn = tune(model, None, TuneConfig(bits=bits, group_size=group, sym=sym, iters=0), progress=False)
     for log in tuned.blocks:
         assert log.loss_after < log.loss_before
     held_out = calibration_samples(ids[len(ids) // 2 :], 4, 64, seed=7)
@@ -44,7 +46,7 @@ def test_signround_beats_rtn(setup, bits, group, sym):
 
 def test_same_seed_same_integers(setup):
     model, ids = setup
-    args = TuneArgs(bits=4, group_size=32, iters=10, nsamples=8, seqlen=32, batch_size=2)
+    args = TuneConfig(bits=4, group_size=32, iters=10, nsamples=8, seqlen=32, batch_size=2)
     calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
     a = tune(model, calib, args, progress=False).qweights
     b = tune(model, calib, args, progress=False).qweights
@@ -57,7 +59,7 @@ def test_same_seed_same_integers(setup):
 
 def test_rtn_needs_no_data_and_quantizes_every_linear(setup):
     model, _ = setup
-    result = tune(model, None, TuneArgs(bits=4, group_size=-1, iters=0, quant_lm_head=True), progress=False)
+    result = tune(model, None, TuneConfig(bits=4, group_size=-1, iters=0, quant_lm_head=True), progress=False)
     assert len(result.qweights) == 7 * model.cfg.n_layers + 1
     assert result.qweights["lm_head"].shape == (model.cfg.vocab_size, model.cfg.hidden_size)
 
@@ -68,7 +70,7 @@ def test_signed_steps_stay_within_bounds():
     tuner = BlockTuner(params, {"self_attn.q_proj": Scheme(4, 32, False)}, "cpu")
     for _ in range(40):  # a large rate pushes every parameter to its bound
         loss = (quantize(w, Scheme(4, 32, False), tuner.v["self_attn.q_proj"], tuner.min_scale["self_attn.q_proj"],
-                         tuner.max_scale["self_attn.q_proj"])[0] * torch.randn(8, 64)).sum()
+                         tuner.max_scale["self_attn.q_proj"]).weight * torch.randn(8, 64)).sum()
         loss.backward()
         tuner.step(0.3)
     assert tuner.v["self_attn.q_proj"].abs().max() <= 0.5
@@ -78,10 +80,6 @@ def test_signed_steps_stay_within_bounds():
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_clip_search_lowers_the_input_weighted_error(sym):
-    from signround_export.checkpoint.qweight import Scheme
-    from signround_export.tune.quantizer import group_range, grouped, quantize
-    from signround_export.tune.signround import clip_search
-
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 256, generator=g) * 0.02
     w[torch.rand(w.shape, generator=g) < 0.02] *= 8  # outliers that max-based scales stretch for
@@ -89,7 +87,7 @@ def test_clip_search_lowers_the_input_weighted_error(sym):
     scheme, rng = Scheme(4, 32, sym), group_range(w, 32)
 
     def err(f_lo, f_hi):
-        return (grouped((w - quantize(w, scheme, None, f_lo, f_hi, rng)[0]) ** 2 * power, 32)).sum(-1)
+        return (grouped((w - quantize(w, scheme, None, f_lo, f_hi, rng).weight) ** 2 * power, 32)).sum(-1)
 
     f_lo, f_hi = clip_search(w, scheme, power, rng)
     ones = torch.ones_like(f_lo)
@@ -105,10 +103,6 @@ def test_clip_search_lowers_the_input_weighted_error(sym):
 def test_clip_search_finds_a_coarser_grid_the_weights_lie_on():
     """Weights on a 4-bit grid (a step and a minimum per group of 32, as a model shipped in Q4_1 is) lie
     exactly on a 5-bit grid of half the step; the full-range 5-bit step, range / 31, misses it."""
-    from signround_export.checkpoint.qweight import Scheme
-    from signround_export.tune.quantizer import group_range, quantize
-    from signround_export.tune.signround import clip_search
-
     g = torch.Generator().manual_seed(1)
     d = (torch.rand(16, 8, 1, generator=g) * 0.01 + 0.004).half().float()
     m = (-torch.rand(16, 8, 1, generator=g) * 0.05).half().float()  # groups hold both signs: m + 15 d > 0
@@ -117,9 +111,9 @@ def test_clip_search_finds_a_coarser_grid_the_weights_lie_on():
     w = (m + d * codes).reshape(16, 256)
     scheme = Scheme(5, 32, False, float_offset=True)  # Q5_1's grid
     rng = group_range(w, 32)
-    assert (quantize(w, scheme, None, None, None, rng)[0] - w).abs().max() > 1e-4
+    assert (quantize(w, scheme, None, None, None, rng).weight - w).abs().max() > 1e-4
     f_lo, f_hi = clip_search(w, scheme, torch.ones(256), rng)
-    assert (quantize(w, scheme, None, f_lo, f_hi, rng)[0] - w).abs().max() < 1e-6
+    assert (quantize(w, scheme, None, f_lo, f_hi, rng).weight - w).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -127,10 +121,10 @@ def test_iters_0_with_clip_search_keeps_the_search_result(setup, sym):
     """--iters 0 --clip-search: calibration statistics choose each group's clipping, no SignRound step
     runs, and the model is closer to the float one than plain round-to-nearest on held-out text."""
     model, ids = setup
-    args = TuneArgs(bits=3, group_size=32, sym=sym, iters=0, clip_search=True, nsamples=16, seqlen=64, batch_size=4)
+    args = TuneConfig(bits=3, group_size=32, sym=sym, iters=0, clip_search=True, nsamples=16, seqlen=64, batch_size=4)
     calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
     searched = tune(model, calib, args, progress=False)
-    rtn = tune(model, None, TuneArgs(bits=3, group_size=32, sym=sym, iters=0), progress=False)
+    rtn = tune(model, None, TuneConfig(bits=3, group_size=32, sym=sym, iters=0), progress=False)
     assert all(b.best_iter is None for b in searched.blocks)
     assert any(not np.array_equal(searched.qweights[n].q, rtn.qweights[n].q) for n in rtn.qweights)
     held_out = calibration_samples(ids[len(ids) // 2 :], 4, 64, seed=7)
@@ -141,7 +135,7 @@ def test_rtn_default_ignores_calibration(setup):
     """Without --clip-search, --iters 0 stays plain round-to-nearest even when data is at hand."""
     model, ids = setup
     calib = calibration_samples(ids, 4, 32, 0)
-    a = tune(model, calib, TuneArgs(bits=4, group_size=32, iters=0), progress=False).qweights
-    b = tune(model, None, TuneArgs(bits=4, group_size=32, iters=0), progress=False).qweights
+    a = tune(model, calib, TuneConfig(bits=4, group_size=32, iters=0), progress=False).qweights
+    b = tune(model, None, TuneConfig(bits=4, group_size=32, iters=0), progress=False).qweights
     for name in a:
         np.testing.assert_array_equal(a[name].q, b[name].q)

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import rtn_checkpoint
 from signround_runtime import Model, RuntimeModelError, Sampling
 from signround_runtime.chat import chatml, render
 from signround_runtime.cli import main as run_main
 from signround_runtime.sampling import choose, penalize
 
+from conftest import rtn_checkpoint
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.export.onnx.build import export_onnx
 from signround_export.model.load import reference_from_checkpoint

@@ -20,11 +20,11 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import rtn_checkpoint  # noqa: E402
 from signround_runtime import Model  # noqa: E402
 from signround_runtime.server import Server, make_uvicorn  # noqa: E402
 from signround_runtime.text import TextStream  # noqa: E402
 
+from conftest import rtn_checkpoint  # noqa: E402
 from signround_export.checkpoint.read import read_checkpoint  # noqa: E402
 from signround_export.export.onnx.build import export_onnx  # noqa: E402
 

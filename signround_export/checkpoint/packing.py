@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CheckpointError
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ_ORDER[j]: which of 8 consecutive elements sits in nibble j
 
 
@@ -38,7 +40,7 @@ def words_for(count: int, bits: int) -> int:
 
 def _check_bits(bits: int) -> None:
     if not 1 <= bits <= 8:
-        raise ValueError(f"cannot pack {bits}-bit values (1 to 8 bits)")
+        raise CheckpointError(f"cannot pack {bits}-bit values (1 to 8 bits)")
 
 
 def pack_bits(values: np.ndarray, bits: int, axis: int = 0) -> np.ndarray:
@@ -46,7 +48,7 @@ def pack_bits(values: np.ndarray, bits: int, axis: int = 0) -> np.ndarray:
     _check_bits(bits)
     v = np.moveaxis(np.asarray(values), axis, -1).astype(np.uint64)
     if v.size and int(v.max()) >= 1 << bits:
-        raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
+        raise CheckpointError(f"value {int(v.max())} does not fit in {bits} bits")
     count = v.shape[-1]
     blocks = -(-count // 32)
     pad = blocks * 32 - count
@@ -71,7 +73,7 @@ def unpack_bits(words: np.ndarray, bits: int, count: int, axis: int = 0) -> np.n
     _check_bits(bits)
     w = np.moveaxis(np.asarray(words), axis, -1)
     if w.shape[-1] < words_for(count, bits):
-        raise ValueError(f"{w.shape[-1]} words hold fewer than {count} values of {bits} bits")
+        raise CheckpointError(f"{w.shape[-1]} words hold fewer than {count} values of {bits} bits")
     w = w.astype(np.int64) & 0xFFFFFFFF  # the words' bits as unsigned numbers
     blocks = -(-w.shape[-1] // bits)
     pad = blocks * bits - w.shape[-1]
@@ -95,9 +97,9 @@ def pack_awq(values: np.ndarray) -> np.ndarray:
     """Pack 4-bit values along the last axis into int32 words in AWQ's nibble order (length % 8 == 0)."""
     v = np.asarray(values).astype(np.uint32)
     if v.shape[-1] % 8:
-        raise ValueError(f"AWQ packing needs a multiple of 8 values along the packed axis, got {v.shape[-1]}")
+        raise CheckpointError(f"AWQ packing needs a multiple of 8 values along the packed axis, got {v.shape[-1]}")
     if v.size and int(v.max()) > 15:
-        raise ValueError(f"value {int(v.max())} does not fit in 4 bits")
+        raise CheckpointError(f"value {int(v.max())} does not fit in 4 bits")
     v = v.reshape(v.shape[:-1] + (-1, 8))
     words = np.zeros(v.shape[:-1], np.uint32)
     for nibble, element in enumerate(AWQ_ORDER):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import CheckpointError, TuneError
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPER_BLOCK = 256  # weights per K-quant super-block
 
@@ -40,9 +42,9 @@ class Scheme:
 
     def __post_init__(self):
         if self.float_offset and self.sym:
-            raise ValueError("a float offset is for asymmetric weights")
+            raise TuneError("a float offset is for asymmetric weights (sym=False)")
         if self.sub_scale_bits and not self.sym and not self.float_offset:
-            raise ValueError("asymmetric K-quant grids hold float offsets (float_offset=True)")
+            raise TuneError("asymmetric K-quant grids hold float offsets (float_offset=True)")
 
     def resolved_group(self, k: int) -> int:
         return k if self.group_size == -1 else self.group_size
@@ -68,34 +70,34 @@ class QuantWeight:
         return self.q.shape
 
     def check(self, name: str = "weight") -> None:
-        """Raise ValueError naming the problem when the fields are inconsistent."""
+        """Raise CheckpointError naming the problem when the fields are inconsistent."""
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"{name}: {self.bits}-bit weights are not supported (supported: {SUPPORTED_BITS})")
+            raise CheckpointError(f"{name}: {self.bits}-bit weights are not supported (supported: {SUPPORTED_BITS})")
         if self.q.ndim != 2:
-            raise ValueError(f"{name}: integer weight must be 2-D, got shape {self.q.shape}")
+            raise CheckpointError(f"{name}: integer weight must be 2-D, got shape {self.q.shape}")
         n, k = self.q.shape
         g = n_groups(k, self.group_size)
         if self.scale.shape != (n, g) or self.zero.shape != (n, g):
-            raise ValueError(
+            raise CheckpointError(
                 f"{name}: scales {self.scale.shape} / zero points {self.zero.shape} do not match "
                 f"{n} rows x {g} groups of {self.group_size} (K={k})"
             )
         maxq = 2**self.bits - 1
         if self.q.size and int(self.q.max()) > maxq:
-            raise ValueError(f"{name}: integer value {int(self.q.max())} does not fit in {self.bits} bits")
+            raise CheckpointError(f"{name}: integer value {int(self.q.max())} does not fit in {self.bits} bits")
         if self.zero.size and int(self.zero.max()) > maxq:
-            raise ValueError(f"{name}: zero point {int(self.zero.max())} does not fit in {self.bits} bits")
+            raise CheckpointError(f"{name}: zero point {int(self.zero.max())} does not fit in {self.bits} bits")
         if not np.all(np.isfinite(self.scale)):
-            raise ValueError(f"{name}: scales contain NaN or infinity")
+            raise CheckpointError(f"{name}: scales contain NaN or infinity")
         if np.any(self.scale == 0):
-            raise ValueError(f"{name}: scales contain zeros")
+            raise CheckpointError(f"{name}: scales contain zeros")
         if self.offset is not None:
             if self.sym:
-                raise ValueError(f"{name}: a symmetric weight cannot carry float offsets")
+                raise CheckpointError(f"{name}: a symmetric weight cannot carry float offsets")
             if self.offset.shape != (n, g) or not np.all(np.isfinite(self.offset)):
-                raise ValueError(f"{name}: offsets must be {n} x {g} finite values, got {self.offset.shape}")
+                raise CheckpointError(f"{name}: offsets must be {n} x {g} finite values, got {self.offset.shape}")
             if self.zero.size and int(self.zero.max()) != 0:
-                raise ValueError(f"{name}: a weight with float offsets keeps its zero points at 0")
+                raise CheckpointError(f"{name}: a weight with float offsets keeps its zero points at 0")
 
     def group_index(self) -> np.ndarray:
         """Group of every column k: k // group_size."""

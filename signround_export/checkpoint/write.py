@@ -7,7 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from ..errors import CheckpointError
 from ..fileio import atomic_dir
 from ..model.folder import copy_tokenizer_files
 from .format import GPTQ, GPTQ_V1, WRITE_FORMATS, QuantConfig
@@ -23,15 +25,13 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: dic
     quantized layers outside the blocks (lm_head) and float linears inside them, so auto-round's
     loader finds the same layers we do.
     """
-    from safetensors.numpy import save_file
-
     quant = _settled_config(quant, qweights, tensors)
     arrays: dict[str, np.ndarray] = {}
     for name in sorted(qweights):
         arrays.update(_pack_layer(name, qweights[name], quant.packing_format))
     for name, t in tensors.items():
         if name in arrays or name.rsplit(".", 1)[0] in qweights:
-            raise ValueError(f"tensor {name} belongs to quantized layer {name.rsplit('.', 1)[0]}; "
+            raise CheckpointError(f"tensor {name} belongs to quantized layer {name.rsplit('.', 1)[0]}; "
                              "pass it either quantized or as a float tensor, not both")
         arrays[name] = np.asarray(t, dtype=np.float32)
     # safetensors writes an array's memory as it lies: a transposed view would be stored scrambled
@@ -53,7 +53,7 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: dic
 def _settled_config(quant: QuantConfig, qweights: dict[str, QuantWeight], tensors: dict) -> QuantConfig:
     """quant with the packing format checked and extra_config completed for the layers at hand."""
     if quant.packing_format not in WRITE_FORMATS:
-        raise ValueError(f"cannot write packing_format {quant.packing_format!r}; we write {' or '.join(WRITE_FORMATS)}")
+        raise CheckpointError(f"cannot write packing_format {quant.packing_format!r}; we write {' or '.join(WRITE_FORMATS)}")
     extra = {k: dict(v) for k, v in quant.extra_config.items()}
     settled = replace(quant, extra_config=extra)  # sees the entries added below
     blocks = [b.strip() for b in quant.block_name_to_quantize.split(",") if b.strip()]
@@ -64,7 +64,7 @@ def _settled_config(quant: QuantConfig, qweights: dict[str, QuantWeight], tensor
     for name, qw in sorted(qweights.items()):
         qw.check(name)
         if qw.sym and not np.all(qw.zero == 2 ** (qw.bits - 1)):
-            raise ValueError(f"{name} is marked symmetric but its zero points are not {2 ** (qw.bits - 1)}")
+            raise CheckpointError(f"{name} is marked symmetric but its zero points are not {2 ** (qw.bits - 1)}")
         bits, group, sym = settled.layer_scheme(name)
         k = qw.shape[1]
         if not in_blocks(name):
@@ -77,7 +77,7 @@ def _settled_config(quant: QuantConfig, qweights: dict[str, QuantWeight], tensor
                 ("group_size", qw.group_size, k if quant.group_size == -1 else quant.group_size),
                 ("sym", qw.sym, quant.sym)) if value != default}
         if quant.packing_format == GPTQ_V1 and not qw.sym:
-            raise ValueError(f"{name} is asymmetric: packing_format {GPTQ_V1!r} stores zero points minus 1 and "
+            raise CheckpointError(f"{name} is asymmetric: packing_format {GPTQ_V1!r} stores zero points minus 1 and "
                              f"cannot hold a zero point of 0; use {GPTQ!r} for asymmetric weights")
 
     for tname, t in tensors.items():  # linears left in float inside the blocks: say so, as auto-round does
@@ -91,11 +91,11 @@ def _settled_config(quant: QuantConfig, qweights: dict[str, QuantWeight], tensor
 def _pack_layer(name: str, qw: QuantWeight, packing_format: str) -> dict[str, np.ndarray]:
     n, k = qw.shape
     if k * qw.bits % 32:
-        raise ValueError(f"{name}: K={k} columns of {qw.bits} bits do not fill whole int32 words, which the "
+        raise CheckpointError(f"{name}: K={k} columns of {qw.bits} bits do not fill whole int32 words, which the "
                          "format needs to know K; leave this layer in float")
     scales = qw.scale.T.astype(np.float16)
     if not np.array_equal(scales.astype(np.float32), qw.scale.T):
-        raise ValueError(f"{name}: scales are not float16 values; round them to float16 before writing "
+        raise CheckpointError(f"{name}: scales are not float16 values; round them to float16 before writing "
                          "(the checkpoint stores float16, and the integers were chosen for those scales)")
     zero = qw.zero.astype(np.int16) - (1 if packing_format == GPTQ_V1 else 0)
     out = {
@@ -106,7 +106,7 @@ def _pack_layer(name: str, qw: QuantWeight, packing_format: str) -> dict[str, np
     if qw.offset is not None:
         offsets = qw.offset.T.astype(np.float16)
         if not np.array_equal(offsets.astype(np.float32), qw.offset.T):
-            raise ValueError(f"{name}: offsets are not float16 values; round them to float16 before writing")
+            raise CheckpointError(f"{name}: offsets are not float16 values; round them to float16 before writing")
         out[f"{name}.offsets"] = np.ascontiguousarray(offsets)
     if qw.bias is not None:
         out[f"{name}.bias"] = np.asarray(qw.bias, dtype=np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelError
 from .config import BLOCK_LINEARS, ModelConfig
 from .rope import rope_tables
 
@@ -58,7 +59,7 @@ class Model:
         self.tensors = tensors
         missing = [n for n in self.expected_names() if n not in tensors]
         if missing:
-            raise ValueError(f"model weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ModelError(f"model weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     def expected_names(self) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"]

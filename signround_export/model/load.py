@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint.format import Checkpoint
+from ..checkpoint.read import read_checkpoint
 from ..errors import ModelError
 from .config import ModelConfig
 from .folder import read_hf_config, read_safetensors, resolve_model_dir
@@ -36,8 +38,6 @@ def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
 def float_checkpoint(model: str | Path):
     """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
     float tensor (float16 GGUF, float32 ONNX)."""
-    from ..checkpoint.format import Checkpoint
-
     llama, hf, folder = load_float_model(model)
     tensors = {n: t.numpy() for n, t in llama.tensors.items()}
     if llama.cfg.tie_word_embeddings:
@@ -67,7 +67,5 @@ def load_any(model: str | Path) -> tuple[Model, str]:
     """A float model or the reference of a checkpoint, with a word saying which."""
     folder = resolve_model_dir(model)
     if is_checkpoint(folder):
-        from ..checkpoint.read import read_checkpoint
-
         return reference_from_checkpoint(read_checkpoint(folder)), "checkpoint reference"
     return load_float_model(folder)[0], "float model"

@@ -13,12 +13,15 @@ on the true optimum, so the report states how far from optimal the answer can be
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint.qweight import n_groups
+from ..checkpoint.qweight import SUPPORTED_BITS, n_groups
+from ..errors import TuneError
 
 
 def layer_file_bits(n: int, k: int, bits: int, group_size: int) -> int:
@@ -63,6 +66,27 @@ class Allocation:
                    error=d["error"], lower_bound=d["lower_bound"])
 
 
+def read_allocation(path: str | Path, layers: list[str]) -> dict[str, int]:
+    """Bits per layer from a JSON file {"bits": {layer: bits}}, or a tuning log whose "allocation" holds
+    them; every name must be one of `layers`."""
+    try:
+        record = json.loads(Path(path).read_text())
+        bits = record.get("allocation", record)["bits"]
+        bits = {str(k): int(v) for k, v in bits.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TuneError(f"`allocation` {path}: expected a JSON object {{\"bits\": {{layer: bits}}}} ({e})",
+                        param="allocation") from None
+    unknown = sorted(set(bits) - set(layers))
+    if unknown:
+        raise TuneError(f"`allocation` {path}: {len(unknown)} names are not decoder-block linears of this model, "
+                        f"e.g. {unknown[0]!r}", param="allocation")
+    bad = sorted({b for b in bits.values() if b not in SUPPORTED_BITS})
+    if bad:
+        raise TuneError(f"`allocation` {path}: bits {bad} are not among {', '.join(map(str, SUPPORTED_BITS))}",
+                        param="allocation")
+    return bits
+
+
 def solve(names: list[str], choices: list[int], cost: np.ndarray, error: np.ndarray, n_weights: int,
           avg_bits: float, resolution: int = 20000) -> Allocation:
     """cost, error: [layers, choices]. Exact DP on the rounded-up grid, plus the Lagrangian bound."""
@@ -70,8 +94,9 @@ def solve(names: list[str], choices: list[int], cost: np.ndarray, error: np.ndar
     budget = avg_bits * n_weights
     if cost.min(axis=1).sum() > budget:
         cheapest = cost.min(axis=1).sum() / n_weights
-        raise ValueError(f"--avg-bits {avg_bits} is below the smallest possible size, {cheapest:.3f} bits per "
-                         f"weight with bits {min(choices)} everywhere; raise it or add smaller --bits-choices")
+        raise TuneError(f"`avg_bits` {avg_bits} is below the smallest possible size, {cheapest:.3f} bits per "
+                        f"weight with {min(choices)} bits everywhere; raise it or add smaller `bits_choices`",
+                        param="avg_bits")
     unit = budget / resolution
     units = np.ceil(cost / unit - 1e-9).astype(np.int64)
     inf = np.inf
@@ -137,7 +162,7 @@ def depth_allocation(names: list[str], block_of: list[int], choices: list[int], 
     order = sorted(range(len(choices)), key=lambda j: choices[j])
     fits = [j for j in order if cost[:, j].sum() <= budget]
     if not fits:
-        raise ValueError(f"--avg-bits {avg_bits} is below the smallest uniform size")
+        raise TuneError(f"`avg_bits` {avg_bits} is below the smallest uniform size", param="avg_bits")
     base = fits[-1]
     chosen = np.full(len(names), base)
     if base != order[-1]:

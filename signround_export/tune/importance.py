@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint.qweight import Scheme
+from ..errors import TuneError
 from ..model.config import BLOCK_LINEARS
 from ..model.forward import Model, block_forward
 from .quantizer import quantize
@@ -36,14 +37,14 @@ def block_linear_names(model: Model) -> list[str]:
 
 def rtn_error(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
     with torch.no_grad():
-        return w - quantize(w, Scheme(bits, group_size, sym))[0]
+        return w - quantize(w, Scheme(bits, group_size, sym)).weight
 
 
 def importance(model: Model, calib: torch.Tensor, choices: list[int], group_size: int, sym: bool,
                measure: str, batch_size: int = 4, progress: bool = True) -> tuple[list[str], np.ndarray]:
     """(layer names, scores [layers, choices]) of every decoder-block linear."""
     if measure not in MEASURES:
-        raise ValueError(f"unknown importance measure {measure!r}; choose one of {', '.join(MEASURES)}")
+        raise TuneError(f"`importance` {measure!r}: choose one of {', '.join(MEASURES)}", param="importance")
     names = block_linear_names(model)
     weights = {n: model.tensors[n + ".weight"] for n in names}
     errors = {n: [rtn_error(w, b, group_size, sym) for b in choices] for n, w in weights.items()}

@@ -34,12 +34,25 @@ the stored weight. round() passes gradients straight through.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
 from ..checkpoint.qweight import SUPER_BLOCK, QuantWeight, Scheme
+from ..errors import TuneError
 
 SCALE_EPS = 1e-5  # smallest |scale|; keeps a group of zeros from dividing by zero
+
+
+class FakeQuant(NamedTuple):
+    """A weight on its grid: the dequantized weight and what it is made of ([N, G] per group)."""
+
+    weight: torch.Tensor  # W_q [N, K] float32, differentiable in V, min_scale and max_scale
+    q: torch.Tensor  # the integers [N, G, group] (padding included), as floats
+    scale: torch.Tensor
+    zero: torch.Tensor | None  # the integer zero point; None on float-offset grids
+    offset: torch.Tensor | None  # the float minimum -lo on float-offset grids; None elsewhere
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +86,8 @@ def sub_scale_grid(scale: torch.Tensor, group: int, bits: int, signed: bool = Tr
     rounds to zero; the offsets of asymmetric K-quants (allow_zero) may."""
     n, g = scale.shape
     if (g * group) % SUPER_BLOCK or SUPER_BLOCK % group:
-        raise ValueError(f"K-quant scales need groups that divide {SUPER_BLOCK} and rows a multiple of it")
+        raise TuneError(f"K-quant scales need groups that divide {SUPER_BLOCK} and rows a multiple of it; this "
+                        f"layer has {g} groups of {group}")
     s = scale.view(n, -1, SUPER_BLOCK // group)
     magnitude_bits = bits - 1 if signed else bits
     limit = 2**magnitude_bits - 1
@@ -85,10 +99,9 @@ def sub_scale_grid(scale: torch.Tensor, group: int, bits: int, signed: bool = Tr
     return (d * sc).view(n, g)
 
 
-def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None, w_range=None):
-    """(dequantized W_q [N, K] float32, q [N, G, group], scale [N, G], zero [N, G]); differentiable in v,
-    min_scale and max_scale. w_range is group_range(w) when the caller has it at hand. On float-offset
-    grids the fourth value is the offset, not a zero point."""
+def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None, w_range=None) -> FakeQuant:
+    """W on the scheme's grid under the tuning parameters (None: round to nearest over the full range).
+    w_range is group_range(w) when the caller has it at hand."""
     n, k = w.shape
     group = scheme.resolved_group(k)
     wg = grouped(w, group)
@@ -113,7 +126,7 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
         scale, offset = to_fp16_ste(scale), to_fp16_ste(offset)
         q = torch.clamp(round_ste((wg + offset[..., None]) / scale[..., None] + (0 if v is None else v)), 0, maxq)
         wq = q * scale[..., None] - offset[..., None]
-        return wq.view(n, -1)[:, :k], q, scale, offset
+        return FakeQuant(wq.view(n, -1)[:, :k], q, scale, None, offset)
     else:
         maxq = 2**scheme.bits - 1
         scale = to_fp16_ste(((hi - lo) / maxq).clamp(min=SCALE_EPS))
@@ -127,23 +140,21 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
     else:
         q = torch.clamp(round_ste(r) + zero[..., None], lo_q, hi_q)
     wq = (q - zero[..., None]) * scale[..., None]
-    return wq.view(n, -1)[:, :k], q, scale, zero
+    return FakeQuant(wq.view(n, -1)[:, :k], q, scale, zero, None)
 
 
 def to_qweight(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None,
                bias: torch.Tensor | None = None) -> QuantWeight:
     """The integers, float16 scales and zero points of W under the given tuning parameters."""
     with torch.no_grad():
-        _, q, scale, zero = quantize(w.float(), scheme, v, min_scale, max_scale)
+        fq = quantize(w.float(), scheme, v, min_scale, max_scale)
     n, k = w.shape
-    offset = None
-    if scheme.float_offset:
-        offset, zero = zero.half().float().cpu().numpy(), torch.zeros_like(zero)
+    zero = torch.zeros_like(fq.scale) if fq.zero is None else fq.zero  # float-offset grids store zero points 0
     qw = QuantWeight(
-        q=q.reshape(n, -1)[:, :k].round().to(torch.uint8).contiguous().cpu().numpy(),
-        scale=scale.half().float().cpu().numpy(),
+        q=fq.q.reshape(n, -1)[:, :k].round().to(torch.uint8).contiguous().cpu().numpy(),
+        scale=fq.scale.half().float().cpu().numpy(),
         zero=zero.round().to(torch.uint8).cpu().numpy(),
-        offset=offset,
+        offset=None if fq.offset is None else fq.offset.half().float().cpu().numpy(),
         bits=scheme.bits,
         group_size=scheme.resolved_group(k),
         sym=scheme.sym,

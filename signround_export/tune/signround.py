@@ -11,60 +11,31 @@ For each decoder block, in order:
   4. the parameters of the step with the lowest loss are kept and turned into integers;
   5. X_q <- the quantized block (dequantized from those integers) applied to X_q, X <- Y.
 
-Each finished block is persisted, so a killed run resumes from the last finished block and ends
+Each finished block is persisted (resume.py), so a killed run resumes from the last finished block and ends
 with the same integers (the batch order of block i depends only on the seed and i).
 """
 
 from __future__ import annotations
 
-import json
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from ..checkpoint.qweight import QuantWeight, Scheme
-from ..fileio import atomic_file
+from ..errors import TuneError
 from ..model.config import BLOCK_LINEARS
 from ..model.forward import Model, block_forward
-from .quantizer import dequantize, group_range, grouped, quantize, to_qweight
+from .clip import clip_search
+from .config import TuneConfig
+from .quantizer import dequantize, group_range, quantize, to_qweight
 
-
-@dataclass
-class TuneArgs:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    iters: int = 200
-    nsamples: int = 128
-    seqlen: int = 512
-    batch_size: int = 8
-    lr: float | None = None  # None: 1 / iters
-    seed: int = 42
-    quant_lm_head: bool = False
-    # start the clipping at the input-weighted best factor (clip_search); None: when iters > 0. With
-    # iters 0 and clip_search True, the search's start is the result (no SignRound steps).
-    clip_search: bool | None = None
-    layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # layer name -> scheme, where not the above
-
-    def scheme(self, layer: str | None = None) -> Scheme:
-        return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym)
-
-    def searches(self) -> bool:
-        return self.clip_search if self.clip_search is not None else self.iters > 0
-
-    def uses_data(self) -> bool:
-        return self.iters > 0 or self.searches()
-
-    def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+if TYPE_CHECKING:  # resume.py stores BlockLogs: it imports this module
+    from .resume import ResumeStore
 
 
 @dataclass
@@ -86,9 +57,9 @@ class TuneResult:
     device: str = "cpu"
     resumed_blocks: int = 0
 
-    def log(self, args: TuneArgs) -> dict:
+    def log(self, config: TuneConfig) -> dict:
         return {
-            "args": asdict(args) | {"lr": args.effective_lr()},
+            "args": asdict(config) | {"lr": config.effective_lr()},
             "device": self.device,
             "compute_dtype": self.dtype,
             "seconds": round(self.seconds, 2),
@@ -97,12 +68,24 @@ class TuneResult:
             "blocks": [asdict(b) for b in self.blocks],
         }
 
+    def summary(self) -> str:
+        """A line of totals, then a row per tuned block."""
+        lines = [f"tuned {len(self.blocks)} blocks in {self.seconds:.1f} s on {self.device} ({self.dtype}), "
+                 f"peak RSS {self.peak_rss_mb:.0f} MB" + (f", {self.resumed_blocks} resumed" if self.resumed_blocks else "")]
+        tuned = [b for b in self.blocks if b.loss_before is not None]
+        if tuned:
+            lines.append("block  loss before  loss after  best iter  seconds")
+            for b in tuned:
+                lines.append(f"{b.block:5d}  {b.loss_before:11.4g}  {b.loss_after:10.4g}  {b.best_iter:9d}  "
+                             f"{b.seconds:7.1f}")
+        return "\n".join(lines)
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        raise TuneError("`device` 'cuda': no CUDA device is available; use 'cpu' or 'auto'", param="device")
     return torch.device(name)
 
 
@@ -121,144 +104,6 @@ def pick_dtype(device: torch.device) -> torch.dtype:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Progress:
-    """Finished blocks on disk: `block_NNN.safetensors` plus the arguments they were tuned with."""
-
-    def __init__(self, folder: Path, fingerprint: dict):
-        self.folder = Path(folder)
-        self.fingerprint = fingerprint
-        args_file = self.folder / "args.json"
-        if args_file.is_file():
-            saved = json.loads(args_file.read_text())
-            if saved != fingerprint:
-                diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-                raise ValueError(
-                    f"{self.folder} holds a run with different settings ({', '.join(diff)}); "
-                    "rerun with the same arguments to resume, or delete that folder to start over"
-                )
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_file(args_file) as tmp:
-                tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-
-    def path(self, i: int) -> Path:
-        return self.folder / f"block_{i:03d}.safetensors"
-
-    def load(self, i: int) -> tuple[dict[str, QuantWeight], BlockLog] | None:
-        path = self.path(i)
-        if not path.is_file():
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata()
-        arrays = load_file(str(path))
-        qweights = {}
-        for name, info in json.loads(meta["layers"]).items():
-            qweights[name] = QuantWeight(
-                q=arrays[name + ".q"], scale=arrays[name + ".scale"], zero=arrays[name + ".zero"],
-                bias=arrays.get(name + ".bias"), offset=arrays.get(name + ".offset"), **info,
-            )
-        return qweights, BlockLog(**json.loads(meta["log"]))
-
-    def save(self, i: int, qweights: dict[str, QuantWeight], log: BlockLog) -> None:
-        arrays, layers = {}, {}
-        for name, qw in qweights.items():
-            arrays |= {name + ".q": qw.q, name + ".scale": qw.scale, name + ".zero": qw.zero}
-            for key, value in (("bias", qw.bias), ("offset", qw.offset)):
-                if value is not None:
-                    arrays[f"{name}.{key}"] = value
-            layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
-        meta = {"layers": json.dumps(layers), "log": json.dumps(asdict(log))}
-        with atomic_file(self.path(i)) as tmp:
-            # safetensors writes a non-contiguous numpy view scrambled: hand it contiguous arrays
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def clip_candidates(scheme: Scheme, w_range) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (factor of lo, factor of hi) pairs per group that clip_search tries: the step becomes
-    range / (n + 0.1 i), the range end moving by at most about one code, as importance-matrix
-    quantizers search it. Deeper clipping lowers the input-weighted error further but measured worse
-    perplexity (docs/benchmarks.md).
-    Symmetric (n = 2^(bits-1), i in -9..9): both ends scale together.
-    Asymmetric (n = 2^bits - 1, i in -10..10): lo stays, hi moves (hi stays where it is 0); this
-    includes, at i = -1, the grid of half the step, where a model shipped on a coarser grid lies."""
-    lo, hi = w_range
-    if scheme.sym:
-        m = 2 ** (scheme.bits - 1)
-        return [(torch.full_like(lo, m / (m + 0.1 * i)),) * 2 for i in range(-9, 10)]
-    maxq = 2**scheme.bits - 1
-    out = []
-    for i in range(-10, 11):
-        r = maxq / (maxq + 0.1 * i)  # new range / old range
-        f_hi = ((lo + (hi - lo) * r) / torch.where(hi > 0, hi, 1)).clamp(min=0)
-        out.append((torch.where(hi > 0, 1.0, r), torch.where(hi > 0, f_hi, 1.0)))
-    return out
-
-
-def group_power(power: torch.Tensor, n: int, group: int) -> torch.Tensor:
-    """Per-column input power [K] as per-weight weights [N, G, group] (padding weighs 0)."""
-    return grouped(power.expand(n, -1), group)
-
-
-def ls_factor(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Tensor, w_range) -> torch.Tensor:
-    """The factor whose scale is the input-weighted least-squares scale for the codes that f gives:
-    s = sum p * w * c / sum p * c^2 over a group, c the signed codes (symmetric grids only)."""
-    _, q, scale, zero = quantize(w, scheme, None, f, f, w_range)
-    c = q - zero[..., None]
-    wg = grouped(w, scheme.resolved_group(w.shape[1]))
-    den = (power_g * c * c).sum(-1)
-    s = torch.where(den > 0, (power_g * wg * c).sum(-1) / den.clamp(min=1e-30), scale)
-    return (f * s / scale).clamp(0.3, 1.5)
-
-
-def ls_range(w: torch.Tensor, scheme: Scheme, f_lo: torch.Tensor, f_hi: torch.Tensor, power_g: torch.Tensor,
-             w_range):
-    """Asymmetric grids: the factors (of lo, of hi) of the input-weighted least-squares line through the
-    codes q that (f_lo, f_hi) give, w ~ s * q - o: the range it spans is lo = -o, hi = s * (2^b - 1) - o."""
-    _, q, _, _ = quantize(w, scheme, None, f_lo, f_hi, w_range)
-    wg = grouped(w, scheme.resolved_group(w.shape[1]))
-    sp, sq, sqq = power_g.sum(-1), (power_g * q).sum(-1), (power_g * q * q).sum(-1)
-    sw, sqw = (power_g * wg).sum(-1), (power_g * q * wg).sum(-1)
-    det = sp * sqq - sq * sq
-    ok = det > 1e-12 * sp * sqq  # codes that are all alike fit no line: keep f there
-    s = (sp * sqw - sq * sw) / torch.where(ok, det, 1)
-    o = (s * sq - sw) / sp.clamp(min=1e-30)
-    lo, hi = w_range
-    f_lo = torch.where(ok & (lo < 0), -o / torch.where(lo < 0, lo, -1), f_lo)
-    f_hi = torch.where(ok & (hi > 0), (s * (2**scheme.bits - 1) - o) / torch.where(hi > 0, hi, 1), f_hi)
-    return f_lo.clamp(0.3, 1.5), f_hi.clamp(0.3, 1.5)
-
-
-@torch.no_grad()
-def clip_search(w: torch.Tensor, scheme: Scheme, power: torch.Tensor, w_range) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the clipping factors (of the range's low end, of its high end) whose rounded weight has
-    the least output error, sum over k of power[k] * (W - Q(W))^2: the weighted scale search that
-    importance-matrix quantizers do, used here as SignRound's starting point. Candidates:
-    clip_candidates, and each one's least-squares refinement (ls_factor, ls_range)."""
-    group = scheme.resolved_group(w.shape[1])
-    power_g = group_power(power, w.shape[0], group)
-    best_err = best = None
-    for f_lo, f_hi in clip_candidates(scheme, w_range):
-        if scheme.sym:
-            refined = ls_factor(w, scheme, f_lo, power_g, w_range)
-            cands = ((f_lo, f_hi), (refined, refined))
-        else:
-            cands = ((f_lo, f_hi), ls_range(w, scheme, f_lo, f_hi, power_g, w_range))
-        for cand in cands:
-            err = ((grouped(w - quantize(w, scheme, None, *cand, w_range)[0], group)) ** 2 * power_g).sum(-1)
-            if best is None:
-                best_err, best = err, cand
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
-    return best
 
 
 def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, batch: int,
@@ -305,7 +150,7 @@ class BlockTuner:
         p = dict(self.params)
         for name, scheme in self.schemes.items():
             p[name + ".weight"] = quantize(p[name + ".weight"], scheme, self.v[name], self.min_scale[name],
-                                           self.max_scale[name], self.ranges[name])[0]
+                                           self.max_scale[name], self.ranges[name]).weight
         return p
 
     @torch.no_grad()
@@ -338,19 +183,20 @@ def batched(fn, x: torch.Tensor, batch: int, dtype) -> torch.Tensor:
         return torch.cat([fn(x[i : i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, args: TuneArgs, dtype,
+def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, config: TuneConfig, dtype,
                progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
+    """SignRound on block i: x_q the quantized model's inputs of the block, y the float block's outputs."""
     t0 = time.perf_counter()
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
-    schemes = {n: args.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
-    power = input_power(model.cfg, params, x_q, rope, args.batch_size, dtype) if args.searches() else None
+    schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
+    power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype) if config.searches() else None
     tuner = BlockTuner(params, schemes, device, power)
-    g = torch.Generator().manual_seed(args.seed * 100003 + i)
-    lr0, batch = args.effective_lr(), min(args.batch_size, len(x_q))
+    g = torch.Generator().manual_seed(config.seed * 100003 + i)
+    lr0, batch = config.effective_lr(), min(config.batch_size, len(x_q))
     order, pos = torch.randperm(len(x_q), generator=g), 0
     best, best_loss, best_iter, first_loss = None, float("inf"), None, None
-    bar = tqdm(range(args.iters), desc=f"block {i}", leave=False, unit="it", disable=not progress)
+    bar = tqdm(range(config.iters), desc=f"block {i}", leave=False, unit="it", disable=not progress)
     for it in bar:
         if pos + batch > len(order):  # reshuffle once every sample has been seen
             order, pos = torch.randperm(len(x_q), generator=g), 0
@@ -365,7 +211,7 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
         if value < best_loss:  # the loss of the parameters before this step's update
             best_loss, best_iter, best = value, it, tuner.snapshot()
         loss.backward()
-        tuner.step(lr0 * (1 - it / args.iters))
+        tuner.step(lr0 * (1 - it / config.iters))
         if it % 10 == 0:
             bar.set_postfix(loss=f"{value:.3g}", best=f"{best_loss:.3g}")
     bar.close()
@@ -376,11 +222,12 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, a
     return qweights, log
 
 
-def rtn_block(model: Model, i: int, args: TuneArgs) -> dict[str, QuantWeight]:
+def rtn_block(model: Model, i: int, config: TuneConfig) -> dict[str, QuantWeight]:
     """Round-to-nearest integers of one block's linears."""
     p = model.block_params(i)
     names = {n: f"model.layers.{i}.{n}" for n in BLOCK_LINEARS}
-    return {name: to_qweight(p[n + ".weight"], args.scheme(name), bias=p.get(n + ".bias")) for n, name in names.items()}
+    return {name: to_qweight(p[n + ".weight"], config.scheme(name), bias=p.get(n + ".bias"))
+            for n, name in names.items()}
 
 
 def quantized_params(model: Model, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
@@ -390,20 +237,21 @@ def quantized_params(model: Model, i: int, qweights: dict[str, QuantWeight], dev
     return p
 
 
-def tune(model: Model, calib: torch.Tensor | None, args: TuneArgs, progress_dir: Path | None = None,
+def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: ResumeStore | None = None,
          device: str = "auto", progress: bool = True) -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
-    token ids, unused by plain round-to-nearest (iters 0 without clip_search)."""
+    token ids, unused by plain round-to-nearest (iters 0 without clip_search). resume: where finished
+    blocks are kept, and read back instead of tuned again."""
     start = time.perf_counter()
     dev = pick_device(device)
-    dtype = pick_dtype(dev) if args.iters > 0 else torch.float32
+    dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
     result = TuneResult(qweights={}, device=str(dev), dtype=str(dtype).replace("torch.", ""))
-    fingerprint = asdict(args) | {"device": dev.type, "compute_dtype": result.dtype}
-    store = Progress(progress_dir, fingerprint) if progress_dir is not None else None
+    if resume is not None:
+        resume.begin(asdict(config) | {"device": dev.type, "compute_dtype": result.dtype})
     cfg = model.cfg
 
     x = x_q = rope = y = None
-    if args.uses_data():
+    if config.uses_data():
         with torch.no_grad():
             x = model.embed(calib).to(dev)
         x_q = x.clone()
@@ -411,45 +259,33 @@ def tune(model: Model, calib: torch.Tensor | None, args: TuneArgs, progress_dir:
 
     bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
     for i in bar:
-        if args.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
+        if config.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
             fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
-            y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, args.batch_size, dtype)
-        saved = store.load(i) if store else None
+            y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, config.batch_size, dtype)
+        saved = resume.load_block(i) if resume is not None else None
         if saved is not None:
             qws, log = saved
             result.resumed_blocks += 1
         else:
-            if not args.uses_data():
-                qws, log = rtn_block(model, i, args), BlockLog(i, None, None, None, 0.0)
+            if not config.uses_data():
+                qws, log = rtn_block(model, i, config), BlockLog(i, None, None, None, 0.0)
             else:
-                qws, log = tune_block(model, i, x_q, y, rope, args, dtype, progress)
-            if store:
-                store.save(i, qws, log)
+                qws, log = tune_block(model, i, x_q, y, rope, config, dtype, progress)
+            if resume is not None:
+                resume.save_block(i, qws, log)
         result.qweights.update(qws)
         result.blocks.append(log)
-        if args.uses_data():  # the quantized model's inputs of the next block
+        if config.uses_data():  # the quantized model's inputs of the next block
             qp = quantized_params(model, i, qws, dev)
-            x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, args.batch_size, dtype)
+            x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, config.batch_size, dtype)
             x = y
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
 
-    if args.quant_lm_head:
+    if config.quant_lm_head:
         # round-to-nearest: tuning it would need the full-vocabulary logits of every sample
-        result.qweights["lm_head"] = to_qweight(model.lm_head_weight(), args.scheme("lm_head"),
+        result.qweights["lm_head"] = to_qweight(model.lm_head_weight(), config.scheme("lm_head"),
                                                 bias=model.tensors.get("lm_head.bias"))
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
-
-
-def summary(result: TuneResult) -> str:
-    lines = [f"tuned {len(result.blocks)} blocks in {result.seconds:.1f} s on {result.device} ({result.dtype}), "
-             f"peak RSS {result.peak_rss_mb:.0f} MB" + (f", {result.resumed_blocks} resumed" if result.resumed_blocks else "")]
-    tuned = [b for b in result.blocks if b.loss_before is not None]
-    if tuned:
-        lines.append("block  loss before  loss after  best iter  seconds")
-        for b in tuned:
-            lines.append(f"{b.block:5d}  {b.loss_before:11.4g}  {b.loss_after:10.4g}  {b.best_iter:9d}  {b.seconds:7.1f}")
-    return "\n".join(lines)
-

@@ -1,0 +1,72 @@
+"""What a tuning run is asked to do: TuneConfig, and the named recipes that fill it in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
+from ..errors import TuneError
+
+# Named settings; explicit values override them. "best" is the full default recipe.
+RECIPES = {
+    "best": dict(iters=200, nsamples=128, seqlen=512, batch_size=8),
+    "fast": dict(iters=50, nsamples=64, seqlen=256, batch_size=4),
+}
+
+
+@dataclass
+class TuneConfig:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per row
+    sym: bool = False
+    iters: int = 200
+    nsamples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8
+    lr: float | None = None  # None: 1 / iters
+    seed: int = 42
+    quant_lm_head: bool = False
+    # start the clipping at the input-weighted best factor (clip_search); None: when iters > 0. With
+    # iters 0 and clip_search True, the search's start is the result (no SignRound steps).
+    clip_search: bool | None = None
+    layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # layer name -> scheme, where not the above
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "best", **settings) -> "TuneConfig":
+        """The recipe's iters, nsamples, seqlen and batch_size, then every setting that is not None."""
+        if recipe not in RECIPES:
+            raise TuneError(f"`recipe` {recipe!r}: choose one of {', '.join(RECIPES)}", param="recipe")
+        given = {k: v for k, v in settings.items() if v is not None}
+        config = cls(**(RECIPES[recipe] | given))
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse settings no run can use, naming the parameter."""
+        if self.bits not in SUPPORTED_BITS:
+            raise TuneError(f"`bits` {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}", param="bits")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise TuneError(f"`group_size` {self.group_size}: give a positive group size, or -1 for one group "
+                            "per row", param="group_size")
+        if self.iters < 0:
+            raise TuneError(f"`iters` {self.iters}: give 0 (round to nearest) or more steps", param="iters")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise TuneError(f"`{name}` {getattr(self, name)}: give a positive number", param=name)
+        if self.lr is not None and self.lr <= 0:
+            raise TuneError(f"`lr` {self.lr}: give a positive learning rate, or None for 1 / iters", param="lr")
+        if self.uses_data() and self.batch_size > self.nsamples:
+            raise TuneError(f"`batch_size` {self.batch_size} is larger than `nsamples` {self.nsamples}; lower "
+                            "the first or raise the second", param="batch_size")
+
+    def scheme(self, layer: str | None = None) -> Scheme:
+        return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym)
+
+    def searches(self) -> bool:
+        return self.clip_search if self.clip_search is not None else self.iters > 0
+
+    def uses_data(self) -> bool:
+        return self.iters > 0 or self.searches()
+
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)

@@ -1,0 +1,233 @@
+"""From a float Hugging Face model folder and settings to a checkpoint folder; and the checkpoint an
+exporter reads, rounding a float model to nearest first.
+
+quantize_model() runs, in order:
+  1. each layer's scheme: the TuneConfig's for all, or as LayerBits asks: a GGUF type's per-layer grids
+     (export/gguf/mixes.py), bits chosen by importance under an average-bits budget (importance.py,
+     allocate.py), or bits read from a file;
+  2. the calibration windows (data.py), when the tuning, the clip search or the importance needs them;
+  3. SignRound block by block (signround.py), keeping finished work in the resume store (resume.py);
+  4. the checkpoint (checkpoint/write.py) with its tuning log and the allocation figure; the resume
+     store is removed once the checkpoint is whole.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..checkpoint.format import Checkpoint, QuantConfig
+from ..checkpoint.qweight import SUPPORTED_BITS, QuantWeight, Scheme
+from ..checkpoint.read import read_checkpoint
+from ..checkpoint.write import write_checkpoint
+from ..data import calibration_ids
+from ..errors import TuneError
+from ..export.gguf import mixes
+from ..model.folder import resolve_model_dir
+from ..model.forward import Model
+from ..model.load import float_checkpoint, is_checkpoint, load_float_model
+from ..plots import plot_allocation
+from .allocate import Allocation, layer_file_bits, read_allocation, solve
+from .config import TuneConfig
+from .importance import MEASURES, block_linear_names, importance
+from .resume import ResumeStore
+from .signround import TuneResult, tune
+
+DEFAULT_CALIBRATION = "pydoc_data.topics"  # what the tuning log names when no calibration file is given
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def note(progress: bool, message: str) -> None:
+    """A line on stderr about what the run does, unless progress output is off."""
+    if progress:
+        print(message, file=sys.stderr)
+
+
+def resume_folder(out: str | Path) -> Path:
+    """Where a run writing the checkpoint `out` keeps its finished work until the checkpoint is whole."""
+    out = Path(out)
+    return out.with_name(out.name + ".progress")
+
+
+@dataclass
+class LayerBits:
+    """How each decoder-block linear's bits are chosen when not one scheme for all: at most one of a
+    GGUF type (its per-layer grids), an average-bits budget (bits by importance), an allocation file."""
+
+    gguf: str | None = None  # a type of mixes.TYPES, any case
+    avg_bits: float | None = None
+    bits_choices: list[int] = field(default_factory=lambda: [2, 4, 8])
+    allocation: str | Path | None = None  # JSON {"bits": {layer: bits}}
+    importance: str = "fisher"  # a measure of importance.MEASURES
+
+    def check(self, scheme_given: list[str] = ()) -> None:
+        """Refuse choices that clash; scheme_given: the parameters among bits, group_size, sym set by hand."""
+        if self.gguf is not None:
+            if self.gguf.upper() not in mixes.TYPES:
+                raise TuneError(f"`gguf` {self.gguf!r}: choose one of {', '.join(t.lower() for t in mixes.TYPES)}",
+                                param="gguf")
+            clash = [f"`{p}`" for p in scheme_given] or (
+                ["`avg_bits`", "`allocation`"] if (self.avg_bits or self.allocation) is not None else [])
+            if clash:
+                joined = ", ".join(clash) if scheme_given else " or ".join(clash)
+                raise TuneError(f"`gguf` sets every layer's bits and grid; it cannot be combined with {joined}",
+                                param="gguf")
+        if self.avg_bits is not None and self.allocation is not None:
+            raise TuneError("give `avg_bits` (bits chosen by importance) or `allocation` (bits from a file), "
+                            "not both", param="avg_bits")
+        if self.avg_bits is not None and self.avg_bits <= 0:
+            raise TuneError(f"`avg_bits` {self.avg_bits}: give a positive average", param="avg_bits")
+        if not self.bits_choices or any(b not in SUPPORTED_BITS for b in self.bits_choices):
+            raise TuneError(f"`bits_choices` {self.bits_choices}: bit widths must be among "
+                            f"{', '.join(map(str, SUPPORTED_BITS))}", param="bits_choices")
+        if self.importance not in MEASURES:
+            raise TuneError(f"`importance` {self.importance!r}: choose one of {', '.join(MEASURES)}",
+                            param="importance")
+
+    def allocation_settings(self, config: TuneConfig, calib: str | Path | None) -> dict:
+        """What an allocation depends on: a saved one is reused only when all of it is the same."""
+        return {"avg_bits": self.avg_bits, "bits_choices": self.bits_choices, "importance": self.importance,
+                "group_size": config.group_size, "sym": config.sym, "nsamples": config.nsamples,
+                "seqlen": config.seqlen, "seed": config.seed, "calib": str(calib)}
+
+
+@dataclass
+class QuantizeResult:
+    """What quantize_model wrote and how the tuning went."""
+
+    checkpoint: Path
+    config: TuneConfig  # the settings every layer was tuned with (config.scheme(layer))
+    tuning: TuneResult
+    allocation: Allocation | None = None  # the bits chosen under LayerBits.avg_bits
+
+    def summary(self) -> str:
+        return self.tuning.summary()
+
+
+def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer_bits: LayerBits | None = None,
+                   *, recipe: str = "best", calib: str | Path | None = None, device: str = "auto",
+                   progress: bool = True) -> QuantizeResult:
+    """Tune the float model folder (or hub id) `model` and write its checkpoint folder `out` atomically.
+
+    config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
+    recipe's name, for the log; calib: a .txt or .jsonl calibration text (default: Python's
+    pydoc_data.topics). A killed run resumes from `out`.progress when started again with the same
+    settings."""
+    layer_bits = layer_bits or LayerBits()
+    layer_bits.check()
+    config.check()
+    if device not in DEVICES:
+        raise TuneError(f"`device` {device!r}: choose one of {', '.join(DEVICES)}", param="device")
+    calib = Path(calib) if calib else None
+    note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
+    float_model, hf, folder = load_float_model(model)
+    ids = None
+    if config.uses_data() or layer_bits.avg_bits is not None:
+        ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)
+    resume = ResumeStore(resume_folder(out))
+    allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
+    result = tune(float_model, ids, config, resume, device=device, progress=progress)
+    log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
+                                "calibration": str(calib) if calib else DEFAULT_CALIBRATION}
+    if allocation is not None:
+        log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
+                                                    "bits_choices": layer_bits.bits_choices}
+    quant, tensors = checkpoint_parts(float_model, config, result.qweights)
+    write_checkpoint(out, hf, quant, result.qweights, tensors, tokenizer_src_dir=folder, tuning_log=log)
+    if allocation is not None:
+        plot_allocation(allocation, Path(out) / "allocation.png")
+    resume.remove()
+    return QuantizeResult(Path(out), config, result, allocation)
+
+
+def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: Path | None,
+                      resume: ResumeStore, progress: bool) -> Allocation | None:
+    """Fill config.layer_schemes as layer_bits asks; the Allocation when bits are chosen by importance."""
+    if layer_bits.avg_bits is not None:
+        allocation = allocate_bits(model, ids, config, layer_bits, layer_bits.allocation_settings(config, calib),
+                                   resume, progress)
+        config.layer_schemes = {n: Scheme(b, config.group_size, config.sym) for n, b in allocation.bits.items()}
+        return allocation
+    if layer_bits.allocation is not None:
+        bits = read_allocation(layer_bits.allocation, block_linear_names(model))
+        config.layer_schemes = {n: Scheme(b, config.group_size, config.sym) for n, b in bits.items()}
+    elif layer_bits.gguf is not None:
+        config.layer_schemes = gguf_schemes(model, layer_bits.gguf.upper(), progress)
+        common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
+        config.bits, config.group_size, config.sym = common.bits, common.group_size, common.sym
+    return None
+
+
+def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Scheme]:
+    """Every decoder-block linear's grid: the Scheme of the GGUF type llama.cpp writes it as."""
+    shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
+    cfg = model.cfg
+    gqa = cfg.n_heads // cfg.n_kv_heads
+    types = mixes.layer_types(gguf_type, shapes, cfg.n_layers, gqa)
+    note(progress, f"gguf {gguf_type.lower()}: "
+                   + ", ".join(f"{c} layers {t}" for t, c in Counter(types.values()).most_common()))
+    return mixes.layer_schemes(gguf_type, shapes, cfg.n_layers, gqa)
+
+
+def allocate_bits(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, settings: dict,
+                  resume: ResumeStore, progress: bool) -> Allocation:
+    """Bits per decoder-block linear under layer_bits.avg_bits, kept in the resume store so that a
+    resumed run tunes the same allocation."""
+    saved = resume.load_allocation(settings)
+    if saved is not None:
+        note(progress, f"allocation read from {resume.folder / 'allocation.json'}")
+        return saved
+    choices = layer_bits.bits_choices
+    names, scores = importance(model, ids, choices, config.group_size, config.sym, layer_bits.importance,
+                               batch_size=config.batch_size, progress=progress)
+    shapes = [tuple(model.tensors[n + ".weight"].shape) for n in names]
+    cost = np.array([[layer_file_bits(n, k, b, config.group_size) for b in choices] for n, k in shapes])
+    allocation = solve(names, choices, cost, scores, sum(n * k for n, k in shapes), layer_bits.avg_bits)
+    note(progress, allocation.table())
+    resume.save_allocation(settings, allocation)
+    return allocation
+
+
+def checkpoint_parts(model: Model, config: TuneConfig, qweights: dict[str, QuantWeight]
+                     ) -> tuple[QuantConfig, dict[str, np.ndarray]]:
+    """The QuantConfig and float tensors that go beside the tuned integers into a checkpoint."""
+    quantized = {n + suffix for n in qweights for suffix in (".weight", ".bias")}
+    tensors = {n: t.numpy() for n, t in model.tensors.items() if n not in quantized}
+    if model.cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
+                        # auto_gptq's zero point minus 1 cannot hold an asymmetric layer's zero point of 0
+                        packing_format="auto_round:auto_gptq" if all(q.sym for q in qweights.values()) else "auto_round",
+                        extra_config={}, iters=config.iters, tuning=asdict(config))
+    return quant, tensors
+
+
+@contextmanager
+def export_source(source: str | Path | Checkpoint, *, bits: int = 4, group_size: int = 32, sym: bool = True,
+                  progress: bool = True) -> Iterator[Checkpoint]:
+    """The Checkpoint an exporter reads: a Checkpoint as is; a checkpoint folder, read; a float model
+    folder rounded to nearest at bits / group_size / sym (a checkpoint in a temporary folder, removed
+    when the block ends), or at bits 16 its float weights."""
+    if isinstance(source, Checkpoint):
+        yield source
+        return
+    folder = resolve_model_dir(source)
+    if is_checkpoint(folder):
+        yield read_checkpoint(folder)
+    elif bits == 16:
+        yield float_checkpoint(folder)
+    else:
+        note(progress, f"{folder} is a float model: rounding to nearest at W{bits} group {group_size} "
+                       f"{'symmetric' if sym else 'asymmetric'} first")
+        config = TuneConfig.from_recipe("best", bits=bits, group_size=group_size, sym=sym, iters=0)
+        with tempfile.TemporaryDirectory(prefix="signround-rtn-") as tmp:
+            # the folder's name is the model's name in a GGUF file when config.json gives none
+            quantize_model(folder, Path(tmp) / "rtn", config, progress=False)
+            yield read_checkpoint(Path(tmp) / "rtn")
