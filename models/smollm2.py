@@ -71,7 +71,7 @@ def build(out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from signround_export.fileio import atomic_dir
+    from signround_export.atomic import atomic_dir
 
     gguf = find_gguf()
     print(f"dequantizing {gguf.name} into {out} ...", file=sys.stderr)

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from . import export_gguf, export_onnx, quantize, validate, write_report
+from .atomic import atomic_file
 from .checkpoint.qweight import SUPPORTED_BITS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
-from .fileio import atomic_file
 from .tune.config import RECIPES
 from .validation import Thresholds, folder_perplexity
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .fileio import atomic_file
+from .atomic import atomic_file
 
 
 def pyplot():

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from ..atomic import atomic_dir
 from ..errors import CheckpointError
-from ..fileio import atomic_dir
 from ..model.folder import copy_tokenizer_files
 from .format import GPTQ, GPTQ_V1, WRITE_FORMATS, QuantConfig
 from .packing import pack_bits

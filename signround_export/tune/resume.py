@@ -21,9 +21,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from ..atomic import atomic_file
 from ..checkpoint.qweight import QuantWeight
 from ..errors import TuneError
-from ..fileio import atomic_file
 from .allocate import Allocation
 from .signround import BlockLog
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..fileio import atomic_file
+from ..atomic import atomic_file
 from .figures import plot_layer_errors, plot_perplexity, plot_tuning_loss
 from .metrics import Scores
 

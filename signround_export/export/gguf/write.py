@@ -10,10 +10,10 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 from tqdm import tqdm
 
+from ...atomic import atomic_file
 from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import GGUFExportError
-from ...fileio import atomic_file
 from ...model.config import ModelConfig
 from .encode import encode_float, encode_layer
 from .read import dequantize

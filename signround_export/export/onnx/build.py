@@ -37,10 +37,10 @@ import numpy as np
 import onnx
 import torch
 
+from ...atomic import atomic_dir
 from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight, Scheme
 from ...errors import ONNXExportError
-from ...fileio import atomic_dir
 from ...model.config import ModelConfig
 from ...model.folder import copy_tokenizer_files
 from ...model.rope import rope_tables
