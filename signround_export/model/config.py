@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UnsupportedModelError
+from .families import FAMILIES, Family
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 # The quantizable linears of one decoder block, in the order they run.
 BLOCK_LINEARS = (
@@ -62,6 +63,9 @@ class ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             max_positions=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            # qwen2 always carries q/k/v biases; llama and mistral say so in attention_bias
-            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            attention_bias=FAMILIES[model_type].qkv_bias or hf.get("attention_bias", False),
         )
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]

@@ -8,7 +8,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
-from .tensors import ARCHS, hf_names, rope_heads, rope_unpermute
+from .tensors import hf_names, rope_heads, rope_unpermute
 
 
 def dequantize(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -30,7 +30,7 @@ def check_model(reader: GGUFReader, path, cfg: ModelConfig) -> str:
     that differs."""
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
-    want_arch = ARCHS[cfg.model_type][0]
+    want_arch = cfg.family.gguf_arch
     if arch != want_arch:
         raise GGUFExportError(f"{path} is a {arch!r} model, expected {want_arch!r}")
     for key, value in (("block_count", cfg.n_layers), ("embedding_length", cfg.hidden_size),

@@ -12,9 +12,6 @@ import numpy as np
 from ...checkpoint.qweight import QuantWeight
 from ...model.config import ModelConfig
 
-# HF model type -> (llama.cpp architecture, whether q/k rows need the RoPE permutation)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-
 # HF tensor name (with {i} for the block) -> GGUF tensor name
 TENSOR_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -57,7 +54,7 @@ def hf_names(n_layers: int) -> dict[str, str]:
 def rope_heads(cfg: ModelConfig, hf_name: str) -> int | None:
     """The number of heads whose rows llama.cpp wants interleaved, for q_proj and k_proj tensors of an
     architecture that needs it; else None."""
-    if not ARCHS[cfg.model_type][1]:
+    if not cfg.family.gguf_rope_permute:
         return None
     heads = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.n_kv_heads}
     return next((n for key, n in heads.items() if f".{key}." in hf_name + "."), None)

@@ -17,7 +17,7 @@ from ...errors import GGUFExportError
 from ...model.config import ModelConfig
 from .encode import encode_float, encode_layer
 from .read import dequantize
-from .tensors import ARCHS, IGNORED_SUFFIXES, gguf_name, llama_rows, rope_heads
+from .tensors import IGNORED_SUFFIXES, gguf_name, llama_rows, rope_heads
 from .types import GGUF_TYPES
 from .vocab import Vocab, add_vocab, read_vocab
 
@@ -144,7 +144,7 @@ def add_hparams(w: GGUFWriter, cfg: ModelConfig, name: str, file_type: str) -> N
 def write_file(out, cfg: ModelConfig, name: str, report: GGUFExport, vocab: Vocab, data: list[np.ndarray]) -> None:
     """The GGUF file at out (atomically): metadata, then the tensors of report in its order."""
     with atomic_file(out) as tmp:
-        w = GGUFWriter(str(tmp), ARCHS[cfg.model_type][0])
+        w = GGUFWriter(str(tmp), cfg.family.gguf_arch)
         add_hparams(w, cfg, name, report.file_type)
         add_vocab(w, vocab)
         for record, tensor in zip(report.tensors, data):

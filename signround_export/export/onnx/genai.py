@@ -31,7 +31,7 @@ def genai_config(cfg: ModelConfig, ckpt: Checkpoint) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
-            "type": cfg.model_type,
+            "type": cfg.family.genai_type,
             "vocab_size": cfg.vocab_size,
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
