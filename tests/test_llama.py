@@ -26,7 +26,7 @@ def test_logits_match_transformers(tmp_path, model_type, tied, kv_heads):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
         ModelConfig.from_hf({"model_type": "gpt2"})
 
 

@@ -44,6 +44,11 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(
+                f"use_sliding_window is true in this {model_type} config: sliding-window attention is not "
+                "supported; only models whose every layer attends to the whole context can be quantized"
+            )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":

@@ -4,11 +4,12 @@ A family is what differs between decoder-only models that share the LLaMA block 
 and a gated MLP): how its config.json maps to ModelConfig, what its blocks carry, and its names in
 each target. Stages look features up here instead of testing model_type.
 
-| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            |
-| ------- | -------------- | ---------------------- | --------------------- |
-| llama   | llama          | interleaved (permuted) | config attention_bias |
-| mistral | llama          | interleaved (permuted) | config attention_bias |
-| qwen2   | qwen2          | as stored (halves)     | always                |
+| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head |
+| ------- | -------------- | ---------------------- | --------------------- | ----------------- |
+| llama   | llama          | interleaved (permuted) | config attention_bias | no                |
+| mistral | llama          | interleaved (permuted) | config attention_bias | no                |
+| qwen2   | qwen2          | as stored (halves)     | always                | no                |
+| qwen3   | qwen3          | as stored (halves)     | config attention_bias | yes               |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Family:
     gguf_arch: str  # llama.cpp's general.architecture
     gguf_rope_permute: bool  # llama.cpp's arch rotates interleaved pairs: q/k rows are permuted for it
     qkv_bias: bool | None = None  # True: q/k/v always have biases; None: as config.json's attention_bias
+    qk_norm: bool = False  # RMSNorm over each head of q and k (self_attn.q_norm, k_norm) before RoPE
 
     @property
     def genai_type(self) -> str:
@@ -33,4 +35,13 @@ FAMILIES = {f.model_type: f for f in (
     Family("llama", gguf_arch="llama", gguf_rope_permute=True),
     Family("mistral", gguf_arch="llama", gguf_rope_permute=True),
     Family("qwen2", gguf_arch="qwen2", gguf_rope_permute=False, qkv_bias=True),
+    Family("qwen3", gguf_arch="qwen3", gguf_rope_permute=False, qk_norm=True),
 )}
+
+
+def block_norms(family: Family) -> tuple[str, ...]:
+    """The float norm weights of one decoder block, by HF name relative to the block."""
+    norms = ("input_layernorm", "post_attention_layernorm")
+    if family.qk_norm:
+        norms += ("self_attn.q_norm", "self_attn.k_norm")
+    return tuple(n + ".weight" for n in norms)

@@ -1,4 +1,4 @@
-"""The LLaMA family (llama, mistral, qwen2, SmolLM2) as plain functions over a dict of HF-named tensors.
+"""The LLaMA family (llama, mistral, qwen2, qwen3, SmolLM2) as plain functions over a dict of HF-named tensors.
 
 This is the one PyTorch forward in the project: tuning runs its blocks, and the reference model that
 every exported artifact is compared against is this forward over weights dequantized from a
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from .config import BLOCK_LINEARS, ModelConfig
+from .families import block_norms
 from .rope import rope_tables
 
 
@@ -43,6 +44,9 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
     q = linear(p, "self_attn.q_proj", h, tap).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
     k = linear(p, "self_attn.k_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     v = linear(p, "self_attn.v_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    if cfg.family.qk_norm:  # over each head's head_dim values
+        q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_eps)
+        k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
     x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
@@ -67,7 +71,7 @@ class Model:
             names.append("lm_head.weight")
         for i in range(self.cfg.n_layers):
             names += [f"model.layers.{i}.{n}.weight" for n in BLOCK_LINEARS]
-            names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"]
+            names += [f"model.layers.{i}.{n}" for n in block_norms(self.cfg.family)]
         return names
 
     def block_params(self, i: int) -> dict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ TENSOR_NAMES = {
     "model.layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
     "model.layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
     "model.layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
     "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",

@@ -6,6 +6,7 @@ The graph, per decoder block i (x: the residual stream, float32 [batch, seq, hid
     h, x    = SkipSimplifiedLayerNormalization(out, x)          from the previous block's output)
     q, k, v = Split(MatMulNBits_qkv(h))  (+ bias for qwen2; q, k, v stacked row after row, or one
               MatMulNBits each where their integers differ in layout)
+    q, k    = SimplifiedLayerNormalization over each head of q and k (families with q/k norms: qwen3)
     a, present.i.key, present.i.value
             = GroupQueryAttention(q, k, v, past_key_values.i.*, seqlens_k, total_seq_len, cos, sin)
               (rotary fused, half-split layout like HF's rotate_half)
@@ -166,6 +167,7 @@ class DecoderGraph:
         self.eps = float(cfg.rms_eps)
         self.packed: dict[str, tuple[list[str], NBitsWeight]] = {}
         self.attention_inputs: list[str] = []  # seqlens_k, total_seq_len, cos, sin: shared by every block
+        self.shapes: dict[str, str] = {}  # Reshape targets, made once
 
     def build(self, head_qw: QuantWeight | None) -> onnx.ModelProto:
         inputs, outputs = graph_io(self.cfg)
@@ -226,6 +228,9 @@ class DecoderGraph:
         p = f"model.layers.{i}."
         h, x = self.skip_norm(out, x, p + "input_layernorm.weight")
         q, k, v = self.linears(h, [p + f"self_attn.{n}_proj" for n in "qkv"])
+        if self.cfg.family.qk_norm:
+            q = self.head_norm(q, p + "self_attn.q_norm.weight", self.cfg.n_heads)
+            k = self.head_norm(k, p + "self_attn.k_norm.weight", self.cfg.n_kv_heads)
         out = self.linear(self.attention(i, q, k, v), p + "self_attn.o_proj")
         h, x = self.skip_norm(out, x, p + "post_attention_layernorm.weight")
         gate, up = self.linears(h, [p + "mlp.gate_proj", p + "mlp.up_proj"])
@@ -240,6 +245,20 @@ class DecoderGraph:
             return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=self.eps, stash_type=1), x
         h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, w], n_out=4, domain=MS, epsilon=self.eps)
         return h, x
+
+    def head_norm(self, y: str, weight: str, heads: int) -> str:
+        """RMSNorm of each head of y [batch, seq, heads * head_dim] with weight [head_dim]."""
+        g = self.g
+        w = g.const(weight, self.float_weight(weight))
+        per_head = g.op("Reshape", [y, self.shape(f"heads_{heads}", [0, 0, heads, self.cfg.head_dim])])
+        h = g.op("SimplifiedLayerNormalization", [per_head, w], axis=-1, epsilon=self.eps, stash_type=1)
+        return g.op("Reshape", [h, self.shape("heads_flat", [0, 0, -1])])
+
+    def shape(self, name: str, dims: list[int]) -> str:
+        """An int64 Reshape target (0 keeps the input's dimension), one initializer per name."""
+        if name not in self.shapes:
+            self.shapes[name] = self.g.const(name + "_shape", np.array(dims, dtype=np.int64))
+        return self.shapes[name]
 
     def attention(self, i: int, q: str, k: str, v: str) -> str:
         """Block i's GroupQueryAttention: rotary fused, its KV cache in past_key_values.i.* / present.i.*."""
