@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import write_tiny_model
 from transformers import AutoModelForCausalLM
 
+from conftest import write_tiny_model
 from signround_export.errors import ModelError, UnsupportedModelError
 from signround_export.model.config import ModelConfig
 from signround_export.model.load import load_float_model

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_model
 from transformers import AutoModelForCausalLM
 
+from conftest import write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
 from signround_export.errors import UnsupportedModelError
