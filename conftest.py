@@ -33,8 +33,8 @@ def make_tokenizer(vocab_size: int = 320):  # above 256 bytes: BPE merges, which
 
 
 def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
-                     tied=True, model_type="llama", seed=0, vocab_size=320) -> Path:
-    """A random HF model folder: config.json, model.safetensors, tokenizer.json."""
+                     tied=True, model_type="llama", seed=0, vocab_size=320, extra=None) -> Path:
+    """A random HF model folder: config.json, model.safetensors, tokenizer.json; extra: more config keys."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,6 +46,7 @@ def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, hea
         model_type, vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=512, tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0,
+        **(extra or {}),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
