@@ -11,14 +11,21 @@ from signround_export.errors import ModelError, UnsupportedModelError
 from signround_export.model.config import ModelConfig
 from signround_export.model.load import load_float_model
 
+# Llama 3.x rope scaling with an original context (32) shorter than the test sequence, so it matters
+LLAMA3 = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32}}
+LINEAR = {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}
 
-@pytest.mark.parametrize("model_type,tied,kv_heads", [("llama", True, 2), ("llama", False, 4), ("qwen2", False, 2),
-                                                      ("mistral", True, 1)])
-def test_logits_match_transformers(tmp_path, model_type, tied, kv_heads):
-    folder = write_tiny_model(tmp_path / "m", model_type=model_type, tied=tied, kv_heads=kv_heads)
+
+@pytest.mark.parametrize("model_type,tied,kv_heads,extra", [
+    ("llama", True, 2, None), ("llama", False, 4, None), ("qwen2", False, 2, None), ("mistral", True, 1, None),
+    ("llama", True, 2, LLAMA3), ("llama", False, 2, LINEAR),
+])
+def test_logits_match_transformers(tmp_path, model_type, tied, kv_heads, extra):
+    folder = write_tiny_model(tmp_path / "m", model_type=model_type, tied=tied, kv_heads=kv_heads, extra=extra)
     ours, _, _ = load_float_model(folder)
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.randint(0, ours.cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = theirs(ids).logits
     got = ours.logits(ids)

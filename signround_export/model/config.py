@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UnsupportedModelError
+from ..errors import ModelError, UnsupportedModelError
 from .families import FAMILIES, Family
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -19,6 +19,42 @@ BLOCK_LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+
+
+# rope_type -> the parameters config.json must give for it (transformers' names)
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a config stretches RoPE past its training context: "linear" divides every inverse frequency by
+    factor; "llama3" divides the low frequencies by factor, keeps the high ones and blends in between."""
+
+    type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    @classmethod
+    def from_hf(cls, rope: dict, max_positions: int) -> "RopeScaling | None":
+        """The scaling a rope_parameters (or rope_scaling) dict asks for; None for plain RoPE."""
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            return None
+        if rope_type not in ROPE_SCALINGS:
+            raise UnsupportedModelError(
+                f"rope scaling {rope_type!r} is not supported; supported: plain RoPE, {', '.join(ROPE_SCALINGS)} "
+                "(the ONNX and GGUF targets cannot express the others exactly)")
+        missing = [k for k in ROPE_SCALINGS[rope_type] if k not in rope]
+        if missing:
+            raise ModelError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in config.json's rope_parameters")
+        return cls(rope_type, float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)),
+                   float(rope.get("high_freq_factor", 4.0)),
+                   int(rope.get("original_max_position_embeddings") or max_positions))
 
 
 @dataclass(frozen=True)
@@ -36,6 +72,7 @@ class ModelConfig:
     max_positions: int
     tie_word_embeddings: bool
     attention_bias: bool
+    rope_scaling: RopeScaling | None = None
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -50,9 +87,8 @@ class ModelConfig:
                 "supported; only models whose every layer attends to the whole context can be quantized"
             )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported (only plain RoPE)")
+        max_positions = hf.get("max_position_embeddings", 4096)
+        rope_scaling = RopeScaling.from_hf(rope, max_positions)
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         return cls(
@@ -66,9 +102,10 @@ class ModelConfig:
             head_dim=head_dim,
             rms_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            max_positions=hf.get("max_position_embeddings", 4096),
+            max_positions=max_positions,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=FAMILIES[model_type].qkv_bias or hf.get("attention_bias", False),
+            rope_scaling=rope_scaling,
         )
 
     @property

@@ -10,6 +10,8 @@ from ...errors import GGUFExportError
 from ...model.config import ModelConfig
 from .tensors import hf_names, rope_heads, rope_unpermute
 
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling's per-frequency divisors, written from the config
+
 
 def dequantize(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """float32 values of one tensor as llama.cpp reads them (gguf-py's reference dequantization)."""
@@ -50,6 +52,8 @@ def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], di
     to_hf = hf_names(cfg.n_layers)
     weights, types = {}, {}
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # rope scaling, not a weight: the config gives it
+            continue
         if t.name not in to_hf:
             raise GGUFExportError(f"{path}: tensor {t.name} is not one of a {arch} model's")
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first

@@ -60,6 +60,30 @@ def vocab_id(value, tokens: list[str]) -> int | None:
     return None
 
 
+def token_content(value) -> str | None:
+    """A special token of tokenizer_config.json (a string or an AddedToken dict) as its text."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def adds_bos(tok: dict, tcfg: dict) -> bool:
+    """Whether the tokenizer starts every encoded text with BOS, decided as llama.cpp's converter does:
+    tokenizer_config.json's add_bos_token when it is a bool, else tokenizer.json's post-processor (a
+    TemplateProcessing whose single-text template opens with the BOS token, or a RobertaProcessing).
+    With no tokenizer_config.json, the token opening the template is the BOS."""
+    if isinstance(tcfg.get("add_bos_token"), bool):
+        return tcfg["add_bos_token"]
+    bos_like = {token_content(tcfg.get("bos_token")), token_content(tcfg.get("cls_token"))} - {None}
+    post = tok.get("post_processor") or {}
+    add = False
+    for processor in post.get("processors", [post]):  # a Sequence lists several; the last that decides wins
+        if processor.get("type") == "RobertaProcessing":
+            add = True
+        elif processor.get("type") == "TemplateProcessing" and len(single := processor.get("single", [])) > 1:
+            if (first := single[0].get("SpecialToken", {}).get("id")) is not None:
+                add = first in bos_like or not tcfg
+    return add
+
+
 def tokenizer_pre(tokens: list[str]) -> str | None:
     """llama.cpp's pre-tokenizer name for a vocabulary it knows, else None."""
     return KNOWN_VOCABS.get(hashlib.sha256("\n".join(tokens).encode()).hexdigest())
@@ -90,7 +114,7 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
     if not isinstance(template, list):  # several named templates: gguf-py writes each under its name
         template = template_of(folder, tcfg)
     return Vocab(pre, tokens, types, merges, {k: i for k, i in special.items() if i is not None},
-                 bool(tcfg.get("add_bos_token", False)), template)
+                 adds_bos(tok, tcfg), template)
 
 
 def add_vocab(w: GGUFWriter, vocab: Vocab) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFWriter
+from gguf import GGML_QUANT_VERSION, GGUFWriter, RopeScalingType
 from tqdm import tqdm
 
 from ...atomic import atomic_file
@@ -15,8 +15,9 @@ from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
+from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
-from .read import dequantize
+from .read import ROPE_FREQS, dequantize
 from .tensors import IGNORED_SUFFIXES, gguf_name, llama_rows, rope_heads
 from .types import GGUF_TYPES
 from .vocab import Vocab, add_vocab, read_vocab
@@ -111,6 +112,13 @@ def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig
     return TensorRecord(gguf_name(hf_name), hf_name, type_name, err == 0.0, quantized, err), data
 
 
+def rope_freqs(cfg: ModelConfig) -> tuple[TensorRecord, np.ndarray] | None:
+    """llama3 rope scaling as llama.cpp reads it: a float32 tensor of each pair's frequency divisor."""
+    if cfg.rope_scaling is None or cfg.rope_scaling.type != "llama3":
+        return None
+    return TensorRecord(ROPE_FREQS, "rope_scaling", "F32", True, False, 0.0), rope_divisors(cfg).astype(np.float32)
+
+
 def file_type_of(records: list[TensorRecord], float_type: str) -> str:
     """The most common type of the quantized layers (general.file_type), else the float type."""
     counts: dict[str, int] = {}
@@ -133,6 +141,9 @@ def add_hparams(w: GGUFWriter, cfg: ModelConfig, name: str, file_type: str) -> N
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling.factor)
     if cfg.head_dim * cfg.n_heads != cfg.hidden_size:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -173,6 +184,9 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
         record, tensor = encode_tensor(hf_name, items[hf_name], cfg, asym4, float_type, kquant)
         report.tensors.append(record)
         data.append(tensor)
+    if (freqs := rope_freqs(cfg)) is not None:
+        report.tensors.append(freqs[0])
+        data.append(freqs[1])
     report.file_type = file_type_of(report.tensors, float_type)
     write_file(out, cfg, hf.get("_name_or_path") or Path(ckpt.path).name, report, vocab, data)
     report.bytes = Path(out).stat().st_size
