@@ -14,6 +14,7 @@ import torch
 from signround_export import cli
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.errors import GGUFExportError
+from signround_export.model.load import reference_from_checkpoint
 
 TUNE = ["--bits", "4", "--group-size", "32", "--iters", "150", "--nsamples", "16", "--seqlen", "128",
         "--batch-size", "4", "--quiet"]
@@ -128,6 +129,12 @@ def test_quantized_lm_head_round_trips_through_the_checkpoint(deep_model, tmp_pa
     assert ckpt.quant.extra_config["lm_head"]["bits"] == 8
     assert "model.embed_tokens.weight" in ckpt.tensors  # the tied embedding stays float
     assert "lm_head.weight" not in ckpt.tensors
+    # a quantized head is no longer the embedding: the checkpoint's config unties them, as auto-round's
+    # loader requires, and the reference's head is the integers
+    assert json.loads((deep_model / "config.json").read_text())["tie_word_embeddings"] is True
+    assert ckpt.hf_config["tie_word_embeddings"] is False
+    head = reference_from_checkpoint(ckpt).lm_head_weight().numpy()
+    np.testing.assert_array_equal(head, ckpt.qweights["lm_head"].dequantize())
 
 
 def test_parameter_names_in_errors_become_flags(deep_model, tmp_path, capsys):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -161,6 +164,20 @@ def test_unknown_vocabulary_asks_for_the_pre_tokenizer(tiny_ckpt, tmp_path):
     assert e.value.param == "tokenizer_pre_name"
     assert not (tmp_path / "m.gguf").exists()  # nothing half-written
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sentencepiece_style_bpe_is_refused_not_written_as_gpt2(tiny_ckpt, tmp_path):
+    """A BPE vocabulary with byte fallback (Llama 2, Mistral 7B, Gemma) needs llama.cpp's SentencePiece
+    vocabulary; written as gpt2 it would tokenize wrongly whatever pre-tokenizer name is given."""
+    ckpt = read_checkpoint(tiny_ckpt)
+    spm = tmp_path / "spm"
+    shutil.copytree(tiny_ckpt, spm)
+    tok = json.loads((spm / "tokenizer.json").read_text())
+    tok["model"]["byte_fallback"] = True
+    (spm / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(GGUFExportError, match="SentencePiece-style BPE"):
+        export_gguf(replace(ckpt, path=spm), tmp_path / "m.gguf", tokenizer_pre_name="llama-bpe")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_cli_exports_a_float_model_with_rtn(tiny_model, tmp_path, capsys):

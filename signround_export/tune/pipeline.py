@@ -140,7 +140,8 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
         log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
                                                     "bits_choices": layer_bits.bits_choices}
     quant, tensors = checkpoint_parts(float_model, config, result.qweights)
-    write_checkpoint(out, hf, quant, result.qweights, tensors, tokenizer_src_dir=folder, tuning_log=log)
+    write_checkpoint(out, untied(hf, result.qweights), quant, result.qweights, tensors, tokenizer_src_dir=folder,
+                     tuning_log=log)
     if allocation is not None:
         plot_allocation(allocation, Path(out) / "allocation.png")
     resume.remove()
@@ -207,6 +208,14 @@ def checkpoint_parts(model: Model, config: TuneConfig, qweights: dict[str, Quant
                         packing_format="auto_round:auto_gptq" if all(q.sym for q in qweights.values()) else "auto_round",
                         extra_config={}, iters=config.iters, tuning=asdict(config))
     return quant, tensors
+
+
+def untied(hf: dict, qweights: dict[str, QuantWeight]) -> dict:
+    """config.json for a checkpoint: a quantized lm_head is no longer the embedding's matrix, so a tied
+    model's config says untied (auto-round's loader refuses a quantized head under tied embeddings)."""
+    if "lm_head" in qweights and hf.get("tie_word_embeddings"):
+        return hf | {"tie_word_embeddings": False}
+    return hf
 
 
 @contextmanager

@@ -38,6 +38,12 @@ def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]
     if model.get("type") != "BPE":
         raise GGUFExportError(f"tokenizer.json has a {model.get('type')!r} model; the GGUF exporter writes "
                               "byte-level BPE (gpt2-style) tokenizers only")
+    if is_sentencepiece_bpe(model):
+        # llama.cpp reads these as its "llama" (SentencePiece) vocabulary, with scores; written as "gpt2"
+        # they would load and tokenize wrongly, whatever pre-tokenizer name is given
+        raise GGUFExportError("tokenizer.json is a SentencePiece-style BPE (byte fallback, \"\u2581\" word "
+                              "markers: Llama 2, Mistral 7B, Gemma); the GGUF exporter writes byte-level BPE "
+                              "(gpt2-style) tokenizers only, so it refuses this one rather than write wrong tokens")
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = {i: TokenType.NORMAL for i in by_id}
     for added in tok.get("added_tokens", []):
@@ -46,6 +52,12 @@ def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]
     size = max(vocab_size, max(by_id) + 1)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     return tokens, [types.get(i, TokenType.UNUSED) for i in range(size)]
+
+
+def is_sentencepiece_bpe(model: dict) -> bool:
+    """A BPE model in SentencePiece's manner: bytes as <0xNN> fallback tokens, words marked by "\u2581"."""
+    vocab = model.get("vocab") or {}
+    return bool(model.get("byte_fallback")) or "<0x0A>" in vocab or any(t.startswith("\u2581") for t in vocab)
 
 
 def vocab_id(value, tokens: list[str]) -> int | None:
