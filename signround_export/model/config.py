@@ -57,6 +57,20 @@ class RopeScaling:
                    int(rope.get("original_max_position_embeddings") or max_positions))
 
 
+def check_full_attention(hf: dict, model_type: str, max_positions: int) -> None:
+    """Refuse sliding-window attention by name: the forward and both exports attend to the whole
+    context. A window is on when use_sliding_window says so (Qwen) or, without that key, when
+    sliding_window is set (Mistral); a window as long as the context changes nothing."""
+    window = hf.get("sliding_window")
+    on = hf["use_sliding_window"] if "use_sliding_window" in hf else window is not None
+    if on and (window is None or window < max_positions):
+        key = "use_sliding_window is true" if hf.get("use_sliding_window") else f"sliding_window is {window}"
+        raise UnsupportedModelError(
+            f"{key} in this {model_type} config: sliding-window attention is not supported; only models whose "
+            "every layer attends to the whole context can be quantized"
+        )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -81,13 +95,9 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        if hf.get("use_sliding_window"):
-            raise UnsupportedModelError(
-                f"use_sliding_window is true in this {model_type} config: sliding-window attention is not "
-                "supported; only models whose every layer attends to the whole context can be quantized"
-            )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         max_positions = hf.get("max_position_embeddings", 4096)
+        check_full_attention(hf, model_type, max_positions)
         rope_scaling = RopeScaling.from_hf(rope, max_positions)
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
