@@ -80,3 +80,9 @@ def calibration_ids(folder: str | Path, nsamples: int, seqlen: int, seed: int,
     tokenizer = load_tokenizer(folder)
     text = read_text(path) if path else default_calibration_text()
     return calibration_samples(encode(tokenizer, text), nsamples, seqlen, seed)
+
+
+def evaluation_ids(folder: str | Path, path: str | Path | None = None) -> torch.Tensor:
+    """Token ids of the text at path (default: heldout_text), tokenized with the tokenizer of the
+    model folder."""
+    return encode(load_tokenizer(folder), read_text(path) if path else heldout_text())

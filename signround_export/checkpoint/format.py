@@ -56,6 +56,8 @@ AUTOROUND_FORMAT_VERSION = "0.16.1"  # the auto-round release whose layout we wr
 QUANT_METHODS = ("auto-round", "intel/auto-round")  # the second is what older auto-round wrote
 SCHEME_KEYS = ("bits", "group_size", "sym")
 LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias", "offsets")
+
+
 def _tool_version() -> str:
     try:
         from importlib.metadata import version

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..checkpoint.format import Checkpoint, QuantConfig
+from ..checkpoint.format import GPTQ, GPTQ_V1, Checkpoint, QuantConfig
 from ..checkpoint.qweight import SUPPORTED_BITS, QuantWeight, Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.write import write_checkpoint
@@ -174,7 +174,7 @@ def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Sche
     types = mixes.layer_types(gguf_type, shapes, cfg.n_layers, gqa)
     note(progress, f"gguf {gguf_type.lower()}: "
                    + ", ".join(f"{c} layers {t}" for t, c in Counter(types.values()).most_common()))
-    return mixes.layer_schemes(gguf_type, shapes, cfg.n_layers, gqa)
+    return mixes.layer_schemes(types)
 
 
 def allocate_bits(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, settings: dict,
@@ -205,7 +205,7 @@ def checkpoint_parts(model: Model, config: TuneConfig, qweights: dict[str, Quant
         tensors.pop("lm_head.weight", None)
     quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
                         # auto_gptq's zero point minus 1 cannot hold an asymmetric layer's zero point of 0
-                        packing_format="auto_round:auto_gptq" if all(q.sym for q in qweights.values()) else "auto_round",
+                        packing_format=GPTQ_V1 if all(q.sym for q in qweights.values()) else GPTQ,
                         extra_config={}, iters=config.iters, tuning=asdict(config))
     return quant, tensors
 

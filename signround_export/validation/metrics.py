@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import encode, heldout_text, load_tokenizer, read_text
+from ..data import evaluation_ids
 from ..errors import DataError
 from ..model.folder import resolve_model_dir
 from ..model.forward import Model
@@ -159,5 +159,5 @@ def folder_perplexity(model, text=None, *, window: int = 512, max_windows: int |
     default: the held-out slice of the calibration text), with "float model" or "checkpoint reference"."""
     folder = resolve_model_dir(model)
     loaded, kind = load_any(folder)
-    ids = encode(load_tokenizer(folder), read_text(text) if text else heldout_text())
+    ids = evaluation_ids(folder, text)
     return perplexity(loaded, ids, window, max_windows, progress=progress), kind

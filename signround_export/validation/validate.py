@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..checkpoint.format import Checkpoint
 from ..checkpoint.read import read_checkpoint
-from ..data import encode, heldout_text, load_tokenizer, read_text
+from ..data import evaluation_ids
 from ..errors import ValidationError
 from ..model.config import ModelConfig
 from ..model.load import load_float_model, reference_from_checkpoint
@@ -87,7 +87,7 @@ def check_settings(tokens: int, window: int, gguf_runner: str) -> None:
 
 def evaluation_windows(checkpoint, text, tokens: int, window: int) -> torch.Tensor:
     """The first tokens // window windows of the text, in the checkpoint's tokenizer: [n, window]."""
-    ids = encode(load_tokenizer(checkpoint), read_text(text) if text else heldout_text())
+    ids = evaluation_ids(checkpoint, text)
     return windows(ids, window, tokens // window)
 
 

@@ -86,6 +86,6 @@ def layer_types(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: in
     return {name: layer_type(gguf_type, name, k, n_layers, gqa) for name, (_, k) in shapes.items()}
 
 
-def layer_schemes(gguf_type: str, shapes: dict[str, tuple[int, int]], n_layers: int, gqa: int = 1) -> dict[str, Scheme]:
-    """The tuning grid of every layer for `tune --gguf gguf_type`: the Scheme of its exact GGUF type."""
-    return {name: GGUF_TYPES[t].scheme for name, t in layer_types(gguf_type, shapes, n_layers, gqa).items()}
+def layer_schemes(types: dict[str, str]) -> dict[str, Scheme]:
+    """The tuning grid of every layer of layer_types' answer: the Scheme of its exact GGUF type."""
+    return {name: GGUF_TYPES[t].scheme for name, t in types.items()}
