@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import signround_export.export.gguf.write as gguf_write
 from conftest import rtn_checkpoint, write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
-from signround_export.errors import UnsupportedModelError
+from signround_export.errors import ModelError, UnsupportedModelError
 from signround_export.export.gguf import export_gguf, read_gguf_weights
 from signround_export.export.onnx import export_onnx
 from signround_export.model.config import ModelConfig
@@ -84,6 +84,12 @@ def test_other_scalings_are_refused_by_name(rope_type):
     hf = {"model_type": "llama", "rope_scaling": {"rope_type": rope_type, "factor": 2.0}}
     with pytest.raises(UnsupportedModelError, match=f"rope scaling '{rope_type}' is not supported; supported: "
                                                     "plain RoPE, linear, llama3"):
+        ModelConfig.from_hf(hf)
+
+
+def test_a_scaling_without_its_parameters_is_named():
+    hf = {"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(ModelError, match="rope scaling 'llama3' needs low_freq_factor, high_freq_factor"):
         ModelConfig.from_hf(hf)
 
 
