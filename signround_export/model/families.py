@@ -4,17 +4,28 @@ A family is what differs between decoder-only models that share the LLaMA block 
 and a gated MLP): how its config.json maps to ModelConfig, what its blocks carry, and its names in
 each target. Stages look features up here instead of testing model_type.
 
-| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head |
-| ------- | -------------- | ---------------------- | --------------------- | ----------------- |
-| llama   | llama          | interleaved (permuted) | config attention_bias | no                |
-| mistral | llama          | interleaved (permuted) | config attention_bias | no                |
-| qwen2   | qwen2          | as stored (halves)     | always                | no                |
-| qwen3   | qwen3          | as stored (halves)     | config attention_bias | yes               |
+| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head | linears                      |
+| ------- | -------------- | ---------------------- | --------------------- | ----------------- | ---------------------------- |
+| llama   | llama          | interleaved (permuted) | config attention_bias | no                | q, k, v, o, gate, up, down   |
+| mistral | llama          | interleaved (permuted) | config attention_bias | no                | q, k, v, o, gate, up, down   |
+| qwen2   | qwen2          | as stored (halves)     | always                | no                | q, k, v, o, gate, up, down   |
+| qwen3   | qwen3          | as stored (halves)     | config attention_bias | yes               | q, k, v, o, gate, up, down   |
+| phi3    | phi3           | as stored (halves)     | never                 | no                | qkv, o, gate_up, down (fused)|
+
+Phi-3 (and Phi-3.5, Phi-4-mini) also brings partial rotary (`partial_rotary_factor`) and `longrope`
+scaling; those are read from config.json by model/config.py, whatever the family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The quantizable linears of one decoder block, in the order they run (HF names relative to the block).
+SEPARATE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# q, k and v as one linear (rows: q, then k, then v), gate and up as one (rows: gate, then up), as Phi-3 stores them
+FUSED_QKV, FUSED_GATE_UP = "self_attn.qkv_proj", "mlp.gate_up_proj"
+FUSED_LINEARS = (FUSED_QKV, "self_attn.o_proj", FUSED_GATE_UP, "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,15 @@ class Family:
     gguf_rope_permute: bool  # llama.cpp's arch rotates interleaved pairs: q/k rows are permuted for it
     qkv_bias: bool | None = None  # True: q/k/v always have biases; None: as config.json's attention_bias
     qk_norm: bool = False  # RMSNorm over each head of q and k (self_attn.q_norm, k_norm) before RoPE
+    linears: tuple[str, ...] = SEPARATE_LINEARS  # the block's quantizable linears, in run order
+
+    @property
+    def fused_qkv(self) -> bool:
+        return FUSED_QKV in self.linears
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return FUSED_GATE_UP in self.linears
 
     @property
     def genai_type(self) -> str:
@@ -36,6 +56,7 @@ FAMILIES = {f.model_type: f for f in (
     Family("mistral", gguf_arch="llama", gguf_rope_permute=True),
     Family("qwen2", gguf_arch="qwen2", gguf_rope_permute=False, qkv_bias=True),
     Family("qwen3", gguf_arch="qwen3", gguf_rope_permute=False, qk_norm=True),
+    Family("phi3", gguf_arch="phi3", gguf_rope_permute=False, qkv_bias=False, linears=FUSED_LINEARS),
 )}
 
 

@@ -1,4 +1,4 @@
-"""The LLaMA family (llama, mistral, qwen2, qwen3, SmolLM2) as plain functions over a dict of HF-named tensors.
+"""The LLaMA family (llama, mistral, qwen2, qwen3, phi3, SmolLM2) as plain functions over a dict of HF-named tensors.
 
 This is the one PyTorch forward in the project: tuning runs its blocks, and the reference model that
 every exported artifact is compared against is this forward over weights dequantized from a
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .config import BLOCK_LINEARS, ModelConfig
-from .families import block_norms
+from .config import ModelConfig
+from .families import FUSED_GATE_UP, FUSED_QKV, block_norms
 from .rope import rope_tables
 
 
@@ -23,6 +23,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    r = cos.shape[-1]
+    if r < x.shape[-1]:  # partial rotary: the first r dimensions rotate, the rest pass through
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -34,6 +37,21 @@ def linear(p: dict, name: str, x: torch.Tensor, tap=None) -> torch.Tensor:
     return F.linear(x, p[name + ".weight"], p.get(name + ".bias"))
 
 
+def attention_inputs(cfg: ModelConfig, p: dict, h: torch.Tensor, tap=None) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, T, rows] of h: three linears, or one fused qkv_proj whose rows are q's, k's, then v's."""
+    if cfg.family.fused_qkv:
+        kv_rows = cfg.n_kv_heads * cfg.head_dim
+        return linear(p, FUSED_QKV, h, tap).split([cfg.n_heads * cfg.head_dim, kv_rows, kv_rows], dim=-1)
+    return tuple(linear(p, f"self_attn.{n}_proj", h, tap) for n in "qkv")
+
+
+def gate_and_up(cfg: ModelConfig, p: dict, h: torch.Tensor, tap=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's gate and up projections of h: two linears, or one fused gate_up_proj (gate rows first)."""
+    if cfg.family.fused_gate_up:
+        return linear(p, FUSED_GATE_UP, h, tap).chunk(2, dim=-1)
+    return linear(p, "mlp.gate_proj", h, tap), linear(p, "mlp.up_proj", h, tap)
+
+
 def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   tap=None) -> torch.Tensor:
     """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
@@ -41,9 +59,10 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
     is called with every linear's input."""
     b, t, _ = x.shape
     h = rms_norm(x, p["input_layernorm.weight"], cfg.rms_eps)
-    q = linear(p, "self_attn.q_proj", h, tap).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = linear(p, "self_attn.k_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = linear(p, "self_attn.v_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q, k, v = attention_inputs(cfg, p, h, tap)
+    q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     if cfg.family.qk_norm:  # over each head's head_dim values
         q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_eps)
         k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_eps)
@@ -51,7 +70,8 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
     x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
     h = rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_eps)
-    act = F.silu(linear(p, "mlp.gate_proj", h, tap)) * linear(p, "mlp.up_proj", h, tap)
+    gate, up = gate_and_up(cfg, p, h, tap)
+    act = F.silu(gate) * up
     return x + linear(p, "mlp.down_proj", act, tap)
 
 
@@ -70,7 +90,7 @@ class Model:
         if not self.cfg.tie_word_embeddings:
             names.append("lm_head.weight")
         for i in range(self.cfg.n_layers):
-            names += [f"model.layers.{i}.{n}.weight" for n in BLOCK_LINEARS]
+            names += [f"model.layers.{i}.{n}.weight" for n in self.cfg.family.linears]
             names += [f"model.layers.{i}.{n}" for n in block_norms(self.cfg.family)]
         return names
 
@@ -85,7 +105,8 @@ class Model:
         return F.embedding(ids, self.tensors["model.embed_tokens.weight"])
 
     def rope(self, t: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [t, head_dim] for positions 0 .. t - 1, repeated over both halves of a head."""
+        """cos and sin [t, rotary_dim] for positions 0 .. t - 1, repeated over both halves of a head's
+        rotary part; ModelError past what the rotary table covers (longrope's original context)."""
         cos, sin = (torch.from_numpy(np.concatenate([a, a], axis=-1)).to(device) for a in rope_tables(self.cfg, t))
         return cos, sin
 

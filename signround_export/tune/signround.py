@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from ..checkpoint.qweight import QuantWeight, Scheme
 from ..errors import TuneError
-from ..model.config import BLOCK_LINEARS
 from ..model.forward import Model, block_forward
 from .clip import clip_search
 from .config import TuneConfig
@@ -189,7 +188,7 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, c
     t0 = time.perf_counter()
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
-    schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
+    schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
     power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype) if config.searches() else None
     tuner = BlockTuner(params, schemes, device, power)
     g = torch.Generator().manual_seed(config.seed * 100003 + i)
@@ -225,7 +224,7 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, c
 def rtn_block(model: Model, i: int, config: TuneConfig) -> dict[str, QuantWeight]:
     """Round-to-nearest integers of one block's linears."""
     p = model.block_params(i)
-    names = {n: f"model.layers.{i}.{n}" for n in BLOCK_LINEARS}
+    names = {n: f"model.layers.{i}.{n}" for n in model.cfg.family.linears}
     return {name: to_qweight(p[n + ".weight"], config.scheme(name), bias=p.get(n + ".bias"))
             for n, name in names.items()}
 

@@ -3,6 +3,9 @@
 llama.cpp's "llama" architecture rotates q and k in interleaved pairs, HF's in halves: the rows of
 q_proj and k_proj are permuted per head (`rope_permute`), which reorders rows only, so it applies
 exactly to the integers, scales and zero points.
+
+A fused q/k/v linear (Phi-3's qkv_proj) is llama.cpp's attn_qkv, and a fused gate/up (gate_up_proj,
+gate rows first) its ffn_up, which llama.cpp's SwiGLU splits the same way: both go in as stored.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import numpy as np
 
 from ...checkpoint.qweight import QuantWeight
 from ...model.config import ModelConfig
+from ...model.families import FUSED_LINEARS, SEPARATE_LINEARS
+
+ALL_LINEARS = frozenset(SEPARATE_LINEARS + FUSED_LINEARS)
 
 # HF tensor name (with {i} for the block) -> GGUF tensor name
 TENSOR_NAMES = {
@@ -31,6 +37,8 @@ TENSOR_NAMES = {
     "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "model.layers.{i}.self_attn.qkv_proj.weight": "blk.{i}.attn_qkv.weight",
+    "model.layers.{i}.mlp.gate_up_proj.weight": "blk.{i}.ffn_up.weight",
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
 
@@ -44,11 +52,15 @@ def gguf_name(hf_name: str) -> str | None:
     return TENSOR_NAMES.get(hf_name)
 
 
-def hf_names(n_layers: int) -> dict[str, str]:
-    """GGUF name -> HF name of every tensor a model of n_layers blocks can have."""
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """GGUF name -> HF name of every tensor a model of cfg's family and depth can have (ffn_up is up_proj
+    or a fused gate_up_proj, as the family's linears say)."""
     names = {}
     for hf_pattern, gguf_pattern in TENSOR_NAMES.items():
-        for i in range(n_layers) if "{i}" in hf_pattern else [None]:
+        module = hf_pattern.removeprefix("model.layers.{i}.").rsplit(".", 1)[0]
+        if module in ALL_LINEARS and module not in cfg.family.linears:
+            continue
+        for i in range(cfg.n_layers) if "{i}" in hf_pattern else [None]:
             names[gguf_pattern.replace("{i}", str(i))] = hf_pattern.replace("{i}", str(i))
     return names
 
