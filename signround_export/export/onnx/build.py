@@ -240,7 +240,7 @@ class DecoderGraph:
         returns this block's output and the residual, to be summed by the next norm."""
         p = f"model.layers.{i}."
         h, x = self.skip_norm(out, x, p + "input_layernorm.weight")
-        q, k, v = self.attention_inputs(h, p)
+        q, k, v = self.qkv(h, p)
         if self.cfg.family.qk_norm:
             q = self.head_norm(q, p + "self_attn.q_norm.weight", self.cfg.n_heads)
             k = self.head_norm(k, p + "self_attn.k_norm.weight", self.cfg.n_kv_heads)
@@ -250,7 +250,7 @@ class DecoderGraph:
         act = self.g.op("Mul", [self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate])]), up])  # silu(gate) * up
         return self.linear(act, p + "mlp.down_proj"), x
 
-    def attention_inputs(self, h: str, p: str) -> list[str]:
+    def qkv(self, h: str, p: str) -> list[str]:
         """q, k, v of h: three linears (stacked where they can be), or the fused qkv_proj and a Split."""
         cfg = self.cfg
         if not cfg.family.fused_qkv:

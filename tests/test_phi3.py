@@ -1,0 +1,232 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini through every stage: fused qkv_proj and gate_up_proj, partial rotary,
+longrope scaling, no q/k/v bias.
+
+The tiny models rotate only part of each head (partial_rotary_factor 0.75 of head_dim 64, 0.5 of 32),
+have a GQA ratio above 1, and the longrope one has short/long factors with an original context of 128
+out of 512 positions (so an attention factor of sqrt(1 + ln 4 / ln 128)); transformers' own Phi-3
+forward is the reference for ours."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import write_tiny_model
+from signround_export.checkpoint.read import read_checkpoint
+from signround_export.cli import main
+from signround_export.errors import ModelError, ONNXExportError, UnsupportedModelError
+from signround_export.export.gguf import export_gguf, read_gguf_weights
+from signround_export.export.onnx import export_onnx
+from signround_export.model.config import ModelConfig
+from signround_export.model.forward import Model
+from signround_export.model.load import load_float_model, reference_from_checkpoint
+from signround_export.validation import validate
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+
+ORIGINAL = 128  # longrope's original context: the tiny model's 512 positions are a factor of 4 past it
+FUSED = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def phi3_model(folder, *, tied=True, hidden=128, heads=2, kv_heads=1, partial=0.75, longrope=True, **extra):
+    """A tiny random Phi-3 (Phi-4-mini-like: partial rotary, longrope) with the tiny tokenizer's one
+    special token as bos/eos/pad."""
+    config = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "partial_rotary_factor": partial} | extra
+    pairs = int(hidden // heads * partial) // 2
+    if longrope:
+        config |= {"original_max_position_embeddings": ORIGINAL,
+                   "rope_scaling": {"type": "longrope", "short_factor": [1 + 0.07 * j for j in range(pairs)],
+                                    "long_factor": [1 + 2.0 * j for j in range(pairs)]}}
+    return write_tiny_model(folder, model_type="phi3", hidden=hidden, heads=heads, kv_heads=kv_heads, tied=tied,
+                            extra=config)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The longrope, partial-rotary tiny Phi-3 and its checkpoint after a few SignRound steps."""
+    base = tmp_path_factory.mktemp("phi3")
+    model = phi3_model(base / "model")
+    ckpt = base / "ckpt"
+    assert main(["tune", str(model), "--out", str(ckpt), "--iters", "4", "--nsamples", "4", "--seqlen", "32",
+                 "--batch-size", "2", "--bits", "4", "--group-size", "32", "--quiet"]) == 0
+    return ckpt
+
+
+def transformers_logits(folder, ids):
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return theirs(ids).logits
+
+
+@pytest.mark.parametrize("case", ["longrope, partial 0.75, tied", "plain rope, partial 0.5, untied"])
+def test_logits_match_transformers(tmp_path, case):
+    longrope = case.startswith("longrope")
+    folder = phi3_model(tmp_path / "m", longrope=longrope, tied=case.endswith(" tied"),
+                        **({} if longrope else {"heads": 4, "kv_heads": 2, "partial": 0.5, "sliding_window": 512}))
+    ours, _, _ = load_float_model(folder)
+    cfg = ours.cfg
+    assert cfg.family.linears == FUSED and cfg.n_heads // cfg.n_kv_heads == 2 and not cfg.attention_bias
+    assert cfg.rotary_dim == (48 if longrope else 16) < cfg.head_dim
+    ids = torch.randint(0, cfg.vocab_size, (2, ORIGINAL), generator=torch.Generator().manual_seed(1))
+    want = transformers_logits(folder, ids)
+    got = ours.logits(ids)
+    err = float((got - want).abs().max())
+    assert err < 1e-4, err
+    # what each feature changes is far above that: a forward that skipped one could not pass
+    if longrope:  # (longrope's factors are per rotary pair: rotating every dimension would need more)
+        variants = {"no longrope": dataclasses.replace(cfg, rope_scaling=None),
+                    "no attention factor": dataclasses.replace(
+                        cfg, rope_scaling=dataclasses.replace(cfg.rope_scaling, attention_factor=1.0))}
+    else:
+        variants = {"full rotary": dataclasses.replace(cfg, partial_rotary_factor=1.0)}
+    for name, other in variants.items():
+        off = float((Model(other, ours.tensors).logits(ids) - want).abs().max())
+        assert off > 100 * err, (name, off)
+
+
+def test_longrope_reads_transformers_defaults_and_the_old_name():
+    folder_cfg = {"model_type": "phi3", "vocab_size": 320, "hidden_size": 128, "intermediate_size": 160,
+                  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                  "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                  "partial_rotary_factor": 0.75, "sliding_window": 262144,
+                  "rope_scaling": {"type": "su", "short_factor": [1.0] * 24, "long_factor": [2.0] * 24}}
+    cfg = ModelConfig.from_hf(folder_cfg)  # Phi-3-128k's layout: "su", top-level original context
+    s = cfg.rope_scaling
+    assert s.type == "longrope" and s.original_max_positions == 4096 and cfg.context_length == 4096
+    assert s.attention_factor == pytest.approx(np.sqrt(1 + np.log(32) / np.log(4096)))
+    bad = folder_cfg | {"rope_scaling": folder_cfg["rope_scaling"] | {"short_factor": [1.0] * 32}}
+    with pytest.raises(ModelError, match="short_factor has 32 values.*needs 24"):
+        ModelConfig.from_hf(bad)
+
+
+def test_sliding_window_shorter_than_the_context_is_refused_by_name(tmp_path):
+    folder = phi3_model(tmp_path / "m", longrope=False, sliding_window=64)
+    with pytest.raises(UnsupportedModelError, match="sliding_window is 64 in this phi3 config"):
+        load_float_model(folder)
+
+
+def test_longrope_past_the_original_context_is_refused(tuned, tmp_path):
+    ref = reference_from_checkpoint(read_checkpoint(tuned))
+    ref.logits(torch.zeros(1, ORIGINAL, dtype=torch.long))  # the original context itself runs
+    with pytest.raises(ModelError, match=f"stops at {ORIGINAL} .*original_max_position_embeddings"):
+        ref.logits(torch.zeros(1, ORIGINAL + 1, dtype=torch.long))
+
+
+def test_checkpoint_quantizes_the_fused_linears_as_stored(tuned):
+    ckpt = read_checkpoint(tuned)
+    assert len(ckpt.qweights) == 8
+    for i in range(2):
+        for n in FUSED:
+            assert f"model.layers.{i}.{n}" in ckpt.qweights
+    assert ckpt.qweights["model.layers.0.self_attn.qkv_proj"].shape == (64 * (2 + 1 + 1), 128)
+    assert ckpt.qweights["model.layers.0.mlp.gate_up_proj"].shape == (2 * 160, 128)
+    raw = json.loads((tuned / "config.json").read_text())
+    assert raw["model_type"] == "phi3" and raw["quantization_config"]["group_size"] == 32
+
+
+@pytest.mark.parametrize("iters", [0, 4])
+def test_onnx_at_accuracy_level_0_is_exact(iters, tuned, tmp_path):
+    ckpt = tuned
+    if iters == 0:
+        ckpt = tmp_path / "rtn"
+        assert main(["tune", str(tuned.parent / "model"), "--out", str(ckpt), "--iters", "0", "--bits", "4",
+                     "--group-size", "32", "--quiet"]) == 0
+    export_onnx(read_checkpoint(ckpt), tmp_path / "onnx", accuracy_level=0)
+    genai = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["model"]
+    assert genai["type"] == "phi3" and genai["decoder"]["head_size"] == 64 and genai["context_length"] == ORIGINAL
+    result = validate(ckpt, onnx=tmp_path / "onnx", tokens=256, window=128, progress=False)
+    onnx = result.artifact("onnx")
+    assert result.passed and onnx.scores.top1 == 1.0 and onnx.scores.kl_mean <= 1e-6, onnx.scores
+    assert len(onnx.exact_layers) == 8 and not any(onnx.layer_errors.values())
+
+
+def test_onnx_refuses_a_rotary_width_groupqueryattention_rejects(tmp_path):
+    folder = phi3_model(tmp_path / "m", longrope=False, partial=0.25)  # 16 of 64 rotate: fine
+    export_onnx(read_checkpoint(main_rtn(folder, tmp_path / "ok")), tmp_path / "onnx_ok", accuracy_level=0)
+    folder = phi3_model(tmp_path / "m2", longrope=False, heads=4, partial=0.75)  # 24 of 32: not a multiple of 16
+    with pytest.raises(ONNXExportError, match="24 rotary dimensions per head"):
+        export_onnx(read_checkpoint(main_rtn(folder, tmp_path / "bad")), tmp_path / "onnx_bad")
+
+
+def main_rtn(folder, out):
+    assert main(["tune", str(folder), "--out", str(out), "--iters", "0", "--bits", "4", "--group-size", "32",
+                 "--quiet"]) == 0
+    return out
+
+
+def test_runtime_greedy_equals_the_reference(tuned, tmp_path):
+    runtime = pytest.importorskip("signround_runtime")
+    ckpt = read_checkpoint(tuned)
+    export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0)
+    ref = reference_from_checkpoint(ckpt)
+    prompt = [5, 17, 42, 99, 3, 250]
+    ids = list(prompt)
+    for _ in range(32):
+        ids.append(int(ref.logits(torch.tensor([ids]))[0, -1].argmax()))
+    got = runtime.Model(tmp_path / "onnx", threads=2).generate([prompt], max_new_tokens=32, stop_ids=set())
+    assert got.tokens[0] == ids[len(prompt):]
+    og = pytest.importorskip("onnxruntime_genai")  # onnxruntime-genai runs the folder as a phi3 model
+    model = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 32, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)][len(prompt):] == ids[len(prompt):]
+
+
+def test_gguf_names_rope_factors_and_read_back(tuned, tmp_path):
+    ckpt = read_checkpoint(tuned)
+    path = tmp_path / "m.gguf"
+    report = export_gguf(ckpt, path, tokenizer_pre_name="gpt-2")
+    names = {t.name for t in report.tensors}
+    assert {"blk.1.attn_qkv.weight", "blk.1.ffn_up.weight", "rope_factors_long.weight",
+            "rope_factors_short.weight"} <= names
+    assert not names & {"blk.1.attn_q.weight", "blk.1.ffn_gate.weight"}
+    assert all(t.exact for t in report.tensors if t.quantized)
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("phi3.")}
+    assert fields["phi3.rope.dimension_count"] == 48 and fields["phi3.rope.scaling.original_context_length"] == ORIGINAL
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(4) / np.log(ORIGINAL)))
+    short = next(t for t in reader.tensors if t.name == "rope_factors_short.weight")
+    np.testing.assert_array_equal(short.data, np.float32(ckpt.hf_config["rope_parameters"]["short_factor"]))
+    weights, _ = read_gguf_weights(path, ModelConfig.from_hf(ckpt.hf_config))
+    for n in FUSED:  # as stored: no row permutation, gate rows first in ffn_up
+        np.testing.assert_array_equal(weights[f"model.layers.0.{n}.weight"],
+                                      ckpt.qweights[f"model.layers.0.{n}"].dequantize())
+
+
+@pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (make setup builds it)")
+def test_llama_cpp_runs_the_file_like_the_reference(tuned, tmp_path):
+    """llama.cpp quantizes activations to 8 bits for Q5_0 layers; its context (n_ctx) stays within the
+    original 128 positions, where it takes the short factors as the reference does."""
+    ckpt = read_checkpoint(tuned)
+    path = tmp_path / "m.gguf"
+    export_gguf(ckpt, path, tokenizer_pre_name="gpt-2")
+    result = validate(tuned, gguf=path, tokens=256, window=128, gguf_runner="llama.cpp", progress=False)
+    gguf = result.artifact("gguf")
+    assert result.passed and "llama.cpp" in gguf.runner
+    assert gguf.scores.top1 >= 0.95 and gguf.scores.kl_mean <= 1e-3, gguf.scores
+    assert len(gguf.exact_layers) == 8
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=ORIGINAL, n_threads=2, verbose=False)
+    assert llm.metadata["general.architecture"] == "phi3"
+    ids = list(range(3, 3 + 100))
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    ref = reference_from_checkpoint(ckpt)
+    errors = {}
+    for case, cfg in (("as configured", ref.cfg), ("without the attention factor", dataclasses.replace(
+            ref.cfg, rope_scaling=dataclasses.replace(ref.cfg.rope_scaling, attention_factor=1.0)))):
+        want = Model(cfg, ref.tensors).logits(torch.tensor(ids)[None])[0]
+        errors[case] = float((got - want).abs().mean() / want.std())
+    assert errors["as configured"] < 0.05 and errors["without the attention factor"] > 5 * errors["as configured"], errors
