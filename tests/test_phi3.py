@@ -2,8 +2,8 @@
 longrope scaling, no q/k/v bias.
 
 The tiny models rotate only part of each head (partial_rotary_factor 0.75 of head_dim 64, 0.5 of 32),
-have a GQA ratio above 1, and the longrope one has short/long factors with an original context of 128
-out of 512 positions (so an attention factor of sqrt(1 + ln 4 / ln 128)); transformers' own Phi-3
+have a GQA ratio above 1, and the longrope one has short/long factors with an original context of 256
+out of 512 positions (so an attention factor of sqrt(1 + ln 2 / ln 256)); transformers' own Phi-3
 forward is the reference for ours."""
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ try:
 except ImportError:
     llama_cpp = None
 
-ORIGINAL = 128  # longrope's original context: the tiny model's 512 positions are a factor of 4 past it
+# longrope's original context: the tiny model's 512 positions are a factor of 2 past it. llama.cpp pads its
+# context to a multiple of 256 and takes the long factors when that exceeds the original context, so a
+# shorter original context would put llama.cpp on the long factors whatever n_ctx is asked for.
+ORIGINAL = 256
 FUSED = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
@@ -197,7 +200,7 @@ def test_gguf_names_rope_factors_and_read_back(tuned, tmp_path):
     reader = GGUFReader(str(path))
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("phi3.")}
     assert fields["phi3.rope.dimension_count"] == 48 and fields["phi3.rope.scaling.original_context_length"] == ORIGINAL
-    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(4) / np.log(ORIGINAL)))
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(2) / np.log(ORIGINAL)))
     short = next(t for t in reader.tensors if t.name == "rope_factors_short.weight")
     np.testing.assert_array_equal(short.data, np.float32(ckpt.hf_config["rope_parameters"]["short_factor"]))
     weights, _ = read_gguf_weights(path, ModelConfig.from_hf(ckpt.hf_config))
@@ -208,8 +211,9 @@ def test_gguf_names_rope_factors_and_read_back(tuned, tmp_path):
 
 @pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (make setup builds it)")
 def test_llama_cpp_runs_the_file_like_the_reference(tuned, tmp_path):
-    """llama.cpp quantizes activations to 8 bits for Q5_0 layers; its context (n_ctx) stays within the
-    original 128 positions, where it takes the short factors as the reference does."""
+    """llama.cpp quantizes activations to 8 bits for Q5_0 layers: measured top-1 0.99, mean KL 4e-4 on
+    this model. Its context (n_ctx) stays within the original 256 positions, where it takes the short
+    factors and the attention factor as the reference does."""
     ckpt = read_checkpoint(tuned)
     path = tmp_path / "m.gguf"
     export_gguf(ckpt, path, tokenizer_pre_name="gpt-2")
@@ -224,9 +228,17 @@ def test_llama_cpp_runs_the_file_like_the_reference(tuned, tmp_path):
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     ref = reference_from_checkpoint(ckpt)
+    scaling = ref.cfg.rope_scaling
+    cases = {"as configured": ref.cfg,
+             "without the attention factor": dataclasses.replace(
+                 ref.cfg, rope_scaling=dataclasses.replace(scaling, attention_factor=1.0)),
+             "long factors": dataclasses.replace(
+                 ref.cfg, rope_scaling=dataclasses.replace(scaling, short_factor=scaling.long_factor))}
     errors = {}
-    for case, cfg in (("as configured", ref.cfg), ("without the attention factor", dataclasses.replace(
-            ref.cfg, rope_scaling=dataclasses.replace(ref.cfg.rope_scaling, attention_factor=1.0)))):
+    for case, cfg in cases.items():
         want = Model(cfg, ref.tensors).logits(torch.tensor(ids)[None])[0]
         errors[case] = float((got - want).abs().mean() / want.std())
-    assert errors["as configured"] < 0.05 and errors["without the attention factor"] > 5 * errors["as configured"], errors
+    # measured: 0.020, 0.108 and 0.55 (mean |difference| / std of the reference's logits)
+    assert errors["as configured"] < 0.05, errors
+    assert errors["without the attention factor"] > 3 * errors["as configured"], errors
+    assert errors["long factors"] > 10 * errors["as configured"], errors
