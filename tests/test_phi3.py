@@ -242,3 +242,38 @@ def test_llama_cpp_runs_the_file_like_the_reference(tuned, tmp_path):
     assert errors["as configured"] < 0.05, errors
     assert errors["without the attention factor"] > 3 * errors["as configured"], errors
     assert errors["long factors"] > 10 * errors["as configured"], errors
+
+
+@pytest.fixture(scope="module")
+def f16_for_mixes(tmp_path_factory):
+    """An F16 GGUF of an 8-layer Phi-3 (so that the mixes' layer rules differ; rows of 256 take K-quants,
+    down_proj's 320 the fallbacks), four query heads per key/value head (Q2_K's attn_v rule looks)."""
+    from signround_export.model.load import float_checkpoint
+
+    base = tmp_path_factory.mktemp("phi3-mixes")
+    model = write_tiny_model(base / "model", model_type="phi3", hidden=256, intermediate=320, layers=8, heads=4,
+                             kv_heads=1, extra={"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+                                                "partial_rotary_factor": 0.75})
+    export_gguf(float_checkpoint(model), base / "f16.gguf", tokenizer_pre_name="gpt-2")
+    return base / "f16.gguf"
+
+
+@pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (make setup builds it)")
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"])
+def test_mixes_follow_llama_quantize_for_the_fused_linears(mix, f16_for_mixes, tmp_path):
+    """`tune --gguf MIX` picks llama-quantize's type for attn_qkv (attn_v's rule) and ffn_up (a fused
+    gate_up: the mix's base type), tensor by tensor."""
+    from gguf import GGUFReader
+
+    from signround_export.export.gguf.mixes import layer_types
+    from signround_export.export.gguf.tensors import gguf_name
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    dst = tmp_path / "llama.gguf"
+    assert llama_cpp.llama_model_quantize(str(f16_for_mixes).encode(), str(dst).encode(), params) == 0
+    theirs = {t.name: t.tensor_type.name for t in GGUFReader(str(dst)).tensors}
+    shapes = {f"model.layers.{i}.{n}": (0, 320 if n == "mlp.down_proj" else 256) for i in range(8) for n in FUSED}
+    ours = layer_types(mix, shapes, 8, gqa=4)
+    for name, t in ours.items():
+        assert t == theirs[gguf_name(name + ".weight")], (name, t)

@@ -9,22 +9,23 @@ Q2_K and Q3_K, Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for Q6_K), and so do we.
 The mixes are llama.cpp's per-tensor choices for its file types (llama-quant.cpp, for dense
 non-Falcon models; n layers, layer i, integer division; others: every other linear):
 
-| mix    | attn_v                                | attn_output | ffn_down                              | attn_qkv | others |
-| ------ | ------------------------------------- | ----------- | ------------------------------------- | -------- | ------ |
-| Q2_K   | Q4_K if n_heads / n_kv_heads >= 4, else Q3_K | Q3_K | Q3_K                                  | Q2_K     | Q2_K   |
-| Q3_K_S | Q3_K                                  | Q3_K        | Q3_K                                  | Q3_K     | Q3_K   |
-| Q3_K_M | Q5_K if i < 2, else Q4_K              | Q4_K        | Q5_K if i < n / 16, else Q4_K         | Q4_K     | Q3_K   |
-| Q3_K_L | Q5_K                                  | Q5_K        | Q5_K                                  | Q4_K     | Q3_K   |
-| Q4_K_S | Q5_K if i < 4, else Q4_K              | Q4_K        | Q5_K if i < n / 8, else Q4_K          | Q4_K     | Q4_K   |
-| Q4_K_M | Q6_K if more_bits(i), else Q4_K       | Q4_K        | Q6_K if more_bits(i), else Q4_K       | Q5_K     | Q4_K   |
-| Q5_K_S | Q5_K                                  | Q5_K        | Q5_K                                  | Q5_K     | Q5_K   |
-| Q5_K_M | Q6_K if more_bits(i), else Q5_K       | Q5_K        | Q6_K if more_bits(i), else Q5_K       | Q6_K     | Q5_K   |
-
-attn_qkv is a fused q/k/v linear (Phi-3's qkv_proj); a fused gate/up (gate_up_proj) is llama.cpp's ffn_up
-and takes the others' type.
+| mix    | attn_v                                | attn_output | ffn_down                              | others |
+| ------ | ------------------------------------- | ----------- | ------------------------------------- | ------ |
+| Q2_K   | Q4_K if n_heads / n_kv_heads >= 4, else Q3_K | Q3_K | Q3_K                                  | Q2_K   |
+| Q3_K_S | Q3_K                                  | Q3_K        | Q3_K                                  | Q3_K   |
+| Q3_K_M | Q5_K if i < 2, else Q4_K              | Q4_K        | Q5_K if i < n / 16, else Q4_K         | Q3_K   |
+| Q3_K_L | Q5_K                                  | Q5_K        | Q5_K                                  | Q3_K   |
+| Q4_K_S | Q5_K if i < 4, else Q4_K              | Q4_K        | Q5_K if i < n / 8, else Q4_K          | Q4_K   |
+| Q4_K_M | Q6_K if more_bits(i), else Q4_K       | Q4_K        | Q6_K if more_bits(i), else Q4_K       | Q4_K   |
+| Q5_K_S | Q5_K                                  | Q5_K        | Q5_K                                  | Q5_K   |
+| Q5_K_M | Q6_K if more_bits(i), else Q5_K       | Q5_K        | Q6_K if more_bits(i), else Q5_K       | Q5_K   |
 
 more_bits(i) = i < n / 8 or i >= 7 n / 8 or (i - n / 8) % 3 == 2: the first and last eighth of the
 layers and every third one between.
+
+A fused q/k/v linear (Phi-3's qkv_proj, llama.cpp's attn_qkv) takes attn_v's rule, and a fused gate/up
+(gate_up_proj, llama.cpp's ffn_up) the others' type: so llama-quantize (llama-cpp-python 0.3.36)
+chose for every mix above, checked tensor by tensor in tests/test_phi3.py.
 """
 
 from __future__ import annotations
@@ -37,18 +38,17 @@ from .types import GGUF_TYPES, QK_K
 
 ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
          "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
-         "qkv_proj": "attn_qkv", "gate_up_proj": "ffn_up"}
+         "qkv_proj": "attn_v", "gate_up_proj": "ffn_up"}  # fused linears: the rule llama-quantize applies
 
 
 def more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix(base: str, attn_v, attn_output: str, ffn_down, attn_qkv: str | None = None):
+def mix(base: str, attn_v, attn_output: str, ffn_down):
     """A mix from its table row: attn_v and ffn_down are types or functions of (layer i, n layers, gqa)."""
     def pick(role: str, i: int, n: int, gqa: int) -> str:
-        rule = {"attn_v": attn_v, "attn_output": attn_output, "ffn_down": ffn_down,
-                "attn_qkv": attn_qkv or base}.get(role, base)
+        rule = {"attn_v": attn_v, "attn_output": attn_output, "ffn_down": ffn_down}.get(role, base)
         return rule(i, n, gqa) if callable(rule) else rule
     return pick
 
@@ -57,15 +57,15 @@ MIXES = {
     "Q2_K": mix("Q2_K", lambda i, n, gqa: "Q4_K" if gqa >= 4 else "Q3_K", "Q3_K", "Q3_K"),
     "Q3_K_S": mix("Q3_K", "Q3_K", "Q3_K", "Q3_K"),
     "Q3_K_M": mix("Q3_K", lambda i, n, gqa: "Q5_K" if i < 2 else "Q4_K", "Q4_K",
-                  lambda i, n, gqa: "Q5_K" if i < n // 16 else "Q4_K", attn_qkv="Q4_K"),
-    "Q3_K_L": mix("Q3_K", "Q5_K", "Q5_K", "Q5_K", attn_qkv="Q4_K"),
+                  lambda i, n, gqa: "Q5_K" if i < n // 16 else "Q4_K"),
+    "Q3_K_L": mix("Q3_K", "Q5_K", "Q5_K", "Q5_K"),
     "Q4_K_S": mix("Q4_K", lambda i, n, gqa: "Q5_K" if i < 4 else "Q4_K", "Q4_K",
                   lambda i, n, gqa: "Q5_K" if i < n // 8 else "Q4_K"),
     "Q4_K_M": mix("Q4_K", lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q4_K", "Q4_K",
-                  lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q4_K", attn_qkv="Q5_K"),
+                  lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q4_K"),
     "Q5_K_S": mix("Q5_K", "Q5_K", "Q5_K", "Q5_K"),
     "Q5_K_M": mix("Q5_K", lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K", "Q5_K",
-                  lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K", attn_qkv="Q6_K"),
+                  lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K"),
 }
 SINGLE = sorted(n for n, t in GGUF_TYPES.items() if t.quantized and n not in MIXES)  # Q2_K: the mix of that name
 TYPES = SINGLE + list(MIXES)  # what --gguf accepts
