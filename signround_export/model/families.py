@@ -4,13 +4,15 @@ A family is what differs between decoder-only models that share the LLaMA block 
 and a gated MLP): how its config.json maps to ModelConfig, what its blocks carry, and its names in
 each target. Stages look features up here instead of testing model_type.
 
-| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head | linears                      |
-| ------- | -------------- | ---------------------- | --------------------- | ----------------- | ---------------------------- |
-| llama   | llama          | interleaved (permuted) | config attention_bias | no                | q, k, v, o, gate, up, down   |
-| mistral | llama          | interleaved (permuted) | config attention_bias | no                | q, k, v, o, gate, up, down   |
-| qwen2   | qwen2          | as stored (halves)     | always                | no                | q, k, v, o, gate, up, down   |
-| qwen3   | qwen3          | as stored (halves)     | config attention_bias | yes               | q, k, v, o, gate, up, down   |
-| phi3    | phi3           | as stored (halves)     | never                 | no                | qkv, o, gate_up, down (fused)|
+| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head | linears            |
+| ------- | -------------- | ---------------------- | --------------------- | ----------------- | ------------------ |
+| llama   | llama          | interleaved (permuted) | config attention_bias | no                | separate           |
+| mistral | llama          | interleaved (permuted) | config attention_bias | no                | separate           |
+| qwen2   | qwen2          | as stored (halves)     | always                | no                | separate           |
+| qwen3   | qwen3          | as stored (halves)     | config attention_bias | yes               | separate           |
+| phi3    | phi3           | as stored (halves)     | never                 | no                | fused qkv, gate_up |
+
+(separate: q, k, v, o, gate, up, down; fused: qkv, o, gate_up, down.)
 
 Phi-3 (and Phi-3.5, Phi-4-mini) also brings partial rotary (`partial_rotary_factor`) and `longrope`
 scaling; those are read from config.json by model/config.py, whatever the family.
@@ -33,7 +35,7 @@ class Family:
     model_type: str  # config.json's model_type
     gguf_arch: str  # llama.cpp's general.architecture
     gguf_rope_permute: bool  # llama.cpp's arch rotates interleaved pairs: q/k rows are permuted for it
-    qkv_bias: bool | None = None  # True: q/k/v always have biases; None: as config.json's attention_bias
+    qkv_bias: bool | None = None  # True: q/k/v always have biases; False: never; None: as config.json's attention_bias
     qk_norm: bool = False  # RMSNorm over each head of q and k (self_attn.q_norm, k_norm) before RoPE
     linears: tuple[str, ...] = SEPARATE_LINEARS  # the block's quantizable linears, in run order
 
