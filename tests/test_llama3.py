@@ -131,7 +131,7 @@ def test_llama_cpp_agrees_past_the_original_context(llama3_ckpt, tmp_path, monke
     scores = {}
     for case in ("right", "no scaling"):
         if case == "no scaling":  # a broken export for contrast: the test must be able to fail
-            monkeypatch.setattr(gguf_write, "rope_freqs", lambda cfg: None)
+            monkeypatch.setattr(gguf_write, "rope_tensors", lambda cfg: [])
         path = tmp_path / f"{case}.gguf"
         export_gguf(read_checkpoint(llama3_ckpt), path, tokenizer_pre_name="gpt-2")
         result = validate(llama3_ckpt, gguf=path, tokens=256, window=128, progress=False)
