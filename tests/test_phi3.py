@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from conftest import write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
-from signround_export.errors import ModelError, ONNXExportError, UnsupportedModelError
+from signround_export.errors import GGUFExportError, ModelError, ONNXExportError, UnsupportedModelError
 from signround_export.export.gguf import export_gguf, read_gguf_weights
 from signround_export.export.onnx import export_onnx
 from signround_export.model.config import ModelConfig
@@ -121,6 +122,28 @@ def test_longrope_past_the_original_context_is_refused(tuned, tmp_path):
     ref.logits(torch.zeros(1, ORIGINAL, dtype=torch.long))  # the original context itself runs
     with pytest.raises(ModelError, match=f"stops at {ORIGINAL} .*original_max_position_embeddings"):
         ref.logits(torch.zeros(1, ORIGINAL + 1, dtype=torch.long))
+
+
+def test_weights_of_another_layout_are_refused_by_name(tuned, tmp_path):
+    """A checkpoint whose config.json says llama over Phi-3's fused weights (or phi3 over separate ones)
+    is refused naming the mismatch, never exported half-named."""
+    relabelled = tmp_path / "as-llama"
+    shutil.copytree(tuned, relabelled)
+    config = json.loads((relabelled / "config.json").read_text())
+    (relabelled / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    ckpt = read_checkpoint(relabelled)
+    match = "self_attn.qkv_proj, which a llama block does not.*model_type does not match"
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf(ckpt, tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
+    with pytest.raises(ONNXExportError, match=match):
+        export_onnx(ckpt, tmp_path / "onnx")
+    with pytest.raises(ModelError, match=match):
+        reference_from_checkpoint(ckpt)
+    llama = rtn_checkpoint(write_tiny_model(tmp_path / "llama", model_type="llama"), tmp_path / "llama-ckpt")
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps(config | {"model_type": "phi3"}))
+    with pytest.raises(ONNXExportError, match="mlp.gate_proj, mlp.up_proj, self_attn.k_proj, .*phi3 block does not"):
+        export_onnx(read_checkpoint(llama), tmp_path / "onnx2")
 
 
 def test_checkpoint_quantizes_the_fused_linears_as_stored(tuned):

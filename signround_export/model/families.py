@@ -68,3 +68,25 @@ def block_norms(family: Family) -> tuple[str, ...]:
     if family.qk_norm:
         norms += ("self_attn.q_norm", "self_attn.k_norm")
     return tuple(n + ".weight" for n in norms)
+
+
+def foreign_linears(family: Family, names) -> list[str]:
+    """The block linears among names (modules or their tensors, "model.layers.0.self_attn.q_proj[.weight]")
+    that are another layout's than family's: q_proj in a phi3 model, qkv_proj in a llama one."""
+    known = set(SEPARATE_LINEARS + FUSED_LINEARS)
+    foreign = set()
+    for name in names:
+        parts = name.split(".")
+        module = ".".join(parts[3:5])
+        if parts[:2] == ["model", "layers"] and module in known and module not in family.linears:
+            foreign.add(module)
+    return sorted(foreign)
+
+
+def check_linears(family: Family, names, error: type[Exception]) -> None:
+    """error naming the mismatch when the weights' block linears are not family's (config.json's model_type
+    says one family, the tensors are another's)."""
+    foreign = foreign_linears(family, names)
+    if foreign:
+        raise error(f"the weights have {', '.join(foreign)}, which a {family.model_type} block does not: its "
+                    f"linears are {', '.join(family.linears)}; config.json's model_type does not match the weights")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from .config import ModelConfig
-from .families import FUSED_GATE_UP, FUSED_QKV, block_norms
+from .families import FUSED_GATE_UP, FUSED_QKV, block_norms, check_linears
 from .rope import rope_tables
 
 
@@ -81,6 +81,7 @@ class Model:
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]):
         self.cfg = cfg
         self.tensors = tensors
+        check_linears(cfg.family, tensors, ModelError)
         missing = [n for n in self.expected_names() if n not in tensors]
         if missing:
             raise ModelError(f"model weights are missing {len(missing)} tensors, e.g. {missing[:3]}")

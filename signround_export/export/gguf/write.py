@@ -15,6 +15,7 @@ from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
+from ...model.families import check_linears
 from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
 from .read import ROPE_FACTORS, ROPE_FREQS, dequantize
@@ -189,6 +190,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
     hf = ckpt.hf_config
     cfg = ModelConfig.from_hf(hf)
     vocab = read_vocab(Path(ckpt.path), hf, tokenizer_pre_name)
+    check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], GGUFExportError)
     items = model_tensors(ckpt, cfg)
     report, data = GGUFExport(path=Path(out)), []
     for hf_name in tqdm(sorted(items), desc="gguf", unit="tensor", disable=not progress):

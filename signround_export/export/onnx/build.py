@@ -44,7 +44,7 @@ from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight, Scheme
 from ...errors import ONNXExportError
 from ...model.config import ModelConfig
-from ...model.families import FUSED_GATE_UP, FUSED_QKV
+from ...model.families import FUSED_GATE_UP, FUSED_QKV, check_linears
 from ...model.folder import copy_tokenizer_files
 from ...model.rope import rope_tables
 from ...tune.quantizer import to_qweight
@@ -84,6 +84,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     t0 = time.perf_counter()
     check_options(accuracy_level, lm_head_bits, max_block)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
+    check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], ONNXExportError)
     check_attention(cfg)
     report = ONNXExport(folder=Path(out_dir), accuracy_level=accuracy_level)
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
