@@ -304,11 +304,11 @@ class Server:
         if kind == "chat":
             if "messages" not in p:
                 raise ApiError(400, "messages is required", "messages", "missing_parameter")
-            try:
-                text = model.chat_prompt(chat_messages(p["messages"]))
+            messages = chat_messages(p["messages"])
+            try:  # the template may refuse the messages (Gemma: no system role): the request is at fault
+                prompt = await run_in_threadpool(model.chat_ids, messages)
             except ValueError as e:
                 raise ApiError(400, str(e), "messages", "invalid_messages") from None
-            prompt = await run_in_threadpool(model.encode, text)
             limit_name = "max_completion_tokens" if p.get("max_completion_tokens") is not None else "max_tokens"
             max_tokens = p.get(limit_name)
         else:
