@@ -266,6 +266,18 @@ def test_features_transformers_gives_templates(exported, tmp_path):
     assert smol.chat_prompt(TALK[:1]).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
+def test_tools_none_and_the_generation_tag_as_transformers(exported, tmp_path):
+    """tools and documents are None when not given (not undefined), and `{% generation %}` (transformers'
+    marker of the assistant's tokens) renders its body."""
+    template = ("{{ tools is none }} {{ documents is none }}{% for m in messages %}{% if m.role == 'assistant' %}"
+                "{% generation %}[{{ m.content }}]{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    folder = family_folder(exported, tmp_path, "chatml")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    text = render(tmp_path, {"chat_template": template}, TALK)
+    assert text == tok.apply_chat_template(TALK, chat_template=template, tokenize=False)
+    assert text.startswith("True True") and f"[{TALK[1]['content']}]" in text
+
+
 @pytest.mark.parametrize("name, messages, message", [
     ("gemma", SYSTEM + TALK, "System role not supported"),
     ("gemma", TALK[:1] * 2, "Conversation roles must alternate user/model"),
