@@ -343,3 +343,22 @@ def test_the_server_answers_a_refused_message_with_400(exported, tmp_path):
         answered = client.post("/v1/chat/completions", json={"messages": TALK, "max_tokens": 2, "temperature": 0})
         assert answered.status_code == 200
         assert answered.json()["usage"]["prompt_tokens"] == len(theirs(folder, TALK, tokenize=True))
+
+
+def test_the_server_passes_chat_template_kwargs_to_the_template(exported, tmp_path):
+    pytest.importorskip("starlette")
+    from signround_runtime.server import Server
+    from starlette.testclient import TestClient
+
+    folder = family_folder(exported, tmp_path, "qwen3")
+    with TestClient(Server(Model(folder, threads=1), model_name="tiny").app()) as client:
+        def prompt_tokens(**body):
+            r = client.post("/v1/chat/completions", json={"messages": TALK, "max_tokens": 1, **body})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+
+        thinking_off = prompt_tokens(chat_template_kwargs={"enable_thinking": False})
+        assert thinking_off == len(theirs(folder, TALK, tokenize=True, enable_thinking=False))
+        assert prompt_tokens() == len(theirs(folder, TALK, tokenize=True)) < thinking_off
+        taken = client.post("/v1/chat/completions", json={"messages": TALK, "chat_template_kwargs": {"messages": []}})
+        assert taken.status_code == 400 and "cannot set messages" in taken.json()["error"]["message"]
