@@ -26,15 +26,25 @@ class ChatTemplateError(RuntimeModelError):
     """A chat template that is missing or broken, or that refuses the messages it is given."""
 
 
-def template_of(folder: Path, tokenizer_config: dict) -> str | None:
-    """The folder's default template: chat_template.jinja first, as transformers reads it, else
-    tokenizer_config.json's chat_template (of several named ones, "default")."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
+def templates_of(folder: Path, tokenizer_config: dict) -> dict[str, str]:
+    """The folder's chat templates by name, found as transformers finds them: chat_template.jinja
+    ("default") and additional_chat_templates/NAME.jinja when there are such files, else
+    tokenizer_config.json's chat_template (one, or a list of named ones)."""
+    files = {"default": folder / "chat_template.jinja",
+             **{f.stem: f for f in sorted((folder / "additional_chat_templates").glob("*.jinja"))}}
+    found = {name: f.read_text() for name, f in files.items() if f.is_file()}
+    if found:
+        return found
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
+        return {t["name"]: t["template"] for t in template if isinstance(t, dict) and "name" in t}
+    return {"default": template} if isinstance(template, str) else {}
+
+
+def template_of(folder: Path, tokenizer_config: dict, tools=None) -> str | None:
+    """The template to render: "tool_use" when tools are given and the folder has one, else "default"."""
+    templates = templates_of(folder, tokenizer_config)
+    return templates.get("tool_use" if tools is not None and "tool_use" in templates else "default")
 
 
 def special_tokens(tokenizer_config: dict) -> dict[str, str]:
@@ -63,7 +73,7 @@ def render(folder: Path, tokenizer_config: dict, messages: list[dict], add_gener
     """The prompt text of `messages`. template_kwargs reach the template as variables (tools,
     enable_thinking, ...) and override the special tokens, as in transformers' apply_chat_template."""
     check_messages(messages)
-    template = template_of(Path(folder), tokenizer_config)
+    template = template_of(Path(folder), tokenizer_config, template_kwargs.get("tools"))
     if template is None:
         raise ChatTemplateError(f"{folder} has no chat template (tokenizer_config.json chat_template or "
                                 "chat_template.jinja); send plain prompts instead")

@@ -42,7 +42,8 @@ LLAMA3 = """{{- bos_token }}
 {{- system_message }}
 {{- "<|eot_id|>" }}
 {%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'
+        + message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -184,7 +185,8 @@ FAMILIES = {
                             "<image_soft_token>"],
                     {"bos_token": "<bos>", "eos_token": "<eos>", "boi_token": "<start_of_image>",
                      "image_token": {"content": "<image_soft_token>", "special": True, "__type": "AddedToken"}},
-                    bos=True, chats=[(TALK, {}), (TALK[:2] + [{"role": "user", "content": "See <image_soft_token>"}], {})]),
+                    bos=True,
+                    chats=[(TALK, {}), (TALK[:2] + [{"role": "user", "content": "See <image_soft_token>"}], {})]),
     "mistral": Family(MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], {"bos_token": "<s>", "eos_token": "</s>"},
                       bos=True, chats=[(SYSTEM + TALK, {}), (TALK, {})]),
     "phi3": Family(PHI3, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], {"eos_token": "<|endoftext|>"},
@@ -276,6 +278,29 @@ def test_tools_none_and_the_generation_tag_as_transformers(exported, tmp_path):
     text = render(tmp_path, {"chat_template": template}, TALK)
     assert text == tok.apply_chat_template(TALK, chat_template=template, tokenize=False)
     assert text.startswith("True True") and f"[{TALK[1]['content']}]" in text
+
+
+@pytest.mark.parametrize("layout", ["files", "config list"])
+def test_a_tool_use_template_is_chosen_when_tools_are_given(exported, tmp_path, layout):
+    """Several named templates, as transformers saves them (chat_template.jinja and
+    additional_chat_templates/) or as older folders list them in tokenizer_config.json."""
+    folder = family_folder(exported, tmp_path, "qwen3")
+    tool_use = "{{ bos_token }}TOOLS {{ tools | tojson }}{% for m in messages %}|{{ m.content }}{% endfor %}"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if layout == "files":
+        (folder / "chat_template.jinja").write_text(QWEN3)
+        (folder / "additional_chat_templates").mkdir()
+        (folder / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+        config.pop("chat_template")
+    else:
+        config["chat_template"] = [{"name": "default", "template": QWEN3}, {"name": "tool_use", "template": tool_use}]
+    config["bos_token"] = "<|im_start|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model = Model(folder, threads=1)
+    with_tools = model.chat_prompt(TALK, tools=TOOLS)
+    assert with_tools.startswith("<|im_start|>TOOLS [{") and with_tools == theirs(folder, TALK, tools=TOOLS)
+    assert model.chat_ids(TALK, tools=TOOLS) == theirs(folder, TALK, tokenize=True, tools=TOOLS)
+    assert model.chat_prompt(TALK) == theirs(folder, TALK) and model.chat_prompt(TALK).startswith("<|im_start|>user")
 
 
 @pytest.mark.parametrize("name, messages, message", [
