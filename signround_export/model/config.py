@@ -57,18 +57,41 @@ class RopeScaling:
                    int(rope.get("original_max_position_embeddings") or max_positions))
 
 
-def check_full_attention(hf: dict, model_type: str, max_positions: int) -> None:
-    """Refuse sliding-window attention by name: the forward and both exports attend to the whole
-    context. A window is on when use_sliding_window says so (Qwen) or, without that key, when
-    sliding_window is set (Mistral); a window as long as the context changes nothing."""
-    window = hf.get("sliding_window")
-    on = hf["use_sliding_window"] if "use_sliding_window" in hf else window is not None
-    if on and (window is None or window < max_positions):
-        key = "use_sliding_window is true" if hf.get("use_sliding_window") else f"sliding_window is {window}"
-        raise UnsupportedModelError(
-            f"{key} in this {model_type} config: sliding-window attention is not supported; only models whose "
-            "every layer attends to the whole context can be quantized"
-        )
+DEFAULT_WINDOW = 4096  # transformers' sliding_window when config.json leaves the key out (Mistral, Qwen2/3)
+LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer_types' values: sliding or not
+
+
+def layer_windows(hf: dict, family: Family, n_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: the layer attends to the whole past), placed as transformers
+    places them for the family (families.py). A layer with window W lets position t attend to s with
+    t - W < s <= t, transformers' sliding_window_overlay."""
+    window = hf.get("sliding_window", DEFAULT_WINDOW)
+    if family.windows is None or window is None:
+        return (None,) * n_layers
+    if family.windows == "every_layer":
+        sliding = [True] * n_layers
+    elif family.windows == "use_sliding_window":
+        if not hf.get("use_sliding_window", False):
+            return (None,) * n_layers
+        sliding = sliding_layers(hf, n_layers)
+    else:
+        raise AssertionError(f"family {family.model_type}: unknown window placement {family.windows!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ModelError(f"sliding_window {window!r} in config.json: give a positive number of tokens, or null")
+    return tuple(window if s else None for s in sliding)
+
+
+def sliding_layers(hf: dict, n_layers: int) -> list[bool]:
+    """Which layers slide: layer_types' "sliding_attention" entries, else layers from max_window_layers on
+    (Qwen2/3's rule, transformers' default max_window_layers 28)."""
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", 28)
+        return [i >= first for i in range(n_layers)]
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ModelError(f"layer_types in config.json must give one of {', '.join(LAYER_TYPES)} for each of "
+                         f"the {n_layers} layers; it is {types!r}")
+    return [LAYER_TYPES[t] for t in types]
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,9 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     rope_scaling: RopeScaling | None = None
+    # each layer's sliding window (layer_windows), None for a layer that attends to the whole past; empty:
+    # every layer attends to the whole past
+    windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -97,7 +123,6 @@ class ModelConfig:
             )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         max_positions = hf.get("max_position_embeddings", 4096)
-        check_full_attention(hf, model_type, max_positions)
         rope_scaling = RopeScaling.from_hf(rope, max_positions)
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
@@ -116,8 +141,15 @@ class ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=FAMILIES[model_type].qkv_bias or hf.get("attention_bias", False),
             rope_scaling=rope_scaling,
+            windows=layer_windows(hf, FAMILIES[model_type], hf["num_hidden_layers"]),
         )
 
     @property
     def family(self) -> Family:
         return FAMILIES[self.model_type]
+
+    def window(self, layer: int) -> int | None:
+        """Layer's sliding window where it is shorter than the context, so that it limits what a position
+        sees; None where the layer sees every position the model can hold."""
+        w = self.windows[layer] if self.windows else None
+        return w if w is not None and w < self.max_positions else None

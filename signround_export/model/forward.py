@@ -34,11 +34,26 @@ def linear(p: dict, name: str, x: torch.Tensor, tap=None) -> torch.Tensor:
     return F.linear(x, p[name + ".weight"], p.get(name + ".bias"))
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal attention of q [B, heads, T, D] over k, v [B, kv_heads, T, D]. With a window W, position t
+    sees s in t - W < s <= t (transformers' sliding-window mask); a window the sequence fits in changes
+    nothing, so it keeps SDPA's causal path, bit for bit the same as no window."""
+    gqa = k.shape[1] != q.shape[1]
+    t = q.shape[2]
+    if window is None or window >= t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    pos = torch.arange(t, device=q.device)
+    back = pos[:, None] - pos[None, :]  # t - s
+    mask = (back >= 0) & (back < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  tap=None) -> torch.Tensor:
-    """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
-    relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input)
-    is called with every linear's input."""
+                  tap=None, window: int | None = None) -> torch.Tensor:
+    """One decoder block on x [B, T, H] with causal attention, limited to `window` positions when the
+    block has one (cfg.window(i) for block i). p holds the block's tensors by HF name relative to the
+    block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input) is called with
+    every linear's input."""
     b, t, _ = x.shape
     h = rms_norm(x, p["input_layernorm.weight"], cfg.rms_eps)
     q = linear(p, "self_attn.q_proj", h, tap).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -48,7 +63,7 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
         q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_eps)
         k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+    a = attention(q, k, v, window)
     x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
     h = rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_eps)
     act = F.silu(linear(p, "mlp.gate_proj", h, tap)) * linear(p, "mlp.up_proj", h, tap)
@@ -99,6 +114,6 @@ class Model:
         x = self.embed(ids)
         cos, sin = self.rope(ids.shape[1], x.device)
         for i in range(self.cfg.n_layers):
-            x = block_forward(self.cfg, self.block_params(i), x, cos, sin)
+            x = block_forward(self.cfg, self.block_params(i), x, cos, sin, window=self.cfg.window(i))
         return self.head(x).float()
 

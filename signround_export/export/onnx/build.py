@@ -125,6 +125,13 @@ def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
                 "symmetric (--lm-head-bits)")
 
 
+def local_window_size(window: int | None) -> int:
+    """GroupQueryAttention's local_window_size for a sliding window of `window` positions (-1: none).
+    Measured: from onnxruntime 1.24.1 the window counts the current token, so W matches transformers'
+    t - W < s <= t; releases 1.20.0 to 1.23.2 would need W - 1 (runtime/pyproject.toml asks for 1.24.1)."""
+    return -1 if window is None else window
+
+
 def graph_io(cfg: ModelConfig) -> tuple[list, list]:
     """The graph's inputs and outputs by onnxruntime-genai's names: ids, mask, logits and each block's KV cache."""
     past = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
@@ -268,7 +275,7 @@ class DecoderGraph:
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *self.attention_inputs],
             outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
             num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
-            do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+            do_rotary=1, rotary_interleaved=0, local_window_size=local_window_size(cfg.window(i)))
         return attn
 
     def float_head(self, h: str, embed: str | None) -> None:
