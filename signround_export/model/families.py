@@ -4,12 +4,21 @@ A family is what differs between decoder-only models that share the LLaMA block 
 and a gated MLP): how its config.json maps to ModelConfig, what its blocks carry, and its names in
 each target. Stages look features up here instead of testing model_type.
 
-| family  | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head |
-| ------- | -------------- | ---------------------- | --------------------- | ----------------- |
-| llama   | llama          | interleaved (permuted) | config attention_bias | no                |
-| mistral | llama          | interleaved (permuted) | config attention_bias | no                |
-| qwen2   | qwen2          | as stored (halves)     | always                | no                |
-| qwen3   | qwen3          | as stored (halves)     | config attention_bias | yes               |
+| family      | llama.cpp arch | q/k rows for llama.cpp | q/k/v bias            | q/k norm per head | Gemma block (see below) |
+| ----------- | -------------- | ---------------------- | --------------------- | ----------------- | ----------------------- |
+| llama       | llama          | interleaved (permuted) | config attention_bias | no                | no                      |
+| mistral     | llama          | interleaved (permuted) | config attention_bias | no                | no                      |
+| qwen2       | qwen2          | as stored (halves)     | always                | no                | no                      |
+| qwen3       | qwen3          | as stored (halves)     | config attention_bias | yes               | no                      |
+| gemma2      | gemma2         | as stored (halves)     | config attention_bias | no                | yes, layers every 2nd   |
+| gemma3_text | gemma3         | as stored (halves)     | config attention_bias | yes               | yes, layers every 6th   |
+
+The Gemma block: RMSNorm scales by (1 + weight), computed in float32; embeddings are multiplied by
+sqrt(hidden_size); the MLP is GeGLU (tanh-approximate GELU); the attention and MLP outputs are normed
+before they join the residual (post_attention_layernorm, post_feedforward_layernorm) and the MLP reads
+pre_feedforward_layernorm. "Layers every Nth" is the global (full-attention) layer pattern used when
+config.json has no layer_types; the other layers are local (sliding window, and in gemma3_text their
+own RoPE base, rope_local_base_freq).
 """
 
 from __future__ import annotations
@@ -24,6 +33,19 @@ class Family:
     gguf_rope_permute: bool  # llama.cpp's arch rotates interleaved pairs: q/k rows are permuted for it
     qkv_bias: bool | None = None  # True: q/k/v always have biases; None: as config.json's attention_bias
     qk_norm: bool = False  # RMSNorm over each head of q and k (self_attn.q_norm, k_norm) before RoPE
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight), in float32 when not 0 (Gemma: 1)
+    sandwich_norms: bool = False  # attention and MLP outputs normed before the residual; MLP input norm is
+    # pre_feedforward_layernorm (post_attention_layernorm then norms the attention output)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
+    activation: str = "silu"  # the gated MLP's activation, by transformers' name (config.json must agree)
+    global_every: int | None = None  # without layer_types: every Nth layer is global, the others local
+    local_rope_base: float | None = None  # local layers' RoPE base when config.json names none; None: global RoPE
+    # llama.cpp's graph for gguf_arch, where it hard-codes what a config could contradict:
+    gguf_attn_softcap: bool = False  # soft-caps attention logits whatever the file says (50 without the key)
+    gguf_final_softcap: str = "never"  # "never", "optional" (from its key) or "always" (30 without the key)
+    gguf_tied_head: bool = False  # reads the head from token_embd: no separate output tensor
+    gguf_wide_scale_layers: int | None = None  # block count at which it scales attention by
+    # 1/sqrt(hidden/heads) (Gemma's 27B); any other block count: 1/sqrt(head_dim)
 
     @property
     def genai_type(self) -> str:
@@ -36,12 +58,21 @@ FAMILIES = {f.model_type: f for f in (
     Family("mistral", gguf_arch="llama", gguf_rope_permute=True),
     Family("qwen2", gguf_arch="qwen2", gguf_rope_permute=False, qkv_bias=True),
     Family("qwen3", gguf_arch="qwen3", gguf_rope_permute=False, qk_norm=True),
+    Family("gemma2", gguf_arch="gemma2", gguf_rope_permute=False, norm_offset=1.0, sandwich_norms=True,
+           embed_scale=True, activation="gelu_pytorch_tanh", global_every=2, gguf_attn_softcap=True,
+           gguf_final_softcap="always", gguf_tied_head=True, gguf_wide_scale_layers=46),
+    Family("gemma3_text", gguf_arch="gemma3", gguf_rope_permute=False, qk_norm=True, norm_offset=1.0,
+           sandwich_norms=True, embed_scale=True, activation="gelu_pytorch_tanh", global_every=6,
+           local_rope_base=10000.0,
+           gguf_final_softcap="optional", gguf_wide_scale_layers=62),
 )}
 
 
 def block_norms(family: Family) -> tuple[str, ...]:
     """The float norm weights of one decoder block, by HF name relative to the block."""
     norms = ("input_layernorm", "post_attention_layernorm")
+    if family.sandwich_norms:
+        norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     if family.qk_norm:
         norms += ("self_attn.q_norm", "self_attn.k_norm")
     return tuple(n + ".weight" for n in norms)
