@@ -57,18 +57,43 @@ class RopeScaling:
                    int(rope.get("original_max_position_embeddings") or max_positions))
 
 
-def check_full_attention(hf: dict, model_type: str, max_positions: int) -> None:
-    """Refuse sliding-window attention by name: the forward and both exports attend to the whole
-    context. A window is on when use_sliding_window says so (Qwen) or, without that key, when
-    sliding_window is set (Mistral); a window as long as the context changes nothing."""
-    window = hf.get("sliding_window")
-    on = hf["use_sliding_window"] if "use_sliding_window" in hf else window is not None
-    if on and (window is None or window < max_positions):
-        key = "use_sliding_window is true" if hf.get("use_sliding_window") else f"sliding_window is {window}"
-        raise UnsupportedModelError(
-            f"{key} in this {model_type} config: sliding-window attention is not supported; only models whose "
-            "every layer attends to the whole context can be quantized"
-        )
+DEFAULT_WINDOW = 4096  # transformers' sliding_window when config.json leaves the key out (Mistral, Qwen2/3)
+LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer_types' values: sliding or not
+
+
+def layer_windows(hf: dict, family: Family, n_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: the layer attends to the whole past), placed as transformers
+    places them for the family (families.py). A layer with window W lets position t attend to s with
+    t - W < s <= t, transformers' sliding_window_overlay."""
+    window = hf.get("sliding_window", DEFAULT_WINDOW)
+    if family.windows is None or window is None:
+        return (None,) * n_layers
+    if family.windows == "every_layer":
+        sliding = [True] * n_layers
+    elif family.windows == "use_sliding_window":
+        if not hf.get("use_sliding_window", False):
+            return (None,) * n_layers
+        sliding = sliding_layers(hf, n_layers)
+    elif family.windows == "alternating":
+        sliding = alternating_layers(hf, family, n_layers)
+    else:
+        raise AssertionError(f"family {family.model_type}: unknown window placement {family.windows!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ModelError(f"sliding_window {window!r} in config.json: give a positive number of tokens, or null")
+    return tuple(window if s else None for s in sliding)
+
+
+def sliding_layers(hf: dict, n_layers: int) -> list[bool]:
+    """Which layers slide: layer_types' "sliding_attention" entries, else layers from max_window_layers on
+    (Qwen2/3's rule, transformers' default max_window_layers 28)."""
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", 28)
+        return [i >= first for i in range(n_layers)]
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ModelError(f"layer_types in config.json must give one of {', '.join(LAYER_TYPES)} for each of "
+                         f"the {n_layers} layers; it is {types!r}")
+    return [LAYER_TYPES[t] for t in types]
 
 
 def check_text_decoder(hf: dict, model_type) -> None:
@@ -93,21 +118,20 @@ def read_activation(hf: dict, family: Family) -> str:
     return family.activation
 
 
+def alternating_layers(hf: dict, family: Family, n_layers: int) -> list[bool]:
+    """Which layers of a family that alternates them are local (sliding_attention): layer_types' entries,
+    else every layer but each Nth (N: sliding_window_pattern, else the family's; transformers' rule)."""
+    if hf.get("layer_types") is not None:
+        return sliding_layers(hf, n_layers)
+    every = hf.get("sliding_window_pattern") or family.global_every
+    return [(i + 1) % every != 0 for i in range(n_layers)]
+
+
 def local_layers(hf: dict, family: Family, n_layers: int) -> tuple[int, ...]:
-    """The layers of a family of alternating layers that are local (sliding_attention): from layer_types,
-    else every layer but each sliding_window_pattern-th (the family's pattern without that key)."""
-    if family.global_every is None:
+    """The local layers of a family that alternates them (they take its local RoPE base); () for others."""
+    if family.windows != "alternating":
         return ()
-    types = hf.get("layer_types")
-    if types is None:
-        every = hf.get("sliding_window_pattern") or family.global_every
-        return tuple(i for i in range(n_layers) if (i + 1) % every)
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-    if len(types) != n_layers or unknown:
-        raise ModelError(f"layer_types in this {family.model_type} config must name each of the {n_layers} "
-                         f"layers full_attention or sliding_attention; got {len(types)} entries"
-                         + (f", unknown {', '.join(unknown)}" if unknown else ""))
-    return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return tuple(i for i, local in enumerate(alternating_layers(hf, family, n_layers)) if local)
 
 
 def split_rope(hf: dict) -> tuple[dict, dict | None]:
@@ -152,6 +176,9 @@ class ModelConfig:
     final_softcap: float | None = None  # logits -> tanh(logits / cap) * cap
     local_layers: tuple[int, ...] = ()  # the sliding_attention layers of a family that alternates them
     local_rope_theta: float | None = None  # the local layers' RoPE base (plain RoPE); None: the global RoPE
+    # each layer's sliding window (layer_windows), None for a layer that attends to the whole past; empty:
+    # every layer attends to the whole past
+    windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -165,7 +192,6 @@ class ModelConfig:
         family = FAMILIES[model_type]
         rope, local_rope = split_rope(hf)
         max_positions = hf.get("max_position_embeddings", 4096)
-        check_full_attention(hf, model_type, max_positions)
         rope_scaling = RopeScaling.from_hf(rope, max_positions)
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
@@ -188,8 +214,10 @@ class ModelConfig:
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
             attn_softcap=hf.get("attn_logit_softcapping"),
             final_softcap=hf.get("final_logit_softcapping"),
+            windows=layer_windows(hf, family, hf["num_hidden_layers"]),
             local_layers=local_layers(hf, family, hf["num_hidden_layers"]),
-            local_rope_theta=local_rope_theta(local_rope, family, max_positions) if family.global_every else None,
+            local_rope_theta=(local_rope_theta(local_rope, family, max_positions) if family.windows == "alternating"
+                              else None),
         )
 
     @property
@@ -204,3 +232,9 @@ class ModelConfig:
     def local_rope(self, layer: int) -> bool:
         """Whether layer rotates q and k with the local layers' RoPE (local_rope_theta) instead of the global."""
         return self.local_rope_theta is not None and layer in self.local_layers
+
+    def window(self, layer: int) -> int | None:
+        """Layer's sliding window where it is shorter than the context, so that it limits what a position
+        sees; None where the layer sees every position the model can hold."""
+        w = self.windows[layer] if self.windows else None
+        return w if w is not None and w < self.max_positions else None

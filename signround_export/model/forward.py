@@ -34,20 +34,34 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of q [B, heads, T, D] over k, v [B, kv_heads, T, D]. Soft-capped scores are written
-    out (SDPA cannot cap them); otherwise SDPA, with the config's scale when it sets one."""
+def visible(t: int, window: int | None, device) -> torch.Tensor:
+    """bool [t, t]: position t sees s when s <= t and, with a window W, t - W < s (transformers'
+    sliding-window mask)."""
+    pos = torch.arange(t, device=device)
+    back = pos[:, None] - pos[None, :]  # t - s
+    return (back >= 0) & (back < window) if window is not None else back >= 0
+
+
+def attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """Causal attention of q [B, heads, T, D] over k, v [B, kv_heads, T, D], limited to a window of W
+    positions when the block has one. A window the sequence fits in changes nothing, so it keeps SDPA's
+    causal path, bit for bit the same as no window. Soft-capped scores are written out (SDPA cannot cap
+    them); SDPA takes the config's scale when it sets one."""
     gqa = cfg.n_kv_heads != cfg.n_heads
+    t = q.shape[2]
+    window = window if window is not None and window < t else None
     if cfg.attn_softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attention_scale, enable_gqa=gqa)
+        if window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attention_scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(t, window, q.device),
+                                              scale=cfg.attention_scale, enable_gqa=gqa)
     groups = cfg.n_heads // cfg.n_kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim ** -0.5
     scores = softcap(q @ k.transpose(-1, -2) * scale, cfg.attn_softcap)
-    t = q.shape[-2]
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v
+    scores = scores.masked_fill(~visible(t, window, q.device), float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,10 +77,11 @@ def linear(p: dict, name: str, x: torch.Tensor, tap=None) -> torch.Tensor:
 
 
 def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  tap=None) -> torch.Tensor:
-    """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
-    relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input)
-    is called with every linear's input."""
+                  tap=None, window: int | None = None) -> torch.Tensor:
+    """One decoder block on x [B, T, H] with causal attention, limited to `window` positions when the
+    block has one (cfg.window(i) for block i). p holds the block's tensors by HF name relative to the
+    block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input) is called with
+    every linear's input."""
     b, t, _ = x.shape
     fam = cfg.family
 
@@ -80,7 +95,7 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
     if fam.qk_norm:  # over each head's head_dim values
         q, k = norm("self_attn.q_norm", q), norm("self_attn.k_norm", k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = attention(cfg, q, k, v)
+    a = attention(cfg, q, k, v, window)
     a = linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
     if fam.sandwich_norms:  # the attention output is normed before the residual, the MLP has its own input norm
         x = x + norm("post_attention_layernorm", a)
@@ -145,6 +160,6 @@ class Model:
         x = self.embed(ids)
         ropes = self.ropes(ids.shape[1], x.device)
         for i in range(self.cfg.n_layers):
-            x = block_forward(self.cfg, self.block_params(i), x, *ropes[i])
+            x = block_forward(self.cfg, self.block_params(i), x, *ropes[i], window=self.cfg.window(i))
         return self.head(x).float()
 

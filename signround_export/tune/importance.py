@@ -75,7 +75,7 @@ def _forward(model: Model, p_override: dict[str, torch.Tensor], ids: torch.Tenso
         p = model.block_params(i)
         prefix = f"model.layers.{i}."
         p.update({n[len(prefix):]: t for n, t in p_override.items() if n.startswith(prefix)})
-        x = block_forward(cfg, p, x, *ropes[i])
+        x = block_forward(cfg, p, x, *ropes[i], window=cfg.window(i))
     return model.head(x)
 
 

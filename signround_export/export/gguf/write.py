@@ -60,6 +60,20 @@ class GGUFExport:
         return "\n".join(lines)
 
 
+def check_windows(cfg: ModelConfig, param: str | None = None) -> None:
+    """Refuse by name a model with sliding windows shorter than its context when llama.cpp's architecture
+    for the family reads no window (Family.gguf_windows): llama.cpp would attend to the whole context.
+    A family whose architecture reads one sets gguf_windows and writes its keys in add_hparams."""
+    sliding = [i for i in range(cfg.n_layers) if cfg.window(i) is not None]
+    if sliding and not cfg.family.gguf_windows:
+        asked = f"`{param}` asks for a GGUF file, but " if param else ""
+        raise GGUFExportError(
+            f"{asked}this {cfg.model_type} model has sliding-window attention ({cfg.windows[sliding[0]]} tokens on "
+            f"{len(sliding)} of {cfg.n_layers} layers, context {cfg.max_positions}), which llama.cpp's "
+            f"{cfg.family.gguf_arch!r} architecture does not read: it cannot be exported to GGUF exactly; "
+            "export it to ONNX instead", param=param)
+
+
 def check_options(asym4: str, float_type: str) -> tuple[str, str]:
     """asym4 and float_type as GGUF type names (any case accepted)."""
     asym4, float_type = asym4.upper(), float_type.upper()
@@ -177,6 +191,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
     asym4, float_type = check_options(asym4, float_type)
     hf = ckpt.hf_config
     cfg = ModelConfig.from_hf(hf)
+    check_windows(cfg)
     vocab = read_vocab(Path(ckpt.path), hf, tokenizer_pre_name)
     items = model_tensors(ckpt, cfg)
     report, data = GGUFExport(path=Path(out)), []

@@ -134,6 +134,11 @@ def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
                 "symmetric (--lm-head-bits)")
 
 
+def local_window_size(window: int | None) -> int:
+    """GroupQueryAttention's local_window_size for a sliding window of `window` positions (-1: none)."""
+    return -1 if window is None else window
+
+
 def graph_io(cfg: ModelConfig) -> tuple[list, list]:
     """The graph's inputs and outputs by onnxruntime-genai's names: ids, mask, logits and each block's KV cache."""
     past = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
@@ -317,7 +322,7 @@ class DecoderGraph:
              *self.rope[cfg.local_rope(i)]],
             outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
             num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=scale,
-            do_rotary=1, rotary_interleaved=0, local_window_size=-1, **extra)
+            do_rotary=1, rotary_interleaved=0, local_window_size=local_window_size(cfg.window(i)), **extra)
         return attn
 
     def float_head(self, h: str, embed: str | None, output: str = "logits") -> None:
