@@ -4,7 +4,8 @@ per-head q/k norms (Gemma 3), a RoPE base of their own for the local layers (Gem
 
 The tiny models have every feature on: head_dim 32 != hidden / heads = 16, a GQA ratio of 2,
 query_pre_attn_scalar 24 != head_dim, random norm weights, soft-capping that bites, a local RoPE base
-and a linear scaling on the global layers (Gemma 3). transformers' own forwards are the reference."""
+and a linear scaling on the global layers (Gemma 3), and sliding windows of 8 tokens on the local layers,
+so that every sequence here runs past the window. transformers' own forwards are the reference."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from signround_export.validation import validate
 
 SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}  # the tiny tokenizer's one special token
 COMMON = SPECIAL | {"head_dim": 32, "query_pre_attn_scalar": 24, "final_logit_softcapping": 3.0,
-                    "sliding_window": 512, "hidden_activation": "gelu_pytorch_tanh"}
+                    "sliding_window": 8, "hidden_activation": "gelu_pytorch_tanh"}
 GEMMA2 = COMMON | {"attn_logit_softcapping": 2.0}
 GEMMA3 = COMMON | {"rope_local_base_freq": 100.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
@@ -56,6 +57,8 @@ def test_logits_match_transformers(tmp_path, model_type, tied):
     assert cfg.head_dim == 32 != cfg.hidden_size // cfg.n_heads and cfg.n_heads // cfg.n_kv_heads == 2
     assert cfg.attention_scale == 24 ** -0.5 and cfg.final_softcap == 3.0
     assert cfg.local_layers == ((0,) if model_type == "gemma2" else (0, 2))
+    assert [cfg.window(i) for i in range(cfg.n_layers)] == [8 if i in cfg.local_layers else None
+                                                            for i in range(cfg.n_layers)]
     if model_type == "gemma3_text":
         assert cfg.local_rope_theta == 100.0 and cfg.rope_scaling.factor == 2.0
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
