@@ -15,7 +15,10 @@ The graph, per decoder block i (x: the residual stream, float32 [batch, seq, hid
     gate, up = Split(MatMulNBits_gate_up(h))  (stacked the same way)
     out     = MatMulNBits_down(silu(gate) * up)
 
-then logits = head(SkipSimplifiedLayerNormalization(out, x)).
+then logits = head(SkipSimplifiedLayerNormalization(out, x)). Inputs and outputs use
+onnxruntime-genai's names, and genai_config.json beside model.onnx lets onnxruntime-genai run the
+folder unchanged. seqlens_k = sum(attention_mask) - 1 and total_seq_len = attention_mask's length,
+as GroupQueryAttention wants them.
 
 Gemma (gemma2, gemma3_text) changes the pieces, read from the family record and the config: every norm
 weight is stored as 1 + weight (its RMSNorm scales by that, in float32 like SimplifiedLayerNormalization);
@@ -24,10 +27,7 @@ the embedding rows are multiplied by sqrt(hidden); the attention and MLP outputs
 pre_feedforward_layernorm; the MLP's activation is FastGelu (GELU's tanh approximation);
 GroupQueryAttention takes query_pre_attn_scalar's scale and the attention soft-capping (`softcap`);
 layers with a local RoPE base read cos/sin caches of their own; the logits are soft-capped
-(tanh(logits / cap) * cap). Inputs and outputs use
-onnxruntime-genai's names, and genai_config.json beside model.onnx lets onnxruntime-genai run the
-folder unchanged. seqlens_k = sum(attention_mask) - 1 and total_seq_len = attention_mask's length,
-as GroupQueryAttention wants them.
+(tanh(logits / cap) * cap).
 
 The head is the checkpoint's: its integers when it quantized the lm_head, else float (a Gemm that
 shares the embedding's initializer when the two are tied). lm_head_bits=4|8 rounds a float head to
@@ -300,7 +300,7 @@ class DecoderGraph:
     def head_norm(self, y: str, weight: str, heads: int) -> str:
         """RMSNorm of each head of y [batch, seq, heads * head_dim] with weight [head_dim]."""
         g = self.g
-        w = g.const(weight, self.norm_weight(weight))
+        w = g.const(weight, self.norm_weight(weight))  # before the Reshape, as files written before had it
         per_head = g.op("Reshape", [y, self.shape(f"heads_{heads}", [0, 0, heads, self.cfg.head_dim])])
         h = g.op("SimplifiedLayerNormalization", [per_head, w], axis=-1, epsilon=self.eps, stash_type=1)
         return g.op("Reshape", [h, self.shape("heads_flat", [0, 0, -1])])
