@@ -212,7 +212,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             activation=read_activation(hf, family),
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
-            attn_softcap=hf.get("attn_logit_softcapping"),
+            attn_softcap=hf.get("attn_logit_softcapping") if family.attn_softcap else None,
             final_softcap=hf.get("final_logit_softcapping"),
             windows=layer_windows(hf, family, hf["num_hidden_layers"]),
             local_layers=local_layers(hf, family, hf["num_hidden_layers"]),

@@ -51,6 +51,8 @@ class Family:
     # pre_feedforward_layernorm (post_attention_layernorm then norms the attention output)
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
     activation: str = "silu"  # the gated MLP's activation, by transformers' name (config.json must agree)
+    attn_softcap: bool = False  # attention scores soft-capped by config's attn_logit_softcapping (gemma2;
+    # transformers' Gemma 3 keeps the key but never applies it, nor does llama.cpp's gemma3)
     global_every: int | None = None  # windows "alternating" without layer_types: every Nth layer is global
     local_rope_base: float | None = None  # local layers' RoPE base when config.json names none; None: global RoPE
     # llama.cpp's graph for gguf_arch, where it hard-codes what a config could contradict:
@@ -73,7 +75,7 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen3", gguf_arch="qwen3", gguf_rope_permute=False, qk_norm=True, windows="use_sliding_window"),
     Family("gemma2", gguf_arch="gemma2", gguf_rope_permute=False, windows="alternating", gguf_windows=True,
            norm_offset=1.0, sandwich_norms=True, embed_scale=True, activation="gelu_pytorch_tanh", global_every=2,
-           gguf_attn_softcap=True, gguf_final_softcap="always", gguf_tied_head=True, gguf_wide_scale_layers=46),
+           attn_softcap=True, gguf_attn_softcap=True, gguf_final_softcap="always", gguf_tied_head=True, gguf_wide_scale_layers=46),
     Family("gemma3_text", gguf_arch="gemma3", gguf_rope_permute=False, qk_norm=True, windows="alternating",
            gguf_windows=True, norm_offset=1.0, sandwich_norms=True, embed_scale=True,
            activation="gelu_pytorch_tanh", global_every=6, local_rope_base=10000.0, gguf_final_softcap="optional",
