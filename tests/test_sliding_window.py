@@ -185,8 +185,9 @@ def test_onnx_at_accuracy_level_0_is_exact(folders, tmp_path, name):
 
 @pytest.mark.parametrize("shift", [-1, 1])
 def test_local_window_size_is_the_window_itself(folders, tmp_path, monkeypatch, shift):
-    """Measured on onnxruntime 1.32: local_window_size = W matches transformers' t - W < s <= t; W - 1 and
-    W + 1 are far off (so the exact test above would fail with either)."""
+    """local_window_size = W matches transformers' t - W < s <= t on onnxruntime 1.24.1 and later (1.32
+    here); W - 1 and W + 1 are far off, so the exact test above would fail with either. (1.20.0 to 1.23.2
+    matched with W - 1 instead: the reason runtime/pyproject.toml asks for 1.24.1.)"""
     monkeypatch.setattr(build, "local_window_size", lambda w: -1 if w is None else w + shift)
     ckpt = folders["mistral"][1]
     export_onnx(read_checkpoint(ckpt), tmp_path / "onnx", accuracy_level=0)

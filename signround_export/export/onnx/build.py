@@ -135,7 +135,9 @@ def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
 
 
 def local_window_size(window: int | None) -> int:
-    """GroupQueryAttention's local_window_size for a sliding window of `window` positions (-1: none)."""
+    """GroupQueryAttention's local_window_size for a sliding window of `window` positions (-1: none).
+    Measured: from onnxruntime 1.24.1 the window counts the current token, so W matches transformers'
+    t - W < s <= t; releases 1.20.0 to 1.23.2 would need W - 1 (runtime/pyproject.toml asks for 1.24.1)."""
     return -1 if window is None else window
 
 
