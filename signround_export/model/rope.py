@@ -16,9 +16,11 @@ import numpy as np
 from .config import ModelConfig
 
 
-def base_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """float64 [head_dim / 2]: the angle per position of each pair of plain RoPE."""
-    return 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+def base_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """float64 [head_dim / 2]: the angle per position of each pair of plain RoPE (local: with the local
+    layers' base)."""
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    return 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
 
 
 def rope_divisors(cfg: ModelConfig) -> np.ndarray | None:
@@ -41,14 +43,18 @@ def rope_divisors(cfg: ModelConfig) -> np.ndarray | None:
     return np.where(high, 1.0, np.where(low, s.factor, blended))
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """float64 [head_dim / 2]: the angle per position of each pair, after rope scaling."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """float64 [head_dim / 2]: the angle per position of each pair, after rope scaling (local: the local
+    layers' plain RoPE, see ModelConfig.local_rope)."""
+    if local:
+        return base_frequencies(cfg, local=True)
     inv_freq = base_frequencies(cfg)
     divisors = rope_divisors(cfg)
     return inv_freq if divisors is None else inv_freq / divisors
 
 
-def rope_tables(cfg: ModelConfig, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, float32 [n_positions, head_dim / 2], for positions 0 .. n_positions - 1."""
-    angles = np.arange(n_positions, dtype=np.float64)[:, None] * inverse_frequencies(cfg)[None, :]
+def rope_tables(cfg: ModelConfig, n_positions: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, float32 [n_positions, head_dim / 2], for positions 0 .. n_positions - 1 (local: of the
+    local layers' RoPE)."""
+    angles = np.arange(n_positions, dtype=np.float64)[:, None] * inverse_frequencies(cfg, local)[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -30,7 +30,7 @@ from ..checkpoint.write import write_checkpoint
 from ..data import calibration_ids
 from ..errors import TuneError
 from ..export.gguf import mixes
-from ..export.gguf.write import check_windows
+from ..export.gguf.write import check_llama_cpp
 from ..model.folder import resolve_model_dir
 from ..model.forward import Model
 from ..model.load import float_checkpoint, is_checkpoint, load_float_model
@@ -130,7 +130,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
     if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
-        check_windows(float_model.cfg, param="gguf")
+        check_llama_cpp(float_model.cfg, param="gguf")
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)

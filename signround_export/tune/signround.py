@@ -252,15 +252,16 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         resume.begin(asdict(config) | {"device": dev.type, "compute_dtype": result.dtype})
     cfg = model.cfg
 
-    x = x_q = rope = y = None
+    x = x_q = ropes = y = None
     if config.uses_data():
         with torch.no_grad():
             x = model.embed(calib).to(dev)
         x_q = x.clone()
-        rope = tuple(t.to(dev) for t in model.rope(calib.shape[1]))
+        ropes = model.ropes(calib.shape[1], dev)
 
     bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
     for i in bar:
+        rope = ropes[i] if ropes is not None else None
         if config.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
             fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
             y = batched(lambda b: block_forward(cfg, fp, b, *rope, window=cfg.window(i)), x, config.batch_size,
