@@ -151,14 +151,16 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
 
 def sentencepiece_vocab(tok: dict, types: list[TokenType], common: dict) -> Vocab:
     """A SentencePiece-style BPE as llama.cpp's "llama" vocabulary (see spm.py)."""
+    tokens, model = common["tokens"], tok["model"]
     check_added(tok)
-    check_merges(tok["model"], {added["content"] for added in tok.get("added_tokens", [])})
-    tokens = common["tokens"]
-    unk = vocab_id(tok["model"].get("unk_token"), tokens)  # the BPE model's own, when nothing else names it
+    types = spm_types(model, types)
+    prefix = space_prefix(tok, tokens)
+    check_merges(model, {added["content"] for added in tok.get("added_tokens", [])})
+    unk = vocab_id(model.get("unk_token"), tokens)  # the BPE model's own, when nothing else names it
     if unk is not None:
         common["special_ids"].setdefault("unk", unk)
-    return Vocab(model="llama", pre="default", types=spm_types(tok["model"], types), merges=[],
-                 scores=merge_scores(tok["model"], tokens), add_space_prefix=space_prefix(tok, tokens), **common)
+    return Vocab(model="llama", pre="default", types=types, merges=[], scores=merge_scores(model, tokens),
+                 add_space_prefix=prefix, **common)
 
 
 def add_vocab(w: GGUFWriter, vocab: Vocab) -> None:
