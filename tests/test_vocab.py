@@ -251,3 +251,20 @@ def test_byte_level_splits_llama_cpp_lacks_are_refused(tmp_path):
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     words.train_from_iterator(TRAIN, trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False))
     refused(model_folder(tmp_path / "c", words, {}), "neither byte-level")
+
+
+@needs_llama
+def test_a_refused_shape_does_tokenize_differently_in_llama_cpp(tmp_path, monkeypatch):
+    """The refusals are not caution: written anyway, transformers' non-legacy Metaspace (prepend only where no
+    space is) loses a "\u2581" llama.cpp keeps, on text that starts with a space."""
+    from signround_export.export.gguf import vocab
+
+    def metaspace(tok):
+        tok["normalizer"] = None
+        tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": False}
+    folder = spm_folder(tmp_path, metaspace)
+    monkeypatch.setattr(vocab, "space_prefix", lambda tok, tokens: True)
+    llm = llama_cpp.Llama(str(gguf_of(folder, tmp_path / "m.gguf")), vocab_only=True, verbose=False)
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert llm.tokenize(b"plain text", add_bos=True) == hf.encode("plain text").ids
+    assert llm.tokenize(b" x", add_bos=True) != hf.encode(" x").ids
