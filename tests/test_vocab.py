@@ -30,7 +30,8 @@ TRAIN = [TOKENIZER_TEXT, "Héllo wörld, ça va très bien? Ünïcödé café na
          "isn't it? they're, we've, I'm, you'll, he'd. HELLO World 2024 3.14159\n",
          "In 2024 the HTTPServer parsed camelCase JSONData and CamelCase words.\n"] * 20
 SAMPLE = ("Héllo wörld, ça va? Ünïcödé café naïve. Привет, как дела? 你好，世界！こんにちは、世界。 😀 🎉👍🏽 "
-          "12345 3.14159 1,000,000 In 2024, HTTPServer parsed camelCase JSONData.\ndef f(x):\n    return {'a': x ** 2}  # code\n\n"
+          "12345 3.14159 1,000,000 In 2024, HTTPServer parsed camelCase JSONData.\n"
+          "def f(x):\n    return {'a': x ** 2}  # code\n\n"
           "   leading spaces, trailing spaces   \n\tTabs\tand  multiple    spaces. isn't IT'S\n\n\nEnd ")
 MESSAGES = [{"role": "system", "content": "Tu es un assistant. Réponds brièvement."},
             {"role": "user", "content": "Привет! 你好 😀 What's 2+2?  Two  spaces."},
@@ -45,7 +46,8 @@ GPT2_CHAT = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|endoftext|>{%
 PHI3_CHAT = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 GEMMA_CHAT = ("{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
-              "{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+              "{{ m.content }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def byte_level(split: str | None, specials: list[str], *, digits=False, ignore_merges=False, bos=None, nfc=False):
@@ -104,7 +106,8 @@ def family(name: str):
     if name == "llama3":
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         tok = byte_level(LLAMA3_SPLIT, specials, ignore_merges=True, bos="<|begin_of_text|>")
-        return tok, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_CHAT}, "llama-bpe"
+        tcfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_CHAT}
+        return tok, tcfg, "llama-bpe"
     if name == "qwen2":
         tok = byte_level(QWEN2_SPLIT, chatml, nfc=True)
         return tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}, "qwen2"
@@ -261,7 +264,8 @@ def test_a_refused_shape_does_tokenize_differently_in_llama_cpp(tmp_path, monkey
 
     def metaspace(tok):
         tok["normalizer"] = None
-        tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": False}
+        tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                                "split": False}
     folder = spm_folder(tmp_path, metaspace)
     monkeypatch.setattr(vocab, "space_prefix", lambda tok, tokens: True)
     llm = llama_cpp.Llama(str(gguf_of(folder, tmp_path / "m.gguf")), vocab_only=True, verbose=False)

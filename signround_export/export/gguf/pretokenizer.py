@@ -20,8 +20,10 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
@@ -41,7 +43,7 @@ SPLITS = {
     Split(QWEN2_SPLIT): ("qwen2", False),
     Split(GPT4O_SPLIT): ("gpt-4o", False),
 }
-NORMALIZERS = (None, "NFC")  # llama.cpp normalizes nothing; NFC is a no-op on the NFC text nearly all input is
+NORMALIZERS = ([], ["NFC"])  # llama.cpp normalizes nothing; NFC (Qwen) changes only text that is not NFC already
 
 
 def steps(component: dict | None) -> list[dict]:
@@ -66,7 +68,8 @@ def split_of(tok: dict) -> Split | None:
         return Split(GPT2_SPLIT, digits)
     split = parts[0]
     if (len(parts) == 2 and not parts[1].get("use_regex", True) and split.get("type") == "Split"
-            and split.get("behavior") == "Isolated" and not split.get("invert") and "Regex" in split.get("pattern", {})):
+            and split.get("behavior") == "Isolated" and not split.get("invert")
+            and "Regex" in split.get("pattern", {})):
         return Split(split["pattern"]["Regex"], digits)
     return None
 
@@ -82,7 +85,7 @@ def pre_from_split(tok: dict) -> str | None:
                               f"has ignore_merges={bool(tok['model'].get('ignore_merges'))} where llama.cpp's "
                               f"{name!r} uses {ignore_merges}: words would be split differently, so it is refused")
     normalizer = [n.get("type") for n in steps(tok.get("normalizer"))]
-    if (normalizer[0] if len(normalizer) == 1 else None if not normalizer else "several") not in NORMALIZERS:
+    if normalizer not in NORMALIZERS:
         raise GGUFExportError(f"tokenizer.json normalizes text ({', '.join(normalizer)}) before the {name!r} split; "
                               "llama.cpp does not, so it would tokenize such text differently and is refused")
     return name

@@ -115,7 +115,7 @@ def space_prefix(tok: dict, tokens: list[str]) -> bool:
     return prepend
 
 
-def check_added(tok: dict) -> None:
+def check_added_raw(tok: dict) -> None:
     """Added tokens matched on normalized text would be found where llama.cpp does not look for them."""
     for added in tok.get("added_tokens", []):
         if added.get("normalized"):

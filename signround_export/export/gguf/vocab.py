@@ -16,7 +16,8 @@ from signround_runtime.chat import template_of
 
 from ...errors import GGUFExportError
 from .pretokenizer import tokenizer_pre
-from .spm import check_added, check_merges, is_byte_level, is_sentencepiece_bpe, merge_scores, space_prefix, spm_types
+from .spm import (check_added_raw, check_merges, is_byte_level, is_sentencepiece_bpe, merge_scores, space_prefix,
+                  spm_types)
 
 SPECIAL_TOKENS = ("bos", "eos", "unk", "pad")
 
@@ -152,7 +153,7 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
 def sentencepiece_vocab(tok: dict, types: list[TokenType], common: dict) -> Vocab:
     """A SentencePiece-style BPE as llama.cpp's "llama" vocabulary (see spm.py)."""
     tokens, model = common["tokens"], tok["model"]
-    check_added(tok)
+    check_added_raw(tok)
     types = spm_types(model, types)
     prefix = space_prefix(tok, tokens)
     check_merges(model, {added["content"] for added in tok.get("added_tokens", [])})

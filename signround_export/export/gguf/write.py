@@ -173,7 +173,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
 
     asym4: Q5_0 or Q4_1 for 4-bit asymmetric layers; float_type: F16, F32 or Q8_0 for float matrices;
     kquant: integer-zero layers of at most 4 bits as Q4_K (not exact); tokenizer_pre_name: llama.cpp's
-    pre-tokenizer name, needed when the vocabulary is not one it is known for here."""
+    pre-tokenizer name, needed when a byte-level tokenizer's vocabulary and split are not recognised."""
     asym4, float_type = check_options(asym4, float_type)
     hf = ckpt.hf_config
     cfg = ModelConfig.from_hf(hf)
