@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers.tokenization_utils_base import generate_merges
 
@@ -146,8 +147,6 @@ def gguf_of(folder: Path, out: Path) -> Path:
 
 
 def metadata(path: Path) -> dict:
-    from gguf import GGUFReader
-
     fields = GGUFReader(path).fields
     keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
             "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id")
@@ -272,3 +271,16 @@ def test_a_refused_shape_does_tokenize_differently_in_llama_cpp(tmp_path, monkey
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
     assert llm.tokenize(b"plain text", add_bos=True) == hf.encode("plain text").ids
     assert llm.tokenize(b" x", add_bos=True) != hf.encode(" x").ids
+
+
+@needs_llama
+def test_eos_the_post_processor_adds_is_added_by_llama_cpp(tmp_path):
+    tok, tcfg, _ = family("llama2")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> <s> $B </s>",
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
+    folder = model_folder(tmp_path, tok, {k: v for k, v in tcfg.items() if k != "add_eos_token"})
+    path = gguf_of(folder, tmp_path / "m.gguf")
+    assert GGUFReader(path).fields["tokenizer.ggml.add_eos_token"].contents() is True
+    want = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(SAMPLE).ids
+    assert want[0] == 1 and want[-1] == 2
+    assert llama_cpp.Llama(str(path), vocab_only=True, verbose=False).tokenize(SAMPLE.encode(), add_bos=True) == want
