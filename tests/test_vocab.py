@@ -31,7 +31,7 @@ TRAIN = [TOKENIZER_TEXT, "Héllo wörld, ça va très bien? Ünïcödé café na
          "isn't it? they're, we've, I'm, you'll, he'd. HELLO World 2024 3.14159\n",
          "In 2024 the HTTPServer parsed camelCase JSONData and CamelCase words.\n"] * 20
 SAMPLE = ("Héllo wörld, ça va? Ünïcödé café naïve. Привет, как дела? 你好，世界！こんにちは、世界。 😀 🎉👍🏽 "
-          "12345 3.14159 1,000,000 In 2024, HTTPServer parsed camelCase JSONData.\n"
+          "12345 3.14159 1,000,000 a zebra In 2024, HTTPServer parsed camelCase JSONData.\n"
           "def f(x):\n    return {'a': x ** 2}  # code\n\n"
           "   leading spaces, trailing spaces   \n\tTabs\tand  multiple    spaces. isn't IT'S\n\n\nEnd ")
 MESSAGES = [{"role": "system", "content": "Tu es un assistant. Réponds brièvement."},
@@ -67,11 +67,18 @@ def byte_level(split: str | None, specials: list[str], *, digits=False, ignore_m
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TRAIN, trainer=trainer)
+    tok = with_whole_word(tok, "\u0120zebra")  # " zebra": a word no merge makes, only ignore_merges finds whole
     tok.model.ignore_merges = ignore_merges
     if bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
+
+
+def with_whole_word(tok: Tokenizer, word: str) -> Tokenizer:
+    data = json.loads(tok.to_str())
+    data["model"]["vocab"][word] = tok.get_vocab_size()
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def sentencepiece(head: list[str], specials: list[str], *, prefix: bool, extra=(), user=(), bos="<s>"):
@@ -109,6 +116,10 @@ def family(name: str):
         tok = byte_level(LLAMA3_SPLIT, specials, ignore_merges=True, bos="<|begin_of_text|>")
         tcfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_CHAT}
         return tok, tcfg, "llama-bpe"
+    if name == "smaug":  # Llama 3's split without ignore_merges
+        tok = byte_level(LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"], bos="<|begin_of_text|>")
+        return tok, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": GPT2_CHAT
+                     .replace("<|endoftext|>", "<|end_of_text|>")}, "smaug-bpe"
     if name == "qwen2":
         tok = byte_level(QWEN2_SPLIT, chatml, nfc=True)
         return tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}, "qwen2"
@@ -132,7 +143,7 @@ def family(name: str):
                  "add_bos_token": True, "chat_template": GEMMA_CHAT}, "default"
 
 
-FAMILIES = ["llama3", "qwen2", "gpt-4o", "gpt-2", "smollm", "llama2", "gemma"]
+FAMILIES = ["llama3", "smaug", "qwen2", "gpt-4o", "gpt-2", "smollm", "llama2", "gemma"]
 
 
 def model_folder(tmp: Path, tok: Tokenizer, tcfg: dict) -> Path:
@@ -153,6 +164,10 @@ def metadata(path: Path) -> dict:
     return {k.rsplit(".", 1)[1]: fields[k].contents() for k in keys if k in fields}
 
 
+def meta_bos(path: Path) -> bool:
+    return metadata(path)["add_bos_token"]
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def written(request, tmp_path_factory):
     tok, tcfg, pre = family(request.param)
@@ -165,7 +180,7 @@ def test_the_file_names_the_tokenizer(written):
     meta = metadata(path)
     spm = name in ("llama2", "gemma")
     assert meta["model"] == ("llama" if spm else "gpt2") and meta["pre"] == pre
-    assert meta["add_bos_token"] is (name in ("llama3", "llama2", "gemma"))
+    assert meta["add_bos_token"] is (name in ("llama3", "smaug", "llama2", "gemma"))
     if spm:  # Gemma puts no "\u2581" before the text
         assert meta["add_space_prefix"] is (name == "llama2")
         assert meta["unknown_token_id"] == Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<unk>")
@@ -182,7 +197,7 @@ def test_llama_cpp_tokenizes_as_the_tokenizer(written):
         messages=MESSAGES, add_generation_prompt=True)
     chat = hf.encode(prompt).ids
     assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == chat
-    assert len(chat) > len(hf.encode(prompt, add_special_tokens=False).ids) or name not in ("llama3", "llama2", "gemma")
+    assert len(chat) > len(hf.encode(prompt, add_special_tokens=False).ids) or not meta_bos(path)
     for text in (" leading", "x", "Привет", "\n\nend  ", "a<tool>b"):  # edges: a first space, one letter, a user token
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf.encode(text).ids, text
 
@@ -245,8 +260,8 @@ def test_sentencepiece_shapes_llama_cpp_lacks_are_refused(tmp_path):
 
 
 def test_byte_level_splits_llama_cpp_lacks_are_refused(tmp_path):
-    tok = byte_level(LLAMA3_SPLIT, ["<|end_of_text|>"], ignore_merges=False)
-    refused(model_folder(tmp_path / "a", tok, {}), "ignore_merges=False where llama.cpp's 'llama-bpe' uses True")
+    tok = byte_level(QWEN2_SPLIT, ["<|endoftext|>"], ignore_merges=True)  # no llama.cpp name has both
+    refused(model_folder(tmp_path / "a", tok, {}), r"split \(with its ignore_merges\) is not one")
     tok = byte_level(r"\p{L}+|\p{N}+|\s+|[^\s\p{L}\p{N}]+", ["<|end_of_text|>"])
     refused(model_folder(tmp_path / "b", tok, {}), "pass tokenizer_pre_name")
     words = Tokenizer(models.BPE())

@@ -34,14 +34,15 @@ class Split:
     digits: bool = False
 
 
-# llama.cpp's name for each split it implements, and whether it takes a word found whole in the vocabulary
-# without merging (the tokenizer's ignore_merges must agree, or words would split differently)
+# llama.cpp's name for each split it implements, by the split and whether a word found whole in the vocabulary
+# is taken without merging (the tokenizer's ignore_merges: llama.cpp fixes it per name)
 SPLITS = {
-    Split(GPT2_SPLIT): ("gpt-2", False),
-    Split(GPT2_SPLIT, digits=True): ("smollm", False),
-    Split(LLAMA3_SPLIT): ("llama-bpe", True),
-    Split(QWEN2_SPLIT): ("qwen2", False),
-    Split(GPT4O_SPLIT): ("gpt-4o", False),
+    (Split(GPT2_SPLIT), False): "gpt-2",
+    (Split(GPT2_SPLIT, digits=True), False): "smollm",
+    (Split(LLAMA3_SPLIT), True): "llama-bpe",
+    (Split(LLAMA3_SPLIT), False): "smaug-bpe",  # Llama 3's split, every word merged
+    (Split(QWEN2_SPLIT), False): "qwen2",
+    (Split(GPT4O_SPLIT), False): "gpt-4o",
 }
 NORMALIZERS = ([], ["NFC"])  # llama.cpp normalizes nothing; NFC (Qwen) changes only text that is not NFC already
 
@@ -76,16 +77,10 @@ def split_of(tok: dict) -> Split | None:
 
 def pre_from_split(tok: dict) -> str | None:
     """llama.cpp's name for the tokenizer's split, None when llama.cpp has none for it; a split it knows
-    with a different whole-word rule or a normalization it lacks is refused by name."""
-    name, ignore_merges = SPLITS.get(split_of(tok), (None, None))
-    if name is None:
-        return None
-    if bool(tok["model"].get("ignore_merges")) != ignore_merges:
-        raise GGUFExportError(f"tokenizer.json splits text as llama.cpp's {name!r} pre-tokenizer does, but its BPE "
-                              f"has ignore_merges={bool(tok['model'].get('ignore_merges'))} where llama.cpp's "
-                              f"{name!r} uses {ignore_merges}: words would be split differently, so it is refused")
+    after a normalization it lacks is refused by name."""
+    name = SPLITS.get((split_of(tok), bool(tok["model"].get("ignore_merges"))))
     normalizer = [n.get("type") for n in steps(tok.get("normalizer"))]
-    if normalizer not in NORMALIZERS:
+    if name is not None and normalizer not in NORMALIZERS:
         raise GGUFExportError(f"tokenizer.json normalizes text ({', '.join(normalizer)}) before the {name!r} split; "
                               "llama.cpp does not, so it would tokenize such text differently and is refused")
     return name

@@ -140,7 +140,8 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
                               "tokenizer for it, so it is refused")
     pre = pre or tokenizer_pre(tok, tokens)
     if pre is None:
-        raise GGUFExportError("this tokenizer's pre-tokenizer split is not one whose llama.cpp name is known here; "
+        raise GGUFExportError("this tokenizer's pre-tokenizer split (with its ignore_merges) is not one whose "
+                              "llama.cpp name is known here; "
                               "pass tokenizer_pre_name with the name llama.cpp uses for the model family "
                               "(for example llama-bpe, qwen2, smollm, gpt-2)", param="tokenizer_pre_name")
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
