@@ -132,10 +132,16 @@ def family(name: str):
         tok = byte_level(None, chatml, digits=True)
         return tok, {"eos_token": "<|im_end|>", "chat_template": CHATML}, "smollm"
     if name == "llama2":  # Llama 2 / Mistral / TinyLlama / Phi-3 layout, Phi-3's chat tokens
-        tok = sentencepiece(["<unk>", "<s>", "</s>"], ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
-                            prefix=True, user=["<tool>"])
+        specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+        tok = sentencepiece(["<unk>", "<s>", "</s>"], specials, prefix=True, user=["<tool>"])
         return tok, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
                      "add_eos_token": False, "chat_template": PHI3_CHAT}, "default"
+    if name == "phi3":  # Phi-3's chat tokens take the spaces after them, as llama.cpp's do in a file named phi-3
+        tok, tcfg, pre = family("llama2")
+        data = json.loads(tok.to_str())
+        for added in data["added_tokens"]:
+            added["rstrip"] = added["content"] not in ("<unk>", "<s>", "<|endoftext|>")
+        return Tokenizer.from_str(json.dumps(data)), tcfg, pre
     assert name == "gemma"
     tok = sentencepiece(["<pad>", "<eos>", "<bos>", "<unk>"], ["<start_of_turn>", "<end_of_turn>"], prefix=False,
                         extra=["\n", "\n\n", "\t", "\u2581\u2581", "\u2581\u2581\u2581\u2581"], bos="<bos>")
@@ -143,7 +149,7 @@ def family(name: str):
                  "add_bos_token": True, "chat_template": GEMMA_CHAT}, "default"
 
 
-FAMILIES = ["llama3", "smaug", "qwen2", "gpt-4o", "gpt-2", "smollm", "llama2", "gemma"]
+FAMILIES = ["llama3", "smaug", "qwen2", "gpt-4o", "gpt-2", "smollm", "llama2", "phi3", "gemma"]
 
 
 def model_folder(tmp: Path, tok: Tokenizer, tcfg: dict) -> Path:
@@ -159,7 +165,7 @@ def gguf_of(folder: Path, out: Path) -> Path:
 
 def metadata(path: Path) -> dict:
     fields = GGUFReader(path).fields
-    keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
+    keys = ("general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
             "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id")
     return {k.rsplit(".", 1)[1]: fields[k].contents() for k in keys if k in fields}
 
@@ -178,11 +184,12 @@ def written(request, tmp_path_factory):
 def test_the_file_names_the_tokenizer(written):
     name, folder, pre, path = written
     meta = metadata(path)
-    spm = name in ("llama2", "gemma")
+    spm = name in ("llama2", "phi3", "gemma")
     assert meta["model"] == ("llama" if spm else "gpt2") and meta["pre"] == pre
-    assert meta["add_bos_token"] is (name in ("llama3", "smaug", "llama2", "gemma"))
+    assert meta["add_bos_token"] is (name in ("llama3", "smaug", "llama2", "phi3", "gemma"))
+    assert ("phi3" in meta["name"]) is (name == "phi3")  # how llama.cpp knows to strip after the chat tokens
     if spm:  # Gemma puts no "\u2581" before the text
-        assert meta["add_space_prefix"] is (name == "llama2")
+        assert meta["add_space_prefix"] is (name != "gemma")
         assert meta["unknown_token_id"] == Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<unk>")
 
 
@@ -208,7 +215,7 @@ def test_llama_cpp_detokenizes_to_the_text(written):
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     ids = llm.tokenize(SAMPLE.encode(), add_bos=False, special=False)
     # llama.cpp renders the "\u2581" it put before the text as a space
-    assert llm.detokenize(ids).decode() == (" " if name == "llama2" else "") + SAMPLE
+    assert llm.detokenize(ids).decode() == (" " if name in ("llama2", "phi3") else "") + SAMPLE
 
 
 def spm_folder(tmp_path, edit) -> Path:
@@ -254,9 +261,13 @@ def test_sentencepiece_shapes_llama_cpp_lacks_are_refused(tmp_path):
         tok["normalizer"]["normalizers"].append({"type": "NFKC"})
     refused(spm_folder(tmp_path / "c", nfkc), "normalizer has a NFKC step")
 
-    def rstrip(tok):  # Phi-3's chat tokens take the spaces after them; llama.cpp does so only for names it knows
+    def rstrip(tok):  # one chat token of Phi-3's set: llama.cpp strips after all of them or none
         tok["added_tokens"][-2]["rstrip"] = True
-    refused(spm_folder(tmp_path / "d", rstrip), "'<\\|end\\|>' has rstrip")
+    refused(spm_folder(tmp_path / "d", rstrip), r"take the spaces after them \(rstrip\) other than llama.cpp can")
+
+    def lstrip(tok):
+        tok["added_tokens"][-2]["lstrip"] = True
+    refused(spm_folder(tmp_path / "e", lstrip), "'<\\|end\\|>' has lstrip")
 
 
 def test_byte_level_splits_llama_cpp_lacks_are_refused(tmp_path):
@@ -299,3 +310,22 @@ def test_eos_the_post_processor_adds_is_added_by_llama_cpp(tmp_path):
     want = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(SAMPLE).ids
     assert want[0] == 1 and want[-1] == 2
     assert llama_cpp.Llama(str(path), vocab_only=True, verbose=False).tokenize(SAMPLE.encode(), add_bos=True) == want
+
+
+def test_a_phi_3_name_needs_the_tokenizer_llama_cpp_expects_of_it(tmp_path):
+    """llama.cpp strips spaces after the special tokens of any file named phi-3, and loads one only with
+    </s>, <unk>, <s> and <|endoftext|> in its vocabulary: a name that would mislead it is refused."""
+    from signround_export.export.gguf.vocab import file_name
+
+    tok, tcfg, _ = family("llama2")
+    folder = model_folder(tmp_path / "a", tok, tcfg)
+    plain = read_vocab(folder, json.loads((folder / "config.json").read_text()))
+    assert plain.strips is False and file_name("my-llama", plain) == "my-llama"
+    with pytest.raises(GGUFExportError, match="'Phi-3-mini' makes llama.cpp strip the spaces .* rename the checkpoint"):
+        file_name("Phi-3-mini", plain)
+    tok, tcfg, _ = family("gpt-2")
+    folder = model_folder(tmp_path / "b", tok, tcfg)
+    gpt2 = read_vocab(folder, json.loads((folder / "config.json").read_text()))
+    assert gpt2.strips is None and file_name("tiny", gpt2) == "tiny"
+    with pytest.raises(GGUFExportError, match="lacks </s>, <unk>, <s>: rename"):
+        file_name("tiny-phi3", gpt2)

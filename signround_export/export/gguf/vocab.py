@@ -8,7 +8,7 @@ scores and token types, spm.py). Anything llama.cpp would tokenize differently i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gguf import GGUFWriter, TokenType
@@ -20,6 +20,11 @@ from .spm import (check_added_raw, check_merges, is_byte_level, is_sentencepiece
                   spm_types)
 
 SPECIAL_TOKENS = ("bos", "eos", "unk", "pad")
+# llama.cpp strips the spaces after special tokens (its CONTROL, USER_DEFINED and UNKNOWN, and "</s>", not these)
+# only in a file whose general.name says phi-3: the one way a GGUF file carries Phi-3's rstrip added tokens
+STRIP_NAME_TAGS = ("phi-3", "phi3")
+STRIP_EXEMPT = ("<unk>", "<s>", "<|endoftext|>")
+STRIP_NEEDS = ("</s>", *STRIP_EXEMPT)  # llama.cpp fails to load a file named phi-3 without any of them
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class Vocab:
     add_eos: bool = False
     scores: list[float] | None = None  # "llama" only
     add_space_prefix: bool | None = None  # "llama" only
+    # whether the special tokens take the spaces after them as llama.cpp's do in a file named phi-3 (True), do
+    # not (False), or there are none it would strip (None)
+    strips: bool | None = None
 
 
 def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]]:
@@ -50,13 +58,44 @@ def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]
 
 
 def check_added_tokens(tok: dict) -> None:
-    """llama.cpp matches added tokens as they are written: one that takes the spaces around it (lstrip,
-    rstrip) or only whole words would tokenize the text beside it differently."""
+    """llama.cpp matches added tokens as they are written: one that takes the spaces before it (lstrip) or
+    only whole words would tokenize the text beside it differently."""
     for added in tok.get("added_tokens", []):
-        if taken := [flag for flag in ("lstrip", "rstrip", "single_word") if added.get(flag)]:
+        if taken := [flag for flag in ("lstrip", "single_word") if added.get(flag)]:
             raise GGUFExportError(f"tokenizer.json's added token {added['content']!r} has {', '.join(taken)}, which "
                                   "llama.cpp does not apply to it: the text beside it would tokenize differently, so "
                                   "the tokenizer is refused")
+
+
+def name_strips(tok: dict, vocab: Vocab) -> bool | None:
+    """Vocab.strips: the added tokens that take the spaces after them (rstrip) must be none or the ones
+    llama.cpp strips for a phi-3 name (Phi-3's are); any other set of them is refused."""
+    special = {i for i, t in enumerate(vocab.types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED,
+                                                              TokenType.UNKNOWN)}
+    named = (special | {vocab.tokens.index("</s>")} if "</s>" in vocab.tokens else special) - {
+        vocab.tokens.index(t) for t in STRIP_EXEMPT if t in vocab.tokens}
+    rstrip = {added["id"] for added in tok.get("added_tokens", []) if added.get("rstrip")}
+    if rstrip and rstrip != named:
+        tokens = ", ".join(repr(vocab.tokens[i]) for i in sorted(rstrip ^ named)[:4])
+        raise GGUFExportError("tokenizer.json's added tokens take the spaces after them (rstrip) other than llama.cpp "
+                              f"can (all special tokens but {', '.join(STRIP_EXEMPT)}; differing: {tokens}): the "
+                              "text after them would tokenize differently, so the tokenizer is refused")
+    return bool(rstrip) if named else None
+
+
+def file_name(name: str, vocab: Vocab) -> str:
+    """general.name for a model named name: tagged phi3 when the tokenizer needs llama.cpp's space stripping."""
+    tagged = any(tag in name.lower() for tag in STRIP_NAME_TAGS)
+    rename = ("rename the checkpoint folder (and _name_or_path in its config.json) without phi-3 in it"
+              if not vocab.strips else "the tokenizer is refused")
+    if tagged and vocab.strips is False:
+        raise GGUFExportError(f"the model's name {name!r} makes llama.cpp strip the spaces after its special tokens, "
+                              f"which its tokenizer does not do; {rename}")
+    if (tagged or vocab.strips) and (missing := [t for t in STRIP_NEEDS if t not in vocab.tokens]):
+        raise GGUFExportError(f"llama.cpp strips the spaces after special tokens only in a file named phi-3, and loads "
+                              f"one only with {', '.join(STRIP_NEEDS)} in the vocabulary; this one lacks "
+                              f"{', '.join(missing)}: {rename}")
+    return f"{name} (phi3 tokenizer)" if vocab.strips and not tagged else name
 
 
 def vocab_id(value, tokens: list[str]) -> int | None:
@@ -132,13 +171,18 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
         template = template_of(folder, tcfg)
     common = dict(tokens=tokens, special_ids=special_ids(tcfg, hf, tokens), add_bos=adds_token(tok, tcfg, "bos"),
                   add_eos=adds_token(tok, tcfg, "eos"), chat_template=template)
-    if is_sentencepiece_bpe(tok):
-        return sentencepiece_vocab(tok, types, common)
+    vocab = sentencepiece_vocab(tok, types, common) if is_sentencepiece_bpe(tok) else byte_level_vocab(tok, types,
+                                                                                                        common, pre)
+    return replace(vocab, strips=name_strips(tok, vocab))
+
+
+def byte_level_vocab(tok: dict, types: list[TokenType], common: dict, pre: str | None) -> Vocab:
+    """A byte-level BPE as llama.cpp's "gpt2" vocabulary, with its merges and pre-tokenizer name."""
     if not is_byte_level(tok):
         raise GGUFExportError("tokenizer.json is a BPE that is neither byte-level (a ByteLevel pre-tokenizer) nor "
                               "SentencePiece-style (byte fallback, \"\u2581\" word markers); llama.cpp has no "
                               "tokenizer for it, so it is refused")
-    pre = pre or tokenizer_pre(tok, tokens)
+    pre = pre or tokenizer_pre(tok, common["tokens"])
     if pre is None:
         raise GGUFExportError("this tokenizer's pre-tokenizer split (with its ignore_merges) is not one whose "
                               "llama.cpp name is known here; "
@@ -146,8 +190,7 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
                               "(for example llama-bpe, qwen2, smollm, gpt-2)", param="tokenizer_pre_name")
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     if not merges:
-        raise GGUFExportError(f"{folder / 'tokenizer.json'} has no BPE merges; llama.cpp cannot load a BPE "
-                              "tokenizer without them")
+        raise GGUFExportError("tokenizer.json has no BPE merges; llama.cpp cannot load a BPE tokenizer without them")
     return Vocab(model="gpt2", pre=pre, types=types, merges=merges, **common)
 
 

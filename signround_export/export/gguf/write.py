@@ -20,7 +20,7 @@ from .encode import encode_float, encode_layer
 from .read import ROPE_FREQS, dequantize
 from .tensors import IGNORED_SUFFIXES, gguf_name, llama_rows, rope_heads
 from .types import GGUF_TYPES
-from .vocab import Vocab, add_vocab, read_vocab
+from .vocab import Vocab, add_vocab, file_name, read_vocab
 
 ASYM4_TYPES = ("Q5_0", "Q4_1")  # for 4-bit asymmetric layers: exact, or smaller and near exact
 FLOAT_TYPES = ("F16", "F32", "Q8_0")  # for float matrices
@@ -188,6 +188,6 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
         report.tensors.append(freqs[0])
         data.append(freqs[1])
     report.file_type = file_type_of(report.tensors, float_type)
-    write_file(out, cfg, hf.get("_name_or_path") or Path(ckpt.path).name, report, vocab, data)
+    write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab, data)
     report.bytes = Path(out).stat().st_size
     return report
