@@ -315,7 +315,7 @@ def test_eos_the_post_processor_adds_is_added_by_llama_cpp(tmp_path):
 def test_a_phi_3_name_needs_the_tokenizer_llama_cpp_expects_of_it(tmp_path):
     """llama.cpp strips spaces after the special tokens of any file named phi-3, and loads one only with
     </s>, <unk>, <s> and <|endoftext|> in its vocabulary: a name that would mislead it is refused."""
-    from signround_export.export.gguf.vocab import file_name
+    from signround_export.export.gguf.strip import file_name
 
     tok, tcfg, _ = family("llama2")
     folder = model_folder(tmp_path / "a", tok, tcfg)

@@ -18,13 +18,9 @@ from ...errors import GGUFExportError
 from .pretokenizer import tokenizer_pre
 from .spm import (check_added_raw, check_merges, is_byte_level, is_sentencepiece_bpe, merge_scores, space_prefix,
                   spm_types)
+from .strip import strips
 
 SPECIAL_TOKENS = ("bos", "eos", "unk", "pad")
-# llama.cpp strips the spaces after special tokens (its CONTROL, USER_DEFINED and UNKNOWN, and "</s>", not these)
-# only in a file whose general.name says phi-3: the one way a GGUF file carries Phi-3's rstrip added tokens
-STRIP_NAME_TAGS = ("phi-3", "phi3")
-STRIP_EXEMPT = ("<unk>", "<s>", "<|endoftext|>")
-STRIP_NEEDS = ("</s>", *STRIP_EXEMPT)  # llama.cpp fails to load a file named phi-3 without any of them
 
 
 @dataclass(frozen=True)
@@ -40,9 +36,7 @@ class Vocab:
     add_eos: bool = False
     scores: list[float] | None = None  # "llama" only
     add_space_prefix: bool | None = None  # "llama" only
-    # whether the special tokens take the spaces after them as llama.cpp's do in a file named phi-3 (True), do
-    # not (False), or there are none it would strip (None)
-    strips: bool | None = None
+    strips: bool | None = None  # special tokens take the spaces after them (strip.py); None: none would
 
 
 def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]]:
@@ -65,37 +59,6 @@ def check_added_tokens(tok: dict) -> None:
             raise GGUFExportError(f"tokenizer.json's added token {added['content']!r} has {', '.join(taken)}, which "
                                   "llama.cpp does not apply to it: the text beside it would tokenize differently, so "
                                   "the tokenizer is refused")
-
-
-def name_strips(tok: dict, vocab: Vocab) -> bool | None:
-    """Vocab.strips: the added tokens that take the spaces after them (rstrip) must be none or the ones
-    llama.cpp strips for a phi-3 name (Phi-3's are); any other set of them is refused."""
-    special = {i for i, t in enumerate(vocab.types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED,
-                                                              TokenType.UNKNOWN)}
-    named = (special | {vocab.tokens.index("</s>")} if "</s>" in vocab.tokens else special) - {
-        vocab.tokens.index(t) for t in STRIP_EXEMPT if t in vocab.tokens}
-    rstrip = {added["id"] for added in tok.get("added_tokens", []) if added.get("rstrip")}
-    if rstrip and rstrip != named:
-        tokens = ", ".join(repr(vocab.tokens[i]) for i in sorted(rstrip ^ named)[:4])
-        raise GGUFExportError("tokenizer.json's added tokens take the spaces after them (rstrip) other than llama.cpp "
-                              f"can (all special tokens but {', '.join(STRIP_EXEMPT)}; differing: {tokens}): the "
-                              "text after them would tokenize differently, so the tokenizer is refused")
-    return bool(rstrip) if named else None
-
-
-def file_name(name: str, vocab: Vocab) -> str:
-    """general.name for a model named name: tagged phi3 when the tokenizer needs llama.cpp's space stripping."""
-    tagged = any(tag in name.lower() for tag in STRIP_NAME_TAGS)
-    rename = ("rename the checkpoint folder (and _name_or_path in its config.json) without phi-3 in it"
-              if not vocab.strips else "the tokenizer is refused")
-    if tagged and vocab.strips is False:
-        raise GGUFExportError(f"the model's name {name!r} makes llama.cpp strip the spaces after its special tokens, "
-                              f"which its tokenizer does not do; {rename}")
-    if (tagged or vocab.strips) and (missing := [t for t in STRIP_NEEDS if t not in vocab.tokens]):
-        raise GGUFExportError(f"llama.cpp strips the spaces after special tokens only in a file named phi-3, and loads "
-                              f"one only with {', '.join(STRIP_NEEDS)} in the vocabulary; this one lacks "
-                              f"{', '.join(missing)}: {rename}")
-    return f"{name} (phi3 tokenizer)" if vocab.strips and not tagged else name
 
 
 def vocab_id(value, tokens: list[str]) -> int | None:
@@ -173,7 +136,7 @@ def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
                   add_eos=adds_token(tok, tcfg, "eos"), chat_template=template)
     vocab = sentencepiece_vocab(tok, types, common) if is_sentencepiece_bpe(tok) else byte_level_vocab(tok, types,
                                                                                                         common, pre)
-    return replace(vocab, strips=name_strips(tok, vocab))
+    return replace(vocab, strips=strips(tok, vocab.tokens, vocab.types))
 
 
 def byte_level_vocab(tok: dict, types: list[TokenType], common: dict, pre: str | None) -> Vocab:

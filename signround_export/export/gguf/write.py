@@ -19,8 +19,9 @@ from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
 from .read import ROPE_FREQS, dequantize
 from .tensors import IGNORED_SUFFIXES, gguf_name, llama_rows, rope_heads
+from .strip import file_name
 from .types import GGUF_TYPES
-from .vocab import Vocab, add_vocab, file_name, read_vocab
+from .vocab import Vocab, add_vocab, read_vocab
 
 ASYM4_TYPES = ("Q5_0", "Q4_1")  # for 4-bit asymmetric layers: exact, or smaller and near exact
 FLOAT_TYPES = ("F16", "F32", "Q8_0")  # for float matrices
