@@ -19,6 +19,7 @@ from ...model.config import ModelConfig
 from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
 from .read import ROPE_FREQS, dequantize
+from .strip import file_name
 from .tensors import IGNORED_SUFFIXES, gguf_name, is_norm, llama_rows, rope_heads
 from .types import GGUF_TYPES
 from .vocab import Vocab, add_vocab, read_vocab
@@ -244,7 +245,7 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
 
     asym4: Q5_0 or Q4_1 for 4-bit asymmetric layers; float_type: F16, F32 or Q8_0 for float matrices;
     kquant: integer-zero layers of at most 4 bits as Q4_K (not exact); tokenizer_pre_name: llama.cpp's
-    pre-tokenizer name, needed when the vocabulary is not one it is known for here."""
+    pre-tokenizer name, needed when a byte-level tokenizer's vocabulary and split are not recognised."""
     asym4, float_type = check_options(asym4, float_type)
     hf = ckpt.hf_config
     cfg = ModelConfig.from_hf(hf)
@@ -260,6 +261,6 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
         report.tensors.append(freqs[0])
         data.append(freqs[1])
     report.file_type = file_type_of(report.tensors, float_type)
-    write_file(out, cfg, hf.get("_name_or_path") or Path(ckpt.path).name, report, vocab, data)
+    write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab, data)
     report.bytes = Path(out).stat().st_size
     return report
