@@ -269,3 +269,11 @@ def test_tune_for_gguf_refuses_before_tuning(tmp_path, capsys):
     assert main(["tune", str(folder), "--out", str(tmp_path / "ck"), "--gguf", "Q4_0", "--iters", "4",
                  "--quiet"]) == 2
     assert "query_pre_attn_scalar 24" in capsys.readouterr().err and not (tmp_path / "ck").exists()
+
+
+def test_tune_for_gguf_refuses_a_quantized_head_before_tuning(tmp_path, capsys):
+    """gemma2's llama.cpp graph reads the head from token_embd: a head quantized apart cannot be written."""
+    folder = gemma_model(tmp_path / "m", "gemma2", query_pre_attn_scalar=32)
+    assert main(["tune", str(folder), "--out", str(tmp_path / "ck"), "--gguf", "Q4_0", "--iters", "4",
+                 "--quant-lm-head", "--quiet"]) == 2
+    assert "an lm_head of its own" in capsys.readouterr().err and not (tmp_path / "ck").exists()

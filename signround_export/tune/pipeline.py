@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -130,7 +130,9 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
     if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
-        check_llama_cpp(float_model.cfg, param="gguf")
+        # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
+        tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
+        check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)
