@@ -33,14 +33,15 @@ def make_tokenizer(vocab_size: int = 320):  # above 256 bytes: BPE merges, which
 
 
 def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2,
-                     tied=True, model_type="llama", seed=0, vocab_size=320, extra=None) -> Path:
+                     tied=True, model_type="llama", seed=0, vocab_size=320, extra=None, tokenizer=None) -> Path:
     """A random HF model folder: config.json, model.safetensors, tokenizer.json. extra: more config keys
-    (head_dim, use_sliding_window, ...)."""
+    (head_dim, use_sliding_window, ...); tokenizer: a tokenizers.Tokenizer to use (its size is the model's
+    vocabulary) instead of a byte-level BPE of vocab_size tokens."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(vocab_size)
+    tok = tokenizer or make_tokenizer(vocab_size)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     cfg = AutoConfig.for_model(

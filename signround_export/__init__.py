@@ -118,7 +118,7 @@ def export_gguf(source: Source, out: str | Path, *, asym4: str = "q5_0", float_t
     source: as for export_onnx. asym4: carrier of 4-bit asymmetric layers, "q5_0" (exact) or "q4_1"
     (smaller). float_type: "f16", "f32" or "q8_0" for float matrices. kquant: Q4_K for layers of up to
     4 bits whose rows are a multiple of 256 (not exact). tokenizer_pre_name: llama.cpp's pre-tokenizer
-    name when the vocabulary is not recognised.
+    name of a byte-level BPE whose vocabulary and split regex are not recognised.
     """
     with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress) as ckpt:
         return gguf_write.export_gguf(ckpt, out, asym4=asym4, float_type=float_type, kquant=kquant,

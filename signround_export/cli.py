@@ -241,7 +241,8 @@ def add_export(sub):
                    help="type of float matrices such as the embedding (default: f16; q8_0 rounds them to "
                         "8 bits, a quarter of the file for small models)")
     g.add_argument("--tokenizer-pre", dest="tokenizer_pre_name",
-                   help="llama.cpp pre-tokenizer name (default: recognised from the vocabulary)")
+                   help="llama.cpp pre-tokenizer name of a byte-level BPE (default: recognised from the "
+                        "vocabulary or its split regex)")
     add_rtn_args(g)
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_export_gguf, flags=flag_names(g))

@@ -179,6 +179,8 @@ def test_layout_and_config_on_disk(tmp_path):
     src.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (src / name).write_text("{}")
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
     rng = np.random.default_rng(1)
     qw = random_qweight(rng, 40, 96, 4, 64, True)
     quant = QuantConfig(bits=4, group_size=64, sym=True, iters=200, tuning={"lr": 0.005, "nsamples": 128})
@@ -186,8 +188,9 @@ def test_layout_and_config_on_disk(tmp_path):
                            {"model.layers.0.mlp.up_proj": qw}, {}, tokenizer_src_dir=src,
                            tuning_log={"blocks": [1, 2]})
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "tuning_log.json"]
+    assert files == ["additional_chat_templates", "chat_template.jinja", "config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json", "tuning_log.json"]
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "auto-round" and qc["data_type"] == "int" and qc["packing_format"] == GPTQ_V1
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["iters"]) == (4, 64, True, 200)

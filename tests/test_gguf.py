@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader
 
 from conftest import WIKITEXT, rtn_checkpoint
 from signround_export.checkpoint.qweight import QuantWeight
@@ -158,25 +159,40 @@ def test_file_reads_back_to_the_checkpoint_weights(tiny_ckpt, tmp_path):
     assert "lm_head.weight" not in weights  # tied: the embedding is written once
 
 
-def test_unknown_vocabulary_asks_for_the_pre_tokenizer(tiny_ckpt, tmp_path):
+def edited_tokenizer(ckpt_dir, folder, edit):
+    """A copy of a checkpoint whose tokenizer.json `edit` changes."""
+    shutil.copytree(ckpt_dir, folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    edit(tok)
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    return replace(read_checkpoint(ckpt_dir), path=folder)
+
+
+def test_byte_level_split_names_the_pre_tokenizer_or_asks_for_it(tiny_ckpt, tmp_path):
+    export_gguf(read_checkpoint(tiny_ckpt), tmp_path / "gpt2.gguf")  # ByteLevel's own split: llama.cpp's gpt-2
+    assert GGUFReader(tmp_path / "gpt2.gguf").fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+    def unknown_split(tok):
+        tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\p{L}+|\s+"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    ckpt = edited_tokenizer(tiny_ckpt, tmp_path / "split", unknown_split)
     with pytest.raises(GGUFExportError, match="pass tokenizer_pre_name") as e:
-        export_gguf(read_checkpoint(tiny_ckpt), tmp_path / "m.gguf")
+        export_gguf(ckpt, tmp_path / "m.gguf")
     assert e.value.param == "tokenizer_pre_name"
     assert not (tmp_path / "m.gguf").exists()  # nothing half-written
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf", "split"]
 
 
-def test_sentencepiece_style_bpe_is_refused_not_written_as_gpt2(tiny_ckpt, tmp_path):
-    """A BPE vocabulary with byte fallback (Llama 2, Mistral 7B, Gemma) needs llama.cpp's SentencePiece
-    vocabulary; written as gpt2 it would tokenize wrongly whatever pre-tokenizer name is given."""
-    ckpt = read_checkpoint(tiny_ckpt)
-    spm = tmp_path / "spm"
-    shutil.copytree(tiny_ckpt, spm)
-    tok = json.loads((spm / "tokenizer.json").read_text())
-    tok["model"]["byte_fallback"] = True
-    (spm / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(GGUFExportError, match="SentencePiece-style BPE"):
-        export_gguf(replace(ckpt, path=spm), tmp_path / "m.gguf", tokenizer_pre_name="llama-bpe")
+def test_sentencepiece_style_bpe_without_byte_tokens_is_refused(tiny_ckpt, tmp_path):
+    """A "▁"-marked BPE with byte fallback is written as llama.cpp's SentencePiece vocabulary (test_vocab.py);
+    one without the <0xNN> tokens to fall back to would lose characters, so it is refused."""
+    def metaspace(tok):
+        tok["model"]["byte_fallback"] = True
+        tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": False}
+    ckpt = edited_tokenizer(tiny_ckpt, tmp_path / "spm", metaspace)
+    with pytest.raises(GGUFExportError, match="SentencePiece-style BPE .* 0 of the 256 byte tokens"):
+        export_gguf(ckpt, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -43,24 +43,22 @@ def test_rope_scaling_is_refused():
         ModelConfig.from_hf(cfg)
 
 
-@pytest.mark.parametrize("window, use, refused", [
-    (4096, None, True),  # Mistral 7B v0.1: a window shorter than the context is on without a switch
-    (None, None, False),  # Mistral v0.2+: no window
-    (32768, None, False),  # a window as long as the context changes nothing
-    (4096, False, False),  # Qwen: switched off
-    (4096, True, True),  # Qwen: switched on
+@pytest.mark.parametrize("window, use, windows", [
+    (4096, None, (4096, 4096)),  # Mistral 7B v0.1: a window shorter than the context, on without a switch
+    (None, None, (None, None)),  # Mistral v0.2+: no window
+    (32768, None, (32768, 32768)),  # a window as long as the context: kept, and it limits nothing
+    (4096, True, (4096, 4096)),  # mistral's config has no switch: transformers ignores use_sliding_window
 ])
-def test_sliding_window_is_refused_by_name_not_ignored(window, use, refused):
+def test_sliding_window_is_read_not_ignored(window, use, windows):
+    """tests/test_sliding_window.py has the other families and every stage."""
     hf = {"model_type": "mistral", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 160,
           "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32768,
           "sliding_window": window}
     if use is not None:
         hf["use_sliding_window"] = use
-    if refused:
-        with pytest.raises(UnsupportedModelError, match="sliding-window attention is not supported"):
-            ModelConfig.from_hf(hf)
-    else:
-        assert ModelConfig.from_hf(hf).max_positions == 32768
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.windows == windows
+    assert [cfg.window(i) for i in range(2)] == [w if w is not None and w < 32768 else None for w in windows]
 
 
 def test_bad_model_folders(tmp_path, tiny_model):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
-from signround_export.errors import UnsupportedModelError
+from signround_export.errors import GGUFExportError
 from signround_export.export.gguf import export_gguf, read_gguf_weights
 from signround_export.export.onnx import export_onnx
 from signround_export.model.config import ModelConfig
@@ -63,10 +63,17 @@ def test_logits_match_transformers(tmp_path, tied, kv_heads):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
 
 
-def test_sliding_window_is_refused_by_name(tmp_path):
+def test_sliding_window_is_honoured_and_refused_for_gguf_by_name(tmp_path):
+    """use_sliding_window is honoured (tests/test_sliding_window.py runs it through every stage); only
+    llama.cpp's qwen3 architecture reads no window, so the GGUF export is refused by name."""
     folder = qwen3_model(tmp_path / "m", use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    with pytest.raises(UnsupportedModelError, match="use_sliding_window is true in this qwen3 config"):
-        load_float_model(folder)
+    model, _, _ = load_float_model(folder)
+    assert model.cfg.windows == (16, 16)
+    ckpt = tmp_path / "ckpt"
+    assert main(["tune", str(folder), "--out", str(ckpt), "--iters", "0", "--bits", "4", "--group-size", "32",
+                 "--quiet"]) == 0
+    with pytest.raises(GGUFExportError, match="this qwen3 model has sliding-window attention"):
+        export_gguf(read_checkpoint(ckpt), tmp_path / "m.gguf")
 
 
 def test_norms_are_kept_in_float(tuned):

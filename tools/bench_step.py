@@ -68,7 +68,7 @@ def main() -> None:
                            for n in p if n.endswith("proj.weight")}, "cpu")
     x = torch.randn(args.batch_size, args.seqlen, cfg.hidden_size)
     y = torch.randn_like(x)
-    rope = model.rope(args.seqlen)
+    rope = model.ropes(args.seqlen)[0]
 
     def step():
         loss = F.mse_loss(block_forward(cfg, tuner.weights(), x, *rope), y)

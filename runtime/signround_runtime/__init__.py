@@ -1,4 +1,4 @@
-"""CPU runtime for ONNX models exported by signround-export (onnxruntime, numpy, tokenizers only)."""
+"""CPU runtime for ONNX models exported by signround-export (onnxruntime, numpy, tokenizers, jinja2 only)."""
 
 from .model import Generation, Model, RuntimeModelError
 from .sampling import Sampling

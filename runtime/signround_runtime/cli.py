@@ -103,8 +103,9 @@ def main(argv=None) -> int:
         model = Model(words[0], threads=args.threads)
         system = [{"role": "system", "content": args.system}] if args.system else []
         if not chat:
-            text = words[1] if args.raw else model.chat_prompt(system + [{"role": "user", "content": words[1]}])
-            reply(model, model.encode(text), args, sampling)
+            ids = (model.encode(words[1]) if args.raw else
+                   model.chat_ids(system + [{"role": "user", "content": words[1]}]))
+            reply(model, ids, args, sampling)
             return 0
         history = list(system)
         while True:
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
             if not line:
                 break
             history.append({"role": "user", "content": line})
-            answer = reply(model, model.encode(model.chat_prompt(history)), args, sampling)
+            answer = reply(model, model.chat_ids(history), args, sampling)
             history.append({"role": "assistant", "content": answer})
         return 0
     except (RuntimeModelError, ValueError) as e:

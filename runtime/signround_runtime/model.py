@@ -92,15 +92,22 @@ class Model:
     # -- text ------------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text as written: the tokenizer's post-processor adds no BOS or EOS of its own."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> str:
+        """The chat template's text for messages, ending with the assistant's turn opened."""
         from .chat import render
 
-        return render(self.folder, self.tokenizer_config, messages)
+        return render(self.folder, self.tokenizer_config, messages, **template_kwargs)
+
+    def chat_ids(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """The prompt's token ids, as transformers' apply_chat_template(tokenize=True) makes them: the
+        template writes the special tokens it wants (BOS included), so encoding adds none (no second BOS)."""
+        return self.encode(self.chat_prompt(messages, **template_kwargs))
 
     # -- generation ------------------------------------------------------------------------------
 

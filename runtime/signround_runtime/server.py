@@ -94,6 +94,19 @@ def _stream_options(v):
     return _bool("stream_options.include_usage", v.get("include_usage", False))
 
 
+def _template_kwargs(v):
+    """chat_template_kwargs (as vLLM takes it): more variables for the chat template, such as Qwen3's
+    enable_thinking. The ones the server sets itself cannot be replaced."""
+    if not isinstance(v, dict):
+        raise ApiError(400, 'chat_template_kwargs must be an object, e.g. {"enable_thinking": false}',
+                       "chat_template_kwargs", "invalid_type")
+    taken = sorted(set(v) & {"messages", "add_generation_prompt", "tools", "documents"})
+    if taken:
+        raise ApiError(400, f"chat_template_kwargs cannot set {', '.join(taken)}: the server sets "
+                            f"{'it' if len(taken) == 1 else 'them'}", "chat_template_kwargs", "invalid_value")
+    return v
+
+
 # Each accepted field and its check (None: checked where it is used). Anything else is a 400, so a
 # client learns at once that a parameter it relies on (logprobs, tools, ...) is not honoured here.
 COMMON = {
@@ -113,7 +126,8 @@ COMMON = {
 }
 FIELDS = {
     "chat": {**COMMON, "messages": None,
-             "max_completion_tokens": lambda v: _integer("max_completion_tokens", v, 1)},
+             "max_completion_tokens": lambda v: _integer("max_completion_tokens", v, 1),
+             "chat_template_kwargs": _template_kwargs},
     "completion": {**COMMON, "prompt": None},
 }
 
@@ -304,11 +318,11 @@ class Server:
         if kind == "chat":
             if "messages" not in p:
                 raise ApiError(400, "messages is required", "messages", "missing_parameter")
-            try:
-                text = model.chat_prompt(chat_messages(p["messages"]))
+            messages = chat_messages(p["messages"])
+            try:  # the template may refuse the messages (Gemma: no system role): the request is at fault
+                prompt = await run_in_threadpool(model.chat_ids, messages, **p.get("chat_template_kwargs", {}))
             except ValueError as e:
                 raise ApiError(400, str(e), "messages", "invalid_messages") from None
-            prompt = await run_in_threadpool(model.encode, text)
             limit_name = "max_completion_tokens" if p.get("max_completion_tokens") is not None else "max_tokens"
             max_tokens = p.get(limit_name)
         else:

@@ -1,5 +1,5 @@
 """The runtime: generation through onnxruntime equals the PyTorch reference, batches, sampling, stop
-tokens, streaming, chat templates, the CLI, and no torch anywhere in its imports."""
+tokens, streaming, the CLI, and no torch anywhere in its imports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from signround_runtime import Model, RuntimeModelError, Sampling
-from signround_runtime.chat import chatml, render
 from signround_runtime.cli import main as run_main
 from signround_runtime.sampling import choose, penalize
 
@@ -108,19 +107,6 @@ def test_a_graph_without_a_fixed_vocabulary_is_refused(exported, tmp_path):
     onnx.save(model, str(folder / "model.onnx"))
     with pytest.raises(RuntimeModelError, match="no logits output of a fixed vocabulary size"):
         Model(folder, threads=1)
-
-
-def test_chat_template_with_and_without_jinja(tmp_path):
-    template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + "
-                "'\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
-    pytest.importorskip("jinja2")
-    assert render(tmp_path, {"chat_template": template}, msgs) == chatml(template, msgs)
-    assert chatml(template, msgs).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
-    with pytest.raises(ValueError, match="message 0"):
-        render(tmp_path, {"chat_template": template}, [{"role": "robot", "content": "x"}])
 
 
 def test_cli_prints_a_reply_and_speed(exported, capfd):

@@ -70,18 +70,100 @@ class RopeScaling:
                    long_factor=tuple(float(f) for f in rope["long_factor"]), attention_factor=float(attention))
 
 
-def check_full_attention(hf: dict, model_type: str, max_positions: int) -> None:
-    """Refuse sliding-window attention by name: the forward and both exports attend to the whole
-    context. A window is on when use_sliding_window says so (Qwen) or, without that key, when
-    sliding_window is set (Mistral); a window as long as the context changes nothing."""
-    window = hf.get("sliding_window")
-    on = hf["use_sliding_window"] if "use_sliding_window" in hf else window is not None
-    if on and (window is None or window < max_positions):
-        key = "use_sliding_window is true" if hf.get("use_sliding_window") else f"sliding_window is {window}"
+LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer_types' values: sliding or not
+
+
+def layer_windows(hf: dict, family: Family, n_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: the layer attends to the whole past), placed as transformers
+    places them for the family (families.py). A layer with window W lets position t attend to s with
+    t - W < s <= t, transformers' sliding_window_overlay."""
+    window = hf.get("sliding_window", family.default_window)
+    if family.windows is None or window is None:
+        return (None,) * n_layers
+    if family.windows == "every_layer":
+        sliding = [True] * n_layers
+    elif family.windows == "use_sliding_window":
+        if not hf.get("use_sliding_window", False):
+            return (None,) * n_layers
+        sliding = sliding_layers(hf, n_layers)
+    elif family.windows == "alternating":
+        sliding = alternating_layers(hf, family, n_layers)
+    else:
+        raise AssertionError(f"family {family.model_type}: unknown window placement {family.windows!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ModelError(f"sliding_window {window!r} in config.json: give a positive number of tokens, or null")
+    return tuple(window if s else None for s in sliding)
+
+
+def sliding_layers(hf: dict, n_layers: int) -> list[bool]:
+    """Which layers slide: layer_types' "sliding_attention" entries, else layers from max_window_layers on
+    (Qwen2/3's rule, transformers' default max_window_layers 28)."""
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", 28)
+        return [i >= first for i in range(n_layers)]
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ModelError(f"layer_types in config.json must give one of {', '.join(LAYER_TYPES)} for each of "
+                         f"the {n_layers} layers; it is {types!r}")
+    return [LAYER_TYPES[t] for t in types]
+
+
+def check_text_decoder(hf: dict, model_type) -> None:
+    """Refuse by name the configs of models that are more than a causal text decoder."""
+    if "text_config" in hf:
         raise UnsupportedModelError(
-            f"{key} in this {model_type} config: sliding-window attention is not supported; only models whose "
-            "every layer attends to the whole context can be quantized"
-        )
+            f"this {model_type} config nests a text_config: it is a multimodal model; give the folder of its "
+            "text model alone (for Gemma 3: model_type gemma3_text, e.g. google/gemma-3-1b-it)")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(
+            f"use_bidirectional_attention is true in this {model_type} config: it is an encoder (embedding "
+            "model), not a causal decoder; only causal decoders can be quantized and exported")
+
+
+def read_activation(hf: dict, family: Family) -> str:
+    """The MLP's activation: the family's, which config.json may name but not change."""
+    key = next((k for k in ("hidden_activation", "hidden_act") if hf.get(k)), None)
+    if key is not None and hf[key] != family.activation:
+        raise UnsupportedModelError(
+            f"{key} {hf[key]!r} in this {family.model_type} config: the {family.model_type} MLP is computed "
+            f"with {family.activation!r} here (and in the ONNX and GGUF targets)")
+    return family.activation
+
+
+def alternating_layers(hf: dict, family: Family, n_layers: int) -> list[bool]:
+    """Which layers of a family that alternates them are local (sliding_attention): layer_types' entries,
+    else every layer but each Nth (N: sliding_window_pattern, else the family's; transformers' rule)."""
+    if hf.get("layer_types") is not None:
+        return sliding_layers(hf, n_layers)
+    every = hf.get("sliding_window_pattern") or family.global_every
+    return [(i + 1) % every != 0 for i in range(n_layers)]
+
+
+def local_layers(hf: dict, family: Family, n_layers: int) -> tuple[int, ...]:
+    """The local layers of a family that alternates them (they take its local RoPE base); () for others."""
+    if family.windows != "alternating":
+        return ()
+    return tuple(i for i, local in enumerate(alternating_layers(hf, family, n_layers)) if local)
+
+
+def split_rope(hf: dict) -> tuple[dict, dict | None]:
+    """(the global layers' rope parameters, the local layers' or None when they share the global ones).
+    transformers 5 writes them per layer type (Gemma 3); older configs give rope_local_base_freq."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if "full_attention" in rope:
+        return rope["full_attention"], rope.get("sliding_attention")
+    local = {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else None
+    return rope, local
+
+
+def local_rope_theta(local: dict | None, family: Family, max_positions: int) -> float | None:
+    """The local layers' RoPE base: plain RoPE only (llama.cpp's local layers take no scaling)."""
+    if local is None:
+        return family.local_rope_base
+    if RopeScaling.from_hf(local, max_positions) is not None:
+        raise UnsupportedModelError(f"rope scaling on the sliding-window layers of this {family.model_type} "
+                                    "config is not supported; only the global layers may scale RoPE")
+    return float(local.get("rope_theta", family.local_rope_base or 10000.0))
 
 
 @dataclass(frozen=True)
@@ -101,21 +183,31 @@ class ModelConfig:
     attention_bias: bool
     rope_scaling: RopeScaling | None = None
     partial_rotary_factor: float = 1.0  # the share of each head's dimensions that rotate (the first ones)
+    activation: str = "silu"  # transformers' name of the gated MLP's activation
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power (else head_dim's)
+    attn_softcap: float | None = None  # scores -> tanh(scores / cap) * cap before the mask
+    final_softcap: float | None = None  # logits -> tanh(logits / cap) * cap
+    local_layers: tuple[int, ...] = ()  # the sliding_attention layers of a family that alternates them
+    local_rope_theta: float | None = None  # the local layers' RoPE base (plain RoPE); None: the global RoPE
+    # each layer's sliding window (layer_windows), None for a layer that attends to the whole past; empty:
+    # every layer attends to the whole past
+    windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
+            check_text_decoder(hf, model_type)
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        check_text_decoder(hf, model_type)
+        family = FAMILIES[model_type]
+        rope, local_rope = split_rope(hf)
         max_positions = hf.get("max_position_embeddings", 4096)
-        check_full_attention(hf, model_type, max_positions)
         rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"))
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-        family = FAMILIES[model_type]
         cfg = cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -132,6 +224,14 @@ class ModelConfig:
             attention_bias=family.qkv_bias if family.qkv_bias is not None else hf.get("attention_bias", False),
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+            activation=read_activation(hf, family),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+            attn_softcap=hf.get("attn_logit_softcapping") if family.attn_softcap else None,
+            final_softcap=hf.get("final_logit_softcapping"),
+            windows=layer_windows(hf, family, hf["num_hidden_layers"]),
+            local_layers=local_layers(hf, family, hf["num_hidden_layers"]),
+            local_rope_theta=(local_rope_theta(local_rope, family, max_positions) if family.windows == "alternating"
+                              else None),
         )
         cfg.check_rotary()
         return cfg
@@ -164,3 +264,18 @@ class ModelConfig:
         if s is not None and s.type == "longrope":
             return min(s.original_max_positions, self.max_positions)
         return self.max_positions
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The attention scores' scale when the config sets one (query_pre_attn_scalar); None: 1/sqrt(head_dim)."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar ** -0.5
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer rotates q and k with the local layers' RoPE (local_rope_theta) instead of the global."""
+        return self.local_rope_theta is not None and layer in self.local_layers
+
+    def window(self, layer: int) -> int | None:
+        """Layer's sliding window where it is shorter than the context, so that it limits what a position
+        sees; None where the layer sees every position the model can hold."""
+        w = self.windows[layer] if self.windows else None
+        return w if w is not None and w < self.context_length else None

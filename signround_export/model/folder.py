@@ -18,6 +18,7 @@ INDEX = "model.safetensors.index.json"  # the shard index of a sharded folder
 # what a folder needs besides its weights to tokenize, chat and generate; copied into every output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+CHAT_TEMPLATES = "additional_chat_templates"  # a folder of NAME.jinja templates besides the default one
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -105,10 +106,12 @@ def read_safetensors(folder: Path, error: type[SignroundError] = ModelError,
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the TOKENIZER_FILES that src has into dst."""
+    """Copy the TOKENIZER_FILES that src has into dst, and its named chat templates (tool_use, ...)."""
     for fname in TOKENIZER_FILES:
         if (Path(src) / fname).is_file():
             shutil.copyfile(Path(src) / fname, Path(dst) / fname)
+    if (Path(src) / CHAT_TEMPLATES).is_dir():
+        shutil.copytree(Path(src) / CHAT_TEMPLATES, Path(dst) / CHAT_TEMPLATES, dirs_exist_ok=True)
 
 
 def config_token_id(folder: Path, hf_config: dict, key: str):

@@ -1,4 +1,5 @@
-"""The LLaMA family (llama, mistral, qwen2, qwen3, phi3, SmolLM2) as plain functions over a dict of HF-named tensors.
+"""The LLaMA family (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, SmolLM2) as plain functions over
+a dict of HF-named tensors.
 
 This is the one PyTorch forward in the project: tuning runs its blocks, and the reference model that
 every exported artifact is compared against is this forward over weights dequantized from a
@@ -17,9 +18,50 @@ from .families import FUSED_GATE_UP, FUSED_QKV, block_norms, check_linears
 from .rope import rope_tables
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm scaled by weight, or (Gemma, offset 1) by offset + weight in float32 before the cast back."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (normed * (offset + weight.float())).to(x.dtype)
+    return normed.to(x.dtype) * weight
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+def visible(t: int, window: int | None, device) -> torch.Tensor:
+    """bool [t, t]: position t sees s when s <= t and, with a window W, t - W < s (transformers'
+    sliding-window mask)."""
+    pos = torch.arange(t, device=device)
+    back = pos[:, None] - pos[None, :]  # t - s
+    return (back >= 0) & (back < window) if window is not None else back >= 0
+
+
+def attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """Causal attention of q [B, heads, T, D] over k, v [B, kv_heads, T, D], limited to a window of W
+    positions when the block has one. A window the sequence fits in changes nothing, so it keeps SDPA's
+    causal path, bit for bit the same as no window. Soft-capped scores are written out (SDPA cannot cap
+    them); SDPA takes the config's scale when it sets one."""
+    gqa = cfg.n_kv_heads != cfg.n_heads
+    t = q.shape[2]
+    window = window if window is not None and window < t else None
+    if cfg.attn_softcap is None:
+        if window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attention_scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(t, window, q.device),
+                                              scale=cfg.attention_scale, enable_gqa=gqa)
+    groups = cfg.n_heads // cfg.n_kv_heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim ** -0.5
+    scores = softcap(q @ k.transpose(-1, -2) * scale, cfg.attn_softcap)
+    scores = scores.masked_fill(~visible(t, window, q.device), float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,26 +95,36 @@ def gate_and_up(cfg: ModelConfig, p: dict, h: torch.Tensor, tap=None) -> tuple[t
 
 
 def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  tap=None) -> torch.Tensor:
-    """One decoder block on x [B, T, H] with causal attention. p holds the block's tensors by HF name
-    relative to the block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input)
-    is called with every linear's input."""
+                  tap=None, window: int | None = None) -> torch.Tensor:
+    """One decoder block on x [B, T, H] with causal attention, limited to `window` positions when the
+    block has one (cfg.window(i) for block i). p holds the block's tensors by HF name relative to the
+    block ("self_attn.q_proj.weight", "input_layernorm.weight", ...). tap(name, input) is called with
+    every linear's input."""
     b, t, _ = x.shape
-    h = rms_norm(x, p["input_layernorm.weight"], cfg.rms_eps)
+    fam = cfg.family
+
+    def norm(name: str, y: torch.Tensor) -> torch.Tensor:
+        return rms_norm(y, p[name + ".weight"], cfg.rms_eps, fam.norm_offset)
+
+    h = norm("input_layernorm", x)
     q, k, v = attention_inputs(cfg, p, h, tap)
     q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
     k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    if cfg.family.qk_norm:  # over each head's head_dim values
-        q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_eps)
-        k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_eps)
+    if fam.qk_norm:  # over each head's head_dim values
+        q, k = norm("self_attn.q_norm", q), norm("self_attn.k_norm", k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
-    x = x + linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
-    h = rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_eps)
+    a = attention(cfg, q, k, v, window)
+    a = linear(p, "self_attn.o_proj", a.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim), tap)
+    if fam.sandwich_norms:  # the attention output is normed before the residual, the MLP has its own input norm
+        x = x + norm("post_attention_layernorm", a)
+        h = norm("pre_feedforward_layernorm", x)
+    else:
+        x = x + a
+        h = norm("post_attention_layernorm", x)
     gate, up = gate_and_up(cfg, p, h, tap)
-    act = F.silu(gate) * up
-    return x + linear(p, "mlp.down_proj", act, tap)
+    out = linear(p, "mlp.down_proj", ACTIVATIONS[cfg.activation](gate) * up, tap)
+    return x + (norm("post_feedforward_layernorm", out) if fam.sandwich_norms else out)
 
 
 class Model:
@@ -103,24 +155,32 @@ class Model:
         return self.tensors.get("lm_head.weight", self.tensors["model.embed_tokens.weight"])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.tensors["model.embed_tokens.weight"])
+        x = F.embedding(ids, self.tensors["model.embed_tokens.weight"])
+        if self.cfg.family.embed_scale:  # sqrt(hidden) rounded to the embedding's dtype, as transformers does
+            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
+        return x
 
-    def rope(self, t: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [t, rotary_dim] for positions 0 .. t - 1, repeated over both halves of a head's
-        rotary part; ModelError past what the rotary table covers (longrope's original context)."""
-        cos, sin = (torch.from_numpy(np.concatenate([a, a], axis=-1)).to(device) for a in rope_tables(self.cfg, t))
-        return cos, sin
+    def ropes(self, t: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's cos and sin [t, rotary_dim] for positions 0 .. t - 1, repeated over both halves of a
+        head's rotary part (local layers with a RoPE of their own get theirs; the others share one table);
+        ModelError past what the rotary table covers (longrope's original context)."""
+        tables = {}
+        for local in sorted({self.cfg.local_rope(i) for i in range(self.cfg.n_layers)}):
+            tables[local] = tuple(torch.from_numpy(np.concatenate([a, a], axis=-1)).to(device)
+                                  for a in rope_tables(self.cfg, t, local))
+        return [tables[self.cfg.local_rope(i)] for i in range(self.cfg.n_layers)]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.tensors["model.norm.weight"], self.cfg.rms_eps)
-        return F.linear(x, self.lm_head_weight(), self.tensors.get("lm_head.bias"))
+        x = rms_norm(x, self.tensors["model.norm.weight"], self.cfg.rms_eps, self.cfg.family.norm_offset)
+        logits = F.linear(x, self.lm_head_weight(), self.tensors.get("lm_head.bias"))
+        return logits if self.cfg.final_softcap is None else softcap(logits, self.cfg.final_softcap)
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, T, V] for token ids [B, T] (positions from 0, causal)."""
         x = self.embed(ids)
-        cos, sin = self.rope(ids.shape[1], x.device)
+        ropes = self.ropes(ids.shape[1], x.device)
         for i in range(self.cfg.n_layers):
-            x = block_forward(self.cfg, self.block_params(i), x, cos, sin)
+            x = block_forward(self.cfg, self.block_params(i), x, *ropes[i], window=self.cfg.window(i))
         return self.head(x).float()
 

@@ -7,7 +7,8 @@ position * theta^(-2j / r), divided by the pair's scaling divisor when the confi
 so cos and sin are listed per pair and each consumer lays them out as it needs: the PyTorch forward
 repeats them over both halves, the ONNX graph hands them to GroupQueryAttention as its cos/sin caches
 (narrower than head_dim / 2 for partial rotary), and the GGUF file carries the divisors themselves.
-longrope also scales cos and sin by its attention factor (`rope_attention_factor`).
+longrope also scales cos and sin by its attention factor (`rope_attention_factor`). Gemma 3's local layers
+take a table of their own (local=True: plain RoPE with their base, no scaling).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from ..errors import ModelError
 from .config import ModelConfig
 
 
-def base_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """float64 [rotary_dim / 2]: the angle per position of each pair of plain RoPE."""
+def base_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """float64 [rotary_dim / 2]: the angle per position of each pair of plain RoPE (local: with the local
+    layers' base)."""
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
     d = cfg.rotary_dim
-    return 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    return 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
 
 
 def rope_divisors(cfg: ModelConfig) -> np.ndarray | None:
@@ -48,14 +51,18 @@ def rope_divisors(cfg: ModelConfig) -> np.ndarray | None:
     return np.where(high, 1.0, np.where(low, s.factor, blended))
 
 
-def rope_attention_factor(cfg: ModelConfig) -> float:
-    """What cos and sin are multiplied by: longrope's attention factor, else 1."""
+def rope_attention_factor(cfg: ModelConfig, local: bool = False) -> float:
+    """What cos and sin are multiplied by: longrope's attention factor, else 1 (and 1 for the local
+    layers' plain RoPE)."""
     s = cfg.rope_scaling
-    return s.attention_factor if s is not None and s.type == "longrope" else 1.0
+    return s.attention_factor if s is not None and s.type == "longrope" and not local else 1.0
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """float64 [rotary_dim / 2]: the angle per position of each pair, after rope scaling."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """float64 [rotary_dim / 2]: the angle per position of each pair, after rope scaling (local: the local
+    layers' plain RoPE, see ModelConfig.local_rope)."""
+    if local:
+        return base_frequencies(cfg, local=True)
     inv_freq = base_frequencies(cfg)
     divisors = rope_divisors(cfg)
     return inv_freq if divisors is None else inv_freq / divisors
@@ -72,12 +79,13 @@ def check_positions(cfg: ModelConfig, n_positions: int) -> None:
             "use shorter sequences")
 
 
-def rope_tables(cfg: ModelConfig, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, float32 [n_positions, rotary_dim / 2], for positions 0 .. n_positions - 1."""
+def rope_tables(cfg: ModelConfig, n_positions: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, float32 [n_positions, rotary_dim / 2], for positions 0 .. n_positions - 1 (local: of the
+    local layers' RoPE)."""
     check_positions(cfg, n_positions)
-    angles = np.arange(n_positions, dtype=np.float64)[:, None] * inverse_frequencies(cfg)[None, :]
+    angles = np.arange(n_positions, dtype=np.float64)[:, None] * inverse_frequencies(cfg, local)[None, :]
     cos, sin = np.cos(angles), np.sin(angles)
-    scale = rope_attention_factor(cfg)
+    scale = rope_attention_factor(cfg, local)
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     return cos.astype(np.float32), sin.astype(np.float32)

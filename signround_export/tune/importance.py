@@ -69,12 +69,12 @@ def _forward(model: Model, p_override: dict[str, torch.Tensor], ids: torch.Tenso
     """Logits with some weights replaced (so that gradients reach the replacements)."""
     cfg = model.cfg
     x = model.embed(ids)
-    cos, sin = model.rope(ids.shape[1], x.device)
+    ropes = model.ropes(ids.shape[1], x.device)
     for i in range(cfg.n_layers):
         p = model.block_params(i)
         prefix = f"model.layers.{i}."
         p.update({n[len(prefix):]: t for n, t in p_override.items() if n.startswith(prefix)})
-        x = block_forward(cfg, p, x, cos, sin)
+        x = block_forward(cfg, p, x, *ropes[i], window=cfg.window(i))
     return model.head(x)
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +30,7 @@ from ..checkpoint.write import write_checkpoint
 from ..data import calibration_ids
 from ..errors import TuneError
 from ..export.gguf import mixes
+from ..export.gguf.write import check_llama_cpp
 from ..model.folder import resolve_model_dir
 from ..model.forward import Model
 from ..model.load import float_checkpoint, is_checkpoint, load_float_model
@@ -128,6 +129,10 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     calib = Path(calib) if calib else None
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
+    if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
+        # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
+        tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
+        check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)

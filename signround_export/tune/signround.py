@@ -106,15 +106,16 @@ def peak_rss_mb() -> float:
 
 
 def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, batch: int,
-                dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Mean over calibration tokens of each linear's squared input, per input column (matmuls in dtype)."""
+                dtype=torch.float32, window: int | None = None) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of each linear's squared input, per input column (matmuls in dtype);
+    window: the block's sliding window."""
     sums: dict[str, torch.Tensor] = {}
 
     def tap(name: str, t: torch.Tensor) -> None:
         s = t.detach().float().pow(2).reshape(-1, t.shape[-1]).sum(0)
         sums[name] = sums[name] + s if name in sums else s
 
-    batched(lambda b: block_forward(cfg, params, b, *rope, tap=tap), x, batch, dtype)
+    batched(lambda b: block_forward(cfg, params, b, *rope, tap=tap, window=window), x, batch, dtype)
     tokens = x.shape[0] * x.shape[1]
     return {n: s / tokens for n, s in sums.items()}
 
@@ -189,7 +190,8 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, c
     device = x_q.device
     params = {n: t.to(device) for n, t in model.block_params(i).items()}
     schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
-    power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype) if config.searches() else None
+    window = model.cfg.window(i)
+    power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window) if config.searches() else None
     tuner = BlockTuner(params, schemes, device, power)
     g = torch.Generator().manual_seed(config.seed * 100003 + i)
     lr0, batch = config.effective_lr(), min(config.batch_size, len(x_q))
@@ -202,7 +204,7 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, c
         idx = order[pos : pos + batch]
         pos += batch
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = block_forward(model.cfg, tuner.weights(), x_q[idx], *rope)
+            out = block_forward(model.cfg, tuner.weights(), x_q[idx], *rope, window=window)
         loss = F.mse_loss(out.float(), y[idx])
         value = loss.item()
         if first_loss is None:
@@ -249,18 +251,20 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         resume.begin(asdict(config) | {"device": dev.type, "compute_dtype": result.dtype})
     cfg = model.cfg
 
-    x = x_q = rope = y = None
+    x = x_q = ropes = y = None
     if config.uses_data():
         with torch.no_grad():
             x = model.embed(calib).to(dev)
         x_q = x.clone()
-        rope = tuple(t.to(dev) for t in model.rope(calib.shape[1]))
+        ropes = model.ropes(calib.shape[1], dev)
 
     bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
     for i in bar:
+        rope = ropes[i] if ropes is not None else None
         if config.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
             fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
-            y = batched(lambda b: block_forward(cfg, fp, b, *rope), x, config.batch_size, dtype)
+            y = batched(lambda b: block_forward(cfg, fp, b, *rope, window=cfg.window(i)), x, config.batch_size,
+                        dtype)
         saved = resume.load_block(i) if resume is not None else None
         if saved is not None:
             qws, log = saved
@@ -276,7 +280,8 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         result.blocks.append(log)
         if config.uses_data():  # the quantized model's inputs of the next block
             qp = quantized_params(model, i, qws, dev)
-            x_q = batched(lambda b: block_forward(cfg, qp, b, *rope), x_q, config.batch_size, dtype)
+            x_q = batched(lambda b: block_forward(cfg, qp, b, *rope, window=cfg.window(i)), x_q,
+                          config.batch_size, dtype)
             x = y
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")

@@ -8,7 +8,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
-from .tensors import hf_names, rope_heads, rope_unpermute
+from .tensors import hf_names, is_norm, rope_heads, rope_unpermute
 
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling's per-frequency divisors, written from the config
 ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # longrope's, from the config too
@@ -50,7 +50,7 @@ def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], di
     tensor's GGUF type. GGUFExportError when the file is unreadable or does not match cfg."""
     reader = open_gguf(path)
     arch = check_model(reader, path, cfg)
-    to_hf = hf_names(cfg)
+    to_hf = hf_names(cfg.n_layers, cfg.family)
     weights, types = {}, {}
     for t in reader.tensors:
         if t.name == ROPE_FREQS or t.name in ROPE_FACTORS:  # rope scaling, not a weight: the config gives it
@@ -62,5 +62,7 @@ def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], di
         hf_name = to_hf[t.name]
         heads = rope_heads(cfg, hf_name)
         weights[hf_name] = rope_unpermute(w, heads) if heads else w
+        if is_norm(hf_name) and cfg.family.norm_offset:  # the file holds offset + weight (write.py)
+            weights[hf_name] = weights[hf_name] - np.float32(cfg.family.norm_offset)
         types[hf_name] = t.tensor_type.name
     return weights, types

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...checkpoint.qweight import QuantWeight
 from ...model.config import ModelConfig
-from ...model.families import FUSED_LINEARS, SEPARATE_LINEARS
+from ...model.families import FUSED_LINEARS, SEPARATE_LINEARS, Family
 
 ALL_LINEARS = frozenset(SEPARATE_LINEARS + FUSED_LINEARS)
 
@@ -40,27 +40,51 @@ TENSOR_NAMES = {
     "model.layers.{i}.self_attn.qkv_proj.weight": "blk.{i}.attn_qkv.weight",
     "model.layers.{i}.mlp.gate_up_proj.weight": "blk.{i}.ffn_up.weight",
 }
+# the names of a block with sandwich norms (Gemma): post_attention_layernorm norms the attention output,
+# pre_feedforward_layernorm is the MLP's input norm (llama.cpp's ffn_norm)
+SANDWICH_NORM_NAMES = {
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
 
 
-def gguf_name(hf_name: str) -> str | None:
+def tensor_names(family: Family | None) -> dict[str, str]:
+    """HF name pattern -> GGUF name pattern for a family: its own linears only (ffn_up is up_proj or a fused
+    gate_up_proj, as Family.linears says) and its sandwich norms' names. None: every LLaMA-block pattern."""
+    if family is None:
+        return TENSOR_NAMES
+    names = {hf: gg for hf, gg in TENSOR_NAMES.items()
+             if block_module(hf) not in ALL_LINEARS or block_module(hf) in family.linears}
+    return names | SANDWICH_NORM_NAMES if family.sandwich_norms else names
+
+
+def block_module(hf_pattern: str) -> str:
+    """"self_attn.q_proj" of "model.layers.{i}.self_attn.q_proj.weight"."""
+    return hf_pattern.removeprefix("model.layers.{i}.").rsplit(".", 1)[0]
+
+
+def gguf_name(hf_name: str, family: Family | None = None) -> str | None:
     """The GGUF name of an HF tensor, or None when llama.cpp has none for it."""
+    names = tensor_names(family)
     parts = hf_name.split(".")
     if hf_name.startswith("model.layers.") and len(parts) > 3 and parts[2].isdigit():
         key = ".".join(parts[:2] + ["{i}"] + parts[3:])
-        return TENSOR_NAMES[key].replace("{i}", parts[2]) if key in TENSOR_NAMES else None
-    return TENSOR_NAMES.get(hf_name)
+        return names[key].replace("{i}", parts[2]) if key in names else None
+    return names.get(hf_name)
 
 
-def hf_names(cfg: ModelConfig) -> dict[str, str]:
-    """GGUF name -> HF name of every tensor a model of cfg's family and depth can have (ffn_up is up_proj
-    or a fused gate_up_proj, as the family's linears say)."""
+def is_norm(hf_name: str) -> bool:
+    """An RMSNorm weight (the blocks', the per-head q/k norms, the final norm)."""
+    return hf_name.endswith("norm.weight")
+
+
+def hf_names(n_layers: int, family: Family | None = None) -> dict[str, str]:
+    """GGUF name -> HF name of every tensor a model of n_layers blocks of family can have."""
     names = {}
-    for hf_pattern, gguf_pattern in TENSOR_NAMES.items():
-        module = hf_pattern.removeprefix("model.layers.{i}.").rsplit(".", 1)[0]
-        if module in ALL_LINEARS and module not in cfg.family.linears:
-            continue
-        for i in range(cfg.n_layers) if "{i}" in hf_pattern else [None]:
+    for hf_pattern, gguf_pattern in tensor_names(family).items():
+        for i in range(n_layers) if "{i}" in hf_pattern else [None]:
             names[gguf_pattern.replace("{i}", str(i))] = hf_pattern.replace("{i}", str(i))
     return names
 

@@ -1,50 +1,47 @@
-"""The tokenizer a GGUF file carries: vocabulary, merges, llama.cpp's pre-tokenizer name, special
-token ids and the chat template, read from an HF folder (byte-level BPE tokenizers only)."""
+"""The tokenizer a GGUF file carries: vocabulary, llama.cpp's tokenizer model and pre-tokenizer name,
+merges or scores, special token ids and flags, and the chat template, read from an HF folder.
+
+Two kinds of tokenizer.json BPE are written: byte-level BPE as llama.cpp's "gpt2" vocabulary (with merges
+and a pre-tokenizer name, pretokenizer.py), and SentencePiece-style BPE as its "llama" vocabulary (with
+scores and token types, spm.py). Anything llama.cpp would tokenize differently is refused by name."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gguf import GGUFWriter, TokenType
 from signround_runtime.chat import template_of
 
 from ...errors import GGUFExportError
+from .pretokenizer import tokenizer_pre
+from .spm import (check_added_raw, check_merges, is_byte_level, is_sentencepiece_bpe, merge_scores, space_prefix,
+                  spm_types)
+from .strip import strips
 
-# The pre-tokenizer names llama.cpp knows, by the sha256 of the vocabulary (tokens by id, joined by
-# newlines). Families that share a vocabulary share the pre-tokenizer.
-KNOWN_VOCABS = {
-    "d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55": "smollm",  # SmolLM, SmolLM2
-}
 SPECIAL_TOKENS = ("bos", "eos", "unk", "pad")
 
 
 @dataclass(frozen=True)
 class Vocab:
-    pre: str  # llama.cpp's pre-tokenizer name
+    model: str  # llama.cpp's tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
+    pre: str  # llama.cpp's pre-tokenizer name ("default" for "llama", which has none)
     tokens: list[str]  # by id
     types: list[TokenType]
-    merges: list[str]  # "a b"
+    merges: list[str]  # "a b"; "gpt2" only
     special_ids: dict[str, int]  # of SPECIAL_TOKENS, those the folder names
     add_bos: bool
     chat_template: str | list | None  # a list: several named templates
+    add_eos: bool = False
+    scores: list[float] | None = None  # "llama" only
+    add_space_prefix: bool | None = None  # "llama" only
+    strips: bool | None = None  # special tokens take the spaces after them (strip.py); None: none would
 
 
 def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]]:
     """Every token by id (ids past the tokenizer's up to vocab_size as unused pads) and its type."""
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GGUFExportError(f"tokenizer.json has a {model.get('type')!r} model; the GGUF exporter writes "
-                              "byte-level BPE (gpt2-style) tokenizers only")
-    if is_sentencepiece_bpe(model):
-        # llama.cpp reads these as its "llama" (SentencePiece) vocabulary, with scores; written as "gpt2"
-        # they would load and tokenize wrongly, whatever pre-tokenizer name is given
-        raise GGUFExportError("tokenizer.json is a SentencePiece-style BPE (byte fallback, \"\u2581\" word "
-                              "markers: Llama 2, Mistral 7B, Gemma); the GGUF exporter writes byte-level BPE "
-                              "(gpt2-style) tokenizers only, so it refuses this one rather than write wrong tokens")
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    by_id: dict[int, str] = {i: t for t, i in tok["model"]["vocab"].items()}
     types = {i: TokenType.NORMAL for i in by_id}
     for added in tok.get("added_tokens", []):
         by_id[added["id"]] = added["content"]
@@ -54,10 +51,14 @@ def vocab_tokens(tok: dict, vocab_size: int) -> tuple[list[str], list[TokenType]
     return tokens, [types.get(i, TokenType.UNUSED) for i in range(size)]
 
 
-def is_sentencepiece_bpe(model: dict) -> bool:
-    """A BPE model in SentencePiece's manner: bytes as <0xNN> fallback tokens, words marked by "\u2581"."""
-    vocab = model.get("vocab") or {}
-    return bool(model.get("byte_fallback")) or "<0x0A>" in vocab or any(t.startswith("\u2581") for t in vocab)
+def check_added_tokens(tok: dict) -> None:
+    """llama.cpp matches added tokens as they are written: one that takes the spaces before it (lstrip) or
+    only whole words would tokenize the text beside it differently."""
+    for added in tok.get("added_tokens", []):
+        if taken := [flag for flag in ("lstrip", "single_word") if added.get(flag)]:
+            raise GGUFExportError(f"tokenizer.json's added token {added['content']!r} has {', '.join(taken)}, which "
+                                  "llama.cpp does not apply to it: the text beside it would tokenize differently, so "
+                                  "the tokenizer is refused")
 
 
 def vocab_id(value, tokens: list[str]) -> int | None:
@@ -77,68 +78,116 @@ def token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def adds_bos(tok: dict, tcfg: dict) -> bool:
-    """Whether the tokenizer starts every encoded text with BOS, decided as llama.cpp's converter does:
-    tokenizer_config.json's add_bos_token when it is a bool, else tokenizer.json's post-processor (a
-    TemplateProcessing whose single-text template opens with the BOS token, or a RobertaProcessing).
-    With no tokenizer_config.json, the token opening the template is the BOS."""
-    if isinstance(tcfg.get("add_bos_token"), bool):
-        return tcfg["add_bos_token"]
-    bos_like = {token_content(tcfg.get("bos_token")), token_content(tcfg.get("cls_token"))} - {None}
+# which end of the post-processor's single-text template adds each token, and the tokens it may be
+ENDS = {"bos": (0, ("bos_token", "cls_token")), "eos": (-1, ("eos_token", "sep_token"))}
+
+
+def adds_token(tok: dict, tcfg: dict, kind: str) -> bool:
+    """Whether the tokenizer puts BOS before (kind "bos") or EOS after ("eos") every encoded text, decided
+    as llama.cpp's converter does: tokenizer_config.json's add_bos_token / add_eos_token when it is a bool,
+    else tokenizer.json's post-processor (a TemplateProcessing whose single-text template starts / ends with
+    the token, or a RobertaProcessing). With no tokenizer_config.json, the token at that end is the one."""
+    if isinstance(tcfg.get(f"add_{kind}_token"), bool):
+        return tcfg[f"add_{kind}_token"]
+    end, names = ENDS[kind]
+    like = {token_content(tcfg.get(name)) for name in names} - {None}
     post = tok.get("post_processor") or {}
     add = False
     for processor in post.get("processors", [post]):  # a Sequence lists several; the last that decides wins
         if processor.get("type") == "RobertaProcessing":
             add = True
         elif processor.get("type") == "TemplateProcessing" and len(single := processor.get("single", [])) > 1:
-            if (first := single[0].get("SpecialToken", {}).get("id")) is not None:
-                add = first in bos_like or not tcfg
+            if (token := single[end].get("SpecialToken", {}).get("id")) is not None:
+                add = token in like or not tcfg
     return add
 
 
-def tokenizer_pre(tokens: list[str]) -> str | None:
-    """llama.cpp's pre-tokenizer name for a vocabulary it knows, else None."""
-    return KNOWN_VOCABS.get(hashlib.sha256("\n".join(tokens).encode()).hexdigest())
+def special_ids(tcfg: dict, hf: dict, tokens: list[str]) -> dict[str, int]:
+    """The ids of SPECIAL_TOKENS: from tokenizer_config.json, else config.json."""
+    found = {key: vocab_id(tcfg.get(f"{key}_token"), tokens) for key in SPECIAL_TOKENS}
+    found = {key: i if i is not None else vocab_id(hf.get(f"{key}_token_id"), tokens) for key, i in found.items()}
+    return {key: i for key, i in found.items() if i is not None}
 
 
-def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
-    """The tokenizer of an HF folder (tokenizer.json, tokenizer_config.json, chat_template.jinja);
-    pre: llama.cpp's pre-tokenizer name, found from the vocabulary when None."""
+def read_tokenizer(folder: Path) -> tuple[dict, dict]:
+    """tokenizer.json and tokenizer_config.json (empty when absent) of a folder."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise GGUFExportError(f"{folder} has no tokenizer.json; the GGUF file must carry the tokenizer "
                               "(copy the source model's tokenizer files into the checkpoint)")
-    tok = json.loads(path.read_text())
     tcfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
+    tok = json.loads(path.read_text())
+    if (tok.get("model") or {}).get("type") != "BPE":
+        raise GGUFExportError(f"tokenizer.json has a {(tok.get('model') or {}).get('type')!r} model; the GGUF "
+                              "exporter writes BPE tokenizers only (byte-level or SentencePiece-style)")
+    return tok, json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
+
+
+def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:
+    """The tokenizer of an HF folder (tokenizer.json, tokenizer_config.json, chat_template.jinja);
+    pre: llama.cpp's pre-tokenizer name for a byte-level BPE, found from the tokenizer when None."""
+    tok, tcfg = read_tokenizer(folder)
+    check_added_tokens(tok)
     tokens, types = vocab_tokens(tok, hf["vocab_size"])
-    pre = pre or tokenizer_pre(tokens)
-    if pre is None:
-        raise GGUFExportError("this vocabulary is not one whose llama.cpp pre-tokenizer is known here; pass "
-                              "tokenizer_pre_name with the name llama.cpp uses for the model family "
-                              "(for example llama-bpe, qwen2, smollm, gpt-2)", param="tokenizer_pre_name")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
-    if not merges:
-        raise GGUFExportError(f"{path} has no BPE merges; llama.cpp cannot load a BPE tokenizer without them")
-    special = {key: vocab_id(tcfg.get(f"{key}_token"), tokens) for key in SPECIAL_TOKENS}
-    special = {key: i if i is not None else vocab_id(hf.get(f"{key}_token_id"), tokens) for key, i in special.items()}
     template = tcfg.get("chat_template")
     if not isinstance(template, list):  # several named templates: gguf-py writes each under its name
         template = template_of(folder, tcfg)
-    return Vocab(pre, tokens, types, merges, {k: i for k, i in special.items() if i is not None},
-                 adds_bos(tok, tcfg), template)
+    common = dict(tokens=tokens, special_ids=special_ids(tcfg, hf, tokens), add_bos=adds_token(tok, tcfg, "bos"),
+                  add_eos=adds_token(tok, tcfg, "eos"), chat_template=template)
+    vocab = sentencepiece_vocab(tok, types, common) if is_sentencepiece_bpe(tok) else byte_level_vocab(tok, types,
+                                                                                                        common, pre)
+    return replace(vocab, strips=strips(tok, vocab.tokens, vocab.types))
+
+
+def byte_level_vocab(tok: dict, types: list[TokenType], common: dict, pre: str | None) -> Vocab:
+    """A byte-level BPE as llama.cpp's "gpt2" vocabulary, with its merges and pre-tokenizer name."""
+    if not is_byte_level(tok):
+        raise GGUFExportError("tokenizer.json is a BPE that is neither byte-level (a ByteLevel pre-tokenizer) nor "
+                              "SentencePiece-style (byte fallback, \"\u2581\" word markers); llama.cpp has no "
+                              "tokenizer for it, so it is refused")
+    pre = pre or tokenizer_pre(tok, common["tokens"])
+    if pre is None:
+        raise GGUFExportError("this tokenizer's pre-tokenizer split (with its ignore_merges) is not one whose "
+                              "llama.cpp name is known here; "
+                              "pass tokenizer_pre_name with the name llama.cpp uses for the model family "
+                              "(for example llama-bpe, qwen2, smollm, gpt-2)", param="tokenizer_pre_name")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    if not merges:
+        raise GGUFExportError("tokenizer.json has no BPE merges; llama.cpp cannot load a BPE tokenizer without them")
+    return Vocab(model="gpt2", pre=pre, types=types, merges=merges, **common)
+
+
+def sentencepiece_vocab(tok: dict, types: list[TokenType], common: dict) -> Vocab:
+    """A SentencePiece-style BPE as llama.cpp's "llama" vocabulary (see spm.py)."""
+    tokens, model = common["tokens"], tok["model"]
+    check_added_raw(tok)
+    types = spm_types(model, types)
+    prefix = space_prefix(tok, tokens)
+    check_merges(model, {added["content"] for added in tok.get("added_tokens", [])})
+    unk = vocab_id(model.get("unk_token"), tokens)  # the BPE model's own, when nothing else names it
+    if unk is not None:
+        common["special_ids"].setdefault("unk", unk)
+    return Vocab(model="llama", pre="default", types=types, merges=[], scores=merge_scores(model, tokens),
+                 add_space_prefix=prefix, **common)
 
 
 def add_vocab(w: GGUFWriter, vocab: Vocab) -> None:
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
-    w.add_token_merges(vocab.merges)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
     for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
                      ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
         if key in vocab.special_ids:
             add(vocab.special_ids[key])
     w.add_add_bos_token(vocab.add_bos)
+    if vocab.add_eos:  # llama.cpp's default is false for both kinds; left out, files without it stay as they were
+        w.add_add_eos_token(True)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)

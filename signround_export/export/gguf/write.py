@@ -3,6 +3,7 @@ and row order (tensors.py), with the model's hyperparameters and tokenizer (voca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from ...model.families import check_linears
 from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
 from .read import ROPE_FACTORS, ROPE_FREQS, dequantize
-from .tensors import IGNORED_SUFFIXES, gguf_name, llama_rows, rope_heads
+from .strip import file_name
+from .tensors import IGNORED_SUFFIXES, gguf_name, is_norm, llama_rows, rope_heads
 from .types import GGUF_TYPES
 from .vocab import Vocab, add_vocab, read_vocab
 
@@ -61,6 +63,59 @@ class GGUFExport:
         return "\n".join(lines)
 
 
+def check_windows(cfg: ModelConfig, param: str | None = None) -> None:
+    """Refuse by name a model with sliding windows shorter than its context when llama.cpp's architecture
+    for the family reads no window (Family.gguf_windows): llama.cpp would attend to the whole context.
+    A family whose architecture reads one sets gguf_windows and writes its keys in add_hparams."""
+    sliding = [i for i in range(cfg.n_layers) if cfg.window(i) is not None]
+    if sliding and not cfg.family.gguf_windows:
+        asked = f"`{param}` asks for a GGUF file, but " if param else ""
+        raise GGUFExportError(
+            f"{asked}this {cfg.model_type} model has sliding-window attention ({cfg.windows[sliding[0]]} tokens on "
+            f"{len(sliding)} of {cfg.n_layers} layers, context {cfg.context_length}), which llama.cpp's "
+            f"{cfg.family.gguf_arch!r} architecture does not read: it cannot be exported to GGUF exactly; "
+            "export it to ONNX instead", param=param)
+
+
+def llama_cpp_attention_scale(cfg: ModelConfig) -> float:
+    """The scale llama.cpp's graph gives attention scores: 1/sqrt(head_dim), or 1/sqrt(hidden / heads) at
+    the family's wide-scale block count (Gemma's 27B models); the file has no key for it."""
+    wide = cfg.n_layers == cfg.family.gguf_wide_scale_layers
+    return (cfg.hidden_size // cfg.n_heads if wide else cfg.head_dim) ** -0.5
+
+
+def check_graph(cfg: ModelConfig, param: str | None = None) -> None:
+    """Refuse by name a config that llama.cpp's graph for the family's architecture would contradict: it
+    hard-codes the attention scale, and gemma2's graph always soft-caps and reads a tied head."""
+    fam, arch = cfg.family, repr(cfg.family.gguf_arch)
+    scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim ** -0.5
+    problems = []
+    if not math.isclose(scale, llama_cpp_attention_scale(cfg), rel_tol=1e-6):
+        problems.append(f"attention scale {scale:.6g} (query_pre_attn_scalar {cfg.query_pre_attn_scalar}) where "
+                        f"llama.cpp's {arch} graph uses {llama_cpp_attention_scale(cfg):.6g} for {cfg.n_layers} blocks")
+    if fam.gguf_attn_softcap != (cfg.attn_softcap is not None):
+        problems.append(f"attn_logit_softcapping {cfg.attn_softcap}, where llama.cpp's {arch} graph "
+                        + ("always soft-caps attention" if fam.gguf_attn_softcap else "never soft-caps attention"))
+    final_ok = {"never": cfg.final_softcap is None, "always": cfg.final_softcap is not None}
+    if not final_ok.get(fam.gguf_final_softcap, True):
+        problems.append(f"final_logit_softcapping {cfg.final_softcap}, where llama.cpp's {arch} graph "
+                        f"{fam.gguf_final_softcap} soft-caps the logits")
+    if fam.gguf_tied_head and not cfg.tie_word_embeddings:
+        problems.append(f"an lm_head of its own (untied, or quantized apart from the embedding), where "
+                        f"llama.cpp's {arch} graph reads the head from token_embd")
+    if problems:
+        asked = f"`{param}` asks for a GGUF file, but " if param else ""
+        raise GGUFExportError(f"{asked}this {cfg.model_type} model has " + "; ".join(problems)
+                              + ": llama.cpp would compute another model, so it cannot be exported to GGUF; "
+                              "export it to ONNX instead", param=param)
+
+
+def check_llama_cpp(cfg: ModelConfig, param: str | None = None) -> None:
+    """Everything llama.cpp cannot run as the config says, refused by name before any work."""
+    check_windows(cfg, param)
+    check_graph(cfg, param)
+
+
 def check_options(asym4: str, float_type: str) -> tuple[str, str]:
     """asym4 and float_type as GGUF type names (any case accepted)."""
     asym4, float_type = asym4.upper(), float_type.upper()
@@ -82,7 +137,7 @@ def model_tensors(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, QuantWeight |
     for name, t in ckpt.tensors.items():
         if not name.endswith(IGNORED_SUFFIXES):
             items[name] = t
-    unknown = [n for n in items if gguf_name(n) is None]
+    unknown = [n for n in items if gguf_name(n, cfg.family) is None]
     if unknown:
         raise GGUFExportError(f"tensors with no llama.cpp name: {', '.join(unknown[:5])}; this checkpoint "
                               f"does not look like a {cfg.model_type} model")
@@ -95,6 +150,8 @@ def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig
     quantized = isinstance(item, QuantWeight)
     if not quantized:
         item = np.asarray(item, dtype=np.float32)
+        if is_norm(hf_name) and cfg.family.norm_offset:  # llama.cpp multiplies by the weight as it lies
+            item = item + np.float32(cfg.family.norm_offset)
     heads = rope_heads(cfg, hf_name)
     if heads:
         item = llama_rows(item, heads)
@@ -110,7 +167,7 @@ def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig
     if not np.all(np.isfinite(got)):
         raise GGUFExportError(f"{hf_name}: {type_name} encoding gives NaN or infinity (values out of float16 "
                               "range?); use float_type='F32'", param="float_type")
-    return TensorRecord(gguf_name(hf_name), hf_name, type_name, err == 0.0, quantized, err), data
+    return TensorRecord(gguf_name(hf_name, cfg.family), hf_name, type_name, err == 0.0, quantized, err), data
 
 
 def rope_tensors(cfg: ModelConfig) -> list[tuple[TensorRecord, np.ndarray]]:
@@ -159,9 +216,24 @@ def add_hparams(w: GGUFWriter, cfg: ModelConfig, name: str, file_type: str) -> N
     if cfg.head_dim * cfg.n_heads != cfg.hidden_size:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
+    add_attention_keys(w, cfg)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(GGUF_TYPES[file_type].file_type)
     w.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def add_attention_keys(w: GGUFWriter, cfg: ModelConfig) -> None:
+    """The sliding windows and the local layers' RoPE base for an architecture that reads them, and the
+    soft-cappings the config sets (check_graph made sure the architecture applies them)."""
+    if cfg.family.gguf_windows:
+        # one window for the local layers; a window the context fits in (or none) is written as the context
+        w.add_sliding_window(next((x for x in cfg.windows if x is not None), cfg.max_positions))
+        w.add_sliding_window_pattern([i in cfg.local_layers for i in range(cfg.n_layers)])
+        w.add_rope_freq_base_swa(cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta)
+    if cfg.attn_softcap is not None:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.final_softcap is not None:
+        w.add_final_logit_softcapping(cfg.final_softcap)
 
 
 def write_file(out, cfg: ModelConfig, name: str, report: GGUFExport, vocab: Vocab, data: list[np.ndarray]) -> None:
@@ -185,10 +257,11 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
 
     asym4: Q5_0 or Q4_1 for 4-bit asymmetric layers; float_type: F16, F32 or Q8_0 for float matrices;
     kquant: integer-zero layers of at most 4 bits as Q4_K (not exact); tokenizer_pre_name: llama.cpp's
-    pre-tokenizer name, needed when the vocabulary is not one it is known for here."""
+    pre-tokenizer name, needed when a byte-level tokenizer's vocabulary and split are not recognised."""
     asym4, float_type = check_options(asym4, float_type)
     hf = ckpt.hf_config
     cfg = ModelConfig.from_hf(hf)
+    check_llama_cpp(cfg)
     vocab = read_vocab(Path(ckpt.path), hf, tokenizer_pre_name)
     check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], GGUFExportError)
     items = model_tensors(ckpt, cfg)
@@ -201,6 +274,6 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
         report.tensors.append(record)
         data.append(tensor)
     report.file_type = file_type_of(report.tensors, float_type)
-    write_file(out, cfg, hf.get("_name_or_path") or Path(ckpt.path).name, report, vocab, data)
+    write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab, data)
     report.bytes = Path(out).stat().st_size
     return report

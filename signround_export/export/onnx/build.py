@@ -21,6 +21,15 @@ onnxruntime-genai's names, and genai_config.json beside model.onnx lets onnxrunt
 folder unchanged. seqlens_k = sum(attention_mask) - 1 and total_seq_len = attention_mask's length,
 as GroupQueryAttention wants them.
 
+Gemma (gemma2, gemma3_text) changes the pieces, read from the family record and the config: every norm
+weight is stored as 1 + weight (its RMSNorm scales by that, in float32 like SimplifiedLayerNormalization);
+the embedding rows are multiplied by sqrt(hidden); the attention and MLP outputs get a norm of their own
+(post_attention_layernorm, post_feedforward_layernorm) before the residual and the MLP reads
+pre_feedforward_layernorm; the MLP's activation is FastGelu (GELU's tanh approximation);
+GroupQueryAttention takes query_pre_attn_scalar's scale and the attention soft-capping (`softcap`);
+layers with a local RoPE base read cos/sin caches of their own; the logits are soft-capped
+(tanh(logits / cap) * cap).
+
 The head is the checkpoint's: its integers when it quantized the lm_head, else float (a Gemm that
 shares the embedding's initializer when the two are tied). lm_head_bits=4|8 rounds a float head to
 nearest, the one place this exporter rounds anything; the report says so. A tied embedding then
@@ -138,6 +147,13 @@ def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
                 "symmetric (--lm-head-bits)")
 
 
+def local_window_size(window: int | None) -> int:
+    """GroupQueryAttention's local_window_size for a sliding window of `window` positions (-1: none).
+    Measured: from onnxruntime 1.24.1 the window counts the current token, so W matches transformers'
+    t - W < s <= t; releases 1.20.0 to 1.23.2 would need W - 1 (runtime/pyproject.toml asks for 1.24.1)."""
+    return -1 if window is None else window
+
+
 def graph_io(cfg: ModelConfig) -> tuple[list, list]:
     """The graph's inputs and outputs by onnxruntime-genai's names: ids, mask, logits and each block's KV cache."""
     past = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
@@ -179,21 +195,29 @@ class DecoderGraph:
         self.accuracy_level, self.max_block = accuracy_level, max_block
         self.eps = float(cfg.rms_eps)
         self.packed: dict[str, tuple[list[str], NBitsWeight]] = {}
-        self.attention_inputs: list[str] = []  # seqlens_k, total_seq_len, cos, sin: shared by every block
+        self.lengths: list[str] = []  # seqlens_k, total_seq_len: shared by every block
+        self.rope: dict[bool, list[str]] = {}  # cos and sin caches, by ModelConfig.local_rope of a block
         self.shapes: dict[str, str] = {}  # Reshape targets, made once
 
     def build(self, head_qw: QuantWeight | None) -> onnx.ModelProto:
         inputs, outputs = graph_io(self.cfg)
-        self.attention_inputs = [*self.sequence_lengths(), *self.rope_caches()]
+        self.lengths = self.sequence_lengths()
+        self.rope = {local: self.rope_caches(local)
+                     for local in sorted({self.cfg.local_rope(i) for i in range(self.cfg.n_layers)})}
         x, embed = self.embedding(head_qw)
+        if self.cfg.family.embed_scale:  # sqrt(hidden) rounded to float32, as transformers does
+            x = self.g.op("Mul", [x, self.g.const("embed_scale", np.array(self.cfg.hidden_size ** 0.5, np.float32))])
         out = None
         for i in range(self.cfg.n_layers):
             out, x = self.block(i, out, x)
         h, _ = self.skip_norm(out, x, "model.norm.weight")
+        logits = "logits" if self.cfg.final_softcap is None else "/logits_uncapped"
         if head_qw is not None:
-            self.g.op("Identity", [self.matmul_nbits(h, "lm_head", head_qw)], outputs=["logits"])
+            self.g.op("Identity", [self.matmul_nbits(h, "lm_head", head_qw)], outputs=[logits])
         else:
-            self.float_head(h, embed)
+            self.float_head(h, embed, logits)
+        if self.cfg.final_softcap is not None:
+            self.softcap(logits, self.cfg.final_softcap, output="logits")
         return self.g.model("signround-llama", inputs, outputs, producer="signround-export")
 
     # -- what every block's attention reads
@@ -207,11 +231,12 @@ class DecoderGraph:
                       axis=0)
         return [seqlens_k, g.op("Cast", [length], to=INT32)]
 
-    def rope_caches(self) -> list[str]:
+    def rope_caches(self, local: bool = False) -> list[str]:
         """GroupQueryAttention's cos and sin caches [context_length, rotary_dim / 2] (longrope's graph stops
-        at its original context, where the short factors end)."""
-        cos, sin = rope_tables(self.cfg, self.cfg.context_length)
-        return [self.g.const("cos_cache", cos), self.g.const("sin_cache", sin)]
+        at its original context, where the short factors end; local: of the local layers' RoPE base)."""
+        cos, sin = rope_tables(self.cfg, self.cfg.context_length, local)
+        suffix = "_local" if local else ""
+        return [self.g.const("cos_cache" + suffix, cos), self.g.const("sin_cache" + suffix, sin)]
 
     # -- the pieces of the decoder, in graph order
 
@@ -246,10 +271,37 @@ class DecoderGraph:
             q = self.head_norm(q, p + "self_attn.q_norm.weight", self.cfg.n_heads)
             k = self.head_norm(k, p + "self_attn.k_norm.weight", self.cfg.n_kv_heads)
         out = self.linear(self.attention(i, q, k, v), p + "self_attn.o_proj")
-        h, x = self.skip_norm(out, x, p + "post_attention_layernorm.weight")
+        sandwich = self.cfg.family.sandwich_norms
+        if sandwich:  # the attention output normed before the residual; the MLP's input norm is its own
+            out = self.norm(out, p + "post_attention_layernorm.weight")
+        h, x = self.skip_norm(out, x, p + ("pre_feedforward_layernorm.weight" if sandwich
+                                           else "post_attention_layernorm.weight"))
         gate, up = self.gate_and_up(h, p)
-        act = self.g.op("Mul", [self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate])]), up])  # silu(gate) * up
-        return self.linear(act, p + "mlp.down_proj"), x
+        out = self.linear(self.g.op("Mul", [self.activation(gate), up]), p + "mlp.down_proj")
+        return (self.norm(out, p + "post_feedforward_layernorm.weight") if sandwich else out), x
+
+    def activation(self, gate: str) -> str:
+        if self.cfg.activation == "gelu_pytorch_tanh":
+            return self.g.op("FastGelu", [gate], domain=MS)  # GELU's tanh approximation
+        return self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate])])  # silu
+
+    def softcap(self, y: str, cap: float, output: str | None = None) -> str:
+        """tanh(y / cap) * cap."""
+        g = self.g
+        c = g.const(f"softcap_{cap:g}", np.array(cap, dtype=np.float32))
+        return g.op("Mul", [g.op("Tanh", [g.op("Div", [y, c])]), c], outputs=[output] if output else None)
+
+    def norm_weight(self, name: str) -> np.ndarray:
+        """A norm's weight as SimplifiedLayerNormalization multiplies by it: the family's offset added
+        (Gemma's 1 + weight, summed in float32 as transformers does)."""
+        w = self.float_weight(name)
+        offset = self.cfg.family.norm_offset
+        return w + np.float32(offset) if offset else w
+
+    def norm(self, y: str, weight: str) -> str:
+        """RMSNorm of y over its last axis."""
+        w = self.g.const(weight, self.norm_weight(weight))
+        return self.g.op("SimplifiedLayerNormalization", [y, w], axis=-1, epsilon=self.eps, stash_type=1)
 
     def qkv(self, h: str, p: str) -> list[str]:
         """q, k, v of h: three linears (stacked where they can be), or the fused qkv_proj and a Split."""
@@ -275,16 +327,16 @@ class DecoderGraph:
     def skip_norm(self, out: str | None, x: str, weight: str) -> tuple[str, str]:
         """RMSNorm of x + out and the sum x + out, fused in one node (without `out`: RMSNorm of x, and x)."""
         g = self.g
-        w = g.const(weight, self.float_weight(weight))
         if out is None:
-            return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=self.eps, stash_type=1), x
+            return self.norm(x, weight), x
+        w = g.const(weight, self.norm_weight(weight))
         h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [out, x, w], n_out=4, domain=MS, epsilon=self.eps)
         return h, x
 
     def head_norm(self, y: str, weight: str, heads: int) -> str:
         """RMSNorm of each head of y [batch, seq, heads * head_dim] with weight [head_dim]."""
         g = self.g
-        w = g.const(weight, self.float_weight(weight))
+        w = g.const(weight, self.norm_weight(weight))  # before the Reshape, as files written before had it
         per_head = g.op("Reshape", [y, self.shape(f"heads_{heads}", [0, 0, heads, self.cfg.head_dim])])
         h = g.op("SimplifiedLayerNormalization", [per_head, w], axis=-1, epsilon=self.eps, stash_type=1)
         return g.op("Reshape", [h, self.shape("heads_flat", [0, 0, -1])])
@@ -298,15 +350,18 @@ class DecoderGraph:
     def attention(self, i: int, q: str, k: str, v: str) -> str:
         """Block i's GroupQueryAttention: rotary fused, its KV cache in past_key_values.i.* / present.i.*."""
         cfg = self.cfg
+        scale = cfg.attention_scale if cfg.attention_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        extra = {} if cfg.attn_softcap is None else {"softcap": float(cfg.attn_softcap)}
         attn, _, _ = self.g.op(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *self.attention_inputs],
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *self.lengths,
+             *self.rope[cfg.local_rope(i)]],
             outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
-            num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
-            do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+            num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, scale=scale,
+            do_rotary=1, rotary_interleaved=0, local_window_size=local_window_size(cfg.window(i)), **extra)
         return attn
 
-    def float_head(self, h: str, embed: str | None) -> None:
+    def float_head(self, h: str, embed: str | None, output: str = "logits") -> None:
         """logits = h @ W.T as a Gemm with transB, which reads the [vocab, hidden] matrix as it lies, so a
         tied head shares the embedding's initializer."""
         g, cfg, tensors = self.g, self.cfg, self.ckpt.tensors
@@ -316,7 +371,7 @@ class DecoderGraph:
         logits = g.op("Gemm", [flat, w] + ([g.const("lm_head.bias", bias)] if bias is not None else []), transB=1)
         ids_shape = g.op("Shape", ["input_ids"])
         shape = g.op("Concat", [ids_shape, g.const("vocab", np.array([cfg.vocab_size], dtype=np.int64))], axis=0)
-        g.op("Reshape", [logits, shape], outputs=["logits"])
+        g.op("Reshape", [logits, shape], outputs=[output])
 
     # -- linears: MatMulNBits over the checkpoint's integers, MatMul over its float weights
 
