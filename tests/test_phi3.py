@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from conftest import write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
-from signround_export.errors import GGUFExportError, ModelError, ONNXExportError, UnsupportedModelError
+from signround_export.errors import GGUFExportError, ModelError, ONNXExportError
 from signround_export.export.gguf import export_gguf, read_gguf_weights
 from signround_export.export.onnx import export_onnx
 from signround_export.model.config import ModelConfig
@@ -111,10 +111,25 @@ def test_longrope_reads_transformers_defaults_and_the_old_name():
         ModelConfig.from_hf(bad)
 
 
-def test_sliding_window_shorter_than_the_context_is_refused_by_name(tmp_path):
+def test_sliding_window_is_honoured_and_refused_for_gguf_by_name(tmp_path):
+    """Phi-3-mini-4k's sliding_window (2047 of 4096) on every layer: the forward attends over it as
+    transformers does (here with partial rotary; tests/test_sliding_window.py takes phi3 through ONNX), and
+    GGUF is refused by name since llama.cpp's phi3 loader disables any window it reads."""
     folder = phi3_model(tmp_path / "m", longrope=False, sliding_window=64)
-    with pytest.raises(UnsupportedModelError, match="sliding_window is 64 in this phi3 config"):
-        load_float_model(folder)
+    ours, _, _ = load_float_model(folder)
+    assert ours.cfg.windows == (64,) * ours.cfg.n_layers and ours.cfg.window(0) == 64
+    ids = torch.randint(0, ours.cfg.vocab_size, (1, 160), generator=torch.Generator().manual_seed(2))
+    want = transformers_logits(folder, ids)
+    assert float((ours.logits(ids) - want).abs().max()) < 1e-4
+    full = Model(dataclasses.replace(ours.cfg, windows=()), ours.tensors).logits(ids)
+    assert float((full[:, 64:] - want[:, 64:]).abs().amax(dim=-1).min()) > 1e-2  # the window matters past it
+    ckpt = tmp_path / "ckpt"
+    assert main(["tune", str(folder), "--out", str(ckpt), "--iters", "0", "--bits", "4", "--group-size", "32",
+                 "--quiet"]) == 0
+    with pytest.raises(GGUFExportError, match="sliding-window attention \\(64 tokens on 2 of 2 layers.*"
+                                              "llama.cpp's 'phi3' architecture does not read"):
+        export_gguf(read_checkpoint(ckpt), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_longrope_past_the_original_context_is_refused(tuned, tmp_path):
@@ -234,6 +249,20 @@ def test_gguf_names_rope_factors_and_read_back(tuned, tmp_path):
     for n in FUSED:  # as stored: no row permutation, gate rows first in ffn_up
         np.testing.assert_array_equal(weights[f"model.layers.0.{n}.weight"],
                                       ckpt.qweights[f"model.layers.0.{n}"].dequantize())
+    # general.name is the checkpoint folder's name ("ckpt": config.json's _name_or_path is empty); a name
+    # saying phi-3 would make llama.cpp strip spaces after special tokens, which this byte-level tokenizer
+    # does not do (tests/test_vocab.py covers Phi-3's own tokenizer)
+    assert reader.fields["general.name"].contents() == tuned.name == "ckpt"
+
+
+def test_a_phi3_folder_name_over_a_tokenizer_that_does_not_strip_is_refused(tuned, tmp_path):
+    """The architecture is phi3 whatever the name; only the name decides llama.cpp's space stripping, so a
+    checkpoint folder named phi3 over this tokenizer is refused naming the fix, and no file is left."""
+    named = tmp_path / "tiny-phi3-w4"
+    shutil.copytree(tuned, named)
+    with pytest.raises(GGUFExportError, match="only in a file named phi-3.*rename the checkpoint folder"):
+        export_gguf(read_checkpoint(named), tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (make setup builds it)")
