@@ -4,9 +4,9 @@
         [--layers 2] [--iters 4] [--nsamples 8] [--seqlen 256] [--batch-size 4]
 
 Each model is the real config of a published checkpoint (hidden size, heads, vocabulary, rope, ...)
-with only `--layers` blocks and random bfloat16 weights (std 0.02, norms near their neutral value),
-written tensor by tensor as safetensors: no real weights are downloaded, and building it never holds
-a float32 copy. The tokenizer is the default model's (its ids fit every vocabulary here). Each run is
+with only `--layers` blocks and random bfloat16 weights, written shard by shard by
+tools/random_model.py: no real weights are downloaded, and building it never holds a float32 copy.
+The tokenizer is the default model's (its ids fit every vocabulary here). Each run is
 one `signround tune` process; its tuning_log.json gives the seconds of every block and the peak RSS.
 A block's time does not depend on the weights' values, so the figures say what tuning the real model
 costs: seconds per block x its layer count, at these settings.
@@ -21,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from common import MODEL, REPO, SIGNROUND, machine, run
+from common import REPO, SIGNROUND, machine, run
+from random_model import write_random_model
 
 # The configs of the published checkpoints (their config.json), every key the forward reads.
 CONFIGS = {
@@ -52,58 +51,10 @@ CONFIGS = {
 }
 
 
-def shapes_of(config: dict) -> tuple[dict[str, tuple[int, ...]], dict]:
-    """Every tensor's name and shape, from transformers' model built on the meta device (no memory),
-    and the full config.json transformers writes for it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    hf = cfg.to_dict() | {"architectures": [type(model).__name__], "torch_dtype": "bfloat16"}
-    return shapes, hf
-
-
-def random_tensor(name: str, shape: tuple[int, ...], model_type: str, gen: torch.Generator) -> torch.Tensor:
-    if len(shape) == 2:
-        return (torch.randn(shape, generator=gen) * 0.02).bfloat16()
-    # norms (and biases): near their neutral value; Gemma's norms multiply by 1 + w, so near 0
-    neutral = 0.0 if model_type.startswith("gemma") or name.endswith(".bias") else 1.0
-    return (neutral + 0.05 * torch.randn(shape, generator=gen)).bfloat16()
-
-
-def write_model(folder: Path, config: dict, layers: int) -> Path:
-    """A random bfloat16 model of `config` with `layers` blocks, one tensor in memory at a time while
-    the shard of each block is written."""
-    from safetensors.torch import save_file
-
-    config = config | {"num_hidden_layers": layers}
-    shapes, hf = shapes_of(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    groups: dict[str, list[str]] = {}
-    for name in shapes:  # one shard per block, one for the rest
-        key = f"layers-{name.split('.')[2]}" if name.startswith("model.layers.") else "rest"
-        groups.setdefault(key, []).append(name)
-    weight_map = {}
-    for i, (key, names) in enumerate(groups.items()):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: random_tensor(n, shapes[n], config["model_type"], gen) for n in names},
-                  str(folder / fname), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(names, fname)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (MODEL / f).is_file():
-            shutil.copyfile(MODEL / f, folder / f)
-    return folder
-
-
 def bench(name: str, args) -> dict:
-    folder = write_model(args.out / name, CONFIGS[name], args.layers)
+    folder = args.out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    write_random_model(CONFIGS[name] | {"num_hidden_layers": args.layers}, folder, quiet=True)
     ckpt = args.out / f"{name}-ckpt"
     shutil.rmtree(ckpt, ignore_errors=True)
     t0 = time.perf_counter()
