@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,41 @@ def safetensors_files(folder: Path, error: type[SignroundError] = ModelError) ->
     return files
 
 
+@dataclass(frozen=True)
+class TensorHeader:
+    """What a safetensors header says of one tensor, known without reading its data."""
+
+    file: Path
+    dtype: str  # as safetensors names it: "BF16", "F16", "F32", "I32", ...
+    shape: tuple[int, ...]
+
+
+def safetensors_headers(folder: Path, error: type[SignroundError] = ModelError,
+                        remedy: str = "rebuild or re-download it") -> dict[str, TensorHeader]:
+    """Every tensor of the folder by name, from the files' headers, in file order. A damaged file, shards
+    that overlap or an index naming tensors no shard holds raise `error` (a damaged file's ends with
+    `remedy`)."""
+    from safetensors import SafetensorError, safe_open
+
+    headers: dict[str, TensorHeader] = {}
+    for f in safetensors_files(folder, error):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    if name in headers:
+                        raise error(f"{f}: tensor {name} is also in {headers[name].file}; the shards overlap")
+                    piece = st.get_slice(name)
+                    headers[name] = TensorHeader(f, piece.get_dtype(), tuple(piece.get_shape()))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
+    index = folder / INDEX
+    if index.is_file():
+        lost = sorted(set(read_json(index, "the shard index", error)["weight_map"]) - set(headers))
+        if lost:
+            raise error(f"{index} lists tensors no shard holds: {', '.join(lost[:5])}")
+    return headers
+
+
 def read_safetensors(folder: Path, error: type[SignroundError] = ModelError,
                      remedy: str = "rebuild or re-download it") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every tensor of the folder as a numpy array (bfloat16 as float32, every other dtype as stored),
@@ -84,25 +120,17 @@ def read_safetensors(folder: Path, error: type[SignroundError] = ModelError,
     import torch  # reads bfloat16, which numpy cannot hold
     from safetensors import SafetensorError, safe_open
 
+    headers = safetensors_headers(folder, error, remedy)
     tensors: dict[str, np.ndarray] = {}
-    source: dict[str, str] = {}
-    for f in safetensors_files(folder, error):
+    for f in dict.fromkeys(h.file for h in headers.values()):
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    if name in tensors:
-                        raise error(f"{f}: tensor {name} is also in {source[name]}; the shards overlap")
                     t = st.get_tensor(name)
                     tensors[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-                    source[name] = str(f)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
-    index = folder / INDEX
-    if index.is_file():
-        lost = sorted(set(read_json(index, "the shard index", error)["weight_map"]) - set(tensors))
-        if lost:
-            raise error(f"{index} lists tensors no shard holds: {', '.join(lost[:5])}")
-    return tensors, source
+    return tensors, {name: str(h.file) for name, h in headers.items()}
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

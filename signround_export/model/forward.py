@@ -8,6 +8,8 @@ checkpoint's integers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -128,9 +130,10 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
 
 
 class Model:
-    """A decoder-only LLaMA-family model over float tensors keyed by their HF names."""
+    """A decoder-only LLaMA-family model over float tensors keyed by their HF names: a dict, or a
+    TensorStore that reads each tensor from disk when it is indexed (model/store.py)."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]):
         self.cfg = cfg
         self.tensors = tensors
         check_linears(cfg.family, tensors, ModelError)
@@ -149,10 +152,10 @@ class Model:
 
     def block_params(self, i: int) -> dict[str, torch.Tensor]:
         prefix = f"model.layers.{i}."
-        return {n[len(prefix) :]: t for n, t in self.tensors.items() if n.startswith(prefix)}
+        return {n[len(prefix) :]: self.tensors[n] for n in self.tensors if n.startswith(prefix)}
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.tensors.get("lm_head.weight", self.tensors["model.embed_tokens.weight"])
+        return self.tensors["lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.tensors["model.embed_tokens.weight"])

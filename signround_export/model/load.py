@@ -11,28 +11,27 @@ from ..checkpoint.format import Checkpoint
 from ..checkpoint.read import read_checkpoint
 from ..errors import ModelError
 from .config import ModelConfig
-from .folder import read_hf_config, read_safetensors, resolve_model_dir
+from .folder import read_hf_config, resolve_model_dir
 from .forward import Model
-
-
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ModelError(f"tensor {name} contains NaN or infinity; the model weights are broken")
+from .store import TensorStore
 
 
 def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
-    """(model, HF config dict, folder) with float32 weights."""
+    """(model, HF config dict, folder) with float32 weights, each read from disk when it is indexed
+    (a TensorStore: the headers are read and checked now, a tensor's data only when it is used)."""
     folder = resolve_model_dir(model)
     hf = read_hf_config(folder)
     if "quantization_config" in hf:
         raise ModelError(f"{folder} is already quantized ({hf['quantization_config'].get('quant_method')}); "
                          "give the float model")
     cfg = ModelConfig.from_hf(hf)
-    arrays, _ = read_safetensors(folder, ModelError, "rebuild or re-download it")
-    tensors = {n: torch.from_numpy(a.astype(np.float32, copy=False)) for n, a in arrays.items()}
-    check_finite(tensors)
-    return Model(cfg, tensors), hf, folder
+    return Model(cfg, TensorStore(folder, ModelError, "rebuild or re-download it")), hf, folder
+
+
+def in_memory(model: Model) -> Model:
+    """The model with every tensor read once and held: for whole-model forwards run many times
+    (perplexity, validation), which would otherwise read every weight from disk on every call."""
+    return Model(model.cfg, dict(model.tensors))
 
 
 def float_checkpoint(model: str | Path):
@@ -68,4 +67,4 @@ def load_any(model: str | Path) -> tuple[Model, str]:
     folder = resolve_model_dir(model)
     if is_checkpoint(folder):
         return reference_from_checkpoint(read_checkpoint(folder)), "checkpoint reference"
-    return load_float_model(folder)[0], "float model"
+    return in_memory(load_float_model(folder)[0]), "float model"

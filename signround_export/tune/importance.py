@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..checkpoint.qweight import Scheme
 from ..errors import TuneError
 from ..model.forward import Model, block_forward
+from ..model.load import in_memory
 from .quantizer import quantize
 
 MEASURES = ("gradient", "fisher", "activation")
@@ -44,6 +45,7 @@ def importance(model: Model, calib: torch.Tensor, choices: list[int], group_size
     """(layer names, scores [layers, choices]) of every decoder-block linear."""
     if measure not in MEASURES:
         raise TuneError(f"`importance` {measure!r}: choose one of {', '.join(MEASURES)}", param="importance")
+    model = in_memory(model)  # the weights read once: the activation measure finds them again by identity
     names = block_linear_names(model)
     weights = {n: model.tensors[n + ".weight"] for n in names}
     errors = {n: [rtn_error(w, b, group_size, sym) for b in choices] for n, w in weights.items()}

@@ -173,7 +173,7 @@ def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBi
 
 def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Scheme]:
     """Every decoder-block linear's grid: the Scheme of the GGUF type llama.cpp writes it as."""
-    shapes = {n: tuple(model.tensors[n + ".weight"].shape) for n in block_linear_names(model)}
+    shapes = {n: model.tensors.shape(n + ".weight") for n in block_linear_names(model)}  # from the headers
     cfg = model.cfg
     gqa = cfg.n_heads // cfg.n_kv_heads
     types = mixes.layer_types(gguf_type, shapes, cfg.n_layers, gqa)
@@ -193,7 +193,7 @@ def allocate_bits(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, 
     choices = layer_bits.bits_choices
     names, scores = importance(model, ids, choices, config.group_size, config.sym, layer_bits.importance,
                                batch_size=config.batch_size, progress=progress)
-    shapes = [tuple(model.tensors[n + ".weight"].shape) for n in names]
+    shapes = [model.tensors.shape(n + ".weight") for n in names]
     cost = np.array([[layer_file_bits(n, k, b, config.group_size) for b in choices] for n, k in shapes])
     allocation = solve(names, choices, cost, scores, sum(n * k for n, k in shapes), layer_bits.avg_bits)
     note(progress, allocation.table())
@@ -205,7 +205,7 @@ def checkpoint_parts(model: Model, config: TuneConfig, qweights: dict[str, Quant
                      ) -> tuple[QuantConfig, dict[str, np.ndarray]]:
     """The QuantConfig and float tensors that go beside the tuned integers into a checkpoint."""
     quantized = {n + suffix for n in qweights for suffix in (".weight", ".bias")}
-    tensors = {n: t.numpy() for n, t in model.tensors.items() if n not in quantized}
+    tensors = {n: model.tensors[n].numpy() for n in model.tensors if n not in quantized}
     if model.cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,

@@ -183,12 +183,12 @@ def batched(fn, x: torch.Tensor, batch: int, dtype) -> torch.Tensor:
         return torch.cat([fn(x[i : i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, config: TuneConfig, dtype,
-               progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
-    """SignRound on block i: x_q the quantized model's inputs of the block, y the float block's outputs."""
+def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch.Tensor, y: torch.Tensor, rope,
+               config: TuneConfig, dtype, progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
+    """SignRound on block i (params: its float tensors on x_q's device): x_q the quantized model's inputs
+    of the block, y the float block's outputs."""
     t0 = time.perf_counter()
     device = x_q.device
-    params = {n: t.to(device) for n, t in model.block_params(i).items()}
     schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
     window = model.cfg.window(i)
     power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window) if config.searches() else None
@@ -223,16 +223,18 @@ def tune_block(model: Model, i: int, x_q: torch.Tensor, y: torch.Tensor, rope, c
     return qweights, log
 
 
-def rtn_block(model: Model, i: int, config: TuneConfig) -> dict[str, QuantWeight]:
-    """Round-to-nearest integers of one block's linears."""
-    p = model.block_params(i)
-    names = {n: f"model.layers.{i}.{n}" for n in model.cfg.family.linears}
+def rtn_block(p: dict[str, torch.Tensor], linears: tuple[str, ...], i: int,
+              config: TuneConfig) -> dict[str, QuantWeight]:
+    """Round-to-nearest integers of block i's linears (p: its float tensors; linears: the family's)."""
+    names = {n: f"model.layers.{i}.{n}" for n in linears}
     return {name: to_qweight(p[n + ".weight"], config.scheme(name), bias=p.get(n + ".bias"))
             for n, name in names.items()}
 
 
-def quantized_params(model: Model, i: int, qweights: dict[str, QuantWeight], device) -> dict[str, torch.Tensor]:
-    p = {n: t.to(device) for n, t in model.block_params(i).items()}
+def quantized_params(params: dict[str, torch.Tensor], i: int, qweights: dict[str, QuantWeight], device
+                     ) -> dict[str, torch.Tensor]:
+    """Block i's tensors (params, on device) with its linears dequantized from their integers."""
+    p = dict(params)
     for name, qw in qweights.items():
         p[name.split(f"model.layers.{i}.", 1)[-1] + ".weight"] = dequantize(qw, device)
     return p
@@ -242,7 +244,8 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
          device: str = "auto", progress: bool = True) -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
     token ids, unused by plain round-to-nearest (iters 0 without clip_search). resume: where finished
-    blocks are kept, and read back instead of tuned again."""
+    blocks are kept, and read back instead of tuned again. Each block's float tensors are read from
+    model.tensors once, when the block is reached, and dropped when the next one is read."""
     start = time.perf_counter()
     dev = pick_device(device)
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
@@ -261,9 +264,10 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
     bar = tqdm(range(cfg.n_layers), desc="tuning", unit="block", disable=not progress)
     for i in bar:
         rope = ropes[i] if ropes is not None else None
+        block = model.block_params(i)  # replaces the previous block's: at most two blocks are held
+        params = {n: t.to(dev) for n, t in block.items()}
         if config.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
-            fp = {n: t.to(dev) for n, t in model.block_params(i).items()}
-            y = batched(lambda b: block_forward(cfg, fp, b, *rope, window=cfg.window(i)), x, config.batch_size,
+            y = batched(lambda b: block_forward(cfg, params, b, *rope, window=cfg.window(i)), x, config.batch_size,
                         dtype)
         saved = resume.load_block(i) if resume is not None else None
         if saved is not None:
@@ -271,15 +275,15 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
             result.resumed_blocks += 1
         else:
             if not config.uses_data():
-                qws, log = rtn_block(model, i, config), BlockLog(i, None, None, None, 0.0)
+                qws, log = rtn_block(block, model.cfg.family.linears, i, config), BlockLog(i, None, None, None, 0.0)
             else:
-                qws, log = tune_block(model, i, x_q, y, rope, config, dtype, progress)
+                qws, log = tune_block(model, i, params, x_q, y, rope, config, dtype, progress)
             if resume is not None:
                 resume.save_block(i, qws, log)
         result.qweights.update(qws)
         result.blocks.append(log)
         if config.uses_data():  # the quantized model's inputs of the next block
-            qp = quantized_params(model, i, qws, dev)
+            qp = quantized_params(params, i, qws, dev)
             x_q = batched(lambda b: block_forward(cfg, qp, b, *rope, window=cfg.window(i)), x_q,
                           config.batch_size, dtype)
             x = y

@@ -19,7 +19,7 @@ from ..checkpoint.read import read_checkpoint
 from ..data import evaluation_ids
 from ..errors import ValidationError
 from ..model.config import ModelConfig
-from ..model.load import load_float_model, reference_from_checkpoint
+from ..model.load import in_memory, load_float_model, reference_from_checkpoint
 from .metrics import compare, windows
 from .readback import LayerErrors, gguf_layer_errors, onnx_layer_errors, read_gguf
 from .report import ArtifactReport, Thresholds, ValidationResult, judge, versions
@@ -107,7 +107,8 @@ def candidates(ckpt: Checkpoint, checkpoint, onnx, gguf, float_model, window: in
                      torch_runner(reference_from_checkpoint(ckpt), "PyTorch (float32, dequantized integers)"))]
     source = float_source(ckpt, float_model)
     if source is not None:
-        out.append(Candidate("float", str(source), torch_runner(load_float_model(source)[0], "PyTorch (float32)")))
+        float_runner = torch_runner(in_memory(load_float_model(source)[0]), "PyTorch (float32)")
+        out.append(Candidate("float", str(source), float_runner))
     if onnx is not None:
         out.append(Candidate("onnx", str(onnx), onnx_runner(onnx), lambda: onnx_layer_errors(onnx, ckpt)))
     if gguf is not None:
