@@ -1,5 +1,5 @@
-"""Sliding-window attention through every stage: Mistral (a window on every layer) and Qwen2/Qwen3 with
-use_sliding_window (a mix of sliding and full layers, by max_window_layers or by layer_types).
+"""Sliding-window attention through every stage: Mistral and Phi-3 (a window on every layer) and Qwen2/Qwen3
+with use_sliding_window (a mix of sliding and full layers, by max_window_layers or by layer_types).
 
 The tiny models slide over 16 positions and the tests run 48 or more, so positions past the window
 are checked; transformers' own forward is the reference for ours, and ours for the exports."""
@@ -35,6 +35,7 @@ MODELS = {
     "qwen3": ("qwen3", QWEN | {"use_sliding_window": True, "sliding_window": WINDOW, "head_dim": 32,
                                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
               (WINDOW, None, WINDOW)),
+    "phi3": ("phi3", QWEN | {"pad_token_id": 0, "sliding_window": WINDOW}, (WINDOW,) * 2),  # fused qkv, gate_up
 }
 
 
@@ -73,7 +74,7 @@ def hf_config(model_type: str, **keys) -> dict:
 def transformers_windows(hf: dict) -> tuple:
     """Each layer's window as transformers' modeling code sets it."""
     c = AutoConfig.for_model(**hf)
-    if hf["model_type"] == "mistral":  # every layer reads config.sliding_window
+    if hf["model_type"] in ("mistral", "phi3"):  # every layer reads config.sliding_window
         return (c.sliding_window,) * c.num_hidden_layers
     return tuple(c.sliding_window if t == "sliding_attention" else None for t in c.layer_types)
 
@@ -90,6 +91,8 @@ def transformers_windows(hf: dict) -> tuple:
     ("qwen3", {"use_sliding_window": False, "sliding_window": 16,
                "layer_types": ["sliding_attention"] * 4}, (None,) * 4),
     ("llama", {"sliding_window": 16}, (None,) * 4),  # llama's modeling code reads no window
+    ("phi3", {"sliding_window": 16}, (16,) * 4),
+    ("phi3", {}, (None,) * 4),  # Phi-3's default is no window (Mistral's is 4096)
 ])
 def test_windows_are_read_as_transformers_reads_them(model_type, keys, want):
     hf = hf_config(model_type, **keys)
@@ -226,13 +229,13 @@ def test_runtime_greedy_decode_past_the_window_equals_the_reference(folders, tmp
     assert [int(t) for t in gen.get_sequence(0)][len(prompt):] == want
 
 
-# -- GGUF: llama.cpp's llama / qwen2 / qwen3 architectures read no window
+# -- GGUF: llama.cpp's llama / qwen2 / qwen3 architectures read no window (phi3's loader disables the one it reads)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_gguf_export_is_refused_by_name(folders, tmp_path, name):
-    with pytest.raises(GGUFExportError, match="sliding-window attention .* which llama.cpp's '(llama|qwen2|qwen3)' "
-                                              "architecture does not read"):
+    with pytest.raises(GGUFExportError, match="sliding-window attention .* which llama.cpp's "
+                                              "'(llama|qwen2|qwen3|phi3)' architecture does not read"):
         export_gguf(read_checkpoint(folders[name][1]), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 

@@ -24,7 +24,7 @@ import numpy as np
 from common import MODEL, REPO, SIGNROUND, evaluate, machine, run
 
 sys.path.insert(0, str(REPO))
-from signround_export.model.config import BLOCK_LINEARS, ModelConfig  # noqa: E402
+from signround_export.model.config import ModelConfig  # noqa: E402
 from signround_export.tune.allocate import depth_allocation, layer_file_bits  # noqa: E402
 
 
@@ -32,9 +32,11 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     h, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out_in = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    assert set(out_in) == set(BLOCK_LINEARS)
-    return {f"model.layers.{i}.{n}": out_in[n] for i in range(cfg.n_layers) for n in BLOCK_LINEARS}
+              "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f),
+              "self_attn.qkv_proj": (q + 2 * kv, h), "mlp.gate_up_proj": (2 * f, h)}
+    linears = cfg.family.linears
+    assert set(linears) <= set(out_in)
+    return {f"model.layers.{i}.{n}": out_in[n] for i in range(cfg.n_layers) for n in linears}
 
 
 def file_bpw(shapes, bits: dict[str, int], group: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ModelError, UnsupportedModelError
@@ -9,40 +10,38 @@ from .families import FAMILIES, Family
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
-# The quantizable linears of one decoder block, in the order they run.
-BLOCK_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
 
 # rope_type -> the parameters config.json must give for it (transformers' names)
 ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor"),
 }
+ROPE_ALIASES = {"su": "longrope"}  # Phi-3's first configs
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """How a config stretches RoPE past its training context: "linear" divides every inverse frequency by
-    factor; "llama3" divides the low frequencies by factor, keeps the high ones and blends in between."""
+    factor; "llama3" divides the low frequencies by factor, keeps the high ones and blends in between;
+    "longrope" divides each by its short_factor up to original_max_positions (long_factor past it, which
+    is refused here) and scales cos and sin by attention_factor."""
 
     type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
     @classmethod
-    def from_hf(cls, rope: dict, max_positions: int) -> "RopeScaling | None":
-        """The scaling a rope_parameters (or rope_scaling) dict asks for; None for plain RoPE."""
+    def from_hf(cls, rope: dict, max_positions: int, original: int | None = None) -> "RopeScaling | None":
+        """The scaling a rope_parameters (or rope_scaling) dict asks for; None for plain RoPE. original:
+        a top-level original_max_position_embeddings, which wins over the dict's (as in transformers)."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_type = ROPE_ALIASES.get(rope_type, rope_type)
         if rope_type == "default":
             return None
         if rope_type not in ROPE_SCALINGS:
@@ -52,12 +51,25 @@ class RopeScaling:
         missing = [k for k in ROPE_SCALINGS[rope_type] if k not in rope]
         if missing:
             raise ModelError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in config.json's rope_parameters")
+        original = int(original or rope.get("original_max_position_embeddings") or max_positions)
+        if rope_type == "longrope":
+            return cls.longrope(rope, max_positions, original)
         return cls(rope_type, float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)),
-                   float(rope.get("high_freq_factor", 4.0)),
-                   int(rope.get("original_max_position_embeddings") or max_positions))
+                   float(rope.get("high_freq_factor", 4.0)), original)
+
+    @classmethod
+    def longrope(cls, rope: dict, max_positions: int, original: int) -> "RopeScaling":
+        """transformers' _compute_longrope_parameters: factor defaults to max / original positions, and
+        the attention factor to sqrt(1 + log(factor) / log(original)) (1 when factor <= 1)."""
+        factor = float(rope.get("factor") or max_positions / original)
+        attention = rope.get("attention_factor")
+        if attention is None:
+            attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        return cls("longrope", factor, original_max_positions=original,
+                   short_factor=tuple(float(f) for f in rope["short_factor"]),
+                   long_factor=tuple(float(f) for f in rope["long_factor"]), attention_factor=float(attention))
 
 
-DEFAULT_WINDOW = 4096  # transformers' sliding_window when config.json leaves the key out (Mistral, Qwen2/3)
 LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer_types' values: sliding or not
 
 
@@ -65,7 +77,7 @@ def layer_windows(hf: dict, family: Family, n_layers: int) -> tuple[int | None, 
     """Each layer's sliding window (None: the layer attends to the whole past), placed as transformers
     places them for the family (families.py). A layer with window W lets position t attend to s with
     t - W < s <= t, transformers' sliding_window_overlay."""
-    window = hf.get("sliding_window", DEFAULT_WINDOW)
+    window = hf.get("sliding_window", family.default_window)
     if family.windows is None or window is None:
         return (None,) * n_layers
     if family.windows == "every_layer":
@@ -170,6 +182,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions that rotate (the first ones)
     activation: str = "silu"  # transformers' name of the gated MLP's activation
     query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power (else head_dim's)
     attn_softcap: float | None = None  # scores -> tanh(scores / cap) * cap before the mask
@@ -192,10 +205,10 @@ class ModelConfig:
         family = FAMILIES[model_type]
         rope, local_rope = split_rope(hf)
         max_positions = hf.get("max_position_embeddings", 4096)
-        rope_scaling = RopeScaling.from_hf(rope, max_positions)
+        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"))
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-        return cls(
+        cfg = cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -208,8 +221,9 @@ class ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             max_positions=max_positions,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=FAMILIES[model_type].qkv_bias or hf.get("attention_bias", False),
+            attention_bias=family.qkv_bias if family.qkv_bias is not None else hf.get("attention_bias", False),
             rope_scaling=rope_scaling,
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
             activation=read_activation(hf, family),
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
             attn_softcap=hf.get("attn_logit_softcapping") if family.attn_softcap else None,
@@ -219,10 +233,37 @@ class ModelConfig:
             local_rope_theta=(local_rope_theta(local_rope, family, max_positions) if family.windows == "alternating"
                               else None),
         )
+        cfg.check_rotary()
+        return cfg
+
+    def check_rotary(self) -> None:
+        """A rotary width the forward can split, and longrope factors for each of its pairs."""
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ModelError(f"partial_rotary_factor {self.partial_rotary_factor} of head_dim {self.head_dim} gives "
+                             f"{self.rotary_dim} rotary dimensions; they must be a positive even number")
+        s = self.rope_scaling
+        for name in ("short_factor", "long_factor"):
+            if s is not None and s.type == "longrope" and len(getattr(s, name)) != self.rotary_dim // 2:
+                raise ModelError(f"longrope's {name} has {len(getattr(s, name))} values; this config rotates "
+                                 f"{self.rotary_dim} dimensions per head, so it needs {self.rotary_dim // 2}")
 
     @property
     def family(self) -> Family:
         return FAMILIES[self.model_type]
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions rotate (all of them unless partial_rotary_factor < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the forward and the exports handle: longrope's original context (its long
+        factors past it are refused), else max_position_embeddings."""
+        s = self.rope_scaling
+        if s is not None and s.type == "longrope":
+            return min(s.original_max_positions, self.max_positions)
+        return self.max_positions
 
     @property
     def attention_scale(self) -> float | None:
@@ -237,4 +278,4 @@ class ModelConfig:
         """Layer's sliding window where it is shorter than the context, so that it limits what a position
         sees; None where the layer sees every position the model can hold."""
         w = self.windows[layer] if self.windows else None
-        return w if w is not None and w < self.max_positions else None
+        return w if w is not None and w < self.context_length else None

@@ -1,5 +1,5 @@
-"""The LLaMA family (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, SmolLM2) as plain functions over a
-dict of HF-named tensors.
+"""The LLaMA family (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, SmolLM2) as plain functions over
+a dict of HF-named tensors.
 
 This is the one PyTorch forward in the project: tuning runs its blocks, and the reference model that
 every exported artifact is compared against is this forward over weights dequantized from a
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .config import BLOCK_LINEARS, ModelConfig
-from .families import block_norms
+from .config import ModelConfig
+from .families import FUSED_GATE_UP, FUSED_QKV, block_norms, check_linears
 from .rope import rope_tables
 
 
@@ -67,6 +67,9 @@ def attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    r = cos.shape[-1]
+    if r < x.shape[-1]:  # partial rotary: the first r dimensions rotate, the rest pass through
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -76,6 +79,21 @@ def linear(p: dict, name: str, x: torch.Tensor, tap=None) -> torch.Tensor:
     if tap is not None:  # tap(name, input): lets a caller observe what each linear reads
         tap(name, x)
     return F.linear(x, p[name + ".weight"], p.get(name + ".bias"))
+
+
+def attention_inputs(cfg: ModelConfig, p: dict, h: torch.Tensor, tap=None) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, T, rows] of h: three linears, or one fused qkv_proj whose rows are q's, k's, then v's."""
+    if cfg.family.fused_qkv:
+        kv_rows = cfg.n_kv_heads * cfg.head_dim
+        return linear(p, FUSED_QKV, h, tap).split([cfg.n_heads * cfg.head_dim, kv_rows, kv_rows], dim=-1)
+    return tuple(linear(p, f"self_attn.{n}_proj", h, tap) for n in "qkv")
+
+
+def gate_and_up(cfg: ModelConfig, p: dict, h: torch.Tensor, tap=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's gate and up projections of h: two linears, or one fused gate_up_proj (gate rows first)."""
+    if cfg.family.fused_gate_up:
+        return linear(p, FUSED_GATE_UP, h, tap).chunk(2, dim=-1)
+    return linear(p, "mlp.gate_proj", h, tap), linear(p, "mlp.up_proj", h, tap)
 
 
 def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -91,9 +109,10 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
         return rms_norm(y, p[name + ".weight"], cfg.rms_eps, fam.norm_offset)
 
     h = norm("input_layernorm", x)
-    q = linear(p, "self_attn.q_proj", h, tap).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = linear(p, "self_attn.k_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = linear(p, "self_attn.v_proj", h, tap).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q, k, v = attention_inputs(cfg, p, h, tap)
+    q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     if fam.qk_norm:  # over each head's head_dim values
         q, k = norm("self_attn.q_norm", q), norm("self_attn.k_norm", k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -105,8 +124,8 @@ def block_forward(cfg: ModelConfig, p: dict, x: torch.Tensor, cos: torch.Tensor,
     else:
         x = x + a
         h = norm("post_attention_layernorm", x)
-    act = ACTIVATIONS[cfg.activation](linear(p, "mlp.gate_proj", h, tap)) * linear(p, "mlp.up_proj", h, tap)
-    out = linear(p, "mlp.down_proj", act, tap)
+    gate, up = gate_and_up(cfg, p, h, tap)
+    out = linear(p, "mlp.down_proj", ACTIVATIONS[cfg.activation](gate) * up, tap)
     return x + (norm("post_feedforward_layernorm", out) if fam.sandwich_norms else out)
 
 
@@ -117,6 +136,7 @@ class Model:
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]):
         self.cfg = cfg
         self.tensors = tensors
+        check_linears(cfg.family, tensors, ModelError)
         missing = [n for n in self.expected_names() if n not in tensors]
         if missing:
             raise ModelError(f"model weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
@@ -126,7 +146,7 @@ class Model:
         if not self.cfg.tie_word_embeddings:
             names.append("lm_head.weight")
         for i in range(self.cfg.n_layers):
-            names += [f"model.layers.{i}.{n}.weight" for n in BLOCK_LINEARS]
+            names += [f"model.layers.{i}.{n}.weight" for n in self.cfg.family.linears]
             names += [f"model.layers.{i}.{n}" for n in block_norms(self.cfg.family)]
         return names
 
@@ -144,8 +164,9 @@ class Model:
         return x
 
     def ropes(self, t: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each block's cos and sin [t, head_dim] for positions 0 .. t - 1, repeated over both halves of a
-        head (local layers with a RoPE of their own get theirs; the others share one table)."""
+        """Each block's cos and sin [t, rotary_dim] for positions 0 .. t - 1, repeated over both halves of a
+        head's rotary part (local layers with a RoPE of their own get theirs; the others share one table);
+        ModelError past what the rotary table covers (longrope's original context)."""
         tables = {}
         for local in sorted({self.cfg.local_rope(i) for i in range(self.cfg.n_layers)}):
             tables[local] = tuple(torch.from_numpy(np.concatenate([a, a], axis=-1)).to(device)

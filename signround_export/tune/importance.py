@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from ..checkpoint.qweight import Scheme
 from ..errors import TuneError
-from ..model.config import BLOCK_LINEARS
 from ..model.forward import Model, block_forward
 from ..model.load import in_memory
 from .quantizer import quantize
@@ -33,7 +32,7 @@ MEASURES = ("gradient", "fisher", "activation")
 
 
 def block_linear_names(model: Model) -> list[str]:
-    return [f"model.layers.{i}.{n}" for i in range(model.cfg.n_layers) for n in BLOCK_LINEARS]
+    return [f"model.layers.{i}.{n}" for i in range(model.cfg.n_layers) for n in model.cfg.family.linears]
 
 
 def rtn_error(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

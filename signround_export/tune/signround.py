@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from ..checkpoint.qweight import QuantWeight, Scheme
 from ..errors import TuneError
-from ..model.config import BLOCK_LINEARS
 from ..model.forward import Model, block_forward
 from .clip import clip_search
 from .config import TuneConfig
@@ -190,7 +189,7 @@ def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch
     of the block, y the float block's outputs."""
     t0 = time.perf_counter()
     device = x_q.device
-    schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in BLOCK_LINEARS}
+    schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
     window = model.cfg.window(i)
     power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window) if config.searches() else None
     tuner = BlockTuner(params, schemes, device, power)
@@ -224,9 +223,10 @@ def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch
     return qweights, log
 
 
-def rtn_block(p: dict[str, torch.Tensor], i: int, config: TuneConfig) -> dict[str, QuantWeight]:
-    """Round-to-nearest integers of block i's linears (p: its float tensors)."""
-    names = {n: f"model.layers.{i}.{n}" for n in BLOCK_LINEARS}
+def rtn_block(p: dict[str, torch.Tensor], linears: tuple[str, ...], i: int,
+              config: TuneConfig) -> dict[str, QuantWeight]:
+    """Round-to-nearest integers of block i's linears (p: its float tensors; linears: the family's)."""
+    names = {n: f"model.layers.{i}.{n}" for n in linears}
     return {name: to_qweight(p[n + ".weight"], config.scheme(name), bias=p.get(n + ".bias"))
             for n, name in names.items()}
 
@@ -275,7 +275,7 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
             result.resumed_blocks += 1
         else:
             if not config.uses_data():
-                qws, log = rtn_block(block, i, config), BlockLog(i, None, None, None, 0.0)
+                qws, log = rtn_block(block, model.cfg.family.linears, i, config), BlockLog(i, None, None, None, 0.0)
             else:
                 qws, log = tune_block(model, i, params, x_q, y, rope, config, dtype, progress)
             if resume is not None:

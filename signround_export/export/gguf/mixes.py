@@ -22,6 +22,10 @@ non-Falcon models; n layers, layer i, integer division; others: every other line
 
 more_bits(i) = i < n / 8 or i >= 7 n / 8 or (i - n / 8) % 3 == 2: the first and last eighth of the
 layers and every third one between.
+
+A fused q/k/v linear (Phi-3's qkv_proj, llama.cpp's attn_qkv) takes attn_v's rule, and a fused gate/up
+(gate_up_proj, llama.cpp's ffn_up) the others' type: so llama-quantize (llama-cpp-python 0.3.36)
+chose for every mix above, checked tensor by tensor in tests/test_phi3.py.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from ...errors import TuneError
 from .types import GGUF_TYPES, QK_K
 
 ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+         "qkv_proj": "attn_v", "gate_up_proj": "ffn_up"}  # fused linears: the rule llama-quantize applies
 
 
 def more_bits(i: int, n: int) -> bool:

@@ -11,6 +11,7 @@ from ...model.config import ModelConfig
 from .tensors import hf_names, is_norm, rope_heads, rope_unpermute
 
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling's per-frequency divisors, written from the config
+ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # longrope's, from the config too
 
 
 def dequantize(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -52,7 +53,7 @@ def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], di
     to_hf = hf_names(cfg.n_layers, cfg.family)
     weights, types = {}, {}
     for t in reader.tensors:
-        if t.name == ROPE_FREQS:  # rope scaling, not a weight: the config gives it
+        if t.name == ROPE_FREQS or t.name in ROPE_FACTORS:  # rope scaling, not a weight: the config gives it
             continue
         if t.name not in to_hf:
             raise GGUFExportError(f"{path}: tensor {t.name} is not one of a {arch} model's")

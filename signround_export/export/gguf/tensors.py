@@ -3,6 +3,9 @@
 llama.cpp's "llama" architecture rotates q and k in interleaved pairs, HF's in halves: the rows of
 q_proj and k_proj are permuted per head (`rope_permute`), which reorders rows only, so it applies
 exactly to the integers, scales and zero points.
+
+A fused q/k/v linear (Phi-3's qkv_proj) is llama.cpp's attn_qkv, and a fused gate/up (gate_up_proj,
+gate rows first) its ffn_up, which llama.cpp's SwiGLU splits the same way: both go in as stored.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import numpy as np
 
 from ...checkpoint.qweight import QuantWeight
 from ...model.config import ModelConfig
-from ...model.families import Family
+from ...model.families import FUSED_LINEARS, SEPARATE_LINEARS, Family
+
+ALL_LINEARS = frozenset(SEPARATE_LINEARS + FUSED_LINEARS)
 
 # HF tensor name (with {i} for the block) -> GGUF tensor name
 TENSOR_NAMES = {
@@ -32,6 +37,8 @@ TENSOR_NAMES = {
     "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "model.layers.{i}.self_attn.qkv_proj.weight": "blk.{i}.attn_qkv.weight",
+    "model.layers.{i}.mlp.gate_up_proj.weight": "blk.{i}.ffn_up.weight",
 }
 # the names of a block with sandwich norms (Gemma): post_attention_layernorm norms the attention output,
 # pre_feedforward_layernorm is the MLP's input norm (llama.cpp's ffn_norm)
@@ -44,8 +51,18 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
 
 
 def tensor_names(family: Family | None) -> dict[str, str]:
-    """HF name pattern -> GGUF name pattern for a family (None: the LLaMA block's)."""
-    return TENSOR_NAMES | SANDWICH_NORM_NAMES if family is not None and family.sandwich_norms else TENSOR_NAMES
+    """HF name pattern -> GGUF name pattern for a family: its own linears only (ffn_up is up_proj or a fused
+    gate_up_proj, as Family.linears says) and its sandwich norms' names. None: every LLaMA-block pattern."""
+    if family is None:
+        return TENSOR_NAMES
+    names = {hf: gg for hf, gg in TENSOR_NAMES.items()
+             if block_module(hf) not in ALL_LINEARS or block_module(hf) in family.linears}
+    return names | SANDWICH_NORM_NAMES if family.sandwich_norms else names
+
+
+def block_module(hf_pattern: str) -> str:
+    """"self_attn.q_proj" of "model.layers.{i}.self_attn.q_proj.weight"."""
+    return hf_pattern.removeprefix("model.layers.{i}.").rsplit(".", 1)[0]
 
 
 def gguf_name(hf_name: str, family: Family | None = None) -> str | None:
@@ -64,7 +81,7 @@ def is_norm(hf_name: str) -> bool:
 
 
 def hf_names(n_layers: int, family: Family | None = None) -> dict[str, str]:
-    """GGUF name -> HF name of every tensor a model of n_layers blocks can have."""
+    """GGUF name -> HF name of every tensor a model of n_layers blocks of family can have."""
     names = {}
     for hf_pattern, gguf_pattern in tensor_names(family).items():
         for i in range(n_layers) if "{i}" in hf_pattern else [None]:

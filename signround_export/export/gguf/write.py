@@ -16,9 +16,10 @@ from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
+from ...model.families import check_linears
 from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
-from .read import ROPE_FREQS, dequantize
+from .read import ROPE_FACTORS, ROPE_FREQS, dequantize
 from .strip import file_name
 from .tensors import IGNORED_SUFFIXES, gguf_name, is_norm, llama_rows, rope_heads
 from .types import GGUF_TYPES
@@ -71,7 +72,7 @@ def check_windows(cfg: ModelConfig, param: str | None = None) -> None:
         asked = f"`{param}` asks for a GGUF file, but " if param else ""
         raise GGUFExportError(
             f"{asked}this {cfg.model_type} model has sliding-window attention ({cfg.windows[sliding[0]]} tokens on "
-            f"{len(sliding)} of {cfg.n_layers} layers, context {cfg.max_positions}), which llama.cpp's "
+            f"{len(sliding)} of {cfg.n_layers} layers, context {cfg.context_length}), which llama.cpp's "
             f"{cfg.family.gguf_arch!r} architecture does not read: it cannot be exported to GGUF exactly; "
             "export it to ONNX instead", param=param)
 
@@ -169,11 +170,19 @@ def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig
     return TensorRecord(gguf_name(hf_name, cfg.family), hf_name, type_name, err == 0.0, quantized, err), data
 
 
-def rope_freqs(cfg: ModelConfig) -> tuple[TensorRecord, np.ndarray] | None:
-    """llama3 rope scaling as llama.cpp reads it: a float32 tensor of each pair's frequency divisor."""
-    if cfg.rope_scaling is None or cfg.rope_scaling.type != "llama3":
-        return None
-    return TensorRecord(ROPE_FREQS, "rope_scaling", "F32", True, False, 0.0), rope_divisors(cfg).astype(np.float32)
+def rope_tensors(cfg: ModelConfig) -> list[tuple[TensorRecord, np.ndarray]]:
+    """Rope scaling as llama.cpp reads it, float32: llama3's divisor of each pair's frequency
+    (rope_freqs), longrope's long and short factors (rope_factors_long, rope_factors_short; llama.cpp
+    takes the short ones while its context is at most rope.scaling.original_context_length)."""
+    s = cfg.rope_scaling
+    if s is not None and s.type == "llama3":
+        tensors = {ROPE_FREQS: rope_divisors(cfg)}
+    elif s is not None and s.type == "longrope":
+        tensors = dict(zip(ROPE_FACTORS, (s.long_factor, s.short_factor)))
+    else:
+        return []
+    return [(TensorRecord(name, "rope_scaling", "F32", True, False, 0.0), np.asarray(t, dtype=np.float32))
+            for name, t in tensors.items()]
 
 
 def file_type_of(records: list[TensorRecord], float_type: str) -> str:
@@ -197,10 +206,13 @@ def add_hparams(w: GGUFWriter, cfg: ModelConfig, name: str, file_type: str) -> N
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim)  # head_dim unless partial rotary
     if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_scaling.factor)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "longrope":  # llama.cpp scales cos and sin by it
+        w.add_rope_scaling_attn_factors(cfg.rope_scaling.attention_factor)
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_positions)
     if cfg.head_dim * cfg.n_heads != cfg.hidden_size:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -251,15 +263,16 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
     cfg = ModelConfig.from_hf(hf)
     check_llama_cpp(cfg)
     vocab = read_vocab(Path(ckpt.path), hf, tokenizer_pre_name)
+    check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], GGUFExportError)
     items = model_tensors(ckpt, cfg)
     report, data = GGUFExport(path=Path(out)), []
     for hf_name in tqdm(sorted(items), desc="gguf", unit="tensor", disable=not progress):
         record, tensor = encode_tensor(hf_name, items[hf_name], cfg, asym4, float_type, kquant)
         report.tensors.append(record)
         data.append(tensor)
-    if (freqs := rope_freqs(cfg)) is not None:
-        report.tensors.append(freqs[0])
-        data.append(freqs[1])
+    for record, tensor in rope_tensors(cfg):
+        report.tensors.append(record)
+        data.append(tensor)
     report.file_type = file_type_of(report.tensors, float_type)
     write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab, data)
     report.bytes = Path(out).stat().st_size

@@ -5,14 +5,15 @@ The graph, per decoder block i (x: the residual stream, float32 [batch, seq, hid
     h       = SimplifiedLayerNormalization(x)                  (block 0; later blocks get h and x
     h, x    = SkipSimplifiedLayerNormalization(out, x)          from the previous block's output)
     q, k, v = Split(MatMulNBits_qkv(h))  (+ bias for qwen2; q, k, v stacked row after row, or one
-              MatMulNBits each where their integers differ in layout)
+              MatMulNBits each where their integers differ in layout; Phi-3's fused qkv_proj as stored)
     q, k    = SimplifiedLayerNormalization over each head of q and k (families with q/k norms: qwen3)
     a, present.i.key, present.i.value
             = GroupQueryAttention(q, k, v, past_key_values.i.*, seqlens_k, total_seq_len, cos, sin)
-              (rotary fused, half-split layout like HF's rotate_half)
+              (rotary fused, half-split layout like HF's rotate_half; caches narrower than
+              head_dim / 2 rotate only the first dimensions of each head: partial rotary)
     out     = MatMulNBits(a)
     h, x    = SkipSimplifiedLayerNormalization(out, x)
-    gate, up = Split(MatMulNBits_gate_up(h))  (stacked the same way)
+    gate, up = Split(MatMulNBits_gate_up(h))  (stacked the same way, or Phi-3's fused gate_up_proj)
     out     = MatMulNBits_down(silu(gate) * up)
 
 then logits = head(SkipSimplifiedLayerNormalization(out, x)). Inputs and outputs use
@@ -52,6 +53,7 @@ from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight, Scheme
 from ...errors import ONNXExportError
 from ...model.config import ModelConfig
+from ...model.families import FUSED_GATE_UP, FUSED_QKV, check_linears
 from ...model.folder import copy_tokenizer_files
 from ...model.rope import rope_tables
 from ...tune.quantizer import to_qweight
@@ -91,9 +93,8 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     t0 = time.perf_counter()
     check_options(accuracy_level, lm_head_bits, max_block)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
-    if cfg.head_dim % 16:
-        raise ONNXExportError(f"head size {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
-                              "GroupQueryAttention requires: this model cannot be exported to ONNX")
+    check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], ONNXExportError)
+    check_attention(cfg)
     report = ONNXExport(folder=Path(out_dir), accuracy_level=accuracy_level)
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
     decoder = DecoderGraph(ckpt, cfg, report, accuracy_level=accuracy_level, max_block=max_block)
@@ -103,6 +104,18 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     report.bytes = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_attention(cfg: ModelConfig) -> None:
+    """What onnxruntime's GroupQueryAttention accepts (checked on onnxruntime 1.32): a head size that is a
+    multiple of 16, and cos/sin caches whose width (rotary_dim / 2) is a multiple of 8."""
+    if cfg.head_dim % 16:
+        raise ONNXExportError(f"head size {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
+                              "GroupQueryAttention requires: this model cannot be exported to ONNX")
+    if cfg.rotary_dim % 16:
+        raise ONNXExportError(f"{cfg.rotary_dim} rotary dimensions per head (partial_rotary_factor "
+                              f"{cfg.partial_rotary_factor}): onnxruntime's GroupQueryAttention needs a multiple of "
+                              "16, so this model cannot be exported to ONNX")
 
 
 def check_options(accuracy_level: int, lm_head_bits: int | None, max_block: int) -> None:
@@ -219,9 +232,9 @@ class DecoderGraph:
         return [seqlens_k, g.op("Cast", [length], to=INT32)]
 
     def rope_caches(self, local: bool = False) -> list[str]:
-        """GroupQueryAttention's cos and sin caches [max_positions, head_dim / 2] (local: of the local
-        layers' RoPE base)."""
-        cos, sin = rope_tables(self.cfg, self.cfg.max_positions, local)
+        """GroupQueryAttention's cos and sin caches [context_length, rotary_dim / 2] (longrope's graph stops
+        at its original context, where the short factors end; local: of the local layers' RoPE base)."""
+        cos, sin = rope_tables(self.cfg, self.cfg.context_length, local)
         suffix = "_local" if local else ""
         return [self.g.const("cos_cache" + suffix, cos), self.g.const("sin_cache" + suffix, sin)]
 
@@ -253,7 +266,7 @@ class DecoderGraph:
         returns this block's output and the residual, to be summed by the next norm."""
         p = f"model.layers.{i}."
         h, x = self.skip_norm(out, x, p + "input_layernorm.weight")
-        q, k, v = self.linears(h, [p + f"self_attn.{n}_proj" for n in "qkv"])
+        q, k, v = self.qkv(h, p)
         if self.cfg.family.qk_norm:
             q = self.head_norm(q, p + "self_attn.q_norm.weight", self.cfg.n_heads)
             k = self.head_norm(k, p + "self_attn.k_norm.weight", self.cfg.n_kv_heads)
@@ -263,7 +276,7 @@ class DecoderGraph:
             out = self.norm(out, p + "post_attention_layernorm.weight")
         h, x = self.skip_norm(out, x, p + ("pre_feedforward_layernorm.weight" if sandwich
                                            else "post_attention_layernorm.weight"))
-        gate, up = self.linears(h, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        gate, up = self.gate_and_up(h, p)
         out = self.linear(self.g.op("Mul", [self.activation(gate), up]), p + "mlp.down_proj")
         return (self.norm(out, p + "post_feedforward_layernorm.weight") if sandwich else out), x
 
@@ -289,6 +302,27 @@ class DecoderGraph:
         """RMSNorm of y over its last axis."""
         w = self.g.const(weight, self.norm_weight(weight))
         return self.g.op("SimplifiedLayerNormalization", [y, w], axis=-1, epsilon=self.eps, stash_type=1)
+
+    def qkv(self, h: str, p: str) -> list[str]:
+        """q, k, v of h: three linears (stacked where they can be), or the fused qkv_proj and a Split."""
+        cfg = self.cfg
+        if not cfg.family.fused_qkv:
+            return self.linears(h, [p + f"self_attn.{n}_proj" for n in "qkv"])
+        kv_rows = cfg.n_kv_heads * cfg.head_dim
+        return self.split(self.linear(h, p + FUSED_QKV), p + FUSED_QKV, [cfg.n_heads * cfg.head_dim, kv_rows, kv_rows])
+
+    def gate_and_up(self, h: str, p: str) -> list[str]:
+        """The MLP's gate and up of h: two linears (stacked where they can be), or the fused gate_up_proj
+        (gate rows first) and a Split."""
+        if not self.cfg.family.fused_gate_up:
+            return self.linears(h, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        rows = self.cfg.intermediate_size
+        return self.split(self.linear(h, p + FUSED_GATE_UP), p + FUSED_GATE_UP, [rows, rows])
+
+    def split(self, y: str, name: str, rows: list[int]) -> list[str]:
+        """y's last axis cut into pieces of these sizes."""
+        sizes = self.g.const(name + ".split", np.array(rows, dtype=np.int64))
+        return self.g.op("Split", [y, sizes], n_out=len(rows), axis=-1)
 
     def skip_norm(self, out: str | None, x: str, weight: str) -> tuple[str, str]:
         """RMSNorm of x + out and the sum x + out, fused in one node (without `out`: RMSNorm of x, and x)."""
@@ -350,8 +384,7 @@ class DecoderGraph:
             return [self.linear(x, m) for m in modules]
         name = stack_name(modules)
         y = self.matmul_nbits(x, name, stack_rows(qws), count=len(modules))
-        rows = self.g.const(name + ".split", np.array([qw.shape[0] for qw in qws]))
-        return self.g.op("Split", [y, rows], n_out=len(modules), axis=-1)
+        return self.split(y, name, [qw.shape[0] for qw in qws])
 
     def linear(self, x: str, module: str) -> str:
         if module in self.ckpt.qweights:

@@ -15,7 +15,7 @@ def genai_config(cfg: ModelConfig, ckpt: Checkpoint) -> dict:
     return {
         "model": {
             "bos_token_id": config_token_id(ckpt.path, ckpt.hf_config, "bos"),
-            "context_length": cfg.max_positions,
+            "context_length": cfg.context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx",
@@ -35,7 +35,7 @@ def genai_config(cfg: ModelConfig, ckpt: Checkpoint) -> dict:
             "vocab_size": cfg.vocab_size,
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": cfg.max_positions, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "max_length": cfg.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
