@@ -122,17 +122,58 @@ def test_llama_cpp_agrees_past_the_original_context(yarn_ckpt, tmp_path, monkeyp
     assert not scores["no yarn keys"][0], scores
 
 
+@needs_llama
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_llama_cpp_reads_another_attention_factor(tmp_path, model_type, monkeypatch):
+    """A config's own attention factor reaches llama.cpp as rope.scaling.attn_factor (its yarn multiplies
+    it by yarn_mscale(factor)); without the key llama.cpp computes another model."""
+    from gguf import GGUFReader
+
+    ckpt = rtn_checkpoint(yarn_model(tmp_path / "m", model_type, attention_factor=1.3), tmp_path / "ckpt",
+                          bits=4, group_size=32, sym=False)
+    scores = {}
+    for case in ("right", "no attn_factor"):
+        if case == "no attn_factor":  # a broken export for contrast
+            monkeypatch.setattr(gguf_write, "yarn_attn_factor", lambda cfg: 1.0)
+        path = tmp_path / f"{case}.gguf"
+        export_gguf(read_checkpoint(ckpt), path, tokenizer_pre_name="gpt-2")
+        if case == "right":
+            field = GGUFReader(path).fields[f"{model_type}.rope.scaling.attn_factor"]
+            assert field.contents() == pytest.approx(1.3 / (1 + 0.1 * np.log(4.0)), rel=1e-6)
+        result = validate(ckpt, gguf=path, tokens=256, window=128, progress=False)
+        scores[case] = (result.passed, result.artifact("gguf").scores)
+    assert scores["right"][0] and scores["right"][1].top1 >= 0.95 and scores["right"][1].kl_mean <= 5e-4, scores
+    assert not scores["no attn_factor"][0], scores
+
+
+def test_the_default_magnitude_writes_no_attn_factor_and_mscale_writes_its_ratio():
+    default = ModelConfig.from_hf(hf_config("llama").to_dict())
+    assert gguf_write.yarn_attn_factor(default) == pytest.approx(1.0, rel=1e-12)
+    mscale = ModelConfig.from_hf(hf_config("llama", mscale=1.0, mscale_all_dim=0.5).to_dict())
+    ln = np.log(4.0)
+    assert gguf_write.yarn_attn_factor(mscale) == pytest.approx(1 / (1 + 0.05 * ln), rel=1e-12)
+
+
 @pytest.mark.parametrize("scaling,message", [
     ({"truncate": False}, "yarn with truncate false"),
     ({"beta_fast": 16}, "yarn beta_fast 16 / beta_slow 1"),
-    ({"attention_factor": 1.3}, "yarn attention factor 1.3 "),
-    ({"mscale": 1.0, "mscale_all_dim": 0.7}, "yarn attention factor 1.03791"),
+    ({"beta_slow": 2}, "yarn beta_fast 32 / beta_slow 2"),
 ])
 def test_gguf_refuses_what_llama_cpp_computes_otherwise(scaling, message):
     cfg = ModelConfig.from_hf(hf_config("llama", **scaling).to_dict())
     with pytest.raises(GGUFExportError, match=f"this llama model has {message}.*cannot be exported to GGUF"):
         gguf_write.check_llama_cpp(cfg)
     gguf_write.check_llama_cpp(ModelConfig.from_hf(hf_config("llama").to_dict()))  # the defaults pass
+
+
+def test_gguf_refuses_yarn_beside_local_layers():
+    hf = AutoConfig.for_model("gemma3_text", hidden_size=64, num_attention_heads=4, head_dim=16,
+                              num_hidden_layers=2, sliding_window=16, query_pre_attn_scalar=16).to_dict()
+    hf["rope_parameters"]["full_attention"] = {"rope_theta": 10000.0} | YARN
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.rope_scaling.type == "yarn" and cfg.local_layers
+    with pytest.raises(GGUFExportError, match="yarn on the global layers beside local layers of plain RoPE"):
+        gguf_write.check_llama_cpp(cfg)
 
 
 def test_dynamic_is_refused_saying_why():

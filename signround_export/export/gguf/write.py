@@ -112,8 +112,8 @@ def check_graph(cfg: ModelConfig, param: str | None = None) -> None:
 
 def yarn_problems(cfg: ModelConfig) -> list[str]:
     """What llama.cpp's yarn would compute otherwise than the config: for these architectures it reads the
-    factor and original context from the file, always rounds the band outwards, takes beta_fast 32 and
-    beta_slow 1, and scales cos and sin by yarn_mscale(factor)."""
+    factor, original context and magnitude from the file (yarn_attn_factor), but always rounds the band
+    outwards and takes beta_fast 32 and beta_slow 1."""
     s = cfg.rope_scaling
     if s is None or s.type != "yarn":
         return []
@@ -123,13 +123,17 @@ def yarn_problems(cfg: ModelConfig) -> list[str]:
     if (s.beta_fast, s.beta_slow) != (32.0, 1.0):
         problems.append(f"yarn beta_fast {s.beta_fast:g} / beta_slow {s.beta_slow:g} (llama.cpp's "
                         f"{cfg.family.gguf_arch!r} loader reads none: it takes 32 / 1)")
-    if not math.isclose(s.attention_factor, yarn_mscale(s.factor), rel_tol=1e-6):
-        problems.append(f"yarn attention factor {s.attention_factor:.6g} (from attention_factor or mscale / "
-                        f"mscale_all_dim), where llama.cpp scales cos and sin by {yarn_mscale(s.factor):.6g}")
     if cfg.local_layers and cfg.local_rope_theta is not None:  # llama.cpp's yarn settings reach every layer
         problems.append("yarn on the global layers beside local layers of plain RoPE (llama.cpp applies its yarn "
                         "settings to every layer; not supported here)")
     return problems
+
+
+def yarn_attn_factor(cfg: ModelConfig) -> float:
+    """rope.scaling.attn_factor for yarn: llama.cpp scales cos and sin by yarn_mscale(factor) times it, so
+    the config's attention factor (attention_factor, or from mscale / mscale_all_dim) divided by that."""
+    s = cfg.rope_scaling
+    return s.attention_factor / yarn_mscale(s.factor)
 
 
 def check_rope(cfg: ModelConfig, param: str | None = None) -> None:
@@ -261,6 +265,8 @@ def add_rope_scaling(w: GGUFWriter, cfg: ModelConfig) -> None:
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(s.factor)
         w.add_rope_scaling_orig_ctx_len(s.original_max_positions)
+        if not math.isclose(yarn_attn_factor(cfg), 1.0, rel_tol=1e-7):  # 1 unless the config sets the magnitude
+            w.add_rope_scaling_attn_factors(yarn_attn_factor(cfg))
     if s is not None and s.type == "longrope":  # llama.cpp scales cos and sin by it
         w.add_rope_scaling_attn_factors(s.attention_factor)
         w.add_rope_scaling_orig_ctx_len(s.original_max_positions)
