@@ -196,3 +196,18 @@ def test_invalid_yarn_parameters_are_named(scaling, message):
         ModelConfig.from_hf(hf)
     with pytest.raises(ModelError, match="rope scaling 'yarn' needs factor"):
         ModelConfig.from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})
+
+
+def test_phi3_reads_yarn_as_longrope_like_transformers():
+    """transformers' Phi-3 config reads rope_type "yarn" (old Phi-3 configs) as longrope, and so does ours."""
+    factors = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    hf = AutoConfig.for_model("phi3", hidden_size=64, num_attention_heads=4, max_position_embeddings=128,
+                              original_max_position_embeddings=32, pad_token_id=0,
+                              rope_scaling={"type": "yarn", **factors})
+    assert hf.rope_parameters["rope_type"] == "longrope"
+    raw = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, "intermediate_size": 8,
+           "num_hidden_layers": 1, "max_position_embeddings": 128, "original_max_position_embeddings": 32,
+           "rope_scaling": {"type": "yarn", **factors}}
+    assert ModelConfig.from_hf(raw).rope_scaling.type == "longrope"
+    with pytest.raises(ModelError, match="rope scaling 'longrope' \\(config.json's 'yarn'\\) needs short_factor"):
+        ModelConfig.from_hf(raw | {"rope_scaling": YARN})

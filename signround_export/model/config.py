@@ -54,11 +54,13 @@ class RopeScaling:
     truncate: bool = True
 
     @classmethod
-    def from_hf(cls, rope: dict, max_positions: int, original: int | None = None) -> "RopeScaling | None":
+    def from_hf(cls, rope: dict, max_positions: int, original: int | None = None,
+                aliases: dict[str, str] = ROPE_ALIASES) -> "RopeScaling | None":
         """The scaling a rope_parameters (or rope_scaling) dict asks for; None for plain RoPE. original:
-        a top-level original_max_position_embeddings, which wins over the dict's (as in transformers)."""
+        a top-level original_max_position_embeddings, which wins over the dict's (as in transformers);
+        aliases: rope_type names read as another (the family's, see rope_aliases)."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_type = ROPE_ALIASES.get(rope_type, rope_type)
+        rope_type = aliases.get(rope_type, rope_type)
         if rope_type == "default":
             return None
         if rope_type not in ROPE_SCALINGS:
@@ -68,7 +70,9 @@ class RopeScaling:
                 f"{', '.join(ROPE_SCALINGS)}")
         missing = [k for k in ROPE_SCALINGS[rope_type] if k not in rope]
         if missing:
-            raise ModelError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in config.json's rope_parameters")
+            given = rope.get("rope_type", rope.get("type"))
+            named = f"{rope_type!r}" + (f" (config.json's {given!r})" if given != rope_type else "")
+            raise ModelError(f"rope scaling {named} needs {', '.join(missing)} in config.json's rope_parameters")
         original = int(original or rope.get("original_max_position_embeddings") or max_positions)
         if rope_type == "longrope":
             return cls.longrope(rope, max_positions, original)
@@ -114,6 +118,11 @@ class RopeScaling:
         return cls("yarn", float(factor), original_max_positions=original, attention_factor=float(attention),
                    beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
                    truncate=rope.get("truncate", True))
+
+
+def rope_aliases(family: Family) -> dict[str, str]:
+    """The rope_type names the family's transformers config class reads as another."""
+    return ROPE_ALIASES | ({"yarn": "longrope"} if family.yarn_is_longrope else {})
 
 
 LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer_types' values: sliding or not
@@ -251,7 +260,8 @@ class ModelConfig:
         family = FAMILIES[model_type]
         rope, local_rope = split_rope(hf)
         max_positions = hf.get("max_position_embeddings", 4096)
-        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"))
+        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"),
+                                           rope_aliases(family))
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         cfg = cls(
