@@ -6,7 +6,8 @@ position * theta^(-2j / r), divided by the pair's scaling divisor when the confi
 (`rope_divisors`). HF checkpoints rotate halves of the rotary part (element j with element j + r / 2),
 so cos and sin are listed per pair and each consumer lays them out as it needs: the PyTorch forward
 repeats them over both halves, the ONNX graph hands them to GroupQueryAttention as its cos/sin caches
-(narrower than head_dim / 2 for partial rotary), and the GGUF file carries the divisors themselves.
+(narrower than head_dim / 2 for partial rotary), and the GGUF file carries the divisors themselves (llama3,
+longrope) or the parameters llama.cpp derives them from (linear, yarn).
 longrope and yarn also scale cos and sin by their attention factor (`rope_attention_factor`). Gemma 3's local layers
 take a table of their own (local=True: plain RoPE with their base, no scaling).
 """
