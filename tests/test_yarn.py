@@ -1,7 +1,7 @@
 """YaRN rope scaling through every stage, on a tiny llama and a tiny qwen3 whose original context (32) is a
 quarter of the test windows (128): the forward against transformers, the ONNX export exact at accuracy
-level 0, the runtime's greedy decode, llama.cpp's agreement; configs llama.cpp would compute otherwise, and
-dynamic scaling, refused by name."""
+level 0, the runtime's greedy decode, llama.cpp's agreement (also with a config's own attention factor);
+configs llama.cpp would compute otherwise, and dynamic scaling, refused by name."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def yarn_ckpt(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("model_type", list(MODELS))
-@pytest.mark.parametrize("scaling", [{}, {"truncate": False}, {"attention_factor": 1.3}, {"beta_fast": 16, "beta_slow": 2},
-                                     {"mscale": 1.0, "mscale_all_dim": 0.7}, {"factor": None}],
+@pytest.mark.parametrize("scaling", [{}, {"truncate": False}, {"attention_factor": 1.3},
+                                     {"beta_fast": 16, "beta_slow": 2}, {"mscale": 1.0, "mscale_all_dim": 0.7},
+                                     {"factor": None}],
                          ids=["default", "no-truncate", "attention", "betas", "mscale", "implicit-factor"])
 def test_tables_are_transformers_yarn(model_type, scaling):
     hf = hf_config(model_type, **scaling)
@@ -116,6 +117,7 @@ def test_llama_cpp_agrees_past_the_original_context(yarn_ckpt, tmp_path, monkeyp
             assert fields[f"{arch}.rope.scaling.type"].contents() == "yarn"
             assert fields[f"{arch}.rope.scaling.factor"].contents() == 4.0
             assert fields[f"{arch}.rope.scaling.original_context_length"].contents() == ORIGINAL
+            assert f"{arch}.rope.scaling.attn_factor" not in fields  # llama.cpp's own magnitude is the config's
         result = validate(yarn_ckpt, gguf=path, tokens=256, window=128, progress=False)
         scores[case] = (result.passed, result.artifact("gguf").scores)
     assert scores["right"][0] and scores["right"][1].top1 >= 0.95 and scores["right"][1].kl_mean <= 5e-4, scores
@@ -146,7 +148,7 @@ def test_llama_cpp_reads_another_attention_factor(tmp_path, model_type, monkeypa
     assert not scores["no attn_factor"][0], scores
 
 
-def test_the_default_magnitude_writes_no_attn_factor_and_mscale_writes_its_ratio():
+def test_attn_factor_is_the_config_magnitude_over_llama_cpps():
     default = ModelConfig.from_hf(hf_config("llama").to_dict())
     assert gguf_write.yarn_attn_factor(default) == pytest.approx(1.0, rel=1e-12)
     mscale = ModelConfig.from_hf(hf_config("llama", mscale=1.0, mscale_all_dim=0.5).to_dict())

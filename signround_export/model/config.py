@@ -93,7 +93,6 @@ class RopeScaling:
                    short_factor=tuple(float(f) for f in rope["short_factor"]),
                    long_factor=tuple(float(f) for f in rope["long_factor"]), attention_factor=float(attention))
 
-
     @classmethod
     def yarn(cls, rope: dict, max_positions: int, original: int) -> "RopeScaling":
         """transformers' _compute_yarn_parameters: factor null means max / original positions; the attention
