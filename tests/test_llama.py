@@ -37,9 +37,9 @@ def test_unsupported_architecture_is_named(tmp_path):
         ModelConfig.from_hf({"model_type": "gpt2"})
 
 
-def test_rope_scaling_is_refused():
-    cfg = {"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+def test_dynamic_rope_scaling_is_refused():  # yarn is supported: tests/test_yarn.py
+    cfg = {"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
         ModelConfig.from_hf(cfg)
 
 

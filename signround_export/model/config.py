@@ -16,8 +16,19 @@ ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
     "longrope": ("short_factor", "long_factor"),
+    "yarn": ("factor",),
 }
 ROPE_ALIASES = {"su": "longrope"}  # Phi-3's first configs
+# rope_type -> why it is refused by name
+ROPE_REFUSED = {
+    "dynamic": "its frequencies change with the sequence length, which a fixed ONNX cos/sin cache and "
+               "llama.cpp cannot express",
+}
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude for a scaling factor: 1 + 0.1 * mscale * ln(factor) (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass(frozen=True)
@@ -25,7 +36,10 @@ class RopeScaling:
     """How a config stretches RoPE past its training context: "linear" divides every inverse frequency by
     factor; "llama3" divides the low frequencies by factor, keeps the high ones and blends in between;
     "longrope" divides each by its short_factor up to original_max_positions (long_factor past it, which
-    is refused here) and scales cos and sin by attention_factor."""
+    is refused here) and scales cos and sin by attention_factor; "yarn" blends each pair's frequency
+    between kept and divided by factor over the band beta_fast .. beta_slow (rotations within
+    original_max_positions; band ends rounded outwards when truncate) and scales cos and sin by
+    attention_factor."""
 
     type: str
     factor: float
@@ -35,25 +49,35 @@ class RopeScaling:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     @classmethod
-    def from_hf(cls, rope: dict, max_positions: int, original: int | None = None) -> "RopeScaling | None":
+    def from_hf(cls, rope: dict, max_positions: int, original: int | None = None,
+                aliases: dict[str, str] = ROPE_ALIASES) -> "RopeScaling | None":
         """The scaling a rope_parameters (or rope_scaling) dict asks for; None for plain RoPE. original:
-        a top-level original_max_position_embeddings, which wins over the dict's (as in transformers)."""
+        a top-level original_max_position_embeddings, which wins over the dict's (as in transformers);
+        aliases: rope_type names read as another (the family's, see rope_aliases)."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_type = ROPE_ALIASES.get(rope_type, rope_type)
+        rope_type = aliases.get(rope_type, rope_type)
         if rope_type == "default":
             return None
         if rope_type not in ROPE_SCALINGS:
+            why = ROPE_REFUSED.get(rope_type, "the ONNX and GGUF targets cannot express it exactly")
             raise UnsupportedModelError(
-                f"rope scaling {rope_type!r} is not supported; supported: plain RoPE, {', '.join(ROPE_SCALINGS)} "
-                "(the ONNX and GGUF targets cannot express the others exactly)")
+                f"rope scaling {rope_type!r} is not supported: {why}; supported: plain RoPE, "
+                f"{', '.join(ROPE_SCALINGS)}")
         missing = [k for k in ROPE_SCALINGS[rope_type] if k not in rope]
         if missing:
-            raise ModelError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in config.json's rope_parameters")
+            given = rope.get("rope_type", rope.get("type"))
+            named = f"{rope_type!r}" + (f" (config.json's {given!r})" if given != rope_type else "")
+            raise ModelError(f"rope scaling {named} needs {', '.join(missing)} in config.json's rope_parameters")
         original = int(original or rope.get("original_max_position_embeddings") or max_positions)
         if rope_type == "longrope":
             return cls.longrope(rope, max_positions, original)
+        if rope_type == "yarn":
+            return cls.yarn(rope, max_positions, original)
         return cls(rope_type, float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)),
                    float(rope.get("high_freq_factor", 4.0)), original)
 
@@ -68,6 +92,36 @@ class RopeScaling:
         return cls("longrope", factor, original_max_positions=original,
                    short_factor=tuple(float(f) for f in rope["short_factor"]),
                    long_factor=tuple(float(f) for f in rope["long_factor"]), attention_factor=float(attention))
+
+    @classmethod
+    def yarn(cls, rope: dict, max_positions: int, original: int) -> "RopeScaling":
+        """transformers' _compute_yarn_parameters: factor null means max / original positions; the attention
+        factor defaults to yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) when both are
+        set, else yarn_mscale(factor); beta_fast and beta_slow default (also when 0) to 32 and 1."""
+        factor = rope["factor"]
+        factor = max_positions / original if factor is None else factor
+        numbers = {"factor": factor, **{k: rope.get(k) for k in ("attention_factor", "beta_fast", "beta_slow",
+                                                                  "mscale", "mscale_all_dim")}}
+        bad = [f"{k} {v!r}" for k, v in numbers.items()
+               if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0)]
+        if bad or factor <= 0:
+            raise ModelError(f"yarn rope scaling in config.json has {', '.join(bad) or f'factor {factor!r}'}: "
+                             "give non-negative numbers (factor above 0), or leave the optional ones out")
+        if not isinstance(rope.get("truncate", True), bool):
+            raise ModelError(f"yarn's truncate in config.json is {rope['truncate']!r}: give true or false")
+        attention = rope.get("attention_factor")
+        if attention is None:
+            mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim) if mscale and all_dim
+                         else yarn_mscale(factor))
+        return cls("yarn", float(factor), original_max_positions=original, attention_factor=float(attention),
+                   beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                   truncate=rope.get("truncate", True))
+
+
+def rope_aliases(family: Family) -> dict[str, str]:
+    """The rope_type names the family's transformers config class reads as another."""
+    return ROPE_ALIASES | ({"yarn": "longrope"} if family.yarn_is_longrope else {})
 
 
 LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer_types' values: sliding or not
@@ -205,7 +259,8 @@ class ModelConfig:
         family = FAMILIES[model_type]
         rope, local_rope = split_rope(hf)
         max_positions = hf.get("max_position_embeddings", 4096)
-        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"))
+        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"),
+                                           rope_aliases(family))
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         cfg = cls(

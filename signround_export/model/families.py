@@ -79,6 +79,7 @@ class Family:
     gguf_tied_head: bool = False  # reads the head from token_embd: no separate output tensor
     gguf_wide_scale_layers: int | None = None  # block count at which it scales attention by
     # 1/sqrt(hidden/heads) (Gemma's 27B); any other block count: 1/sqrt(head_dim)
+    yarn_is_longrope: bool = False  # transformers' config class reads rope_type "yarn" as longrope (old Phi-3 configs)
 
     @property
     def fused_qkv(self) -> bool:
@@ -100,7 +101,7 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen2", gguf_arch="qwen2", gguf_rope_permute=False, qkv_bias=True, windows="use_sliding_window"),
     Family("qwen3", gguf_arch="qwen3", gguf_rope_permute=False, qk_norm=True, windows="use_sliding_window"),
     Family("phi3", gguf_arch="phi3", gguf_rope_permute=False, qkv_bias=False, linears=FUSED_LINEARS,
-           windows="every_layer", default_window=None),
+           windows="every_layer", default_window=None, yarn_is_longrope=True),
     Family("gemma2", gguf_arch="gemma2", gguf_rope_permute=False, windows="alternating", gguf_windows=True,
            norm_offset=1.0, sandwich_norms=True, embed_scale=True, activation="gelu_pytorch_tanh", global_every=2,
            attn_softcap=True, gguf_attn_softcap=True, gguf_final_softcap="always", gguf_tied_head=True, gguf_wide_scale_layers=46),

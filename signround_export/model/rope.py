@@ -6,8 +6,9 @@ position * theta^(-2j / r), divided by the pair's scaling divisor when the confi
 (`rope_divisors`). HF checkpoints rotate halves of the rotary part (element j with element j + r / 2),
 so cos and sin are listed per pair and each consumer lays them out as it needs: the PyTorch forward
 repeats them over both halves, the ONNX graph hands them to GroupQueryAttention as its cos/sin caches
-(narrower than head_dim / 2 for partial rotary), and the GGUF file carries the divisors themselves.
-longrope also scales cos and sin by its attention factor (`rope_attention_factor`). Gemma 3's local layers
+(narrower than head_dim / 2 for partial rotary), and the GGUF file carries the divisors themselves (llama3,
+longrope) or the parameters llama.cpp derives them from (linear, yarn).
+longrope and yarn also scale cos and sin by their attention factor (`rope_attention_factor`). Gemma 3's local layers
 take a table of their own (local=True: plain RoPE with their base, no scaling).
 """
 
@@ -40,6 +41,8 @@ def rope_divisors(cfg: ModelConfig) -> np.ndarray | None:
         return np.full_like(inv_freq, s.factor)
     if s.type == "longrope":  # the short factors: sequences past the original context are refused
         return np.array(s.short_factor, dtype=np.float64)
+    if s.type == "yarn":
+        return yarn_divisors(cfg)
     # llama3: wavelengths shorter than original / high_freq_factor keep their frequency, those longer than
     # original / low_freq_factor are divided by factor, and the band between blends the two linearly in
     # original / wavelength.
@@ -51,11 +54,37 @@ def rope_divisors(cfg: ModelConfig) -> np.ndarray | None:
     return np.where(high, 1.0, np.where(low, s.factor, blended))
 
 
+def yarn_band(cfg: ModelConfig) -> tuple[float, float]:
+    """The pairs over which yarn's blend runs, as transformers' find_correction_range: the (fractional) pair
+    index at which a wavelength turns beta_fast and beta_slow times within the original context, rounded
+    outwards when truncate, clamped to 0 .. rotary_dim - 1."""
+    s, d = cfg.rope_scaling, cfg.rotary_dim
+
+    def pair(rotations: float) -> float:
+        return d * math.log(s.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = pair(s.beta_fast), pair(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, d - 1)
+
+
+def yarn_divisors(cfg: ModelConfig) -> np.ndarray:
+    """yarn's divisor of each pair: pairs below the band keep their frequency (extrapolation), those above it
+    are divided by factor (interpolation), and the band mixes the two inverse frequencies linearly."""
+    low, high = yarn_band(cfg)
+    if low == high:
+        high += 0.001  # transformers' guard against a band of width 0
+    ramp = np.clip((np.arange(cfg.rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # the share of the kept (extrapolated) frequency
+    return 1.0 / ((1 - keep) / cfg.rope_scaling.factor + keep)
+
+
 def rope_attention_factor(cfg: ModelConfig, local: bool = False) -> float:
-    """What cos and sin are multiplied by: longrope's attention factor, else 1 (and 1 for the local
-    layers' plain RoPE)."""
+    """What cos and sin are multiplied by: the scaling's attention factor (longrope's, yarn's; 1 for the
+    others) and 1 for the local layers' plain RoPE."""
     s = cfg.rope_scaling
-    return s.attention_factor if s is not None and s.type == "longrope" and not local else 1.0
+    return s.attention_factor if s is not None and not local else 1.0
 
 
 def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:

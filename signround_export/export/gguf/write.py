@@ -15,7 +15,7 @@ from ...atomic import atomic_file
 from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import GGUFExportError
-from ...model.config import ModelConfig
+from ...model.config import ModelConfig, yarn_mscale
 from ...model.families import check_linears
 from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer
@@ -110,10 +110,47 @@ def check_graph(cfg: ModelConfig, param: str | None = None) -> None:
                               "export it to ONNX instead", param=param)
 
 
+def yarn_problems(cfg: ModelConfig) -> list[str]:
+    """What llama.cpp's yarn would compute otherwise than the config: for these architectures it reads the
+    factor, original context and magnitude from the file (yarn_attn_factor), but always rounds the band
+    outwards and takes beta_fast 32 and beta_slow 1."""
+    s = cfg.rope_scaling
+    if s is None or s.type != "yarn":
+        return []
+    problems = []
+    if not s.truncate:
+        problems.append("yarn with truncate false (llama.cpp always rounds the blend's band outwards)")
+    if (s.beta_fast, s.beta_slow) != (32.0, 1.0):
+        problems.append(f"yarn beta_fast {s.beta_fast:g} / beta_slow {s.beta_slow:g} (llama.cpp's "
+                        f"{cfg.family.gguf_arch!r} loader reads none: it takes 32 / 1)")
+    if cfg.local_layers and cfg.local_rope_theta is not None:  # llama.cpp's yarn settings reach every layer
+        problems.append("yarn on the global layers beside local layers of plain RoPE (llama.cpp applies its yarn "
+                        "settings to every layer; not supported here)")
+    return problems
+
+
+def yarn_attn_factor(cfg: ModelConfig) -> float:
+    """rope.scaling.attn_factor for yarn: llama.cpp scales cos and sin by yarn_mscale(factor) times it, so
+    the config's attention factor (attention_factor, or from mscale / mscale_all_dim) divided by that."""
+    s = cfg.rope_scaling
+    return s.attention_factor / yarn_mscale(s.factor)
+
+
+def check_rope(cfg: ModelConfig, param: str | None = None) -> None:
+    """Refuse by name a rope scaling llama.cpp would compute otherwise (yarn_problems)."""
+    problems = yarn_problems(cfg)
+    if problems:
+        asked = f"`{param}` asks for a GGUF file, but " if param else ""
+        raise GGUFExportError(f"{asked}this {cfg.model_type} model has " + "; ".join(problems)
+                              + ": llama.cpp would compute another model, so it cannot be exported to GGUF; "
+                              "export it to ONNX instead", param=param)
+
+
 def check_llama_cpp(cfg: ModelConfig, param: str | None = None) -> None:
     """Everything llama.cpp cannot run as the config says, refused by name before any work."""
     check_windows(cfg, param)
     check_graph(cfg, param)
+    check_rope(cfg, param)
 
 
 def check_options(asym4: str, float_type: str) -> tuple[str, str]:
@@ -207,12 +244,7 @@ def add_hparams(w: GGUFWriter, cfg: ModelConfig, name: str, file_type: str) -> N
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.rotary_dim)  # head_dim unless partial rotary
-    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
-        w.add_rope_scaling_type(RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling.factor)
-    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "longrope":  # llama.cpp scales cos and sin by it
-        w.add_rope_scaling_attn_factors(cfg.rope_scaling.attention_factor)
-        w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_positions)
+    add_rope_scaling(w, cfg)
     if cfg.head_dim * cfg.n_heads != cfg.hidden_size:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -220,6 +252,24 @@ def add_hparams(w: GGUFWriter, cfg: ModelConfig, name: str, file_type: str) -> N
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(GGUF_TYPES[file_type].file_type)
     w.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def add_rope_scaling(w: GGUFWriter, cfg: ModelConfig) -> None:
+    """The rope scaling keys llama.cpp reads (llama3's divisors and longrope's factors are tensors,
+    rope_tensors)."""
+    s = cfg.rope_scaling
+    if s is not None and s.type == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(s.factor)
+    if s is not None and s.type == "yarn":  # check_rope made sure llama.cpp's other yarn settings hold
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s.factor)
+        w.add_rope_scaling_orig_ctx_len(s.original_max_positions)
+        if not math.isclose(yarn_attn_factor(cfg), 1.0, rel_tol=1e-7):  # 1 unless the config sets the magnitude
+            w.add_rope_scaling_attn_factors(yarn_attn_factor(cfg))
+    if s is not None and s.type == "longrope":  # llama.cpp scales cos and sin by it
+        w.add_rope_scaling_attn_factors(s.attention_factor)
+        w.add_rope_scaling_orig_ctx_len(s.original_max_positions)
 
 
 def add_attention_keys(w: GGUFWriter, cfg: ModelConfig) -> None:
