@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from common import REPO, SIGNROUND, machine, run
-from random_model import write_random_model
 
 # The configs of the published checkpoints (their config.json), every key the forward reads.
 CONFIGS = {
@@ -52,9 +51,13 @@ CONFIGS = {
 
 
 def bench(name: str, args) -> dict:
-    folder = args.out / name
+    folder, config = args.out / name, args.out / f"{name}.json"
     shutil.rmtree(folder, ignore_errors=True)
-    write_random_model(CONFIGS[name] | {"num_hidden_layers": args.layers}, folder, quiet=True)
+    config.write_text(json.dumps(CONFIGS[name]))
+    # in a process of its own: Linux keeps a process's peak RSS across exec, so a model written here
+    # would count in every later tuning run's peak
+    run([sys.executable, str(REPO / "tools" / "random_model.py"), str(config), str(folder), "--layers",
+         str(args.layers)])
     ckpt = args.out / f"{name}-ckpt"
     shutil.rmtree(ckpt, ignore_errors=True)
     t0 = time.perf_counter()
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-families")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     unknown = [f for f in args.families.split(",") if f not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown families {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
