@@ -69,6 +69,35 @@ def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, hea
     return folder
 
 
+def assert_greedy_decode_equals_reference(ckpt_dir: Path, onnx_dir: Path, new_tokens: int = 32) -> None:
+    """The checkpoint's ONNX export (accuracy level 0) decodes greedily, with its KV cache, the tokens the
+    PyTorch reference picks: through the runtime, and through onnxruntime-genai under the folder's
+    genai_config.json model type."""
+    runtime = pytest.importorskip("signround_runtime")
+    from signround_export.checkpoint.read import read_checkpoint
+    from signround_export.export.onnx import export_onnx
+    from signround_export.model.load import reference_from_checkpoint
+
+    ckpt = read_checkpoint(ckpt_dir)
+    export_onnx(ckpt, onnx_dir, accuracy_level=0)
+    ref = reference_from_checkpoint(ckpt)
+    prompt = [5, 17, 42, 99, 3, 250]
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(ref.logits(torch.tensor([ids]))[0, -1].argmax()))
+    got = runtime.Model(onnx_dir, threads=2).generate([prompt], max_new_tokens=new_tokens, stop_ids=set())
+    assert got.tokens[0] == ids[len(prompt):]
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(onnx_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)][len(prompt):] == ids[len(prompt):]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

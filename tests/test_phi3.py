@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import write_tiny_model
+from conftest import assert_greedy_decode_equals_reference, write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
 from signround_export.errors import GGUFExportError, ModelError, ONNXExportError
@@ -208,25 +208,7 @@ def test_onnx_takes_rotary_widths_groupqueryattention_accepts(tmp_path):
 
 
 def test_runtime_greedy_equals_the_reference(tuned, tmp_path):
-    runtime = pytest.importorskip("signround_runtime")
-    ckpt = read_checkpoint(tuned)
-    export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0)
-    ref = reference_from_checkpoint(ckpt)
-    prompt = [5, 17, 42, 99, 3, 250]
-    ids = list(prompt)
-    for _ in range(32):
-        ids.append(int(ref.logits(torch.tensor([ids]))[0, -1].argmax()))
-    got = runtime.Model(tmp_path / "onnx", threads=2).generate([prompt], max_new_tokens=32, stop_ids=set())
-    assert got.tokens[0] == ids[len(prompt):]
-    og = pytest.importorskip("onnxruntime_genai")  # onnxruntime-genai runs the folder as a phi3 model
-    model = og.Model(str(tmp_path / "onnx"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 32, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert [int(t) for t in gen.get_sequence(0)][len(prompt):] == ids[len(prompt):]
+    assert_greedy_decode_equals_reference(tuned, tmp_path / "onnx")
 
 
 def test_gguf_names_rope_factors_and_read_back(tuned, tmp_path):
