@@ -69,6 +69,14 @@ def write_tiny_model(folder: Path, *, hidden=64, intermediate=160, layers=2, hea
     return folder
 
 
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The n tokens a model's PyTorch forward picks greedily after prompt (no KV cache)."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def assert_greedy_decode_equals_reference(ckpt_dir: Path, onnx_dir: Path, new_tokens: int = 32) -> None:
     """The checkpoint's ONNX export (accuracy level 0) decodes greedily, with its KV cache, the tokens the
     PyTorch reference picks: through the runtime, and through onnxruntime-genai under the folder's
@@ -80,11 +88,8 @@ def assert_greedy_decode_equals_reference(ckpt_dir: Path, onnx_dir: Path, new_to
 
     ckpt = read_checkpoint(ckpt_dir)
     export_onnx(ckpt, onnx_dir, accuracy_level=0)
-    ref = reference_from_checkpoint(ckpt)
     prompt = [5, 17, 42, 99, 3, 250]
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        ids.append(int(ref.logits(torch.tensor([ids]))[0, -1].argmax()))
+    ids = prompt + reference_greedy(reference_from_checkpoint(ckpt), prompt, new_tokens)
     got = runtime.Model(onnx_dir, threads=2).generate([prompt], max_new_tokens=new_tokens, stop_ids=set())
     assert got.tokens[0] == ids[len(prompt):]
     og = pytest.importorskip("onnxruntime_genai")

@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from test_llama import LINEAR, LLAMA3
 from transformers import AutoConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import signround_export.export.gguf.write as gguf_write
-from conftest import rtn_checkpoint, write_tiny_model
+from conftest import reference_greedy, rtn_checkpoint, write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.errors import ModelError, UnsupportedModelError
 from signround_export.export.gguf import export_gguf, read_gguf_weights
@@ -91,13 +90,6 @@ def test_a_scaling_without_its_parameters_is_named():
     hf = {"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     with pytest.raises(ModelError, match="rope scaling 'llama3' needs low_freq_factor, high_freq_factor"):
         ModelConfig.from_hf(hf)
-
-
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_onnx_passes_validation_and_the_runtime_decodes_like_the_reference(llama3_ckpt, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import WIKITEXT, rtn_checkpoint, write_tiny_model
+from conftest import WIKITEXT, reference_greedy, rtn_checkpoint, write_tiny_model
 
 from signround_export.checkpoint.qweight import QuantWeight
 from signround_export.checkpoint.read import read_checkpoint
@@ -108,13 +108,6 @@ class Decoder:
             feed = [int(res[0][0, -1].argmax())]
             ids += feed
         return ids[len(prompt):]
-
-
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 CASES = {  # name -> (tiny model args, checkpoint args)

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import signround_export.export.gguf.write as gguf_write
-from conftest import rtn_checkpoint, write_tiny_model
+from conftest import reference_greedy, rtn_checkpoint, write_tiny_model
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.errors import GGUFExportError, ModelError, UnsupportedModelError
 from signround_export.export.gguf import export_gguf
@@ -79,13 +79,6 @@ def test_logits_match_transformers_past_the_original_context(tmp_path, model_typ
         want = theirs(ids).logits
     got = ours.logits(ids)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-
-
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_onnx_is_exact_and_the_runtime_decodes_like_the_reference(yarn_ckpt, tmp_path):

@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from signround_runtime import Model, RuntimeModelError, Sampling
 from signround_runtime.cli import main as run_main
 from signround_runtime.sampling import choose, penalize
 
-from conftest import rtn_checkpoint
+from conftest import reference_greedy, rtn_checkpoint
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.export.onnx.build import export_onnx
 from signround_export.model.load import reference_from_checkpoint
@@ -25,13 +24,6 @@ def exported(tiny_model, tmp_path_factory):
     ckpt = read_checkpoint(rtn_checkpoint(tiny_model, base / "ckpt", bits=4, group_size=32))
     export_onnx(ckpt, base / "onnx", accuracy_level=0)
     return base / "onnx", reference_from_checkpoint(ckpt)
-
-
-def reference_greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_greedy_equals_the_reference(exported):
