@@ -38,6 +38,7 @@ auto-round's own loader does not know this tensor; checkpoints without such laye
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,9 +154,14 @@ def _regex_search(pattern: str, name: str) -> bool:
 
 @dataclass
 class Checkpoint:
+    """A checkpoint's contents. qweights and tensors are Mappings: dicts when built in memory, and read
+    from disk one entry per indexing when read from a folder (read_checkpoint), so that a consumer
+    which takes one entry at a time and drops it holds one layer at a time. Iterating over names and
+    `in` read nothing."""
+
     path: Path
     hf_config: dict  # config.json without quantization_config
     quant: QuantConfig
-    qweights: dict[str, QuantWeight]  # module name ("model.layers.0.self_attn.q_proj") -> integers
-    tensors: dict[str, np.ndarray]  # every other tensor, float32, by HF name
+    qweights: Mapping[str, QuantWeight]  # module name ("model.layers.0.self_attn.q_proj") -> integers
+    tensors: Mapping[str, np.ndarray]  # every other tensor, float32, by HF name
     tuning_log: dict | None = None
