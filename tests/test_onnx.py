@@ -235,13 +235,15 @@ def test_float_model_exports_as_float32(tiny_model, tmp_path):
 def test_rounded_tied_head_is_shared_with_the_embedding(bits, tiny_model, tmp_path):
     from signround_export.export.onnx.build import plan_head
     from signround_export.model.config import ModelConfig
+    from signround_export.model.forward import Model
 
     ckpt = read_checkpoint(rtn_checkpoint(tiny_model, tmp_path / "ckpt", bits=4, group_size=32))
     report = export_onnx(ckpt, tmp_path / "onnx", accuracy_level=0, lm_head_bits=bits)
     assert "GatherBlockQuantized" in report.head
     head_qw, _ = plan_head(ModelConfig.from_hf(ckpt.hf_config), ckpt, bits)
     reference = reference_from_checkpoint(ckpt)
-    reference.tensors["model.embed_tokens.weight"] = torch.from_numpy(head_qw.dequantize())  # the file's one matrix
+    reference = Model(reference.cfg, {**reference.tensors,  # the file's one matrix
+                                      "model.embed_tokens.weight": torch.from_numpy(head_qw.dequantize())})
     tokens = list(range(3, 40))
     want = reference.logits(torch.tensor([tokens]))[0].numpy()
     got = Decoder(tmp_path / "onnx").run(tokens, steps=5)

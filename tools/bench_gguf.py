@@ -74,8 +74,8 @@ def imatrix_files(bin_dir: Path, f16: Path, out: Path, types: list[str], chunks:
 def perplexity(path: Path, w) -> float:
     runner = llama_cpp_runner(path, w.shape[1])
     acc = Accumulator()
-    for ids in w:
-        acc.add(ids, runner.logits(ids), None)
+    for ids, logits in zip(w, runner.logits(w)):
+        acc.add(ids, logits, None)
     return acc.scores(False).ppl
 
 

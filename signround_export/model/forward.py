@@ -8,11 +8,12 @@ checkpoint's integers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..errors import ModelError
 from .config import ModelConfig
@@ -157,8 +158,9 @@ class Model:
     def lm_head_weight(self) -> torch.Tensor:
         return self.tensors["lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.tensors["model.embed_tokens.weight"])
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings of ids; weight: the embedding matrix when the caller holds it already."""
+        x = F.embedding(ids, self.tensors["model.embed_tokens.weight"] if weight is None else weight)
         if self.cfg.family.embed_scale:  # sqrt(hidden) rounded to the embedding's dtype, as transformers does
             x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
         return x
@@ -173,17 +175,46 @@ class Model:
                                   for a in rope_tables(self.cfg, t, local))
         return [tables[self.cfg.local_rope(i)] for i in range(self.cfg.n_layers)]
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.tensors["model.norm.weight"], self.cfg.rms_eps, self.cfg.family.norm_offset)
-        logits = F.linear(x, self.lm_head_weight(), self.tensors.get("lm_head.bias"))
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The final norm's weight, the output matrix and its bias (None without one)."""
+        return self.tensors["model.norm.weight"], self.lm_head_weight(), self.tensors.get("lm_head.bias")
+
+    def head(self, x: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
+        """Logits of the last block's output x; weights: head_weights() when the caller holds them already."""
+        norm, matrix, bias = self.head_weights() if weights is None else weights
+        x = rms_norm(x, norm, self.cfg.rms_eps, self.cfg.family.norm_offset)
+        logits = F.linear(x, matrix, bias)
         return logits if self.cfg.final_softcap is None else softcap(logits, self.cfg.final_softcap)
 
     @torch.inference_mode()
+    def hidden_states(self, batches: Sequence[torch.Tensor], progress: bool = False) -> list[torch.Tensor]:
+        """The last block's output [B, T, H] for each batch of token ids [B, T], block-major: one block's
+        weights are read, run over every batch and dropped before the next block's are read, so memory
+        holds every batch's activations and one block, whatever the depth. Each batch goes through a
+        block on its own, with the shapes a batch-at-a-time forward gives it: the same arithmetic."""
+        matrix = self.tensors["model.embed_tokens.weight"]
+        xs = [self.embed(ids, matrix) for ids in batches]
+        del matrix
+        ropes = {t: self.ropes(t, xs[0].device) for t in sorted({x.shape[1] for x in xs})}
+        for i in tqdm(range(self.cfg.n_layers), desc="blocks", unit="block", disable=not progress):
+            p = self.block_params(i)
+            for j, x in enumerate(xs):  # in place: a batch's input is dropped once its output exists
+                xs[j] = block_forward(self.cfg, p, x, *ropes[x.shape[1]][i], window=self.cfg.window(i))
+            del p
+        return xs
+
+    @torch.inference_mode()
+    def stream_logits(self, batches: Sequence[torch.Tensor], progress: bool = False) -> Iterator[torch.Tensor]:
+        """float32 logits [B, T, V] of each batch of token ids [B, T], in order: every batch's hidden states
+        block by block (hidden_states), then the head on one batch at a time, so that one batch's logits
+        exist at once (40 windows of 512 tokens over a 49152-token vocabulary would be 4 GB)."""
+        xs = self.hidden_states(batches, progress)
+        weights = self.head_weights()
+        for j in range(len(xs)):
+            x, xs[j] = xs[j], None
+            yield self.head(x, weights).float()
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, T, V] for token ids [B, T] (positions from 0, causal)."""
-        x = self.embed(ids)
-        ropes = self.ropes(ids.shape[1], x.device)
-        for i in range(self.cfg.n_layers):
-            x = block_forward(self.cfg, self.block_params(i), x, *ropes[i], window=self.cfg.window(i))
-        return self.head(x).float()
-
+        [logits] = self.stream_logits([ids])
+        return logits

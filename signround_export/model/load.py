@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,52 @@ def float_checkpoint(model: str | Path):
     return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={}, tensors=tensors)
 
 
+class LazyTensors(Mapping):
+    """float32 torch tensors by name, each made by read(name) when it is indexed and not kept: a consumer
+    that takes a block's tensors, uses them and drops them holds one block."""
+
+    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor]):
+        self.names = list(names)
+        self.known = set(self.names)
+        self.read = read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.known:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def as_float32(array) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
 def reference_from_checkpoint(ckpt) -> Model:
-    """The PyTorch reference of a quantized checkpoint: float weights dequantized from its integers."""
+    """The PyTorch reference of a quantized checkpoint: float weights dequantized from its integers when
+    the forward reaches them (a layer's weight is dequantized each time it is indexed, and not kept)."""
     cfg = ModelConfig.from_hf(ckpt.hf_config)
-    tensors = {n: torch.from_numpy(np.asarray(t, dtype=np.float32)) for n, t in ckpt.tensors.items()}
-    for name, qw in ckpt.qweights.items():
-        tensors[name + ".weight"] = torch.from_numpy(qw.dequantize())
-        if qw.bias is not None:
-            tensors[name + ".bias"] = torch.from_numpy(qw.bias.astype(np.float32))
-    return Model(cfg, tensors)
+    qweights, tensors = ckpt.qweights, ckpt.tensors
+    # which layers carry a bias is known only from their entries: one pass, one layer at a time, names kept
+    biased = {m + ".bias": m for m in qweights if qweights[m].bias is not None}
+
+    def read(name: str) -> torch.Tensor:
+        if name in biased:
+            return as_float32(qweights[biased[name]].bias)
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in qweights:
+            return torch.from_numpy(qweights[module].dequantize())
+        return as_float32(tensors[name])
+
+    names = list(tensors) + [m + ".weight" for m in qweights] + list(biased)
+    return Model(cfg, LazyTensors(names, read))
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -63,8 +101,9 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def load_any(model: str | Path) -> tuple[Model, str]:
-    """A float model or the reference of a checkpoint, with a word saying which."""
+    """A float model or the reference of a checkpoint, with a word saying which; either reads each weight
+    when the forward reaches it (Model.stream_logits runs the whole model block by block)."""
     folder = resolve_model_dir(model)
     if is_checkpoint(folder):
         return reference_from_checkpoint(read_checkpoint(folder)), "checkpoint reference"
-    return in_memory(load_float_model(folder)[0]), "float model"
+    return load_float_model(folder)[0], "float model"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,16 +114,18 @@ class Accumulator:
         return Scores(ppl=self.nll.ppl, top1=self.agree / n, kl_mean=self.kl_sum / n, kl_max=self.kl_max, tokens=count)
 
 
-def compare(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], pairs: list[tuple[str, str | None]],
-            windows: Iterable[torch.Tensor]) -> dict[tuple[str, str | None], Scores]:
-    """Scores of each (model, against) pair over the windows, each window run once through every model
-    (token ids [T] -> logits [T, V]): against None gives the perplexity alone, against another model
-    adds top-1 and KL against that model's logits."""
+def compare(models: dict[str, Callable[[torch.Tensor], Iterator[torch.Tensor]]], pairs: list[tuple[str, str | None]],
+            windows: torch.Tensor, progress: bool = False) -> dict[tuple[str, str | None], Scores]:
+    """Scores of each (model, against) pair over the windows [n, T], each model yielding the logits [T, V]
+    of one window at a time (validation.runners): against None gives the perplexity alone, against another
+    model adds top-1 and KL against that model's logits. One window's logits of each model exist at once."""
     accs = {pair: Accumulator() for pair in pairs}
-    for w in windows:
-        logits = {name: fn(w) for name, fn in models.items()}
+    streams = {name: iter(run(windows)) for name, run in models.items()}
+    for w in tqdm(windows, desc="validate", unit="window", disable=not progress):
+        logits = {name: next(stream) for name, stream in streams.items()}
         for (name, other), acc in accs.items():
             acc.add(w, logits[name], None if other is None else logits[other])
+        del logits
     return {pair: acc.scores(pair[1] is not None) for pair, acc in accs.items()}
 
 
@@ -144,12 +146,15 @@ class Perplexity:
 
 def perplexity(model: Model, ids: torch.Tensor, window: int = 512, max_windows: int | None = 40,
                batch: int = 4, progress: bool = True) -> Perplexity:
-    """Perplexity of a PyTorch model over the first max_windows windows of ids, batch windows per forward."""
+    """Perplexity of a PyTorch model over the first max_windows windows of ids, batch windows per forward
+    pass of a block: every batch goes through the model block by block (one block's weights in memory),
+    then through the head one batch at a time."""
     w = windows(ids, window, max_windows)
+    batches = [w[start : start + batch] for start in range(0, len(w), batch)]
     nll = NLL()
-    for start in tqdm(range(0, len(w), batch), desc="perplexity", unit="batch", disable=not progress):
-        x = w[start : start + batch]
-        nll.add(next_token_logp(model.logits(x)), next_tokens(x), cascade=True)
+    for x, logits in zip(batches, model.stream_logits(batches, progress)):
+        nll.add(next_token_logp(logits), next_tokens(x), cascade=True)
+        del logits
     return Perplexity(ppl=nll.ppl, nll=nll.mean, windows=len(w), window=window, tokens=nll.count)
 
 

@@ -6,6 +6,7 @@ the file holds the integers exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,16 +29,17 @@ class LayerErrors:
     notes: list[str] = field(default_factory=list)
 
 
-def read_gguf(path, ckpt: Checkpoint) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The GGUF file's weights under HF names (dequantized by gguf-py) and its tensor types."""
+def read_gguf(path, ckpt: Checkpoint) -> tuple[Mapping[str, np.ndarray], dict[str, str]]:
+    """The GGUF file's weights under HF names (each dequantized by gguf-py when indexed) and its tensor types."""
     try:
         return read_gguf_weights(path, ModelConfig.from_hf(ckpt.hf_config))
     except GGUFExportError as e:
         raise ValidationError(f"gguf: {e}", param="gguf") from None
 
 
-def gguf_layer_errors(path, ckpt: Checkpoint, weights: dict[str, np.ndarray], types: dict[str, str]) -> LayerErrors:
-    """A GGUF file's layers (weights and types as read_gguf reads them) against its checkpoint."""
+def gguf_layer_errors(path, ckpt: Checkpoint, weights: Mapping[str, np.ndarray], types: dict[str, str]) -> LayerErrors:
+    """A GGUF file's layers (weights and types as read_gguf reads them) against its checkpoint, one layer
+    at a time."""
     out, missing = LayerErrors(), []
     for name, qw in ckpt.qweights.items():
         w = weights.get(name + ".weight")
@@ -62,26 +64,31 @@ def gguf_layer_errors(path, ckpt: Checkpoint, weights: dict[str, np.ndarray], ty
     return out
 
 
-def matmulnbits_weights(model: onnx.ModelProto) -> dict[str, NBitsWeight]:
-    """Every MatMulNBits weight of the graph, by its stacked name ("a+b+c": linears stacked row after row)."""
+def matmulnbits_weights(path: Path) -> Iterator[tuple[str, NBitsWeight]]:
+    """Every MatMulNBits weight of the graph in the model.onnx at path, by its stacked name ("a+b+c":
+    linears stacked row after row), one at a time: initializers in an external data file are read when
+    their node is reached."""
+    model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    out = {}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name], str(path.parent))
+
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        b, scales = (numpy_helper.to_array(inits[name]) for name in node.input[1:3])
-        zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-        out[node.input[1].removesuffix(".B")] = NBitsWeight(b, scales, zp, attrs["bits"], attrs["block_size"],
-                                                            attrs["K"], attrs["N"])
-    return out
+        zp = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        yield node.input[1].removesuffix(".B"), NBitsWeight(array(node.input[1]), array(node.input[2]), zp,
+                                                           attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"])
 
 
 def onnx_layer_errors(folder, ckpt: Checkpoint) -> LayerErrors:
-    """An exported ONNX folder's MatMulNBits weights against its checkpoint. Layers with float minima
-    take float zero points (offset / scale): exact to float32 rounding only, so not counted exact."""
-    out = LayerErrors()
-    for stacked, w in matmulnbits_weights(onnx.load(str(Path(folder) / "model.onnx"))).items():
+    """An exported ONNX folder's MatMulNBits weights against its checkpoint, one stacked weight and its
+    layers at a time. Layers with float minima take float zero points (offset / scale): exact to float32
+    rounding only, so not counted exact."""
+    out, offsets = LayerErrors(), []
+    for stacked, w in matmulnbits_weights(Path(folder) / "model.onnx"):
         qws = {m: ckpt.qweights.get(m) for m in stacked_modules(stacked)}
         if any(qw is None for qw in qws.values()):
             out.notes.append(f"{stacked}: MatMulNBits with no integers in the checkpoint (rounded at export)")
@@ -94,10 +101,12 @@ def onnx_layer_errors(folder, ckpt: Checkpoint) -> LayerErrors:
         for module, qw in qws.items():
             out.errors[module] = qw.step_error(rows[start : start + qw.shape[0]])
             start += qw.shape[0]
+            if qw.offset is not None:
+                offsets.append(module)
+        del qws, rows
     missing = [m for m in ckpt.qweights if m not in out.errors]
     if missing:
         out.notes.append(f"{len(missing)} quantized layers are not MatMulNBits in the graph, e.g. {missing[0]}")
-    offsets = [m for m in out.errors if ckpt.qweights[m].offset is not None]
     if offsets:
         worst = max(offsets, key=out.errors.get)
         out.notes.append(f"{len(offsets)} layers with float minima take float zero points (offset / scale), exact "

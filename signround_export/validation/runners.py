@@ -1,4 +1,4 @@
-"""Logits of each kind of model over one window of token ids, from an empty cache.
+"""Logits of each kind of model over windows of token ids, each window from an empty cache.
 
 | runner    | model                                                               |
 | --------- | ------------------------------------------------------------------- |
@@ -6,14 +6,18 @@
 | onnx      | an exported ONNX folder through onnxruntime (signround_runtime)     |
 | llama.cpp | a GGUF file through llama-cpp-python                                |
 | numpy     | a GGUF file's weights dequantized by gguf-py, run in the PyTorch forward |
+
+A runner takes every window at once and yields their logits one window at a time: the PyTorch models
+run block by block over all windows (one block's weights in memory), the files window by window.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,18 +27,31 @@ from signround_runtime import RuntimeModelError
 from ..errors import ValidationError
 from ..model.config import ModelConfig
 from ..model.forward import Model
+from ..model.load import LazyTensors
 
 GGUF_RUNNERS = ("auto", "llama.cpp", "numpy")
 
 
 @dataclass
 class Runner:
-    logits: Callable[[torch.Tensor], torch.Tensor]  # token ids [T] -> float32 logits [T, V]
+    logits: Callable[[torch.Tensor], Iterator[torch.Tensor]]  # windows [n, T] -> float32 logits [T, V] of each
     description: str  # what produces the logits, with versions
 
 
-def torch_runner(model: Model, description: str) -> Runner:
-    return Runner(lambda ids: model.logits(ids[None])[0], description)
+def per_window(logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+    """A runner's logits from a function of one window (token ids [T] -> logits [T, V])."""
+    return lambda windows: (logits(ids) for ids in windows)
+
+
+def torch_runner(model: Model, description: str, progress: bool = False) -> Runner:
+    """A PyTorch model over the windows block by block, each window a batch of one as a forward of that
+    window alone runs it (the same figures), the head applied to one window at a time."""
+    def logits(windows: torch.Tensor) -> Iterator[torch.Tensor]:
+        for x in model.stream_logits([ids[None] for ids in windows], progress):
+            yield x[0]
+            del x  # before the next window's logits are made
+
+    return Runner(logits, description)
 
 
 def onnx_runner(folder) -> Runner:
@@ -45,7 +62,7 @@ def onnx_runner(folder) -> Runner:
         model = RuntimeModel(folder)
     except RuntimeModelError as e:
         raise ValidationError(f"onnx: {e}", param="onnx") from None
-    return Runner(lambda ids: torch.from_numpy(np.asarray(model.logits(ids.numpy()), dtype=np.float32)),
+    return Runner(per_window(lambda ids: torch.from_numpy(np.asarray(model.logits(ids.numpy()), dtype=np.float32))),
                   f"onnxruntime {ort.__version__}")
 
 
@@ -63,14 +80,14 @@ def llama_cpp_runner(path, n_ctx: int) -> Runner:
         llm.eval(ids.tolist())
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
-    return Runner(logits, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
+    return Runner(per_window(logits), f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
 
 
-def numpy_gguf_runner(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> Runner:
-    """A GGUF file's own weights (gguf-py dequantization) in the PyTorch forward: checks the file's
-    contents without llama.cpp's 8-bit activations."""
-    model = Model(cfg, {n: torch.from_numpy(np.array(w, dtype=np.float32)) for n, w in weights.items()})
-    return torch_runner(model, f"gguf-py {version('gguf')} dequantization + PyTorch (float32)")
+def numpy_gguf_runner(cfg: ModelConfig, weights: Mapping[str, np.ndarray], progress: bool = False) -> Runner:
+    """A GGUF file's own weights (gguf-py dequantization, a tensor when the forward reaches it) in the
+    PyTorch forward: checks the file's contents without llama.cpp's 8-bit activations."""
+    model = Model(cfg, LazyTensors(weights, lambda name: torch.from_numpy(np.array(weights[name], dtype=np.float32))))
+    return torch_runner(model, f"gguf-py {version('gguf')} dequantization + PyTorch (float32)", progress)
 
 
 def gguf_runner_kind(choice: str) -> str:

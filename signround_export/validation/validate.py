@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from ..checkpoint.format import Checkpoint
 from ..checkpoint.read import read_checkpoint
 from ..data import evaluation_ids
 from ..errors import ValidationError
 from ..model.config import ModelConfig
-from ..model.load import in_memory, load_float_model, reference_from_checkpoint
+from ..model.load import load_float_model, reference_from_checkpoint
 from .metrics import compare, windows
 from .readback import LayerErrors, gguf_layer_errors, onnx_layer_errors, read_gguf
 from .report import ArtifactReport, Thresholds, ValidationResult, judge, versions
@@ -56,10 +55,9 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
     check_settings(tokens, window, gguf_runner)
     ckpt = read_checkpoint(checkpoint)
     w = evaluation_windows(checkpoint, text, tokens, window)
-    models = candidates(ckpt, checkpoint, onnx, gguf, float_model, window, gguf_runner)
+    models = candidates(ckpt, checkpoint, onnx, gguf, float_model, window, gguf_runner, progress)
     names = [m.name for m in models]
-    bar = tqdm(w, desc="validate", unit="window", disable=not progress)
-    scores = compare({m.name: m.runner.logits for m in models}, comparisons(names), bar)
+    scores = compare({m.name: m.runner.logits for m in models}, comparisons(names), w, progress)
     reports = [ArtifactReport(m.name, m.path, m.runner.description,
                               scores[(m.name, None if m.name == "reference" else "reference")],
                               vs_float=scores.get((m.name, "float"))) for m in models]
@@ -100,19 +98,20 @@ def comparisons(names: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def candidates(ckpt: Checkpoint, checkpoint, onnx, gguf, float_model, window: int, gguf_runner: str
-               ) -> list[Candidate]:
-    """The reference, then the float model when there is one, then the ONNX folder and the GGUF file."""
-    out = [Candidate("reference", str(checkpoint),
-                     torch_runner(reference_from_checkpoint(ckpt), "PyTorch (float32, dequantized integers)"))]
+def candidates(ckpt: Checkpoint, checkpoint, onnx, gguf, float_model, window: int, gguf_runner: str,
+               progress: bool = False) -> list[Candidate]:
+    """The reference, then the float model when there is one, then the ONNX folder and the GGUF file.
+    The PyTorch models read each weight when their block-by-block forward reaches it."""
+    out = [Candidate("reference", str(checkpoint), torch_runner(reference_from_checkpoint(ckpt),
+                                                                "PyTorch (float32, dequantized integers)", progress))]
     source = float_source(ckpt, float_model)
     if source is not None:
-        float_runner = torch_runner(in_memory(load_float_model(source)[0]), "PyTorch (float32)")
+        float_runner = torch_runner(load_float_model(source)[0], "PyTorch (float32)", progress)
         out.append(Candidate("float", str(source), float_runner))
     if onnx is not None:
         out.append(Candidate("onnx", str(onnx), onnx_runner(onnx), lambda: onnx_layer_errors(onnx, ckpt)))
     if gguf is not None:
-        out.append(gguf_candidate(gguf, ckpt, window, gguf_runner))
+        out.append(gguf_candidate(gguf, ckpt, window, gguf_runner, progress))
     return out
 
 
@@ -127,13 +126,13 @@ def float_source(ckpt: Checkpoint, float_model):
     return source if source and Path(source).is_dir() else None
 
 
-def gguf_candidate(path, ckpt: Checkpoint, window: int, gguf_runner: str) -> Candidate:
+def gguf_candidate(path, ckpt: Checkpoint, window: int, gguf_runner: str, progress: bool = False) -> Candidate:
     """A GGUF file in llama.cpp (read back after the windows), or as its dequantized weights in PyTorch
-    (read once, for both)."""
+    (the file opened once for both; each weight dequantized when it is used)."""
     check_gguf_path(path)
     if gguf_runner_kind(gguf_runner) == "llama.cpp":
         return Candidate("gguf", str(path), llama_cpp_runner(path, window),
                          lambda: gguf_layer_errors(path, ckpt, *read_gguf(path, ckpt)))
     weights, types = read_gguf(path, ckpt)
-    return Candidate("gguf", str(path), numpy_gguf_runner(ModelConfig.from_hf(ckpt.hf_config), weights),
+    return Candidate("gguf", str(path), numpy_gguf_runner(ModelConfig.from_hf(ckpt.hf_config), weights, progress),
                      lambda: gguf_layer_errors(path, ckpt, weights, types))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
@@ -45,24 +47,47 @@ def check_model(reader: GGUFReader, path, cfg: ModelConfig) -> str:
     return arch
 
 
-def read_gguf_weights(path, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The float32 weights of a GGUF file under their HF names (q/k rows back in HF order), and each
-    tensor's GGUF type. GGUFExportError when the file is unreadable or does not match cfg."""
-    reader = open_gguf(path)
-    arch = check_model(reader, path, cfg)
-    to_hf = hf_names(cfg.n_layers, cfg.family)
-    weights, types = {}, {}
-    for t in reader.tensors:
-        if t.name == ROPE_FREQS or t.name in ROPE_FACTORS:  # rope scaling, not a weight: the config gives it
-            continue
-        if t.name not in to_hf:
-            raise GGUFExportError(f"{path}: tensor {t.name} is not one of a {arch} model's")
+class GGUFWeights(Mapping):
+    """A GGUF file's float32 weights under their HF names (q/k rows back in HF order), each dequantized
+    from the memory-mapped file when it is indexed and not kept; `types` holds each tensor's GGUF type.
+    The names, types and hyperparameters are checked on opening: GGUFExportError when the file is
+    unreadable or does not match cfg."""
+
+    def __init__(self, path, cfg: ModelConfig):
+        reader = open_gguf(path)
+        arch = check_model(reader, path, cfg)
+        to_hf = hf_names(cfg.n_layers, cfg.family)
+        self.cfg, self.tensors, self.types = cfg, {}, {}
+        for t in reader.tensors:
+            if t.name == ROPE_FREQS or t.name in ROPE_FACTORS:  # rope scaling, not a weight: the config gives it
+                continue
+            if t.name not in to_hf:
+                raise GGUFExportError(f"{path}: tensor {t.name} is not one of a {arch} model's")
+            self.tensors[to_hf[t.name]] = t
+            self.types[to_hf[t.name]] = t.tensor_type.name
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         w = dequantize(t.tensor_type.name, t.data, shape)
-        hf_name = to_hf[t.name]
-        heads = rope_heads(cfg, hf_name)
-        weights[hf_name] = rope_unpermute(w, heads) if heads else w
-        if is_norm(hf_name) and cfg.family.norm_offset:  # the file holds offset + weight (write.py)
-            weights[hf_name] = weights[hf_name] - np.float32(cfg.family.norm_offset)
-        types[hf_name] = t.tensor_type.name
-    return weights, types
+        heads = rope_heads(self.cfg, name)
+        w = rope_unpermute(w, heads) if heads else w
+        if is_norm(name) and self.cfg.family.norm_offset:  # the file holds offset + weight (write.py)
+            w = w - np.float32(self.cfg.family.norm_offset)
+        return w
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def read_gguf_weights(path, cfg: ModelConfig) -> tuple[GGUFWeights, dict[str, str]]:
+    """The float32 weights of a GGUF file under their HF names, read one at a time when indexed, and
+    each tensor's GGUF type. GGUFExportError when the file is unreadable or does not match cfg."""
+    weights = GGUFWeights(path, cfg)
+    return weights, weights.types
