@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,35 @@ def in_memory(model: Model) -> Model:
     return Model(model.cfg, dict(model.tensors))
 
 
+class FloatTensors(Mapping):
+    """A TensorStore's tensors as float32 numpy arrays, each read from disk when indexed (the Checkpoint's
+    contract: a consumer that takes one at a time and drops it holds one at a time), without the names
+    in `hidden`."""
+
+    def __init__(self, store: TensorStore, hidden: frozenset[str] = frozenset()):
+        self.store, self.hidden = store, hidden
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.hidden:
+            raise KeyError(name)
+        return self.store[name].numpy()
+
+    def __contains__(self, name: object) -> bool:  # from the headers (Mapping's would read the tensor)
+        return name not in self.hidden and name in self.store
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self.store if n not in self.hidden)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def float_checkpoint(model: str | Path):
     """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
-    float tensor (float16 GGUF, float32 ONNX)."""
+    float tensor (float16 GGUF, float32 ONNX), read from the model's files when the exporter takes it."""
     llama, hf, folder = load_float_model(model)
-    tensors = {n: t.numpy() for n, t in llama.tensors.items()}
-    if llama.cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={}, tensors=tensors)
+    tied = frozenset({"lm_head.weight"}) if llama.cfg.tie_word_embeddings else frozenset()
+    return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={}, tensors=FloatTensors(llama.tensors, tied))
 
 
 def reference_from_checkpoint(ckpt) -> Model:
