@@ -19,7 +19,7 @@ from ...errors import GGUFExportError
 from ...model.config import ModelConfig, yarn_mscale
 from ...model.families import check_linears
 from ...model.rope import rope_divisors
-from .encode import encode_float, encode_layer
+from .encode import encode_float, encode_layer, row_slices
 from .read import ROPE_FACTORS, ROPE_FREQS, dequantize
 from .spool import TensorSpool
 from .strip import file_name
@@ -215,19 +215,34 @@ def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig
     heads = rope_heads(cfg, hf_name)
     if heads:
         item = llama_rows(item, heads)
-    if quantized:
-        type_name, data = encode_layer(item, asym4, kquant)
-        got = dequantize(type_name, data, item.shape)
-        err = item.step_error(got)
-    else:
-        type_name, data = encode_float(item, float_type)
-        got = dequantize(type_name, data, item.shape)
-        scale = float(np.max(np.abs(item))) or 1.0
-        err = float(np.max(np.abs(got - item))) / scale if item.size else 0.0
-    if not np.all(np.isfinite(got)):
+    type_name, data = encode_layer(item, asym4, kquant) if quantized else encode_float(item, float_type)
+    err, finite = readback_error(item, type_name, data)
+    if not finite:
         raise GGUFExportError(f"{hf_name}: {type_name} encoding gives NaN or infinity (values out of float16 "
                               "range?); use float_type='F32'", param="float_type")
     return TensorRecord(gguf_name(hf_name, cfg.family), hf_name, type_name, err == 0.0, quantized, err), data
+
+
+def readback_error(item: QuantWeight | np.ndarray, type_name: str, data: np.ndarray) -> tuple[float, bool]:
+    """How far the encoded tensor, read as llama.cpp reads it, is from item (in steps for a quantized layer,
+    else relative to max |item|), and whether it is finite; a slice of rows at a time (row_slices)."""
+    quantized = isinstance(item, QuantWeight)
+    err, top, finite = 0.0, 0.0, True
+    for rows in row_slices(item.shape):
+        part = layer_rows(item, rows) if quantized else item[rows]
+        got = dequantize(type_name, data[rows], part.shape)
+        finite = finite and bool(np.all(np.isfinite(got)))
+        if quantized:
+            err = max(err, part.step_error(got))
+        elif part.size:
+            err, top = max(err, float(np.max(np.abs(got - part)))), max(top, float(np.max(np.abs(part))))
+    return (err if quantized else err / (top or 1.0)), finite
+
+
+def layer_rows(qw: QuantWeight, rows: slice) -> QuantWeight:
+    """Some rows of a quantized layer (views)."""
+    return QuantWeight(qw.q[rows], qw.scale[rows], qw.zero[rows], qw.bits, qw.group_size, qw.sym,
+                       offset=None if qw.offset is None else qw.offset[rows])
 
 
 def rope_tensors(cfg: ModelConfig) -> list[tuple[TensorRecord, np.ndarray]]:
