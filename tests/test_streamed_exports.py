@@ -42,7 +42,8 @@ def deep(tmp_path_factory):
     """A 4-block qwen2 model (q/k/v biases: a layer's bias is a tensor of its own in GGUF) and its W4
     checkpoint with a quantized head."""
     base = tmp_path_factory.mktemp("streamed")
-    model = write_tiny_model(base / "model", model_type="qwen2", layers=LAYERS, tied=False)
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}  # the tiny tokenizer's one special token
+    model = write_tiny_model(base / "model", model_type="qwen2", layers=LAYERS, tied=False, extra=special)
     return model, rtn_checkpoint(model, base / "ckpt", bits=4, group_size=32, quant_lm_head=True)
 
 
@@ -80,6 +81,26 @@ def test_onnx_export_holds_at_most_two_blocks_and_gives_the_same_file(deep, tmp_
     assert 1 <= peak_blocks(ckpt) <= 2
 
 
+def test_onnx_weights_leave_memory_as_each_block_is_built(deep, tmp_path, monkeypatch):
+    """After each block the graph holds only small constants (under 1 KiB each, fewer bytes than one
+    block's weights): the weights went to model.onnx.data as they were made."""
+    from signround_export.export.onnx.build import DecoderGraph
+
+    held = []
+    block = DecoderGraph.block
+
+    def spy(self, i, out, x):
+        result = block(self, i, out, x)
+        held.append(sum(len(t.raw_data) for t in self.g.initializers))
+        return result
+
+    monkeypatch.setattr(DecoderGraph, "block", spy)
+    export_onnx(read_checkpoint(deep[1]), tmp_path / "onnx", accuracy_level=0)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))  # under the limit: one file, as before
+    one_block = sum(len(t.raw_data) for t in model.graph.initializer if t.name.startswith("model.layers.1."))
+    assert len(held) == LAYERS and max(held) < one_block
+
+
 def test_onnx_tied_head_rounded_here_streams_too(tmp_path):
     """A tied float head rounded to 4 bits here: the embedding and the head share one set of integers."""
     model = write_tiny_model(tmp_path / "model", layers=LAYERS)
@@ -96,9 +117,12 @@ def test_external_data_folder_runs_like_the_one_file_folder(deep, tmp_path):
     ckpt = read_checkpoint(deep[1])
     export_onnx(ckpt, tmp_path / "inline", accuracy_level=0)
     export_onnx(resident(ckpt), tmp_path / "external", accuracy_level=0, external_bytes=0)
-    data = tmp_path / "external" / "model.onnx.data"
-    assert data.stat().st_size > 20 * (tmp_path / "external" / "model.onnx").stat().st_size
     inline = onnx.load(str(tmp_path / "inline" / "model.onnx"))
+    bare = onnx.load(str(tmp_path / "external" / "model.onnx"), load_external_data=False)
+    large = {t.name: len(t.raw_data) for t in inline.graph.initializer if len(t.raw_data) >= 1024}
+    assert large and all(t.data_location == onnx.TensorProto.EXTERNAL
+                         for t in bare.graph.initializer if t.name in large)
+    assert (tmp_path / "external" / "model.onnx.data").stat().st_size >= sum(large.values())
     external = onnx.load(str(tmp_path / "external" / "model.onnx"))  # reads model.onnx.data back
     assert [t.name for t in external.graph.initializer] == [t.name for t in inline.graph.initializer]
     for a, b in zip(inline.graph.initializer, external.graph.initializer):
