@@ -35,21 +35,11 @@ def in_memory(model: Model) -> Model:
     return Model(model.cfg, dict(model.tensors))
 
 
-def float_checkpoint(model: str | Path):
-    """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
-    float tensor (float16 GGUF, float32 ONNX)."""
-    llama, hf, folder = load_float_model(model)
-    tensors = {n: t.numpy() for n, t in llama.tensors.items()}
-    if llama.cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={}, tensors=tensors)
-
-
 class LazyTensors(Mapping):
-    """float32 torch tensors by name, each made by read(name) when it is indexed and not kept: a consumer
-    that takes a block's tensors, uses them and drops them holds one block."""
+    """Tensors by name, each made by read(name) when it is indexed and not kept: a consumer that takes a
+    block's tensors, uses them and drops them holds one block."""
 
-    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor]):
+    def __init__(self, names: Iterable[str], read: Callable[[str], object]):
         self.names = list(names)
         self.known = set(self.names)
         self.read = read
@@ -67,6 +57,16 @@ class LazyTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def float_checkpoint(model: str | Path):
+    """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
+    float tensor (float16 GGUF, float32 ONNX), read from the model's files when the exporter takes it."""
+    llama, hf, folder = load_float_model(model)
+    store = llama.tensors
+    names = [n for n in store if not (llama.cfg.tie_word_embeddings and n == "lm_head.weight")]
+    return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={},
+                      tensors=LazyTensors(names, lambda name: store[name].numpy()))
 
 
 def as_float32(array) -> torch.Tensor:

@@ -38,6 +38,7 @@ from ...checkpoint.qweight import QuantWeight
 from .blocks import PACK_K, pack_blocks, pack_q4_k
 from .types import GGUF_TYPES, QK, QK_K, GGUFType, k_quant, legacy_types
 
+ROW_SLICE = 1 << 22  # weights worked on at once in row_slices
 Encoded = tuple[str, np.ndarray]  # (GGUF type name, packed rows uint8 [N, bytes], or float data)
 
 
@@ -201,9 +202,27 @@ def encode_float(w: np.ndarray, float_type: str) -> Encoded:
     if float_type == "F16" or w.shape[1] % QK:
         with np.errstate(over="ignore"):  # values past float16 become inf, which export_gguf refuses by name
             return "F16", np.ascontiguousarray(w, dtype=np.float16)
+    n, k = w.shape
+    data = np.empty((n, k // QK * GGUF_TYPES["Q8_0"].nbytes), dtype=np.uint8)
+    for rows in row_slices(w.shape):  # blocks lie within rows: a slice at a time, byte for byte the same
+        data[rows] = _q8_0(w[rows])
+    return "Q8_0", data
+
+
+def _q8_0(w: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks of a float matrix, rounded to nearest."""
     lo, hi = GGUF_TYPES["Q8_0"].codes
     n, k = w.shape
     blocks = w.reshape(n, k // QK, QK)
     d = _f16(np.abs(blocks).max(-1) / hi)
     codes = np.round(blocks / np.where(d == 0, 1, d)[..., None]).clip(lo, hi)
-    return "Q8_0", pack_blocks("Q8_0", codes.reshape(n, k).astype(np.int16), d)
+    return pack_blocks("Q8_0", codes.reshape(n, k).astype(np.int16), d)
+
+
+def row_slices(shape: tuple[int, ...]) -> list[slice]:
+    """Slices of about ROW_SLICE weights along a tensor's rows (one for a 1-D tensor): work on a large
+    embedding a slice at a time makes temporaries of a slice's size, not several times the matrix's."""
+    if len(shape) < 2:
+        return [slice(None)]
+    step = max(1, ROW_SLICE // max(1, int(np.prod(shape[1:]))))
+    return [slice(i, i + step) for i in range(0, shape[0], step)]

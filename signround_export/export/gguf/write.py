@@ -4,6 +4,7 @@ and row order (tensors.py), with the model's hyperparameters and tokenizer (voca
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from ...errors import GGUFExportError
 from ...model.config import ModelConfig, yarn_mscale
 from ...model.families import check_linears
 from ...model.rope import rope_divisors
-from .encode import encode_float, encode_layer
+from .encode import encode_float, encode_layer, row_slices
 from .read import ROPE_FACTORS, ROPE_FREQS, dequantize
+from .spool import TensorSpool
 from .strip import file_name
 from .tensors import IGNORED_SUFFIXES, gguf_name, is_norm, llama_rows, rope_heads
 from .types import GGUF_TYPES
@@ -164,21 +166,42 @@ def check_options(asym4: str, float_type: str) -> tuple[str, str]:
     return asym4, float_type
 
 
-def model_tensors(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, QuantWeight | np.ndarray]:
-    """Every tensor of the model by HF name: a QuantWeight or a float array (layer biases apart)."""
-    items: dict[str, QuantWeight | np.ndarray] = {}
-    for module, qw in ckpt.qweights.items():
-        items[module + ".weight"] = qw
-        if qw.bias is not None:
-            items[module + ".bias"] = np.asarray(qw.bias, dtype=np.float32)
-    for name, t in ckpt.tensors.items():
-        if not name.endswith(IGNORED_SUFFIXES):
-            items[name] = t
-    unknown = [n for n in items if gguf_name(n, cfg.family) is None]
+def check_names(ckpt: Checkpoint, cfg: ModelConfig) -> None:
+    """Refuse a checkpoint with tensors llama.cpp has no name for, from the names alone (a layer's bias is
+    checked when its layer is read)."""
+    unknown = [n for n in (*(m + ".weight" for m in ckpt.qweights), *ckpt.tensors)
+               if not n.endswith(IGNORED_SUFFIXES) and gguf_name(n, cfg.family) is None]
     if unknown:
-        raise GGUFExportError(f"tensors with no llama.cpp name: {', '.join(unknown[:5])}; this checkpoint "
-                              f"does not look like a {cfg.model_type} model")
-    return items
+        raise unknown_names(unknown, cfg)
+
+
+def unknown_names(names: list[str], cfg: ModelConfig) -> GGUFExportError:
+    return GGUFExportError(f"tensors with no llama.cpp name: {', '.join(names[:5])}; this checkpoint "
+                           f"does not look like a {cfg.model_type} model")
+
+
+def encoded_tensors(ckpt: Checkpoint, cfg: ModelConfig, asym4: str, float_type: str, kquant: bool,
+                    progress: bool = False) -> Iterator[tuple[TensorRecord, np.ndarray]]:
+    """Every tensor of the model encoded (encode_tensor), in the checkpoint's order: each layer or tensor
+    is read from the checkpoint once and dropped before the next is read."""
+    floats = [n for n in ckpt.tensors if not n.endswith(IGNORED_SUFFIXES)]
+    with tqdm(total=len(ckpt.qweights) + len(floats), desc="gguf", unit="tensor", disable=not progress) as bar:
+        for module in ckpt.qweights:
+            yield from encoded_layer(module, ckpt.qweights[module], cfg, asym4, float_type, kquant)
+            bar.update()
+        for name in floats:
+            yield encode_tensor(name, ckpt.tensors[name], cfg, asym4, float_type, kquant)
+            bar.update()
+
+
+def encoded_layer(module: str, qw: QuantWeight, cfg: ModelConfig, asym4: str, float_type: str,
+                  kquant: bool) -> Iterator[tuple[TensorRecord, np.ndarray]]:
+    """A quantized layer's weight, and its bias as a float tensor of its own."""
+    yield encode_tensor(module + ".weight", qw, cfg, asym4, float_type, kquant)
+    if qw.bias is not None:
+        if gguf_name(module + ".bias", cfg.family) is None:
+            raise unknown_names([module + ".bias"], cfg)
+        yield encode_tensor(module + ".bias", np.asarray(qw.bias, dtype=np.float32), cfg, asym4, float_type, kquant)
 
 
 def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig, asym4: str, float_type: str,
@@ -192,19 +215,34 @@ def encode_tensor(hf_name: str, item: QuantWeight | np.ndarray, cfg: ModelConfig
     heads = rope_heads(cfg, hf_name)
     if heads:
         item = llama_rows(item, heads)
-    if quantized:
-        type_name, data = encode_layer(item, asym4, kquant)
-        got = dequantize(type_name, data, item.shape)
-        err = item.step_error(got)
-    else:
-        type_name, data = encode_float(item, float_type)
-        got = dequantize(type_name, data, item.shape)
-        scale = float(np.max(np.abs(item))) or 1.0
-        err = float(np.max(np.abs(got - item))) / scale if item.size else 0.0
-    if not np.all(np.isfinite(got)):
+    type_name, data = encode_layer(item, asym4, kquant) if quantized else encode_float(item, float_type)
+    err, finite = readback_error(item, type_name, data)
+    if not finite:
         raise GGUFExportError(f"{hf_name}: {type_name} encoding gives NaN or infinity (values out of float16 "
                               "range?); use float_type='F32'", param="float_type")
     return TensorRecord(gguf_name(hf_name, cfg.family), hf_name, type_name, err == 0.0, quantized, err), data
+
+
+def readback_error(item: QuantWeight | np.ndarray, type_name: str, data: np.ndarray) -> tuple[float, bool]:
+    """How far the encoded tensor, read as llama.cpp reads it, is from item (in steps for a quantized layer,
+    else relative to max |item|), and whether it is finite; a slice of rows at a time (row_slices)."""
+    quantized = isinstance(item, QuantWeight)
+    err, top, finite = 0.0, 0.0, True
+    for rows in row_slices(item.shape):
+        part = layer_rows(item, rows) if quantized else item[rows]
+        got = dequantize(type_name, data[rows], part.shape)
+        finite = finite and bool(np.all(np.isfinite(got)))
+        if quantized:
+            err = max(err, part.step_error(got))
+        elif part.size:
+            err, top = max(err, float(np.max(np.abs(got - part)))), max(top, float(np.max(np.abs(part))))
+    return (err if quantized else err / (top or 1.0)), finite
+
+
+def layer_rows(qw: QuantWeight, rows: slice) -> QuantWeight:
+    """Some rows of a quantized layer (views)."""
+    return QuantWeight(qw.q[rows], qw.scale[rows], qw.zero[rows], qw.bits, qw.group_size, qw.sym,
+                       offset=None if qw.offset is None else qw.offset[rows])
 
 
 def rope_tensors(cfg: ModelConfig) -> list[tuple[TensorRecord, np.ndarray]]:
@@ -286,18 +324,22 @@ def add_attention_keys(w: GGUFWriter, cfg: ModelConfig) -> None:
         w.add_final_logit_softcapping(cfg.final_softcap)
 
 
-def write_file(out, cfg: ModelConfig, name: str, report: GGUFExport, vocab: Vocab, data: list[np.ndarray]) -> None:
-    """The GGUF file at out (atomically): metadata, then the tensors of report in its order."""
+def write_file(out, cfg: ModelConfig, name: str, report: GGUFExport, vocab: Vocab, spool: TensorSpool) -> None:
+    """The GGUF file at out (atomically): metadata, then the tensors of report in its order, each copied
+    from the spool in turn."""
     with atomic_file(out) as tmp:
         w = GGUFWriter(str(tmp), cfg.family.gguf_arch)
         add_hparams(w, cfg, name, report.file_type)
         add_vocab(w, vocab)
-        for record, tensor in zip(report.tensors, data):
-            t = GGUF_TYPES[record.type]
-            w.add_tensor(record.name, tensor, raw_dtype=t.ggml_type if t.quantized else None)
+        for record in report.tensors:
+            t, entry = GGUF_TYPES[record.type], spool.entries[record.name]
+            w.add_tensor_info(record.name, entry.shape, entry.dtype, entry.nbytes,
+                              raw_dtype=t.ggml_type if t.quantized else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
+        w.write_ti_data_to_file()
+        for record in report.tensors:
+            w.write_tensor_data(spool.read(record.name))
         w.close()
 
 
@@ -307,23 +349,27 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
 
     asym4: Q5_0 or Q4_1 for 4-bit asymmetric layers; float_type: F16, F32 or Q8_0 for float matrices;
     kquant: integer-zero layers of at most 4 bits as Q4_K (not exact); tokenizer_pre_name: llama.cpp's
-    pre-tokenizer name, needed when a byte-level tokenizer's vocabulary and split are not recognised."""
+    pre-tokenizer name, needed when a byte-level tokenizer's vocabulary and split are not recognised.
+    Memory: one tensor at a time (spool.py); the encoded tensors wait in a temporary file beside out."""
     asym4, float_type = check_options(asym4, float_type)
     hf = ckpt.hf_config
     cfg = ModelConfig.from_hf(hf)
     check_llama_cpp(cfg)
     vocab = read_vocab(Path(ckpt.path), hf, tokenizer_pre_name)
     check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], GGUFExportError)
-    items = model_tensors(ckpt, cfg)
-    report, data = GGUFExport(path=Path(out)), []
-    for hf_name in tqdm(sorted(items), desc="gguf", unit="tensor", disable=not progress):
-        record, tensor = encode_tensor(hf_name, items[hf_name], cfg, asym4, float_type, kquant)
-        report.tensors.append(record)
-        data.append(tensor)
-    for record, tensor in rope_tensors(cfg):
-        report.tensors.append(record)
-        data.append(tensor)
-    report.file_type = file_type_of(report.tensors, float_type)
-    write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab, data)
+    check_names(ckpt, cfg)
+    report = GGUFExport(path=Path(out))
+    with TensorSpool(Path(out).parent) as spool:
+        for record, tensor in encoded_tensors(ckpt, cfg, asym4, float_type, kquant, progress):
+            report.tensors.append(record)
+            spool.add(record.name, tensor)
+            del tensor  # before the next one is encoded
+        report.tensors.sort(key=lambda r: r.source)  # the file's order: by checkpoint name, as always
+        for record, tensor in rope_tensors(cfg):
+            report.tensors.append(record)
+            spool.add(record.name, tensor)
+        report.file_type = file_type_of(report.tensors, float_type)
+        write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab,
+                   spool)
     report.bytes = Path(out).stat().st_size
     return report

@@ -58,14 +58,15 @@ from ...model.folder import copy_tokenizer_files
 from ...model.rope import rope_tables
 from ...tune.quantizer import to_qweight
 from .genai import genai_config
-from .graph import FLOAT, INT32, INT64, MS, GraphBuilder, tensor_info
-from .matmulnbits import BLOCK_SIZES, NBitsWeight, to_nbits
+from .graph import FLOAT, INT32, INT64, MS, GraphBuilder, InitializerFile, tensor_info
+from .matmulnbits import BLOCK_SIZES, to_nbits
 from .stacking import stack_key, stack_name, stack_rows
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 computes in float32, 4 quantizes activations to int8
 HEAD_BITS = (4, 8, 16)  # lm_head_bits: 16 keeps a float head float
 HEAD_GROUP = 32  # group of a head rounded here (lm_head_bits), as onnxruntime-genai's builder uses
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB in one file
+DATA_FILE = "model.onnx.data"
 
 
 @dataclass
@@ -85,11 +86,14 @@ class ONNXExport:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_bits: int | None = None,
-                max_block: int = 32) -> ONNXExport:
+                max_block: int = 32, external_bytes: int | None = None) -> ONNXExport:
     """Write the ONNX folder (model.onnx, genai_config.json, tokenizer files) atomically.
 
     accuracy_level: MatMulNBits' (0 exact float32 .. 4 int8 activations); lm_head_bits: 4 or 8 round a
-    float head to nearest here (None or 16 keep it); max_block: the largest MatMulNBits block."""
+    float head to nearest here (None or 16 keep it); max_block: the largest MatMulNBits block;
+    external_bytes: initializers over this size stay in model.onnx.data (default EXTERNAL_DATA_BYTES, under
+    protobuf's 2 GB), else model.onnx holds them. The checkpoint is read one layer at a time, its
+    initializers written to model.onnx.data as they are made."""
     t0 = time.perf_counter()
     check_options(accuracy_level, lm_head_bits, max_block)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
@@ -97,10 +101,16 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     check_attention(cfg)
     report = ONNXExport(folder=Path(out_dir), accuracy_level=accuracy_level)
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
-    decoder = DecoderGraph(ckpt, cfg, report, accuracy_level=accuracy_level, max_block=max_block)
-    model = decoder.build(head_qw)
-    write_folder(out_dir, model, genai_config(cfg, ckpt), ckpt.path,
-                 external=decoder.g.initializer_bytes() > EXTERNAL_DATA_BYTES)
+    with atomic_dir(out_dir) as tmp:
+        data = InitializerFile(tmp / DATA_FILE)
+        decoder = DecoderGraph(ckpt, cfg, report, data, accuracy_level=accuracy_level, max_block=max_block)
+        model = decoder.build(head_qw)
+        limit = EXTERNAL_DATA_BYTES if external_bytes is None else external_bytes
+        if decoder.g.initializer_bytes() > limit:
+            data.close()
+        else:
+            data.inline(model.graph.initializer)
+        write_folder(tmp, model, genai_config(cfg, ckpt), ckpt.path)
     report.bytes = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     report.seconds = time.perf_counter() - t0
     return report
@@ -138,7 +148,7 @@ def plan_head(cfg: ModelConfig, ckpt: Checkpoint, lm_head_bits) -> tuple[QuantWe
         return qw, f"the checkpoint's W{qw.bits} integers"
     if lm_head_bits not in (4, 8):
         return None, "float32" + ("" if "lm_head.weight" in ckpt.tensors else ", shared with the embedding")
-    w = ckpt.tensors.get("lm_head.weight", ckpt.tensors["model.embed_tokens.weight"])
+    w = ckpt.tensors["lm_head.weight" if "lm_head.weight" in ckpt.tensors else "model.embed_tokens.weight"]
     bias = ckpt.tensors.get("lm_head.bias")
     group = HEAD_GROUP if cfg.hidden_size % HEAD_GROUP == 0 else -1
     qw = to_qweight(torch.from_numpy(w), Scheme(lm_head_bits, group, True),
@@ -168,14 +178,22 @@ def graph_io(cfg: ModelConfig) -> tuple[list, list]:
     return inputs, outputs
 
 
-def write_folder(out_dir, model: onnx.ModelProto, genai: dict, source: Path, *, external: bool) -> None:
-    """model.onnx (its weights in model.onnx.data when `external`), genai_config.json and the tokenizer
-    files of `source`, all or nothing."""
-    with atomic_dir(out_dir) as tmp:
-        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location="model.onnx.data")
-        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
-        copy_tokenizer_files(source, tmp)
+def write_folder(folder: Path, model: onnx.ModelProto, genai: dict, source: Path) -> None:
+    """model.onnx (its large initializers' bytes in model.onnx.data, already written, or in itself),
+    genai_config.json and the tokenizer files of `source`."""
+    onnx.save_model(model, str(folder / "model.onnx"))
+    (folder / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+    copy_tokenizer_files(source, folder)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight's MatMulNBits initializers by name and what its node needs to know (the arrays are gone)."""
+    names: list[str]  # B, scales[, zero_points]
+    bits: int
+    block: int
+    k: int
+    n: int
 
 
 def _scheme(qw: QuantWeight, block: int) -> str:
@@ -188,13 +206,13 @@ class DecoderGraph:
     Quantized weights are packed into MatMulNBits initializers once (`packed`: a tied embedding and
     head share them), and every MatMulNBits is counted in the report."""
 
-    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, report: ONNXExport, *, accuracy_level: int,
-                 max_block: int):
-        self.g = GraphBuilder()
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, report: ONNXExport, data: InitializerFile | None = None,
+                 *, accuracy_level: int, max_block: int):
+        self.g = GraphBuilder(data)
         self.ckpt, self.cfg, self.report = ckpt, cfg, report
         self.accuracy_level, self.max_block = accuracy_level, max_block
         self.eps = float(cfg.rms_eps)
-        self.packed: dict[str, tuple[list[str], NBitsWeight]] = {}
+        self.packed: dict[str, Packed] = {}
         self.lengths: list[str] = []  # seqlens_k, total_seq_len: shared by every block
         self.rope: dict[bool, list[str]] = {}  # cos and sin caches, by ModelConfig.local_rope of a block
         self.shapes: dict[str, str] = {}  # Reshape targets, made once
@@ -246,19 +264,19 @@ class DecoderGraph:
         tied = "lm_head.weight" not in self.ckpt.tensors and "lm_head" not in self.ckpt.qweights
         if tied and head_qw is not None:
             # the head was rounded here from the tied embedding: packed now, the head reuses the initializers
-            names, w = self.nbits_inputs("lm_head", head_qw)
+            w = self.nbits_inputs("lm_head", head_qw)
             if w.k % w.block == 0:  # B viewed as [vocab, hidden * bits / 8] needs whole blocks per row
-                return self.quantized_embedding(names, w), None
+                return self.quantized_embedding(w), None
         embed = self.g.const("model.embed_tokens.weight", self.float_weight("model.embed_tokens.weight"))
         return self.g.op("Gather", [embed, "input_ids"], axis=0), embed
 
-    def quantized_embedding(self, names: list[str], w: NBitsWeight) -> str:
+    def quantized_embedding(self, w: Packed) -> str:
         """Rows of the head's MatMulNBits integers, dequantized by GatherBlockQuantized: the file holds the
         matrix once."""
         g = self.g
-        data = g.op("Reshape", [names[0], g.const("embed_data_shape", np.array([w.n, -1], dtype=np.int64))])
+        data = g.op("Reshape", [w.names[0], g.const("embed_data_shape", np.array([w.n, -1], dtype=np.int64))])
         self.report.head += "; the tied embedding reads the same integers (GatherBlockQuantized)"
-        return g.op("GatherBlockQuantized", [data, "input_ids", *names[1:]], domain=MS, bits=w.bits,
+        return g.op("GatherBlockQuantized", [data, "input_ids", *w.names[1:]], domain=MS, bits=w.bits,
                     block_size=w.block, gather_axis=0, quantize_axis=1)
 
     def block(self, i: int, out: str | None, x: str) -> tuple[str, str]:
@@ -398,8 +416,8 @@ class DecoderGraph:
 
     def matmul_nbits(self, x: str, module: str, qw: QuantWeight, count: int = 1) -> str:
         """x @ dequant(qw).T (+ bias); `count`: how many of the checkpoint's linears it computes."""
-        names, w = self.nbits_inputs(module, qw)
-        y = self.g.op("MatMulNBits", [x, *names], domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
+        w = self.nbits_inputs(module, qw)
+        y = self.g.op("MatMulNBits", [x, *w.names], domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block,
                       accuracy_level=self.accuracy_level)
         key = _scheme(qw, w.block)
         self.report.layers[key] = self.report.layers.get(key, 0) + count
@@ -407,14 +425,14 @@ class DecoderGraph:
             y = self.g.op("Add", [y, self.g.const(f"{module}.bias", qw.bias.astype(np.float32))])
         return y
 
-    def nbits_inputs(self, module: str, qw: QuantWeight) -> tuple[list[str], NBitsWeight]:
+    def nbits_inputs(self, module: str, qw: QuantWeight) -> Packed:
         """The MatMulNBits initializers of one weight (B, scales[, zero_points]), made once."""
         if module not in self.packed:
             w = to_nbits(qw, module, self.max_block)
             names = [self.g.const(f"{module}.B", w.b), self.g.const(f"{module}.scales", w.scales)]
             if w.zero_points is not None:
                 names.append(self.g.const(f"{module}.zero_points", w.zero_points))
-            self.packed[module] = names, w
+            self.packed[module] = Packed(names, w.bits, w.block, w.k, w.n)
         return self.packed[module]
 
     def float_weight(self, name: str) -> np.ndarray:
