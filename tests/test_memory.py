@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,14 +30,18 @@ def setup(tiny_model):
     return model, calibration_samples(ids, config.nsamples, config.seqlen, config.seed), config
 
 
+@pytest.fixture(scope="module")
+def gpu_check():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tools import gpu_check
+
+    return gpu_check
+
+
 def same_integers(a, b) -> bool:
     return a.keys() == b.keys() and all(
         np.array_equal(a[n].q, b[n].q) and np.array_equal(a[n].scale, b[n].scale) and np.array_equal(a[n].zero, b[n].zero)
         for n in a)
-
-
-def code_agreement(a, b) -> float:
-    return sum(int((a[n].q == b[n].q).sum()) for n in a) / sum(a[n].q.size for n in a)
 
 
 def test_activations_on_the_cpu_give_the_integers_of_the_default(setup):
@@ -69,18 +74,19 @@ def test_bfloat16_activations_are_stored_so_and_computed_in_float32(setup):
     assert torch.equal(out, batched(fn, x.float(), 3, torch.float32).to(torch.bfloat16))
 
 
-def test_bfloat16_activations_tune_close_to_float32(setup):
-    """Half the activation memory: every block still improves on round-to-nearest, and the integers
-    stay close to those of float32 activations (rounding the chains moves a few codes by one)."""
+def test_bfloat16_activations_tune_close_to_float32(setup, gpu_check):
+    """Half the activation memory: every block still improves on round-to-nearest, and the weights stay
+    within one quantization step of those tuned on float32 activations, as gpu_check requires of a GPU
+    run (the codes themselves move as much as with another seed)."""
     model, calib, config = setup
     f32 = tune(model, calib, config, device="cpu", progress=False)
     bf16 = tune(model, calib, replace(config, act_dtype="bfloat16"), device="cpu", progress=False)
     for log in bf16.blocks:
         assert log.loss_after < log.loss_before
     assert not same_integers(f32.qweights, bf16.qweights)  # the option is honoured
-    assert code_agreement(f32.qweights, bf16.qweights) > 0.9
+    assert min(gpu_check.within_step(f32.qweights, bf16.qweights).values()) >= gpu_check.MIN_WITHIN_STEP
     for b32, b16 in zip(f32.blocks, bf16.blocks):
-        assert b16.loss_after == pytest.approx(b32.loss_after, rel=0.25)
+        assert b16.loss_after <= b32.loss_after * gpu_check.MAX_LOSS_RATIO
 
 
 def test_a_bad_activation_setting_is_refused(setup):
@@ -110,7 +116,9 @@ def test_the_plan_reads_headers_only_and_counts_each_part(untied_model, monkeypa
     assert parts["embedding (float32)"].nbytes == parts["head (float32)"].nbytes == 4 * vocab * hidden
     assert parts["two decoder blocks (float32)"].nbytes == 2 * 4 * block
     assert parts["calibration activations (float32)"].nbytes == 3 * 64 * 256 * hidden * 4
-    assert plan.total("cpu") == sum(p.nbytes for p in plan.parts) and plan.total("gpu") == 0
+    phase = {ph: sum(p.nbytes for p in plan.parts if p.phase == ph) for ph in ("", "tuning", "writing")}
+    assert plan.total("cpu") == phase[""] + max(phase["tuning"], phase["writing"]) and plan.total("gpu") == 0
+    assert parts["embedding (float32)"].phase == "writing" and parts["tuning state of one block"].phase == "tuning"
     half = sr.tune_memory(untied_model, recipe="fast", device="cpu", act_dtype="bfloat16")
     assert {p.name: p.nbytes for p in half.parts}["calibration activations (bfloat16)"] * 2 == \
         parts["calibration activations (float32)"].nbytes
@@ -131,7 +139,7 @@ def test_a_gpu_plan_without_a_gpu_and_the_offload_rule(untied_model):
     assert memory.offload(gpu, free=gpu.total("gpu") - 1) and not memory.offload(gpu, free=gpu.total("gpu"))
     offloaded = sr.tune_memory(untied_model, device="cuda", act_device="cpu")
     assert offloaded.total("gpu") == gpu.total("gpu") - acts.nbytes
-    assert offloaded.total("cpu") == gpu.total("cpu") - gpu.parts[0].nbytes + offloaded.parts[0].nbytes + acts.nbytes
+    assert [p.where for p in offloaded.parts if p.name == acts.name] == ["cpu"]
 
 
 def signround(*args):
@@ -147,7 +155,7 @@ def test_dry_run_prints_the_plan_writes_nothing_and_bounds_the_measured_peak(tmp
     r = signround("tune", model, "--out", tmp_path / "ckpt", *settings, "--dry-run")
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "ckpt").exists()
-    total = next(float(line.split()[2]) for line in r.stdout.splitlines() if line.startswith("CPU total"))
+    total = next(float(line.split()[-2]) for line in r.stdout.splitlines() if line.startswith("CPU total"))
     peak = measured_peak_mb(model, tmp_path / "ckpt", settings)
     assert peak <= total, (peak, total, r.stdout)
 
@@ -164,3 +172,22 @@ def measured_peak_mb(model, out, settings) -> float:
 def test_act_device_cuda_without_cuda_blocks_is_refused_by_flag(tmp_path, tiny_model):
     r = signround("tune", tiny_model, "--out", tmp_path / "o", "--device", "cpu", "--act-device", "cuda")
     assert r.returncode == 2 and "--act-device 'cuda'" in r.stderr and "--device cuda" in r.stderr, r.stderr
+
+
+def test_gpu_check_compares_two_runs_and_catches_moved_codes(gpu_check):
+    model = gpu_check.random_model(gpu_check.TINY | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256})
+    result = gpu_check.check("tiny", model, TuneConfig(iters=3, nsamples=4, seqlen=32, batch_size=2), "cpu", "cpu")
+    assert result.passed() and gpu_check.same_codes(result.reference.qweights, result.run.qweights) == 1.0
+    assert "tiny: ok" in result.row()
+    name = next(iter(result.run.qweights))
+    qw = result.run.qweights[name]
+    moved = np.where(qw.q >= 2, qw.q - 2, qw.q + 2).astype(np.uint8)  # two steps away: beyond the tolerance
+    result.run.qweights[name] = replace(qw, q=moved)
+    assert not result.passed() and "FAILED" in result.row() and name in result.row()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_check_without_cuda_says_so_and_exits_2(gpu_check, capsys):
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err

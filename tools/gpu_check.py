@@ -1,6 +1,6 @@
 """Check tuning on a CUDA GPU: a tiny and a mid-size random model (Llama-3.2-1B's blocks, two of them) are
-tuned on the GPU (bfloat16 autocast) and on the CPU with the same settings; the integers must agree, and
-the time per block and the peak GPU memory (against tune --dry-run's plan) are printed.
+tuned on the GPU (bfloat16 autocast) and on the CPU with the same settings; the integers must agree
+(MIN_WITHIN_STEP, MAX_LOSS_RATIO), and the time per block and the peak GPU memory (against tune --dry-run's plan) are printed.
 
     .venv/bin/python tools/gpu_check.py [--iters 20] [--nsamples 16] [--seqlen 256] [--only tiny]
 
@@ -30,10 +30,12 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 TINY = dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=2048, max_position_embeddings=2048, rms_norm_eps=1e-5,
             rope_theta=10000.0, tie_word_embeddings=True)
-# The integers of two runs differ where a code sits at a rounding boundary and the sign steps tip it:
-# a CPU run in float32 against a GPU run in bfloat16 moves some codes by one step. Required: at least
-# this share of weights whose dequantized values lie within one quantization step of each other.
-MIN_WITHIN_STEP = 0.99
+# Two runs that differ in arithmetic only do not give the same integers: the sign steps tip codes at a
+# rounding boundary, and the clipping moves whole groups by a code. Measured on a tiny model (60 iters):
+# another seed leaves 66% of codes equal and 97.4% of dequantized weights within one quantization step,
+# bfloat16 activations 68% and 97.5%. Required of the GPU run against the CPU's, per layer and per block:
+MIN_WITHIN_STEP = 0.9  # the share of weights within one step of the CPU run's
+MAX_LOSS_RATIO = 1.25  # the block's best loss, against the CPU run's
 
 
 def models() -> dict[str, dict]:
@@ -85,8 +87,14 @@ class Check:
         agree = within_step(self.reference.qweights, self.run.qweights)
         return min(agree.items(), key=lambda kv: kv[1])
 
+    def loss_ratio(self) -> float:
+        """The largest ratio of a block's best loss to the CPU run's."""
+        pairs = [(b.loss_after, r.loss_after) for b, r in zip(self.run.blocks, self.reference.blocks)
+                 if b.loss_after is not None and r.loss_after]
+        return max((a / r for a, r in pairs), default=1.0)
+
     def passed(self) -> bool:
-        return self.worst()[1] >= MIN_WITHIN_STEP
+        return self.worst()[1] >= MIN_WITHIN_STEP and self.loss_ratio() <= MAX_LOSS_RATIO
 
     def row(self) -> str:
         layer, share = self.worst()
@@ -96,7 +104,7 @@ class Check:
         gpu = f"{self.peak_gpu_mb:.0f} MB (plan {self.planned_gpu_mb:.0f} MB)" if self.peak_gpu_mb is not None else "-"
         return (f"{self.name}: {'ok' if self.passed() else 'FAILED'}; codes equal "
                 f"{same_codes(self.reference.qweights, self.run.qweights):.4f}, within one step {share:.4f} at worst "
-                f"({layer}); {per_block:.2f} s/block on {self.run.device} ({self.run.dtype}) vs {ref:.2f} s/block on "
+                f"({layer}), block loss up to {self.loss_ratio():.3f} x the CPU's; {per_block:.2f} s/block on {self.run.device} ({self.run.dtype}) vs {ref:.2f} s/block on "
                 f"{self.reference.device} ({self.reference.dtype}); peak GPU memory {gpu}")
 
 

@@ -15,8 +15,11 @@ weights, T = batch_size x seqlen tokens per step):
   - the clipping search's temporaries: 5 x the largest linear in float32 (measured 3.6-4.5 x);
   - the calibration activations: three chains (float inputs, quantized inputs, targets) of
     nsamples x seqlen x H in their storage dtype, on the tuning device or the CPU.
-The parts do not all peak at once (the embedding is dropped before the blocks are tuned), so the sum is
-a bound. The integers of finished blocks are counted as written to disk (the resume store).
+  - the checkpoint writer at the end: every block's codes (1 B per weight) and their packed form, as
+    arrays and as the file's bytes (2 x bits / 8 B per weight), and the float tensors once more.
+The parts do not all peak at once: the tuning phase holds the blocks, their state and the activations;
+the writing phase, after it, the float tensors and the packed integers (the embedding read at the start
+is dropped before the first block). A total is the process plus the larger phase.
 """
 
 from __future__ import annotations
@@ -38,28 +41,36 @@ STEP_BYTES = {torch.float32: (24, 16), torch.bfloat16: (20, 8)}  # saved per tok
 ACT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
+PHASES = ("tuning", "writing")  # the blocks are tuned, then the checkpoint is written
+
+
 @dataclass
 class Part:
     name: str
     nbytes: int
     where: str  # "cpu" or "gpu"
     how: str  # the formula, for the table
+    phase: str = ""  # one of PHASES, or "" for all of the run
 
 
 @dataclass
 class MemoryPlan:
-    """The parts a run holds, where; totals per kind of memory."""
+    """The parts a run holds, where and when; peak totals per kind of memory."""
 
     parts: list[Part]
     device: str  # the tuning device's type
     act_where: str  # where the activation chains are kept
 
     def total(self, where: str) -> int:
-        return sum(p.nbytes for p in self.parts if p.where == where)
+        """The peak: what every phase holds, plus the larger phase's own parts."""
+        def held(phase: str) -> int:
+            return sum(p.nbytes for p in self.parts if p.where == where and p.phase == phase)
+        return held("") + max(held(phase) for phase in PHASES)
 
     def table(self) -> str:
-        rows = [f"{p.name:<42} {p.nbytes / MB:>10.0f} MB  {p.where:<3}  {p.how}" for p in self.parts]
-        rows.append(f"{'CPU total':<42} {self.total('cpu') / MB:>10.0f} MB")
+        rows = [f"{p.name:<42} {p.nbytes / MB:>10.0f} MB  {p.where:<3}  {p.phase or 'all':<7}  {p.how}"
+                for p in self.parts]
+        rows.append(f"{'CPU total (the larger phase)':<42} {self.total('cpu') / MB:>10.0f} MB")
         gpu = f"{self.total('gpu') / MB:>10.0f} MB" if self.device == "cuda" else "      none (tuning on the CPU)"
         rows.append(f"{'GPU total':<42} {gpu}")
         return "\n".join(rows)
@@ -78,8 +89,9 @@ def numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
-    """(the largest block's elements, the largest block's linear weights, the largest linear's weights)."""
+def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, int]:
+    """(the largest block's elements, the largest block's linear weights, the largest linear's weights,
+    every block's linear weights)."""
     block = [0] * cfg.n_layers
     linear = [0] * cfg.n_layers
     largest = 0
@@ -91,7 +103,7 @@ def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[i
         if rest.endswith(".weight") and rest[: -len(".weight")] in cfg.family.linears:
             linear[int(i)] += numel(shape)
             largest = max(largest, numel(shape))
-    return max(block, default=0), max(linear, default=0), largest
+    return max(block, default=0), max(linear, default=0), largest, sum(linear)
 
 
 def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype) -> tuple[int, str]:
@@ -113,29 +125,40 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfi
     or "gpu", where the activation chains are kept; baseline: the process's own bytes."""
     on = "gpu" if device == "cuda" else "cpu"
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    block, linear, largest = block_sizes(cfg, shapes)
+    block, linear, largest, quantized = block_sizes(cfg, shapes)
     untied = "lm_head.weight" in shapes or config.quant_lm_head
     parts = [Part("process (Python, torch, this package)", baseline, "cpu", "measured RSS of this process"),
-             Part("embedding (float32)", 4 * vocab * hidden, "cpu", f"{vocab} x {hidden} x 4 B"),
+             Part("embedding (float32)", 4 * vocab * hidden, "cpu", f"{vocab} x {hidden} x 4 B", "writing"),
              Part("head (float32)", 4 * vocab * hidden if untied else 0, "cpu",
-                  "untied or quantized head" if untied else "tied: the embedding")]
-    parts.append(Part("two decoder blocks (float32)", 2 * 4 * block, "cpu", f"2 x {block} x 4 B"))
+                  "untied or quantized head" if untied else "tied: the embedding", "writing")]
+    parts.append(Part("two decoder blocks (float32)", 2 * 4 * block, "cpu", f"2 x {block} x 4 B", "tuning"))
     if on == "gpu":
-        parts.append(Part("two decoder blocks on the GPU", 2 * 4 * block, on, f"2 x {block} x 4 B"))
+        parts.append(Part("two decoder blocks on the GPU", 2 * 4 * block, on, f"2 x {block} x 4 B", "tuning"))
     if config.iters > 0:
         parts.append(Part("tuning state of one block", TUNING_STATE * linear, on,
-                          f"{TUNING_STATE} B x {linear} linear weights"))
+                          f"{TUNING_STATE} B x {linear} linear weights", "tuning"))
         n, how = step_bytes(cfg, config, dtype)
-        parts.append(Part("one step's activations and gradients", n, on, how))
+        parts.append(Part("one step's activations and gradients", n, on, how, "tuning"))
     if config.searches():
         parts.append(Part("clipping search temporaries", CLIP_TEMPORARIES * 4 * largest, on,
-                          f"{CLIP_TEMPORARIES} x {largest} x 4 B (the largest linear)"))
+                          f"{CLIP_TEMPORARIES} x {largest} x 4 B (the largest linear)", "tuning"))
     if config.uses_data():
         act = ACT_BYTES[config.act_dtype]
         n = 3 * config.nsamples * config.seqlen * hidden * act
         parts.append(Part(f"calibration activations ({config.act_dtype})", n, act_where,
-                          f"3 chains x {config.nsamples} x {config.seqlen} x {hidden} x {act} B"))
+                          f"3 chains x {config.nsamples} x {config.seqlen} x {hidden} x {act} B", "tuning"))
+    parts.append(writer_part(config, quantized + (vocab * hidden if config.quant_lm_head else 0),
+                             4 * vocab * hidden * (2 if untied else 1)))
     return MemoryPlan(parts, device, act_where)
+
+
+def writer_part(config: TuneConfig, quantized: int, floats: int) -> Part:
+    """The checkpoint writer as it is: every block's codes (1 B per weight) and their packed form twice
+    (the arrays, then the file's bytes), with a second copy of the float tensors in those bytes."""
+    packed = config.bits / 8
+    n = int(quantized * (1 + 2 * packed)) + floats
+    return Part("checkpoint writing", n, "cpu",
+                f"{quantized} weights x (1 + 2 x {packed:g}) B + the float tensors' bytes again", "writing")
 
 
 def process_bytes() -> int:
