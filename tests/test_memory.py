@@ -40,8 +40,7 @@ def gpu_check():
 
 def same_integers(a, b) -> bool:
     return a.keys() == b.keys() and all(
-        np.array_equal(a[n].q, b[n].q) and np.array_equal(a[n].scale, b[n].scale) and np.array_equal(a[n].zero, b[n].zero)
-        for n in a)
+        all(np.array_equal(getattr(a[n], f), getattr(b[n], f)) for f in ("q", "scale", "zero")) for n in a)
 
 
 def test_activations_on_the_cpu_give_the_integers_of_the_default(setup):
@@ -175,8 +174,9 @@ def test_act_device_cuda_without_cuda_blocks_is_refused_by_flag(tmp_path, tiny_m
 
 
 def test_gpu_check_compares_two_runs_and_catches_moved_codes(gpu_check):
-    model = gpu_check.random_model(gpu_check.TINY | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256})
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256}
+    model = gpu_check.random_model(gpu_check.TINY | small)
     result = gpu_check.check("tiny", model, TuneConfig(iters=3, nsamples=4, seqlen=32, batch_size=2), "cpu", "cpu")
     assert result.passed() and gpu_check.same_codes(result.reference.qweights, result.run.qweights) == 1.0
     assert "tiny: ok" in result.row()

@@ -1,6 +1,7 @@
 """Check tuning on a CUDA GPU: a tiny and a mid-size random model (Llama-3.2-1B's blocks, two of them) are
 tuned on the GPU (bfloat16 autocast) and on the CPU with the same settings; the integers must agree
-(MIN_WITHIN_STEP, MAX_LOSS_RATIO), and the time per block and the peak GPU memory (against tune --dry-run's plan) are printed.
+(MIN_WITHIN_STEP, MAX_LOSS_RATIO), and the time per block and the peak GPU memory (against tune
+--dry-run's plan) are printed.
 
     .venv/bin/python tools/gpu_check.py [--iters 20] [--nsamples 16] [--seqlen 256] [--only tiny]
 
@@ -104,8 +105,9 @@ class Check:
         gpu = f"{self.peak_gpu_mb:.0f} MB (plan {self.planned_gpu_mb:.0f} MB)" if self.peak_gpu_mb is not None else "-"
         return (f"{self.name}: {'ok' if self.passed() else 'FAILED'}; codes equal "
                 f"{same_codes(self.reference.qweights, self.run.qweights):.4f}, within one step {share:.4f} at worst "
-                f"({layer}), block loss up to {self.loss_ratio():.3f} x the CPU's; {per_block:.2f} s/block on {self.run.device} ({self.run.dtype}) vs {ref:.2f} s/block on "
-                f"{self.reference.device} ({self.reference.dtype}); peak GPU memory {gpu}")
+                f"({layer}), block loss up to {self.loss_ratio():.3f} x the CPU's; {per_block:.2f} s/block on "
+                f"{self.run.device} ({self.run.dtype}) vs {ref:.2f} s/block on {self.reference.device} "
+                f"({self.reference.dtype}); peak GPU memory {gpu}")
 
 
 def check(name: str, model: Model, config: TuneConfig, device: str, reference_device: str = "cpu") -> Check:
