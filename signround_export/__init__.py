@@ -38,12 +38,13 @@ from .export.gguf.write import GGUFExport
 from .export.onnx import build as onnx_build
 from .export.onnx.build import ONNXExport
 from .tune.config import RECIPES, TuneConfig
-from .tune.pipeline import LayerBits, QuantizeResult, export_source, quantize_model
+from .tune.memory import MemoryPlan
+from .tune.pipeline import LayerBits, QuantizeResult, export_source, plan_memory, quantize_model
 from .validation import Perplexity, Thresholds, ValidationResult, folder_perplexity, perplexity, validate, write_report
 
 __all__ = [
-    "quantize", "export_onnx", "export_gguf", "validate", "evaluate", "perplexity", "read_checkpoint",
-    "write_report", "Thresholds", "ValidationResult", "QuantizeResult", "TuneConfig", "RECIPES", "Checkpoint", "QuantConfig",
+    "quantize", "tune_memory", "export_onnx", "export_gguf", "validate", "evaluate", "perplexity", "read_checkpoint",
+    "write_report", "Thresholds", "ValidationResult", "QuantizeResult", "MemoryPlan", "TuneConfig", "RECIPES", "Checkpoint", "QuantConfig",
     "QuantWeight", "Scheme", "ONNXExport", "GGUFExport", "Perplexity",
     "SignroundError", "ModelError", "UnsupportedModelError", "DataError", "CheckpointError", "TuneError",
     "ExportError", "ONNXExportError", "MatMulNBitsError", "GGUFExportError", "ValidationError",
@@ -58,7 +59,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              lr: float | None = None, clip_search: bool | None = None, quant_lm_head: bool = False,
              avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
              allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
-             device: str = "auto", seed: int = 42, progress: bool = True) -> QuantizeResult:
+             device: str = "auto", seed: int = 42, progress: bool = True, act_dtype: str = "float32",
+             act_device: str = "auto") -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -78,6 +80,10 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     allocation: bits per layer from a JSON file {"bits": {layer: bits}} instead.
     calib: calibration text (.txt, or .jsonl with a "text" field); default: Python's pydoc_data.topics.
     device: "auto", "cpu" or "cuda". progress: progress bars and notes on stderr.
+    act_dtype: how the calibration activations are stored, "float32" or "bfloat16" (half the memory;
+        the integers change). act_device: where they are kept, "auto" (the tuning device, or the CPU
+        where a GPU's free memory would not hold them), "cpu" or "cuda". tune_memory() tells the memory
+        a run needs.
 
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
     """
@@ -87,9 +93,21 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     layer_bits.check(scheme_given=given)
     config = TuneConfig.from_recipe(recipe, bits=bits, group_size=group_size, sym=sym, iters=iters,
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
-                                    clip_search=clip_search, quant_lm_head=quant_lm_head)
+                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
-                          progress=progress)
+                          progress=progress, act_device=act_device)
+
+
+def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,
+                seqlen: int | None = None, batch_size: int | None = None, clip_search: bool | None = None,
+                quant_lm_head: bool = False, act_dtype: str = "float32", device: str = "auto",
+                act_device: str = "auto") -> MemoryPlan:
+    """The memory quantize() would need for `model` with these settings, part by part (MemoryPlan.table()),
+    from its config.json and safetensors headers alone: no weight is read. Parameters as quantize's;
+    device "cuda" plans for a GPU even where there is none. Bits and group size do not change it."""
+    config = TuneConfig.from_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
+    return plan_memory(model, config, device=device, act_device=act_device)
 
 
 def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,

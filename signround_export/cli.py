@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import export_gguf, export_onnx, quantize, validate, write_report
+from . import export_gguf, export_onnx, quantize, tune_memory, validate, write_report
 from .atomic import atomic_file
 from .checkpoint.qweight import SUPPORTED_BITS
 from .errors import SignroundError
@@ -95,6 +95,15 @@ def add_tune(sub):
     p.add_argument("--calib", type=Path, help="calibration text (.txt, or .jsonl with a \"text\" field); "
                                              "default: Python's pydoc_data.topics")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--act-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="how the calibration activations are stored: bfloat16 halves their memory (three chains "
+                        "of nsamples x seqlen x hidden) and changes the integers (default: float32)")
+    p.add_argument("--act-device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where they are kept: auto = the tuning device, or the CPU when a GPU's free memory "
+                        "would not hold them (each step's batch then moves to the GPU)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory the run needs, part by part, from config.json and the safetensors "
+                        "headers alone, and exit (--device cuda plans for a GPU even without one)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head (round-to-nearest)")
     mixed = p.add_argument_group("mixed precision", "bits per layer chosen by importance under a size budget")
@@ -113,6 +122,9 @@ def add_tune(sub):
 
 
 def cmd_tune(args) -> int:
+    if args.dry_run:
+        print(call_api(tune_memory, args).table())
+        return 0
     result = call_api(quantize, args)
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
@@ -122,10 +134,11 @@ def cmd_tune(args) -> int:
 
 def call_api(fn, args, **settings):
     """fn with every parameter the parsed arguments hold (dests are the API's parameter names), then
-    `settings`; progress unless --quiet."""
+    `settings`; progress unless --quiet, where fn takes it."""
     params = inspect.signature(fn).parameters
     given = {name: value for name, value in vars(args).items() if name in params}
-    return fn(**(given | {"progress": not args.quiet} | settings))
+    progress = {"progress": not args.quiet} if "progress" in params else {}
+    return fn(**(given | progress | settings))
 
 
 def add_eval(sub):

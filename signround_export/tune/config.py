@@ -12,6 +12,7 @@ RECIPES = {
     "best": dict(iters=200, nsamples=128, seqlen=512, batch_size=8),
     "fast": dict(iters=50, nsamples=64, seqlen=256, batch_size=4),
 }
+ACT_DTYPES = ("float32", "bfloat16")  # how calibration activations may be stored
 
 
 @dataclass
@@ -30,6 +31,9 @@ class TuneConfig:
     # iters 0 and clip_search True, the search's start is the result (no SignRound steps).
     clip_search: bool | None = None
     layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # layer name -> scheme, where not the above
+    # how the calibration activations (three chains of nsamples x seqlen x hidden) are stored: float32, or
+    # bfloat16 for half their memory (it rounds every block's inputs and targets, so the integers change)
+    act_dtype: str = "float32"
 
     @classmethod
     def from_recipe(cls, recipe: str = "best", **settings) -> "TuneConfig":
@@ -55,6 +59,8 @@ class TuneConfig:
                 raise TuneError(f"`{name}` {getattr(self, name)}: give a positive number", param=name)
         if self.lr is not None and self.lr <= 0:
             raise TuneError(f"`lr` {self.lr}: give a positive learning rate, or None for 1 / iters", param="lr")
+        if self.act_dtype not in ACT_DTYPES:
+            raise TuneError(f"`act_dtype` {self.act_dtype!r}: choose one of {', '.join(ACT_DTYPES)}", param="act_dtype")
         if self.uses_data() and self.batch_size > self.nsamples:
             raise TuneError(f"`batch_size` {self.batch_size} is larger than `nsamples` {self.nsamples}; lower "
                             "the first or raise the second", param="batch_size")

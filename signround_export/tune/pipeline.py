@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ..checkpoint.format import GPTQ, GPTQ_V1, Checkpoint, QuantConfig
 from ..checkpoint.qweight import SUPPORTED_BITS, QuantWeight, Scheme
@@ -35,11 +36,12 @@ from ..model.folder import resolve_model_dir
 from ..model.forward import Model
 from ..model.load import float_checkpoint, is_checkpoint, load_float_model
 from ..plots import plot_allocation
+from . import memory
 from .allocate import Allocation, layer_file_bits, read_allocation, solve
 from .config import TuneConfig
 from .importance import MEASURES, block_linear_names, importance
 from .resume import ResumeStore
-from .signround import TuneResult, tune
+from .signround import TuneResult, activation_device, pick_dtype, tune
 
 DEFAULT_CALIBRATION = "pydoc_data.topics"  # what the tuning log names when no calibration file is given
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,18 +116,17 @@ class QuantizeResult:
 
 def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer_bits: LayerBits | None = None,
                    *, recipe: str = "best", calib: str | Path | None = None, device: str = "auto",
-                   progress: bool = True) -> QuantizeResult:
+                   progress: bool = True, act_device: str = "auto") -> QuantizeResult:
     """Tune the float model folder (or hub id) `model` and write its checkpoint folder `out` atomically.
 
     config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
     recipe's name, for the log; calib: a .txt or .jsonl calibration text (default: Python's
     pydoc_data.topics). A killed run resumes from `out`.progress when started again with the same
-    settings."""
+    settings. act_device: where the calibration activations are kept (signround.activation_device)."""
     layer_bits = layer_bits or LayerBits()
     layer_bits.check()
     config.check()
-    if device not in DEVICES:
-        raise TuneError(f"`device` {device!r}: choose one of {', '.join(DEVICES)}", param="device")
+    check_devices(device, act_device)
     calib = Path(calib) if calib else None
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
@@ -138,7 +139,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)
     resume = ResumeStore(resume_folder(out))
     allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
-    result = tune(float_model, ids, config, resume, device=device, progress=progress)
+    result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device)
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
                                 "calibration": str(calib) if calib else DEFAULT_CALIBRATION}
     if allocation is not None:
@@ -151,6 +152,31 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
         plot_allocation(allocation, Path(out) / "allocation.png")
     resume.remove()
     return QuantizeResult(Path(out), config, result, allocation)
+
+
+def check_devices(device: str, act_device: str) -> None:
+    """Refuse a device (of the blocks, of the activations) not among DEVICES."""
+    for name, value in (("device", device), ("act_device", act_device)):
+        if value not in DEVICES:
+            raise TuneError(f"`{name}` {value!r}: choose one of {', '.join(DEVICES)}", param=name)
+
+
+def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto",
+                act_device: str = "auto") -> memory.MemoryPlan:
+    """What tuning the float model folder `model` with config would hold, part by part, from its
+    config.json and safetensors headers alone (no weight is read). device "cuda" plans for a GPU even on
+    a machine without one; there, "auto" activations are counted on the GPU."""
+    config.check()
+    check_devices(device, act_device)
+    float_model = load_float_model(model)[0]
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
+    if dev.type == "cpu" or torch.cuda.is_available():  # where tune() would put them
+        acts = activation_device(act_device, dev, float_model, config, progress=False).type
+    else:  # planning for a GPU this machine lacks: "auto" counts them on it
+        acts = "cpu" if act_device == "cpu" else "cuda"
+    return memory.plan(float_model.cfg, memory.tensor_shapes(float_model.tensors), config, dev.type, dtype,
+                       "gpu" if acts == "cuda" else "cpu", memory.process_bytes())
 
 
 def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: Path | None,

@@ -18,6 +18,7 @@ with the same integers (the batch order of block i depends only on the seed and 
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from ..checkpoint.qweight import QuantWeight, Scheme
 from ..errors import TuneError
 from ..model.forward import Model, block_forward
+from . import memory
 from .clip import clip_search
 from .config import TuneConfig
 from .quantizer import dequantize, group_range, quantize, to_qweight
@@ -101,6 +103,31 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+def activation_dtype(config: TuneConfig) -> torch.dtype:
+    return getattr(torch, config.act_dtype)
+
+
+def activation_device(choice: str, dev: torch.device, model: Model, config: TuneConfig,
+                      progress: bool) -> torch.device:
+    """Where the calibration activations are kept: "cpu", "cuda" (the tuning device must be that GPU), or
+    "auto": the tuning device, unless it is a GPU whose free memory would not hold them with the block's
+    work (memory.py's plan), in which case the CPU, each step's batch moving to the GPU."""
+    if choice == "cuda" and dev.type != "cuda":
+        raise TuneError("`act_device` 'cuda': activations stay on the GPU only when the blocks are tuned there; "
+                        "give `device` cuda (or auto on a machine with a GPU)", param="act_device")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "auto" and dev.type == "cuda":
+        need = memory.plan(model.cfg, memory.tensor_shapes(model.tensors), config, "cuda", pick_dtype(dev), "gpu", 0)
+        free, _ = torch.cuda.mem_get_info(dev)
+        if memory.offload(need, free):
+            if progress:
+                print(f"activations kept on the CPU: the GPU needs {need.total('gpu') / 2**20:.0f} MB with them, "
+                      f"{free / 2**20:.0f} MB are free", file=sys.stderr)
+            return torch.device("cpu")
+    return dev
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -115,7 +142,8 @@ def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, bat
         s = t.detach().float().pow(2).reshape(-1, t.shape[-1]).sum(0)
         sums[name] = sums[name] + s if name in sums else s
 
-    batched(lambda b: block_forward(cfg, params, b, *rope, tap=tap, window=window), x, batch, dtype)
+    device = next(iter(params.values())).device
+    batched(lambda b: block_forward(cfg, params, b, *rope, tap=tap, window=window), x, batch, dtype, device)
     tokens = x.shape[0] * x.shape[1]
     return {n: s / tokens for n, s in sums.items()}
 
@@ -177,18 +205,31 @@ class BlockTuner:
         return out
 
 
-def batched(fn, x: torch.Tensor, batch: int, dtype) -> torch.Tensor:
-    """fn over x in batches, without gradients, its matmuls in dtype; float32 results."""
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return torch.cat([fn(x[i : i + batch]).float() for i in range(0, len(x), batch)])
+def batched(fn, x: torch.Tensor, batch: int, dtype, device=None) -> torch.Tensor:
+    """fn over x in batches, without gradients, its matmuls in dtype on device (default: x's). Each batch
+    moves to device as float32 and its result back into a tensor shaped and stored like x (its dtype and
+    device); both moves are no-ops where x already is float32 on device. Written in place, so the input,
+    the output and one batch are all that is held."""
+    device = x.device if device is None else torch.device(device)
+    out = torch.empty_like(x)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for i in range(0, len(x), batch):
+            out[i : i + batch] = fn(to_compute(x[i : i + batch], device)).to(x.device, x.dtype)
+    return out
+
+
+def to_compute(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch of stored activations as the block computes on it: float32 on the tuning device."""
+    return t.to(device, torch.float32)
 
 
 def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch.Tensor, y: torch.Tensor, rope,
                config: TuneConfig, dtype, progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
-    """SignRound on block i (params: its float tensors on x_q's device): x_q the quantized model's inputs
-    of the block, y the float block's outputs."""
+    """SignRound on block i (params: its float tensors on the tuning device): x_q the quantized model's
+    inputs of the block, y the float block's outputs (stored in any dtype, on any device: each step's
+    batch moves to the tuning device)."""
     t0 = time.perf_counter()
-    device = x_q.device
+    device = next(iter(params.values())).device
     schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
     window = model.cfg.window(i)
     power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window) if config.searches() else None
@@ -204,8 +245,8 @@ def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch
         idx = order[pos : pos + batch]
         pos += batch
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = block_forward(model.cfg, tuner.weights(), x_q[idx], *rope, window=window)
-        loss = F.mse_loss(out.float(), y[idx])
+            out = block_forward(model.cfg, tuner.weights(), to_compute(x_q[idx], device), *rope, window=window)
+        loss = F.mse_loss(out.float(), to_compute(y[idx], device))
         value = loss.item()
         if first_loss is None:
             first_loss = value
@@ -241,11 +282,13 @@ def quantized_params(params: dict[str, torch.Tensor], i: int, qweights: dict[str
 
 
 def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: ResumeStore | None = None,
-         device: str = "auto", progress: bool = True) -> TuneResult:
+         device: str = "auto", progress: bool = True, act_device: str = "auto") -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
     token ids, unused by plain round-to-nearest (iters 0 without clip_search). resume: where finished
     blocks are kept, and read back instead of tuned again. Each block's float tensors are read from
-    model.tensors once, when the block is reached, and dropped when the next one is read."""
+    model.tensors once, when the block is reached, and dropped when the next one is read.
+    act_device: where the calibration activations are kept, in config.act_dtype ("auto": the tuning
+    device, or the CPU where a GPU's free memory would not hold them; memory.py)."""
     start = time.perf_counter()
     dev = pick_device(device)
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
@@ -256,8 +299,9 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
 
     x = x_q = ropes = y = None
     if config.uses_data():
+        store = activation_device(act_device, dev, model, config, progress)
         with torch.no_grad():
-            x = model.embed(calib).to(dev)
+            x = model.embed(calib).to(store, activation_dtype(config))
         x_q = x.clone()
         ropes = model.ropes(calib.shape[1], dev)
 
@@ -268,7 +312,8 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         params = {n: t.to(dev) for n, t in block.items()}
         if config.iters > 0:  # the float block's outputs: targets of this block, inputs of the next
             y = batched(lambda b: block_forward(cfg, params, b, *rope, window=cfg.window(i)), x, config.batch_size,
-                        dtype)
+                        dtype, dev)
+        x = y  # the float chain moves on: its inputs of this block are needed no more
         saved = resume.load_block(i) if resume is not None else None
         if saved is not None:
             qws, log = saved
@@ -285,8 +330,8 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         if config.uses_data():  # the quantized model's inputs of the next block
             qp = quantized_params(params, i, qws, dev)
             x_q = batched(lambda b: block_forward(cfg, qp, b, *rope, window=cfg.window(i)), x_q,
-                          config.batch_size, dtype)
-            x = y
+                          config.batch_size, dtype, dev)
+            del qp  # not held while the next block is tuned
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
 

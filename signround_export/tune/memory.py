@@ -1,0 +1,171 @@
+"""The memory a tuning run needs, from config.json and the safetensors headers alone (no weight is read).
+
+What tune() holds at its peak, part by part (bytes; H hidden, I intermediate, W a block's linear
+weights, T = batch_size x seqlen tokens per step):
+  - the process itself: Python, torch and this package, measured as the planning process's RSS;
+  - the embedding, and an untied (or quantized) head, in float32: read whole to embed the calibration
+    windows and to write the checkpoint's float tensors;
+  - two decoder blocks in float32 (the one being tuned and the one read next, or its dequantized twin);
+  - one block's tuning state: the rounding offsets, their gradients and the best step's copy (12 B per
+    weight) and what autograd keeps of the fake-quantized weights (12 B per weight beyond the weight
+    itself; measured with saved-tensor hooks: 16 B per weight with it);
+  - one step's activations kept for the backward pass and their gradients: 2 x (24 H + 16 I) B per token
+    with float32 matmuls, 2 x (20 H + 8 I) B with bfloat16 ones (saved-tensor hooks, SmolLM2 and
+    Llama-3.2-1B blocks), plus the attention scores where SDPA's fused path does not apply;
+  - the clipping search's temporaries: 5 x the largest linear in float32 (measured 3.6-4.5 x);
+  - the calibration activations: three chains (float inputs, quantized inputs, targets) of
+    nsamples x seqlen x H in their storage dtype, on the tuning device or the CPU.
+  - the checkpoint writer at the end: every block's codes (1 B per weight) and their packed form, as
+    arrays and as the file's bytes (2 x bits / 8 B per weight), and the float tensors once more.
+The parts do not all peak at once: the tuning phase holds the blocks, their state and the activations;
+the writing phase, after it, the float tensors and the packed integers (the embedding read at the start
+is dropped before the first block). A total is the process plus the larger phase.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..model.config import ModelConfig
+from .config import TuneConfig
+
+MB = 2**20
+GB = 2**30
+TUNING_STATE = 24  # bytes per linear weight: offsets, gradients, best copy, autograd's fake-quant tensors
+CLIP_TEMPORARIES = 5  # the clipping search's peak, in float32 copies of the largest linear
+STEP_BYTES = {torch.float32: (24, 16), torch.bfloat16: (20, 8)}  # saved per token: (x H, x I) bytes
+ACT_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+PHASES = ("tuning", "writing")  # the blocks are tuned, then the checkpoint is written
+
+
+@dataclass
+class Part:
+    name: str
+    nbytes: int
+    where: str  # "cpu" or "gpu"
+    how: str  # the formula, for the table
+    phase: str = ""  # one of PHASES, or "" for all of the run
+
+
+@dataclass
+class MemoryPlan:
+    """The parts a run holds, where and when; peak totals per kind of memory."""
+
+    parts: list[Part]
+    device: str  # the tuning device's type
+    act_where: str  # where the activation chains are kept
+
+    def total(self, where: str) -> int:
+        """The peak: what every phase holds, plus the larger phase's own parts."""
+        def held(phase: str) -> int:
+            return sum(p.nbytes for p in self.parts if p.where == where and p.phase == phase)
+        return held("") + max(held(phase) for phase in PHASES)
+
+    def table(self) -> str:
+        rows = [f"{p.name:<42} {p.nbytes / MB:>10.0f} MB  {p.where:<3}  {p.phase or 'all':<7}  {p.how}"
+                for p in self.parts]
+        rows.append(f"{'CPU total (the larger phase)':<42} {self.total('cpu') / MB:>10.0f} MB")
+        gpu = f"{self.total('gpu') / MB:>10.0f} MB" if self.device == "cuda" else "      none (tuning on the CPU)"
+        rows.append(f"{'GPU total':<42} {gpu}")
+        return "\n".join(rows)
+
+
+def tensor_shapes(tensors: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape: from a TensorStore's headers (nothing read), or from the tensors."""
+    shape = getattr(tensors, "shape", None)
+    return {n: tuple(shape(n)) if shape else tuple(tensors[n].shape) for n in tensors}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, int]:
+    """(the largest block's elements, the largest block's linear weights, the largest linear's weights,
+    every block's linear weights)."""
+    block = [0] * cfg.n_layers
+    linear = [0] * cfg.n_layers
+    largest = 0
+    for name, shape in shapes.items():
+        if not name.startswith("model.layers."):
+            continue
+        i, rest = name[len("model.layers."):].split(".", 1)
+        block[int(i)] += numel(shape)
+        if rest.endswith(".weight") and rest[: -len(".weight")] in cfg.family.linears:
+            linear[int(i)] += numel(shape)
+            largest = max(largest, numel(shape))
+    return max(block, default=0), max(linear, default=0), largest, sum(linear)
+
+
+def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype) -> tuple[int, str]:
+    """One SignRound step's activations and their gradients, and the formula."""
+    per_h, per_i = STEP_BYTES.get(dtype, STEP_BYTES[torch.float32])
+    tokens = config.batch_size * config.seqlen
+    n = 2 * tokens * (per_h * cfg.hidden_size + per_i * cfg.intermediate_size)
+    how = f"2 x {tokens} tokens x ({per_h} H + {per_i} I) B"
+    windowed = any(cfg.window(i) is not None and cfg.window(i) < config.seqlen for i in range(cfg.n_layers))
+    if cfg.attn_softcap is not None or windowed:  # scores written out: [batch, heads, T, T], ~3 copies
+        n += 3 * 4 * config.batch_size * cfg.n_heads * config.seqlen**2
+        how += " + 3 float32 attention score tensors"
+    return n, how
+
+
+def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfig, device: str,
+         dtype: torch.dtype, act_where: str, baseline: int) -> MemoryPlan:
+    """What a run of config on device ("cpu" or "cuda") holds; dtype: its matmuls' dtype; act_where: "cpu"
+    or "gpu", where the activation chains are kept; baseline: the process's own bytes."""
+    on = "gpu" if device == "cuda" else "cpu"
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    block, linear, largest, quantized = block_sizes(cfg, shapes)
+    untied = "lm_head.weight" in shapes or config.quant_lm_head
+    parts = [Part("process (Python, torch, this package)", baseline, "cpu", "measured RSS of this process"),
+             Part("embedding (float32)", 4 * vocab * hidden, "cpu", f"{vocab} x {hidden} x 4 B", "writing"),
+             Part("head (float32)", 4 * vocab * hidden if untied else 0, "cpu",
+                  "untied or quantized head" if untied else "tied: the embedding", "writing")]
+    parts.append(Part("two decoder blocks (float32)", 2 * 4 * block, "cpu", f"2 x {block} x 4 B", "tuning"))
+    if on == "gpu":
+        parts.append(Part("two decoder blocks on the GPU", 2 * 4 * block, on, f"2 x {block} x 4 B", "tuning"))
+    if config.iters > 0:
+        parts.append(Part("tuning state of one block", TUNING_STATE * linear, on,
+                          f"{TUNING_STATE} B x {linear} linear weights", "tuning"))
+        n, how = step_bytes(cfg, config, dtype)
+        parts.append(Part("one step's activations and gradients", n, on, how, "tuning"))
+    if config.searches():
+        parts.append(Part("clipping search temporaries", CLIP_TEMPORARIES * 4 * largest, on,
+                          f"{CLIP_TEMPORARIES} x {largest} x 4 B (the largest linear)", "tuning"))
+    if config.uses_data():
+        act = ACT_BYTES[config.act_dtype]
+        n = 3 * config.nsamples * config.seqlen * hidden * act
+        parts.append(Part(f"calibration activations ({config.act_dtype})", n, act_where,
+                          f"3 chains x {config.nsamples} x {config.seqlen} x {hidden} x {act} B", "tuning"))
+    parts.append(writer_part(config, quantized + (vocab * hidden if config.quant_lm_head else 0),
+                             4 * vocab * hidden * (2 if untied else 1)))
+    return MemoryPlan(parts, device, act_where)
+
+
+def writer_part(config: TuneConfig, quantized: int, floats: int) -> Part:
+    """The checkpoint writer as it is: every block's codes (1 B per weight) and their packed form twice
+    (the arrays, then the file's bytes), with a second copy of the float tensors in those bytes."""
+    packed = config.bits / 8
+    n = int(quantized * (1 + 2 * packed)) + floats
+    return Part("checkpoint writing", n, "cpu",
+                f"{quantized} weights x (1 + 2 x {packed:g}) B + the float tensors' bytes again", "writing")
+
+
+def process_bytes() -> int:
+    """This process's peak RSS so far: the baseline every run starts from."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def offload(plan_on_gpu: MemoryPlan, free: int) -> bool:
+    """Whether the activation chains go to the CPU: the GPU's parts with them there exceed its free memory."""
+    return plan_on_gpu.total("gpu") > free
