@@ -50,6 +50,12 @@ def read_layers(headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarra
     return {m: _Layer(m, headers, arrays, quant) for m in modules}
 
 
+def layer_weight(name: str, headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarray],
+                 quant: QuantConfig) -> QuantWeight:
+    """One quantized layer of these tensors, read, unpacked and checked."""
+    return _Layer(name, headers, arrays, quant).weight()
+
+
 class Lazy(Mapping):
     """names -> load(name), called on every indexing; iteration, len and `in` read nothing."""
 

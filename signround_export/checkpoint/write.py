@@ -40,7 +40,7 @@ class PackedLayer:
         return cls(qw.bits, qw.group_size, qw.sym, n, k, qw.offset is not None, qw.bias is not None)
 
     def specs(self, name: str) -> dict[str, TensorSpec]:
-        """The dtype and shape of each tensor _pack_layer writes for this layer."""
+        """The dtype and shape of each tensor pack_layer writes for this layer."""
         g = n_groups(self.k, self.group_size)
         specs = {f"{name}.qweight": TensorSpec("I32", (self.k * self.bits // 32, self.n)),
                  f"{name}.qzeros": TensorSpec("I32", (g, words_for(self.n, self.bits))),
@@ -65,11 +65,25 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: Map
     layers = {name: PackedLayer.of(qweights[name]) for name in qweights}
     floats = {name: float_spec(tensors, name) for name in tensors}
     quant = settled_config(quant, layers, floats)
-    units = [layer_unit(name, layers[name].specs(name), lambda n=name: _pack_layer(n, qweights[n], quant.packing_format))
+    units = [layer_unit(name, layers[name].specs(name), lambda n=name: pack_layer(n, qweights[n], quant.packing_format))
              for name in layers]
     units += [float_unit(name, floats[name], tensors) for name in floats]
     with atomic_dir(out_dir) as tmp:
         write_shards(tmp, units, shard_size)
+        write_files(tmp, hf_config, quant, tokenizer_src_dir, tuning_log)
+    return Path(out_dir)
+
+
+def write_staged_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, units: list[Unit], staging: Path,
+                            on_written: Callable[[list[Unit]], None] | None = None, tokenizer_src_dir=None,
+                            tuning_log: dict | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write the units' shards into `staging` (a folder that outlives a failure: the shards finished there
+    are kept by a rerun), then make `out_dir` atomically from them (hard links: no second copy on disk).
+    quant is settled (settled_config)."""
+    names = write_shards(staging, units, shard_size, on_written)
+    with atomic_dir(out_dir) as tmp:
+        for name in names:
+            link_into(Path(staging) / name, tmp / name)
         write_files(tmp, hf_config, quant, tokenizer_src_dir, tuning_log)
     return Path(out_dir)
 
@@ -178,7 +192,7 @@ def settled_config(quant: QuantConfig, layers: dict[str, PackedLayer], floats: d
     return settled
 
 
-def _pack_layer(name: str, qw: QuantWeight, packing_format: str) -> dict[str, np.ndarray]:
+def pack_layer(name: str, qw: QuantWeight, packing_format: str) -> dict[str, np.ndarray]:
     """The layer's tensors as the checkpoint stores them, after checking its values."""
     qw.check(name)
     if qw.sym and not np.all(qw.zero == 2 ** (qw.bits - 1)):
