@@ -58,7 +58,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              lr: float | None = None, clip_search: bool | None = None, quant_lm_head: bool = False,
              avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
              allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
-             device: str = "auto", seed: int = 42, progress: bool = True) -> QuantizeResult:
+             device: str = "auto", seed: int = 42, shard_size: int | str = "5GB",
+             progress: bool = True) -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -78,6 +79,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     allocation: bits per layer from a JSON file {"bits": {layer: bits}} instead.
     calib: calibration text (.txt, or .jsonl with a "text" field); default: Python's pydoc_data.topics.
     device: "auto", "cpu" or "cuda". progress: progress bars and notes on stderr.
+    shard_size: the largest weight file, in bytes or as "5GB", "500MB", "2GiB"; a larger checkpoint is
+        written as model-0000X-of-0000Y.safetensors with model.safetensors.index.json (a layer is never
+        split), a smaller one as model.safetensors.
 
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
     """
@@ -89,7 +93,7 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
                                     clip_search=clip_search, quant_lm_head=quant_lm_head)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
-                          progress=progress)
+                          progress=progress, shard_size=shard_size)
 
 
 def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,

@@ -113,19 +113,19 @@ class SafetensorsWriter:
 
 
 def parse_size(size: int | str) -> int:
-    """A shard size in bytes: an int, or "5GB", "500MB", "2GiB", "100KB" as transformers reads them."""
+    """A shard size in bytes: an int, or "5GB", "500MB", "2GiB", "100KB" as transformers reads them;
+    CheckpointError naming `shard_size` otherwise."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?))?B?\s*", str(size).upper())
         if m is None:
-            raise CheckpointError(f"shard size {size!r}: give bytes or a number with a unit (KB, MB, GB, GiB, ...), "
-                                  "e.g. 5GB")
-        unit = m.group(2) or "B"
-        power = " KMGT".index(unit[0]) if unit != "B" else 0
-        value = int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
+            raise CheckpointError(f"`shard_size` {size!r}: give bytes or a number with a unit (KB, MB, GB, "
+                                  "GiB, ...), e.g. 5GB", param="shard_size")
+        power = " KMGT".index(m.group(2)) if m.group(2) else 0
+        value = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
     if value <= 0:
-        raise CheckpointError(f"shard size {size!r}: give a positive size, e.g. 5GB")
+        raise CheckpointError(f"`shard_size` {size!r}: give a positive size, e.g. 5GB", param="shard_size")
     return value
 
 

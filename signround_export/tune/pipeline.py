@@ -26,7 +26,7 @@ import numpy as np
 from ..checkpoint.format import GPTQ, GPTQ_V1, Checkpoint, QuantConfig
 from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
 from ..checkpoint.read import read_checkpoint
-from ..checkpoint.shards import DEFAULT_SHARD_SIZE
+from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
 from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
 from ..data import calibration_ids
 from ..errors import TuneError
@@ -126,6 +126,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     layer_bits = layer_bits or LayerBits()
     layer_bits.check()
     config.check()
+    parse_size(shard_size)  # a bad size is refused before the tuning, not after
     if device not in DEVICES:
         raise TuneError(f"`device` {device!r}: choose one of {', '.join(DEVICES)}", param="device")
     calib = Path(calib) if calib else None
