@@ -165,11 +165,12 @@ class ResumeStore:
 
     def units(self) -> list[Unit]:
         """Each finished layer as the checkpoint writer takes it: its packed tensors read as stored."""
-        headers = self.headers()
+        layers, headers = self.layers(), self.headers()  # the shards here hold float tensors too: not ours
         arrays = StoredArrays(headers, TuneError, REMEDY)
-        by_layer: dict[str, dict[str, TensorSpec]] = {}
+        by_layer: dict[str, dict[str, TensorSpec]] = {name: {} for name in layers}
         for tname, h in headers.items():
-            by_layer.setdefault(tname.rpartition(".")[0], {})[tname] = TensorSpec(h.dtype, h.shape)
+            if tname.rpartition(".")[0] in by_layer:
+                by_layer[tname.rpartition(".")[0]][tname] = TensorSpec(h.dtype, h.shape)
         return [layer_unit(name, specs, lambda specs=specs: {t: arrays[t] for t in specs})
                 for name, specs in by_layer.items()]
 
