@@ -2,10 +2,13 @@
 (written, indexed and read back like one file), the lazy reader, and the resume store whose finished
 blocks become the checkpoint's shards (a run stopped mid-shard resumes to the same bytes)."""
 
+import gc
 import hashlib
 import json
 import math
 import sys
+import weakref
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +232,38 @@ def test_resume_with_another_shard_size_is_refused(deep_model, tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.raises(TuneError, match="different settings \\(shard_size\\)"):
         sr.quantize(deep_model, tmp_path / "ckpt", shard_size="1GB", **TUNE)
+
+
+def counting_rtn(real):
+    """rtn_block that records, at each call, how many blocks' QuantWeights are alive."""
+    alive, peaks = Counter(), []
+
+    def rtn_block(p, linears, i, config):
+        qws = real(p, linears, i, config)
+        for qw in qws.values():
+            alive[i] += 1
+            weakref.finalize(qw, alive.subtract, [i])
+        gc.collect()
+        peaks.append(sum(1 for v in alive.values() if v > 0))
+        return qws
+
+    return rtn_block, peaks
+
+
+def test_tune_hands_finished_blocks_to_the_store(deep_model, tmp_path, monkeypatch):
+    from signround_export.model.load import load_float_model
+    from signround_export.tune import signround
+    from signround_export.tune.config import TuneConfig
+    from signround_export.tune.resume import ResumeStore
+
+    model = load_float_model(deep_model)[0]
+    config = TuneConfig(bits=4, group_size=32, iters=0)
+    real = signround.rtn_block
+    stored, peaks = counting_rtn(real)
+    monkeypatch.setattr(signround, "rtn_block", stored)
+    result = signround.tune(model, None, config, ResumeStore(tmp_path / "p"), progress=False)
+    assert max(peaks) <= 2 and len(result.qweights) == 4 * len(model.cfg.family.linears)
+    held, peaks = counting_rtn(real)
+    monkeypatch.setattr(signround, "rtn_block", held)
+    signround.tune(model, None, config, progress=False)  # without a store, every block is kept in memory
+    assert max(peaks) == 4
