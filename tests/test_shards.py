@@ -35,7 +35,8 @@ TUNE = dict(bits=4, group_size=32, iters=2, nsamples=4, seqlen=32, batch_size=2,
 
 def test_streaming_writer_gives_save_files_bytes(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"b.scales": rng.normal(size=(3, 5)).astype(np.float16), "a.qweight": rng.integers(-9, 9, (4, 5), np.int32),
+    arrays = {"b.scales": rng.normal(size=(3, 5)).astype(np.float16),
+              "a.qweight": rng.integers(-9, 9, (4, 5), np.int32),
               "norm": rng.normal(size=7).astype(np.float32), "zz": rng.integers(0, 9, 13, np.uint8),
               "empty": np.zeros((0, 4), np.float32), "u": rng.integers(0, 9, 3).astype(np.uint32),
               "big": rng.integers(0, 9, 2).astype(np.int64), "d": rng.normal(size=(2, 2))}
@@ -81,7 +82,8 @@ def random_model(blocks: int, seed: int = 0) -> tuple[dict, dict]:
 def layer_bytes(qw) -> int:
     n, k = qw.shape
     g = math.ceil(k / qw.group_size)
-    return k * qw.bits // 8 * n + g * math.ceil(n * qw.bits / 32) * 4 + g * n * 2 + (4 * n if qw.bias is not None else 0)
+    bias = 4 * n if qw.bias is not None else 0
+    return k * qw.bits // 8 * n + g * math.ceil(n * qw.bits / 32) * 4 + g * n * 2 + bias
 
 
 def test_sharded_checkpoint_reads_back_like_one_file(tmp_path):

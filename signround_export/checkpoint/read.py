@@ -174,8 +174,8 @@ class _Layer:
         rows = self.need("qweight", INT32)[0]
         zero_rows = self.need("qzeros", INT32)[0]
         if rows * 32 % bits:
-            raise CheckpointError(f"{self.where}: {self.name}.qweight has {rows} rows, which hold no "
-                                  f"whole number of {bits}-bit columns; the checkpoint is damaged or its bits are wrong")
+            raise CheckpointError(f"{self.where}: {self.name}.qweight has {rows} rows, which hold no whole number "
+                                  f"of {bits}-bit columns; the checkpoint is damaged or its bits are wrong")
         self.expect("qweight", (rows, n), f"K*bits/32 x N for N={n} from the scales")
         self.expect("qzeros", (zero_rows, words_for(n, bits)), f"G x ceil(N*bits/32) for N={n}")
         return rows * 32 // bits

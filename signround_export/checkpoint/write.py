@@ -156,7 +156,8 @@ def link_into(src: Path, dst: Path) -> None:
 def settled_config(quant: QuantConfig, layers: dict[str, PackedLayer], floats: dict[str, TensorSpec]) -> QuantConfig:
     """quant with the packing format checked and extra_config completed for the layers at hand."""
     if quant.packing_format not in WRITE_FORMATS:
-        raise CheckpointError(f"cannot write packing_format {quant.packing_format!r}; we write {' or '.join(WRITE_FORMATS)}")
+        raise CheckpointError(f"cannot write packing_format {quant.packing_format!r}; we write "
+                              f"{' or '.join(WRITE_FORMATS)}")
     for name in floats:
         if name.rsplit(".", 1)[0] in layers:
             raise CheckpointError(f"tensor {name} belongs to quantized layer {name.rsplit('.', 1)[0]}; "

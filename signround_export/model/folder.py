@@ -11,8 +11,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ModelError, SignroundError
 
 INDEX = "model.safetensors.index.json"  # the shard index of a sharded folder

@@ -133,7 +133,8 @@ class ResumeStore:
     def files(self) -> tuple[list[Path], list[Path]]:
         """The finished shards here, and the layer files (blocks, head)."""
         files = sorted(self.folder.glob("*.safetensors"))
-        return [f for f in files if f.name.startswith(SHARD_PREFIX)], [f for f in files if not f.name.startswith(SHARD_PREFIX)]
+        shards = [f for f in files if f.name.startswith(SHARD_PREFIX)]
+        return shards, [f for f in files if f not in shards]
 
     def headers(self) -> dict[str, TensorHeader]:
         """Every packed tensor here, from the finished shards, else from the layer files."""
