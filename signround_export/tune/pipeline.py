@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint.format import GPTQ, GPTQ_V1, Checkpoint, QuantConfig
+from ..checkpoint.format import Checkpoint, QuantConfig
 from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
@@ -148,7 +148,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
         log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
                                                     "bits_choices": layer_bits.bits_choices}
     layers = resume.layers()
-    quant, floats = checkpoint_parts(float_model, config, layers)
+    quant, floats = checkpoint_parts(float_model, config, layers, resume.packing_format)
     units = resume.units() + [float_unit(n, float_spec(float_model.tensors, n), float_model.tensors) for n in floats]
     write_staged_checkpoint(out, untied(hf, layers), quant, units, resume.folder, lambda _: resume.prune(),
                             tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size)
@@ -207,18 +207,16 @@ def allocate_bits(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, 
     return allocation
 
 
-def checkpoint_parts(model: Model, config: TuneConfig, layers: dict[str, PackedLayer]
+def checkpoint_parts(model: Model, config: TuneConfig, layers: dict[str, PackedLayer], packing_format: str
                      ) -> tuple[QuantConfig, list[str]]:
     """The settled QuantConfig, and the names of the float tensors that go beside the tuned integers
-    into a checkpoint."""
+    into a checkpoint. packing_format: the one the resume store packed the layers in (tune())."""
     quantized = {n + suffix for n in layers for suffix in (".weight", ".bias")}
     floats = [n for n in model.tensors if n not in quantized]
     if model.cfg.tie_word_embeddings and "lm_head.weight" in floats:
         floats.remove("lm_head.weight")
     quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
-                        # auto_gptq's zero point minus 1 cannot hold an asymmetric layer's zero point of 0
-                        packing_format=GPTQ_V1 if all(q.sym for q in layers.values()) else GPTQ,
-                        extra_config={}, iters=config.iters, tuning=asdict(config))
+                        packing_format=packing_format, extra_config={}, iters=config.iters, tuning=asdict(config))
     return settled_config(quant, layers, {n: float_spec(model.tensors, n) for n in floats}), floats
 
 
