@@ -65,7 +65,7 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: Map
     layers = {name: PackedLayer.of(qweights[name]) for name in qweights}
     floats = {name: float_spec(tensors, name) for name in tensors}
     quant = settled_config(quant, layers, floats)
-    units = [layer_unit(name, layers[name].specs(name), lambda n=name: pack_layer(n, qweights[n], quant.packing_format))
+    units = [Unit(name, layers[name].specs(name), lambda n=name: pack_layer(n, qweights[n], quant.packing_format))
              for name in layers]
     units += [float_unit(name, floats[name], tensors) for name in floats]
     with atomic_dir(out_dir) as tmp:
@@ -92,10 +92,6 @@ def float_spec(tensors: Mapping, name: str) -> TensorSpec:
     """A float tensor as the checkpoint stores it (float32), its shape from the headers when tensors can say."""
     shape = tensors.shape(name) if hasattr(tensors, "shape") else np.shape(tensors[name])
     return TensorSpec("F32", tuple(shape))
-
-
-def layer_unit(name: str, specs: dict[str, TensorSpec], load: Callable[[], dict[str, np.ndarray]]) -> Unit:
-    return Unit(name, specs, load)
 
 
 def float_unit(name: str, spec: TensorSpec, tensors: Mapping) -> Unit:

@@ -33,7 +33,7 @@ from ..checkpoint.format import QuantConfig
 from ..checkpoint.qweight import QuantWeight
 from ..checkpoint.read import Lazy, layer_weight
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, parse_size
-from ..checkpoint.write import PackedLayer, layer_unit, pack_layer
+from ..checkpoint.write import PackedLayer, pack_layer
 from ..errors import TuneError
 from ..model.folder import TensorHeader, file_headers
 from ..model.store import StoredArrays
@@ -172,7 +172,7 @@ class ResumeStore:
         for tname, h in headers.items():
             if tname.rpartition(".")[0] in by_layer:
                 by_layer[tname.rpartition(".")[0]][tname] = TensorSpec(h.dtype, h.shape)
-        return [layer_unit(name, specs, lambda specs=specs: {t: arrays[t] for t in specs})
+        return [Unit(name, specs, lambda specs=specs: {t: arrays[t] for t in specs})
                 for name, specs in by_layer.items()]
 
     def remove(self) -> None:
