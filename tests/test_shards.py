@@ -139,6 +139,8 @@ def test_reader_reads_an_entry_when_indexed(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "read_tensor", lambda name, *a, **k: reads.append(name) or real(name, *a, **k))
     ckpt = read_checkpoint(out)
     assert reads == [] and len(ckpt.qweights) == 9 and "model.layers.2.mlp.down_proj" in ckpt.qweights
+    assert ckpt.qweights.shape("model.layers.2.mlp.down_proj") == (48, 64)
+    assert ckpt.tensors.shape("model.embed_tokens.weight") == (40, 64) and reads == []
     ckpt.qweights["model.layers.1.self_attn.q_proj"]
     assert sorted(reads) == [f"model.layers.1.self_attn.q_proj.{s}" for s in ("bias", "qweight", "qzeros", "scales")]
     held = Resident(ckpt.qweights)

@@ -39,8 +39,9 @@ def read_checkpoint(path) -> Checkpoint:
     log_path = folder / "tuning_log.json"
     tuning_log = read_json(log_path, "the tuning log", CheckpointError) if log_path.is_file() else None
     return Checkpoint(path=folder, hf_config=hf, quant=quant,
-                      qweights=Lazy(sorted(layers), lambda m: layers[m].weight()),
-                      tensors=Lazy(floats, lambda n: _float_tensor(n, arrays)), tuning_log=tuning_log)
+                      qweights=Lazy(sorted(layers), lambda m: layers[m].weight(), lambda m: (layers[m].n, layers[m].k)),
+                      tensors=Lazy(floats, lambda n: _float_tensor(n, arrays), lambda n: headers[n].shape),
+                      tuning_log=tuning_log)
 
 
 def read_layers(headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarray], quant: QuantConfig
@@ -57,10 +58,16 @@ def layer_weight(name: str, headers: dict[str, TensorHeader], arrays: Mapping[st
 
 
 class Lazy(Mapping):
-    """names -> load(name), called on every indexing; iteration, len and `in` read nothing."""
+    """names -> load(name), called on every indexing; iteration, len, `in` and shape(name) (a float
+    tensor's shape, a layer's [N, K]) read nothing."""
 
-    def __init__(self, names, load: Callable):
-        self.names, self.load = dict.fromkeys(names), load
+    def __init__(self, names, load: Callable, shape: Callable[[str], tuple[int, ...]]):
+        self.names, self.load, self._shape = dict.fromkeys(names), load, shape
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.names:
+            raise KeyError(name)
+        return tuple(self._shape(name))
 
     def __getitem__(self, name: str):
         if name not in self.names:

@@ -162,7 +162,8 @@ class ResumeStore:
         """Every finished layer, read from disk when indexed."""
         layers, headers = self.layers(), self.headers()
         arrays = StoredArrays(headers, TuneError, REMEDY)
-        return Lazy(sorted(layers), lambda n: self.unpack(n, layers[n], headers, arrays))
+        return Lazy(sorted(layers), lambda n: self.unpack(n, layers[n], headers, arrays),
+                    lambda n: (layers[n].n, layers[n].k))
 
     def units(self) -> list[Unit]:
         """Each finished layer as the checkpoint writer takes it: its packed tensors read as stored."""
