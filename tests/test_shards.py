@@ -271,3 +271,20 @@ def test_tune_hands_finished_blocks_to_the_store(deep_model, tmp_path, monkeypat
     monkeypatch.setattr(signround, "rtn_block", held)
     signround.tune(model, None, config, progress=False)  # without a store, every block is kept in memory
     assert max(peaks) == 4
+
+
+def test_run_stopped_after_its_shards_resumes_to_the_same_bytes(deep_model, sharded_run, tmp_path, monkeypatch):
+    from signround_export.checkpoint import write
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt("stopped before config.json")
+
+    monkeypatch.setattr(write, "write_files", stop)
+    with pytest.raises(KeyboardInterrupt):
+        sr.quantize(deep_model, tmp_path / "ckpt", shard_size="60KB", **TUNE)
+    monkeypatch.undo()
+    progress = tmp_path / "ckpt.progress"
+    assert not (tmp_path / "ckpt").exists() and (progress / "model.safetensors.index.json").is_file()
+    assert not list(progress.glob("block_*.safetensors"))  # every block is in a shard: no second copy
+    result = sr.quantize(deep_model, tmp_path / "ckpt", shard_size="60KB", **TUNE)
+    assert result.tuning.resumed_blocks == 4 and sha(tmp_path / "ckpt") == sha(sharded_run[0])

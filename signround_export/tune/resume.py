@@ -84,9 +84,6 @@ class ResumeStore:
             with atomic_file(args_file) as tmp:
                 tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
 
-    def block_path(self, i: int) -> Path:
-        return self.folder / f"block_{i:03d}.safetensors"
-
     def load_block(self, i: int) -> tuple[dict[str, QuantWeight], BlockLog] | None:
         """Block i's integers and log, when it was finished (read from its file or from a shard)."""
         record = self.record(f"block_{i:03d}")
@@ -125,8 +122,8 @@ class ResumeStore:
     def layers(self) -> dict[str, PackedLayer]:
         """Every finished layer's scheme and shape, by name."""
         layers = {}
-        for path in sorted(self.folder.glob("*.json")):
-            if path.name not in ("args.json", "allocation.json"):
+        for path in [*sorted(self.folder.glob("block_*.json")), self.folder / "lm_head.json"]:
+            if path.is_file():  # (the shard index is a .json here too)
                 layers |= {n: PackedLayer(**v) for n, v in json.loads(path.read_text())["layers"].items()}
         return layers
 
