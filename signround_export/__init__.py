@@ -59,8 +59,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              lr: float | None = None, clip_search: bool | None = None, quant_lm_head: bool = False,
              avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
              allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
-             device: str = "auto", seed: int = 42, progress: bool = True, act_dtype: str = "float32",
-             act_device: str = "auto") -> QuantizeResult:
+             device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
+             act_dtype: str = "float32", act_device: str = "auto") -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -84,6 +84,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
         the integers change). act_device: where they are kept, "auto" (the tuning device, or the CPU
         where a GPU's free memory would not hold them), "cpu" or "cuda". tune_memory() tells the memory
         a run needs.
+    shard_size: the largest weight file, in bytes or as "5GB", "500MB", "2GiB"; a larger checkpoint is
+        written as model-0000X-of-0000Y.safetensors with model.safetensors.index.json (a layer is never
+        split), a smaller one as model.safetensors.
 
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
     """
@@ -95,7 +98,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
                                     clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
-                          progress=progress, act_device=act_device)
+                          progress=progress, act_device=act_device,
+                          shard_size=shard_size)
 
 
 def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,

@@ -106,6 +106,9 @@ def add_tune(sub):
                         "headers alone, and exit (--device cuda plans for a GPU even without one)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head (round-to-nearest)")
+    p.add_argument("--shard-size", default="5GB",
+                   help="largest weight file of the checkpoint, e.g. 5GB, 500MB, 2GiB; larger checkpoints are split "
+                        "into model-0000X-of-0000Y.safetensors with an index, as transformers does (default: 5GB)")
     mixed = p.add_argument_group("mixed precision", "bits per layer chosen by importance under a size budget")
     mixed.add_argument("--avg-bits", type=positive(float),
                        help="average bits per weight of the quantized linears, counting scales and zero points as "

@@ -24,7 +24,8 @@ habit, so readers add 1). L.bias, when the layer has one, is float. A `L.g_idx` 
 only the trivial k // g is accepted (act-order reorders columns, which no exporter here can carry).
 
 We write the first two (auto_round:auto_gptq only when every layer is symmetric: "zero - 1" has no
-room for a zero point of 0) and read all three, in one file or sharded (model.safetensors.index.json).
+room for a zero point of 0) and read all three, in one file or sharded (model.safetensors.index.json;
+we write shards of at most shard_size, as transformers does: shards.py).
 
 One extension, written only for layers tuned on a GGUF grid with a float minimum (`tune --gguf q4_1`,
 q5_1, q4_k, q5_k, q2_k and the mixes): `L.offsets` float16 [G, N], the float minimum of each group,

@@ -1,33 +1,87 @@
-"""Reading a checkpoint folder into exact integers (the layout is in format.py)."""
+"""Reading a checkpoint folder into exact integers (the layout is in format.py).
+
+read_checkpoint reads the headers only: the tensors' names, dtypes and shapes and their agreement with
+quantization_config are checked when the folder is opened. A layer's integers and a float tensor's values
+are read from the memory-mapped shards each time they are indexed, and checked then (zero points, g_idx,
+NaN), so a consumer taking one entry at a time holds one layer at a time.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model.folder import read_json, read_safetensors
+from ..model.folder import TensorHeader, read_json, safetensors_headers
+from ..model.store import StoredArrays
 from .format import AWQ, GPTQ_V1, LAYER_TENSORS, Checkpoint, QuantConfig
 from .packing import unpack_awq, unpack_bits, words_for
 from .qweight import SUPPORTED_BITS, QuantWeight
 
+REMEDY = "write the checkpoint again"
+
 
 def read_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint folder into exact integers and float32 tensors; CheckpointError if it is broken."""
+    """A checkpoint folder whose layers and float tensors are read when indexed; CheckpointError now if
+    its config or tensor headers are broken, and on indexing if an entry's values are."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder (give the folder `signround tune` wrote, "
                               "with config.json and model.safetensors)")
     hf, quant = _read_config(folder / "config.json")
-    tensors, source = read_safetensors(folder, CheckpointError, "write the checkpoint again")
-    modules = sorted(t[: -len(".qweight")] for t in tensors if t.endswith(".qweight"))
-    qweights = {m: _Layer(m, tensors, source, quant).weight() for m in modules}
+    headers = safetensors_headers(folder, CheckpointError, REMEDY)
+    arrays = StoredArrays(headers, CheckpointError, REMEDY)
+    layers = read_layers(headers, arrays, quant)
+    floats = _float_names(headers, layers)
     log_path = folder / "tuning_log.json"
     tuning_log = read_json(log_path, "the tuning log", CheckpointError) if log_path.is_file() else None
-    return Checkpoint(path=folder, hf_config=hf, quant=quant, qweights=qweights,
-                      tensors=_float_tensors(tensors, source, qweights), tuning_log=tuning_log)
+    return Checkpoint(path=folder, hf_config=hf, quant=quant,
+                      qweights=Lazy(sorted(layers), lambda m: layers[m].weight(), lambda m: (layers[m].n, layers[m].k)),
+                      tensors=Lazy(floats, lambda n: _float_tensor(n, arrays), lambda n: headers[n].shape),
+                      tuning_log=tuning_log)
+
+
+def read_layers(headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarray], quant: QuantConfig
+                ) -> dict[str, "_Layer"]:
+    """Every quantized layer (a module with a .qweight) of these tensors, its headers checked."""
+    modules = sorted(t[: -len(".qweight")] for t in headers if t.endswith(".qweight"))
+    return {m: _Layer(m, headers, arrays, quant) for m in modules}
+
+
+def layer_weight(name: str, headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarray],
+                 quant: QuantConfig) -> QuantWeight:
+    """One quantized layer of these tensors, read, unpacked and checked."""
+    return _Layer(name, headers, arrays, quant).weight()
+
+
+class Lazy(Mapping):
+    """names -> load(name), called on every indexing; iteration, len, `in` and shape(name) (a float
+    tensor's shape, a layer's [N, K]) read nothing."""
+
+    def __init__(self, names, load: Callable, shape: Callable[[str], tuple[int, ...]]):
+        self.names, self.load, self._shape = dict.fromkeys(names), load, shape
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.names:
+            raise KeyError(name)
+        return tuple(self._shape(name))
+
+    def __getitem__(self, name: str):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.load(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _read_config(config_path: Path) -> tuple[dict, QuantConfig]:
@@ -43,91 +97,140 @@ def _read_config(config_path: Path) -> tuple[dict, QuantConfig]:
         raise CheckpointError(f"{config_path}: {e}") from None
 
 
-def _float_tensors(tensors: dict, source: dict, qweights: dict) -> dict[str, np.ndarray]:
-    """Every tensor that belongs to no quantized layer, as float32; anything else this reader does not
-    know is refused by name."""
-    floats = {}
-    for tname, t in tensors.items():
+def _float_names(headers: dict[str, TensorHeader], layers: dict) -> list[str]:
+    """Every tensor that belongs to no quantized layer; anything else this reader does not know is
+    refused by name."""
+    floats = []
+    for tname, h in headers.items():
         module, _, suffix = tname.rpartition(".")
-        if module in qweights:
+        if module in layers:
             if suffix not in LAYER_TENSORS:
-                raise CheckpointError(f"{source[tname]}: tensor {tname} belongs to quantized layer {module} but is "
+                raise CheckpointError(f"{h.file}: tensor {tname} belongs to quantized layer {module} but is "
                                       f"none of {', '.join(LAYER_TENSORS)}; this reader does not know it")
             continue
         if suffix in ("qzeros", "scales", "g_idx", "offsets"):
-            raise CheckpointError(f"{source[tname]}: {tname} is there but {module}.qweight is missing; the "
+            raise CheckpointError(f"{h.file}: {tname} is there but {module}.qweight is missing; the "
                                   "checkpoint is incomplete (write it again)")
-        if not np.issubdtype(t.dtype, np.floating):
-            raise CheckpointError(f"{source[tname]}: tensor {tname} is {t.dtype} but belongs to no quantized layer "
-                                  f"(no {module}.qweight); this reader does not know it")
-        if not np.all(np.isfinite(t)):
-            raise CheckpointError(f"{source[tname]}: tensor {tname} contains NaN or infinity; the checkpoint is "
-                                  "broken (write it again)")
-        floats[tname] = t.astype(np.float32, copy=False)
+        if h.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{h.file}: tensor {tname} is {dtype_name(h.dtype)} but belongs to no quantized "
+                                  f"layer (no {module}.qweight); this reader does not know it")
+        floats.append(tname)
     return floats
 
 
-INT32 = (np.dtype(np.int32), np.dtype(np.uint32))
-SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+def _float_tensor(name: str, arrays: StoredArrays) -> np.ndarray:
+    t = arrays[name]
+    if not np.all(np.isfinite(t)):
+        raise CheckpointError(f"{arrays.headers[name].file}: tensor {name} contains NaN or infinity; the checkpoint "
+                              "is broken (write it again)")
+    return t.astype(np.float32, copy=False)
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+INT32 = ("I32", "U32")
+SCALE_DTYPES = ("F16", "F32")
+NUMPY_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+               "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
+               "I64": "int64", "U64": "uint64"}
+
+
+def dtype_name(stored: str) -> str:
+    """numpy's name of a safetensors dtype, for messages."""
+    return NUMPY_NAMES.get(stored, stored)
 
 
 class _Layer:
-    """The tensors of one quantized layer L (L.qweight, L.qzeros, L.scales, ...), checked and unpacked."""
+    """The tensors of one quantized layer L (L.qweight, L.qzeros, L.scales, ...): their headers checked
+    when made, their values read, unpacked and checked by weight()."""
 
-    def __init__(self, name: str, tensors: dict, source: dict, quant: QuantConfig):
-        self.name, self.tensors, self.source, self.quant = name, tensors, source, quant
-        self.where = source[name + ".qweight"]
+    def __init__(self, name: str, headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarray],
+                 quant: QuantConfig):
+        self.name, self.headers, self.arrays, self.quant = name, headers, arrays, quant
+        self.where = str(headers[name + ".qweight"].file)
         self.bits, self.group_cfg, self.sym = quant.layer_scheme(name)
         if self.bits not in SUPPORTED_BITS:
             raise CheckpointError(f"{self.where}: layer {name} is {self.bits}-bit by quantization_config; this "
                                   f"project holds {', '.join(map(str, SUPPORTED_BITS))}-bit weights only")
+        self.n = self.need("scales", SCALE_DTYPES)[1]
+        self.k = self.awq_k() if quant.packing_format == AWQ else self.gptq_k()
+        self.group = self.k if self.group_cfg == -1 else self.group_cfg
+        self.check_groups()
 
-    def need(self, suffix: str, dtypes: tuple) -> np.ndarray:
-        """Tensor L.suffix, which must be there, 2-D and of one of the dtypes."""
+    def need(self, suffix: str, dtypes: tuple) -> tuple[int, ...]:
+        """The shape of tensor L.suffix, which must be there, 2-D and of one of the dtypes."""
         tname = f"{self.name}.{suffix}"
-        if tname not in self.tensors:
+        if tname not in self.headers:
             raise CheckpointError(f"{self.where}: layer {self.name} has a qweight but no {tname}; the checkpoint "
                                   "is incomplete (write it again)")
-        t = self.tensors[tname]
-        if t.ndim != 2 or t.dtype not in dtypes:
-            raise CheckpointError(f"{self.source[tname]}: {tname} is {t.dtype} {list(t.shape)}, "
-                                  f"expected a 2-D {' or '.join(map(str, dtypes))} tensor")
-        return t
+        h = self.headers[tname]
+        if len(h.shape) != 2 or h.dtype not in dtypes:
+            raise CheckpointError(f"{h.file}: {tname} is {dtype_name(h.dtype)} {list(h.shape)}, "
+                                  f"expected a 2-D {' or '.join(map(dtype_name, dtypes))} tensor")
+        return h.shape
 
     def expect(self, suffix: str, shape: tuple, why: str) -> None:
-        tname = f"{self.name}.{suffix}"
-        if self.tensors[tname].shape != shape:
-            raise CheckpointError(f"{self.source[tname]}: {tname} has shape {list(self.tensors[tname].shape)}, "
+        h = self.headers[f"{self.name}.{suffix}"]
+        if h.shape != shape:
+            raise CheckpointError(f"{h.file}: {self.name}.{suffix} has shape {list(h.shape)}, "
                                   f"expected {list(shape)} ({why}); the checkpoint is damaged or not "
                                   f"{self.quant.packing_format}")
 
+    def gptq_k(self) -> int:
+        """K from the qweight rows; qweight and qzeros shaped for N = self.n."""
+        bits, n = self.bits, self.n
+        rows = self.need("qweight", INT32)[0]
+        zero_rows = self.need("qzeros", INT32)[0]
+        if rows * 32 % bits:
+            raise CheckpointError(f"{self.where}: {self.name}.qweight has {rows} rows, which hold no whole number "
+                                  f"of {bits}-bit columns; the checkpoint is damaged or its bits are wrong")
+        self.expect("qweight", (rows, n), f"K*bits/32 x N for N={n} from the scales")
+        self.expect("qzeros", (zero_rows, words_for(n, bits)), f"G x ceil(N*bits/32) for N={n}")
+        return rows * 32 // bits
+
+    def awq_k(self) -> int:
+        n = self.n
+        if self.bits != 4:
+            raise CheckpointError(f"{self.where}: layer {self.name} is {self.bits}-bit, but {AWQ} holds 4-bit "
+                                  "weights only")
+        if n % 8:
+            raise CheckpointError(f"{self.where}: {self.name} has N={n} outputs; {AWQ} packs 8 per word and needs "
+                                  "N % 8 == 0")
+        rows = self.need("qweight", INT32)[0]
+        zero_rows = self.need("qzeros", INT32)[0]
+        self.expect("qweight", (rows, n // 8), f"K x N/8 for N={n} from the scales")
+        self.expect("qzeros", (zero_rows, n // 8), f"G x N/8 for N={n}")
+        return rows
+
+    def check_groups(self) -> None:
+        """Scales, zero points (and offsets) of ceil(K / group) groups."""
+        k, group = self.k, self.group
+        g = math.ceil(k / group)
+        for suffix in ("scales", "qzeros"):
+            width = self.headers[f"{self.name}.{suffix}"].shape[1]
+            self.expect(suffix, (g, width), f"{g} groups of {group} for K={k}")
+        if self.name + ".offsets" in self.headers:
+            self.need("offsets", ("F16",))
+            self.expect("offsets", (g, self.n), f"{g} groups of {group} for K={k}")
+
     def weight(self) -> QuantWeight:
         """The layer as exact integers, float16 scales and zero points (or float offsets)."""
-        scales = self.need("scales", SCALE_DTYPES)
-        q, zero = self.codes(scales.shape[1])
-        n, k = q.shape
-        group = k if self.group_cfg == -1 else self.group_cfg
-        self.check_groups(k, group)
+        scales = self.arrays[self.name + ".scales"]
+        q, zero = self.codes()
+        self.check_g_idx()
         qw = QuantWeight(q=np.ascontiguousarray(q), scale=self.scale(scales),
-                         zero=np.ascontiguousarray(zero.T.astype(np.uint8)), bits=self.bits, group_size=group,
-                         sym=self.sym, bias=self.bias(), offset=self.offset(math.ceil(k / group), n, group, k))
+                         zero=np.ascontiguousarray(zero.T.astype(np.uint8)), bits=self.bits, group_size=self.group,
+                         sym=self.sym, bias=self.bias(), offset=self.offset())
         self.check(qw)
         return qw
 
-    def codes(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def codes(self) -> tuple[np.ndarray, np.ndarray]:
         """q [N, K] and the zero points [G, N] as stored, unpacked from the packing format."""
+        qweight, qzeros = self.arrays[self.name + ".qweight"], self.arrays[self.name + ".qzeros"]
         if self.quant.packing_format == AWQ:
-            return self.awq_codes(n)
+            return unpack_awq(qweight).T, unpack_awq(qzeros)  # q [K, N] -> [N, K]; zero [G, N]
         bits = self.bits
-        qweight, qzeros = self.need("qweight", INT32), self.need("qzeros", INT32)
-        if qweight.shape[0] * 32 % bits:
-            raise CheckpointError(f"{self.where}: {self.name}.qweight has {qweight.shape[0]} rows, which hold no "
-                                  f"whole number of {bits}-bit columns; the checkpoint is damaged or its bits are wrong")
-        k = qweight.shape[0] * 32 // bits
-        self.expect("qweight", (qweight.shape[0], n), f"K*bits/32 x N for N={n} from the scales")
-        self.expect("qzeros", (qzeros.shape[0], words_for(n, bits)), f"G x ceil(N*bits/32) for N={n}")
-        q = unpack_bits(qweight, bits, k, axis=0).T
-        zero = unpack_bits(qzeros, bits, n, axis=1)
+        q = unpack_bits(qweight, bits, self.k, axis=0).T
+        zero = unpack_bits(qzeros, bits, self.n, axis=1)
         if self.quant.packing_format == GPTQ_V1:
             zero = zero.astype(np.int16) + 1
             if zero.max() > 2**bits - 1:
@@ -135,28 +238,13 @@ class _Layer:
                                       f"{GPTQ_V1}, meaning {2**bits} after GPTQ's +1, which {bits} bits cannot hold")
         return q, zero
 
-    def awq_codes(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.bits != 4:
-            raise CheckpointError(f"{self.where}: layer {self.name} is {self.bits}-bit, but {AWQ} holds 4-bit "
-                                  "weights only")
-        if n % 8:
-            raise CheckpointError(f"{self.where}: {self.name} has N={n} outputs; {AWQ} packs 8 per word and needs "
-                                  "N % 8 == 0")
-        qweight, qzeros = self.need("qweight", INT32), self.need("qzeros", INT32)
-        self.expect("qweight", (qweight.shape[0], n // 8), f"K x N/8 for N={n} from the scales")
-        self.expect("qzeros", (qzeros.shape[0], n // 8), f"G x N/8 for N={n}")
-        return unpack_awq(qweight).T, unpack_awq(qzeros)  # q [K, N] -> [N, K]; zero [G, N]
-
-    def check_groups(self, k: int, group: int) -> None:
-        """Scales and zero points of ceil(K / group) groups, and no act-order column permutation."""
-        g = math.ceil(k / group)
-        self.expect("scales", (g, self.tensors[self.name + ".scales"].shape[1]), f"{g} groups of {group} for K={k}")
-        self.expect("qzeros", (g, self.tensors[self.name + ".qzeros"].shape[1]), f"{g} groups of {group} for K={k}")
-        g_idx = self.tensors.get(self.name + ".g_idx")
-        if g_idx is not None and not np.array_equal(g_idx.reshape(-1), np.arange(k) // group):
-            raise CheckpointError(f"{self.source[self.name + '.g_idx']}: {self.name}.g_idx is not k // {group}: the "
-                                  "layer was quantized with act-order (desc_act), which is not supported; quantize "
-                                  "without it")
+    def check_g_idx(self) -> None:
+        """No act-order column permutation: g_idx, when there, is k // group."""
+        tname = self.name + ".g_idx"
+        if tname in self.headers and not np.array_equal(self.arrays[tname].reshape(-1),
+                                                        np.arange(self.k) // self.group):
+            raise CheckpointError(f"{self.headers[tname].file}: {tname} is not k // {self.group}: the layer was "
+                                  "quantized with act-order (desc_act), which is not supported; quantize without it")
 
     def scale(self, scales: np.ndarray) -> np.ndarray:
         scale = scales.T.astype(np.float32)
@@ -167,15 +255,14 @@ class _Layer:
         return np.ascontiguousarray(scale)
 
     def bias(self) -> np.ndarray | None:
-        bias = self.tensors.get(self.name + ".bias")
-        return None if bias is None else bias.astype(np.float32).reshape(-1)
-
-    def offset(self, g: int, n: int, group: int, k: int) -> np.ndarray | None:
-        if self.name + ".offsets" not in self.tensors:
+        if self.name + ".bias" not in self.headers:
             return None
-        offsets = self.need("offsets", (np.dtype(np.float16),))
-        self.expect("offsets", (g, n), f"{g} groups of {group} for K={k}")
-        return np.ascontiguousarray(offsets.T.astype(np.float32))
+        return self.arrays[self.name + ".bias"].astype(np.float32).reshape(-1)
+
+    def offset(self) -> np.ndarray | None:
+        if self.name + ".offsets" not in self.headers:
+            return None
+        return np.ascontiguousarray(self.arrays[self.name + ".offsets"].T.astype(np.float32))
 
     def check(self, qw: QuantWeight) -> None:
         """The unpacked layer is consistent with itself and with quantization_config."""

@@ -11,8 +11,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ModelError, SignroundError
 
 INDEX = "model.safetensors.index.json"  # the shard index of a sharded folder
@@ -87,24 +85,30 @@ class TensorHeader:
     shape: tuple[int, ...]
 
 
+def file_headers(f: Path, error: type[SignroundError] = ModelError,
+                 remedy: str = "rebuild or re-download it") -> dict[str, TensorHeader]:
+    """Every tensor of one safetensors file by name, from its header; a damaged file raises `error`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return {name: TensorHeader(Path(f), st.get_slice(name).get_dtype(), tuple(st.get_slice(name).get_shape()))
+                    for name in st.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
+
+
 def safetensors_headers(folder: Path, error: type[SignroundError] = ModelError,
                         remedy: str = "rebuild or re-download it") -> dict[str, TensorHeader]:
     """Every tensor of the folder by name, from the files' headers, in file order. A damaged file, shards
     that overlap or an index naming tensors no shard holds raise `error` (a damaged file's ends with
     `remedy`)."""
-    from safetensors import SafetensorError, safe_open
-
     headers: dict[str, TensorHeader] = {}
     for f in safetensors_files(folder, error):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    if name in headers:
-                        raise error(f"{f}: tensor {name} is also in {headers[name].file}; the shards overlap")
-                    piece = st.get_slice(name)
-                    headers[name] = TensorHeader(f, piece.get_dtype(), tuple(piece.get_shape()))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
+        for name, header in file_headers(f, error, remedy).items():
+            if name in headers:
+                raise error(f"{f}: tensor {name} is also in {headers[name].file}; the shards overlap")
+            headers[name] = header
     index = folder / INDEX
     if index.is_file():
         lost = sorted(set(read_json(index, "the shard index", error)["weight_map"]) - set(headers))
@@ -113,24 +117,18 @@ def safetensors_headers(folder: Path, error: type[SignroundError] = ModelError,
     return headers
 
 
-def read_safetensors(folder: Path, error: type[SignroundError] = ModelError,
-                     remedy: str = "rebuild or re-download it") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of the folder as a numpy array (bfloat16 as float32, every other dtype as stored),
-    and the file each came from (for messages). A damaged file raises `error`, ending with `remedy`."""
-    import torch  # reads bfloat16, which numpy cannot hold
+def read_tensor(name: str, header: TensorHeader, error: type[SignroundError] = ModelError,
+                remedy: str = "rebuild or re-download it", dtype=None):
+    """One tensor as stored, or as `dtype` (a torch tensor: numpy has no bfloat16), copied out of its
+    memory-mapped file (the mapping is released when the file closes, not when the tensor goes)."""
     from safetensors import SafetensorError, safe_open
 
-    headers = safetensors_headers(folder, error, remedy)
-    tensors: dict[str, np.ndarray] = {}
-    for f in dict.fromkeys(h.file for h in headers.values()):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    t = st.get_tensor(name)
-                    tensors[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
-    return tensors, {name: str(h.file) for name, h in headers.items()}
+    try:
+        with safe_open(str(header.file), framework="pt") as st:
+            t = st.get_tensor(name)
+            return t.to(dtype or t.dtype, copy=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise error(f"{header.file} is truncated or corrupt ({e}); {remedy}") from None
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

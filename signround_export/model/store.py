@@ -1,8 +1,9 @@
-"""A float model's weights, read from its safetensors files one tensor at a time, when asked for.
+"""A model folder's weights, read from its safetensors files one tensor at a time, when asked for.
 
-Tuning reads one block at a time through it, so a model larger than memory can be tuned: the files keep
-their stored dtype (bfloat16, float16 or float32) on disk, and only the tensors in use are held as
-float32. What every tensor is called, and its dtype and shape, is known from the headers alone.
+Tuning reads one block at a time through TensorStore, so a model larger than memory can be tuned: the files
+keep their stored dtype (bfloat16, float16 or float32) on disk, and only the tensors in use are held as
+float32. What every tensor is called, and its dtype and shape, is known from the headers alone. A
+quantized checkpoint's packed integers are read the same way, as stored, through StoredArrays.
 """
 
 from __future__ import annotations
@@ -10,35 +11,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ModelError, SignroundError
-from .folder import TensorHeader, safetensors_headers
+from .folder import TensorHeader, read_tensor, safetensors_headers
 
 
-class TensorStore(Mapping):
-    """name -> float32 tensor over a folder's safetensors shards. Indexing reads the tensor from its
-    memory-mapped file, upcasts it and checks that it is finite; every read is a fresh copy that the
-    caller drops when done (nothing is cached here)."""
+class _HeaderMapping(Mapping):
+    """A Mapping over safetensors headers: names, `in` and shapes from the headers, values read on
+    indexing (every read a fresh copy the caller drops; nothing is cached)."""
 
-    def __init__(self, folder: Path, error: type[SignroundError] = ModelError,
-                 remedy: str = "rebuild or re-download it"):
-        self.error, self.remedy = error, remedy
-        self.headers: dict[str, TensorHeader] = safetensors_headers(Path(folder), error, remedy)
+    def __init__(self, headers: dict[str, TensorHeader], error: type[SignroundError], remedy: str):
+        self.headers, self.error, self.remedy = headers, error, remedy
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
-        header = self.headers[name]
-        try:
-            with safe_open(str(header.file), framework="pt") as st:
-                # a copy: the file's mapping is released when the file closes, not when the tensor goes
-                t = st.get_tensor(name).to(torch.float32, copy=True)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise self.error(f"{header.file} is truncated or corrupt ({e}); {self.remedy}") from None
-        if not finite(t):
-            raise ModelError(f"tensor {name} contains NaN or infinity; the model weights are broken")
-        return t
+    def read(self, name: str, dtype=None) -> torch.Tensor:
+        return read_tensor(name, self.headers[name], self.error, self.remedy, dtype)
 
     def __contains__(self, name: object) -> bool:  # from the headers, without reading (Mapping's would read)
         return name in self.headers
@@ -51,6 +39,28 @@ class TensorStore(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.headers[name].shape
+
+
+class TensorStore(_HeaderMapping):
+    """name -> float32 tensor over a folder's safetensors shards, checked finite when read."""
+
+    def __init__(self, folder: Path, error: type[SignroundError] = ModelError,
+                 remedy: str = "rebuild or re-download it"):
+        super().__init__(safetensors_headers(Path(folder), error, remedy), error, remedy)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.read(name, torch.float32)
+        if not finite(t):
+            raise ModelError(f"tensor {name} contains NaN or infinity; the model weights are broken")
+        return t
+
+
+class StoredArrays(_HeaderMapping):
+    """name -> numpy array as stored (bfloat16, which numpy cannot hold, as float32), unchecked."""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self.read(name)
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def finite(t: torch.Tensor) -> bool:

@@ -16,18 +16,19 @@ from __future__ import annotations
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..checkpoint.format import GPTQ, GPTQ_V1, Checkpoint, QuantConfig
-from ..checkpoint.qweight import SUPPORTED_BITS, QuantWeight, Scheme
+from ..checkpoint.format import Checkpoint, QuantConfig
+from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
 from ..checkpoint.read import read_checkpoint
-from ..checkpoint.write import write_checkpoint
+from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
+from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
 from ..data import calibration_ids
 from ..errors import TuneError
 from ..export.gguf import mixes
@@ -116,17 +117,21 @@ class QuantizeResult:
 
 def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer_bits: LayerBits | None = None,
                    *, recipe: str = "best", calib: str | Path | None = None, device: str = "auto",
-                   progress: bool = True, act_device: str = "auto") -> QuantizeResult:
+                   progress: bool = True, act_device: str = "auto",
+                   shard_size: int | str = DEFAULT_SHARD_SIZE) -> QuantizeResult:
     """Tune the float model folder (or hub id) `model` and write its checkpoint folder `out` atomically.
 
     config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
     recipe's name, for the log; calib: a .txt or .jsonl calibration text (default: Python's
     pydoc_data.topics). A killed run resumes from `out`.progress when started again with the same
-    settings. act_device: where the calibration activations are kept (signround.activation_device)."""
+    settings. act_device: where the calibration activations are kept (signround.activation_device). The
+    checkpoint's weights are written in shards of at most shard_size ("5GB": one model.safetensors when
+    everything fits), made in `out`.progress from the finished blocks."""
     layer_bits = layer_bits or LayerBits()
     layer_bits.check()
     config.check()
     check_devices(device, act_device)
+    parse_size(shard_size)  # a bad size is refused before the tuning, not after
     calib = Path(calib) if calib else None
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
@@ -137,7 +142,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)
-    resume = ResumeStore(resume_folder(out))
+    resume = ResumeStore(resume_folder(out), shard_size)
     allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
     result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device)
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
@@ -145,12 +150,15 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     if allocation is not None:
         log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
                                                     "bits_choices": layer_bits.bits_choices}
-    quant, tensors = checkpoint_parts(float_model, config, result.qweights)
-    write_checkpoint(out, untied(hf, result.qweights), quant, result.qweights, tensors, tokenizer_src_dir=folder,
-                     tuning_log=log)
+    layers = resume.layers()
+    quant, floats = checkpoint_parts(float_model, config, layers, resume.packing_format)
+    units = resume.units() + [float_unit(n, float_spec(float_model.tensors, n), float_model.tensors) for n in floats]
+    write_staged_checkpoint(out, untied(hf, layers), quant, units, resume.folder, lambda _: resume.prune(),
+                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size)
     if allocation is not None:
         plot_allocation(allocation, Path(out) / "allocation.png")
     resume.remove()
+    result.qweights = read_checkpoint(out).qweights  # the store is gone: read the layers from the checkpoint
     return QuantizeResult(Path(out), config, result, allocation)
 
 
@@ -227,21 +235,20 @@ def allocate_bits(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, 
     return allocation
 
 
-def checkpoint_parts(model: Model, config: TuneConfig, qweights: dict[str, QuantWeight]
-                     ) -> tuple[QuantConfig, dict[str, np.ndarray]]:
-    """The QuantConfig and float tensors that go beside the tuned integers into a checkpoint."""
-    quantized = {n + suffix for n in qweights for suffix in (".weight", ".bias")}
-    tensors = {n: model.tensors[n].numpy() for n in model.tensors if n not in quantized}
-    if model.cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+def checkpoint_parts(model: Model, config: TuneConfig, layers: dict[str, PackedLayer], packing_format: str
+                     ) -> tuple[QuantConfig, list[str]]:
+    """The settled QuantConfig, and the names of the float tensors that go beside the tuned integers
+    into a checkpoint. packing_format: the one the resume store packed the layers in (tune())."""
+    quantized = {n + suffix for n in layers for suffix in (".weight", ".bias")}
+    floats = [n for n in model.tensors if n not in quantized]
+    if model.cfg.tie_word_embeddings and "lm_head.weight" in floats:
+        floats.remove("lm_head.weight")
     quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
-                        # auto_gptq's zero point minus 1 cannot hold an asymmetric layer's zero point of 0
-                        packing_format=GPTQ_V1 if all(q.sym for q in qweights.values()) else GPTQ,
-                        extra_config={}, iters=config.iters, tuning=asdict(config))
-    return quant, tensors
+                        packing_format=packing_format, extra_config={}, iters=config.iters, tuning=asdict(config))
+    return settled_config(quant, layers, {n: float_spec(model.tensors, n) for n in floats}), floats
 
 
-def untied(hf: dict, qweights: dict[str, QuantWeight]) -> dict:
+def untied(hf: dict, qweights: Mapping) -> dict:
     """config.json for a checkpoint: a quantized lm_head is no longer the embedding's matrix, so a tied
     model's config says untied (auto-round's loader refuses a quantized head under tied embeddings)."""
     if "lm_head" in qweights and hf.get("tie_word_embeddings"):

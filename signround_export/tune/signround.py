@@ -20,6 +20,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..checkpoint.format import GPTQ, GPTQ_V1
 from ..checkpoint.qweight import QuantWeight, Scheme
 from ..errors import TuneError
 from ..model.forward import Model, block_forward
@@ -50,7 +52,7 @@ class BlockLog:
 
 @dataclass
 class TuneResult:
-    qweights: dict[str, QuantWeight]
+    qweights: Mapping[str, QuantWeight]  # in memory, or read from the resume store when tune() was given one
     blocks: list[BlockLog] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -281,11 +283,20 @@ def quantized_params(params: dict[str, torch.Tensor], i: int, qweights: dict[str
     return p
 
 
+def packing_format(model: Model, config: TuneConfig) -> str:
+    """The checkpoint's packing format: GPTQ's "zero - 1" when every layer is symmetric (it cannot hold an
+    asymmetric layer's zero point of 0), zero points as they are otherwise."""
+    names = [f"model.layers.{i}.{n}" for i in range(model.cfg.n_layers) for n in model.cfg.family.linears]
+    names += ["lm_head"] if config.quant_lm_head else []
+    return GPTQ_V1 if all(config.scheme(n).sym for n in names) else GPTQ
+
+
 def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: ResumeStore | None = None,
          device: str = "auto", progress: bool = True, act_device: str = "auto") -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
     token ids, unused by plain round-to-nearest (iters 0 without clip_search). resume: where finished
-    blocks are kept, and read back instead of tuned again. Each block's float tensors are read from
+    blocks are kept, and read back instead of tuned again; given, each finished block goes there and is
+    not held (result.qweights reads them back from it). Each block's float tensors are read from
     model.tensors once, when the block is reached, and dropped when the next one is read.
     act_device: where the calibration activations are kept, in config.act_dtype ("auto": the tuning
     device, or the CPU where a GPU's free memory would not hold them; memory.py)."""
@@ -294,7 +305,8 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
     result = TuneResult(qweights={}, device=str(dev), dtype=str(dtype).replace("torch.", ""))
     if resume is not None:
-        resume.begin(asdict(config) | {"device": dev.type, "compute_dtype": result.dtype})
+        resume.begin(asdict(config) | {"device": dev.type, "compute_dtype": result.dtype},
+                     packing_format(model, config))
     cfg = model.cfg
 
     x = x_q = ropes = y = None
@@ -325,7 +337,8 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
                 qws, log = tune_block(model, i, params, x_q, y, rope, config, dtype, progress)
             if resume is not None:
                 resume.save_block(i, qws, log)
-        result.qweights.update(qws)
+        if resume is None:
+            result.qweights.update(qws)
         result.blocks.append(log)
         if config.uses_data():  # the quantized model's inputs of the next block
             qp = quantized_params(params, i, qws, dev)
@@ -335,10 +348,16 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
 
-    if config.quant_lm_head:
+    if config.quant_lm_head and not (resume is not None and resume.has("lm_head")):
         # round-to-nearest: tuning it would need the full-vocabulary logits of every sample
-        result.qweights["lm_head"] = to_qweight(model.lm_head_weight(), config.scheme("lm_head"),
-                                                bias=model.tensors.get("lm_head.bias"))
+        head = {"lm_head": to_qweight(model.lm_head_weight(), config.scheme("lm_head"),
+                                      bias=model.tensors.get("lm_head.bias"))}
+        if resume is not None:
+            resume.save_layers("lm_head", head)
+        else:
+            result.qweights.update(head)
+    if resume is not None:
+        result.qweights = resume.qweights()
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
