@@ -344,8 +344,9 @@ def test_export_and_read_back_refuse_what_they_cannot_do(tiny_ckpt, tiny_model, 
     no_tok.path = tmp_path  # a folder without tokenizer.json
     with pytest.raises(GGUFExportError, match="has no tokenizer.json"):
         export_gguf(no_tok, tmp_path / "a.gguf", tokenizer_pre_name="gpt-2")
-    huge = read_checkpoint(tiny_ckpt)
-    huge.tensors["model.embed_tokens.weight"] = huge.tensors["model.embed_tokens.weight"] * 1e6  # past float16
+    tensors = {n: t for n, t in ckpt.tensors.items()}
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 1e6  # past float16
+    huge = replace(ckpt, tensors=tensors)
     with pytest.raises(GGUFExportError, match="float_type='F32'") as e:
         export_gguf(huge, tmp_path / "b.gguf", tokenizer_pre_name="gpt-2")
     assert e.value.param == "float_type"

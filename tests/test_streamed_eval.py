@@ -4,6 +4,7 @@ that ran each window through the whole model held in memory (the path they repla
 from __future__ import annotations
 
 import importlib
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +24,6 @@ from signround_export.model.load import load_float_model, reference_from_checkpo
 from signround_export.validation import folder_perplexity, perplexity, validate
 from signround_export.validation.metrics import NLL, compare, next_token_logp, next_tokens, windows
 from signround_export.validation.readback import read_gguf
-from signround_export.validation.runners import per_window
 from signround_export.validation.validate import comparisons
 
 validate_module = importlib.import_module("signround_export.validation.validate")  # the package's `validate` is the function
@@ -36,6 +36,11 @@ def deep(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"deep-{request.param}")
     model = write_tiny_model(tmp / "model", layers=LAYERS, model_type=request.param, tied=request.param == "llama")
     return model, rtn_checkpoint(model, tmp / "ckpt", bits=4, group_size=32)
+
+
+def per_window(logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+    """A runner's logits from a function of one window (token ids [T] -> logits [T, V])."""
+    return lambda windows: (logits(ids) for ids in windows)
 
 
 def in_memory(model: Model) -> Model:

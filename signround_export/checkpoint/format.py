@@ -166,3 +166,11 @@ class Checkpoint:
     qweights: Mapping[str, QuantWeight]  # module name ("model.layers.0.self_attn.q_proj") -> integers
     tensors: Mapping[str, np.ndarray]  # every other tensor, float32, by HF name
     tuning_log: dict | None = None
+    biased: frozenset[str] | None = None  # the quantized layers with a bias, when known without reading
+
+    def layers_with_bias(self) -> frozenset[str]:
+        """The quantized layers that carry a bias: from the headers when read from a folder, else from the
+        layers themselves."""
+        if self.biased is None:
+            self.biased = frozenset(m for m in self.qweights if self.qweights[m].bias is not None)
+        return self.biased

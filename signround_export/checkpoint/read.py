@@ -9,14 +9,14 @@ NaN), so a consumer taking one entry at a time holds one layer at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..model.folder import TensorHeader, read_json, safetensors_headers
-from ..model.store import StoredArrays
+from ..model.store import Lazy, StoredArrays
 from .format import AWQ, GPTQ_V1, LAYER_TENSORS, Checkpoint, QuantConfig
 from .packing import unpack_awq, unpack_bits, words_for
 from .qweight import SUPPORTED_BITS, QuantWeight
@@ -41,7 +41,7 @@ def read_checkpoint(path) -> Checkpoint:
     return Checkpoint(path=folder, hf_config=hf, quant=quant,
                       qweights=Lazy(sorted(layers), lambda m: layers[m].weight(), lambda m: (layers[m].n, layers[m].k)),
                       tensors=Lazy(floats, lambda n: _float_tensor(n, arrays), lambda n: headers[n].shape),
-                      tuning_log=tuning_log)
+                      tuning_log=tuning_log, biased=frozenset(m for m in layers if m + ".bias" in headers))
 
 
 def read_layers(headers: dict[str, TensorHeader], arrays: Mapping[str, np.ndarray], quant: QuantConfig
@@ -55,33 +55,6 @@ def layer_weight(name: str, headers: dict[str, TensorHeader], arrays: Mapping[st
                  quant: QuantConfig) -> QuantWeight:
     """One quantized layer of these tensors, read, unpacked and checked."""
     return _Layer(name, headers, arrays, quant).weight()
-
-
-class Lazy(Mapping):
-    """names -> load(name), called on every indexing; iteration, len, `in` and shape(name) (a float
-    tensor's shape, a layer's [N, K]) read nothing."""
-
-    def __init__(self, names, load: Callable, shape: Callable[[str], tuple[int, ...]]):
-        self.names, self.load, self._shape = dict.fromkeys(names), load, shape
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self.names:
-            raise KeyError(name)
-        return tuple(self._shape(name))
-
-    def __getitem__(self, name: str):
-        if name not in self.names:
-            raise KeyError(name)
-        return self.load(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def _read_config(config_path: Path) -> tuple[dict, QuantConfig]:

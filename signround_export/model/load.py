@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from ..errors import ModelError
 from .config import ModelConfig
 from .folder import read_hf_config, resolve_model_dir
 from .forward import Model
-from .store import TensorStore
+from .store import Lazy, TensorStore
 
 
 def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
@@ -35,30 +34,6 @@ def in_memory(model: Model) -> Model:
     return Model(model.cfg, dict(model.tensors))
 
 
-class LazyTensors(Mapping):
-    """Tensors by name, each made by read(name) when it is indexed and not kept: a consumer that takes a
-    block's tensors, uses them and drops them holds one block."""
-
-    def __init__(self, names: Iterable[str], read: Callable[[str], object]):
-        self.names = list(names)
-        self.known = set(self.names)
-        self.read = read
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.known:
-            raise KeyError(name)
-        return self.read(name)
-
-    def __contains__(self, name) -> bool:
-        return name in self.known
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
 def float_checkpoint(model: str | Path):
     """A float model as a Checkpoint with no quantized layers: every weight goes to the exporters as a
     float tensor (float16 GGUF, float32 ONNX), read from the model's files when the exporter takes it."""
@@ -66,7 +41,7 @@ def float_checkpoint(model: str | Path):
     store = llama.tensors
     names = [n for n in store if not (llama.cfg.tie_word_embeddings and n == "lm_head.weight")]
     return Checkpoint(path=folder, hf_config=hf, quant=None, qweights={},
-                      tensors=LazyTensors(names, lambda name: store[name].numpy()))
+                      tensors=Lazy(names, lambda name: store[name].numpy()))
 
 
 def as_float32(array) -> torch.Tensor:
@@ -78,8 +53,7 @@ def reference_from_checkpoint(ckpt) -> Model:
     the forward reaches them (a layer's weight is dequantized each time it is indexed, and not kept)."""
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     qweights, tensors = ckpt.qweights, ckpt.tensors
-    # which layers carry a bias is known only from their entries: one pass, one layer at a time, names kept
-    biased = {m + ".bias": m for m in qweights if qweights[m].bias is not None}
+    biased = {m + ".bias": m for m in ckpt.layers_with_bias()}
 
     def read(name: str) -> torch.Tensor:
         if name in biased:
@@ -90,7 +64,7 @@ def reference_from_checkpoint(ckpt) -> Model:
         return as_float32(tensors[name])
 
     names = list(tensors) + [m + ".weight" for m in qweights] + list(biased)
-    return Model(cfg, LazyTensors(names, read))
+    return Model(cfg, Lazy(names, read))
 
 
 def is_checkpoint(folder: Path) -> bool:

@@ -8,7 +8,7 @@ quantized checkpoint's packed integers are read the same way, as stored, through
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +67,31 @@ def finite(t: torch.Tensor) -> bool:
     """Whether every value of t is finite, checked a slice at a time: isfinite over a whole tensor makes
     temporaries larger than the tensor (measured: 1.25 GB more for a 1 GB embedding)."""
     return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 24))
+
+
+class Lazy(Mapping):
+    """names -> load(name), called on every indexing and not kept: a consumer that takes a block's
+    entries, uses them and drops them holds one block. Iteration, len, `in` and shape(name) (a tensor's
+    shape, a layer's [N, K], when a shape function is given) read nothing."""
+
+    def __init__(self, names, load: Callable, shape: Callable[[str], tuple[int, ...]] | None = None):
+        self.names, self.load, self._shape = dict.fromkeys(names), load, shape
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.names:
+            raise KeyError(name)
+        return tuple(self._shape(name)) if self._shape else tuple(self.load(name).shape)
+
+    def __getitem__(self, name: str):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.load(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

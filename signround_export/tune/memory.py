@@ -3,8 +3,8 @@
 What tune() holds at its peak, part by part (bytes; H hidden, I intermediate, W a block's linear
 weights, T = batch_size x seqlen tokens per step):
   - the process itself: Python, torch and this package, measured as the planning process's RSS;
-  - the embedding, and an untied (or quantized) head, in float32: read whole to embed the calibration
-    windows and to write the checkpoint's float tensors;
+  - the embedding in float32, read whole to embed the calibration windows (dropped before the first
+    block), and each float tensor again, one at a time, when the checkpoint is written;
   - two decoder blocks in float32 (the one being tuned and the one read next, or its dequantized twin);
   - one block's tuning state: the rounding offsets, their gradients and the best step's copy (12 B per
     weight) and what autograd keeps of the fake-quantized weights (12 B per weight beyond the weight
@@ -15,11 +15,12 @@ weights, T = batch_size x seqlen tokens per step):
   - the clipping search's temporaries: 5 x the largest linear in float32 (measured 3.6-4.5 x);
   - the calibration activations: three chains (float inputs, quantized inputs, targets) of
     nsamples x seqlen x H in their storage dtype, on the tuning device or the CPU.
-  - the checkpoint writer at the end: every block's codes (1 B per weight) and their packed form, as
-    arrays and as the file's bytes (2 x bits / 8 B per weight), and the float tensors once more.
+  - the checkpoint writer at the end: one tensor at a time (checkpoint/shards.py writes each into its
+    shard and drops it), so the largest float tensor in float32 and one layer's codes (1 B per weight)
+    with their packed form (bits / 8 B per weight).
 The parts do not all peak at once: the tuning phase holds the blocks, their state and the activations;
-the writing phase, after it, the float tensors and the packed integers (the embedding read at the start
-is dropped before the first block). A total is the process plus the larger phase.
+the writing phase, after it, one float tensor and one packed layer (the embedding read at the start is
+dropped before the first block). A total is the process plus the larger phase.
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ def numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, int]:
-    """(the largest block's elements, the largest block's linear weights, the largest linear's weights,
-    every block's linear weights)."""
+def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
+    """(the largest block's elements, the largest block's linear weights, the largest linear's weights)."""
     block = [0] * cfg.n_layers
     linear = [0] * cfg.n_layers
     largest = 0
@@ -103,7 +103,7 @@ def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[i
         if rest.endswith(".weight") and rest[: -len(".weight")] in cfg.family.linears:
             linear[int(i)] += numel(shape)
             largest = max(largest, numel(shape))
-    return max(block, default=0), max(linear, default=0), largest, sum(linear)
+    return max(block, default=0), max(linear, default=0), largest
 
 
 def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype) -> tuple[int, str]:
@@ -125,12 +125,11 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfi
     or "gpu", where the activation chains are kept; baseline: the process's own bytes."""
     on = "gpu" if device == "cuda" else "cpu"
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    block, linear, largest, quantized = block_sizes(cfg, shapes)
+    block, linear, largest = block_sizes(cfg, shapes)
     untied = "lm_head.weight" in shapes or config.quant_lm_head
     parts = [Part("process (Python, torch, this package)", baseline, "cpu", "measured RSS of this process"),
-             Part("embedding (float32)", 4 * vocab * hidden, "cpu", f"{vocab} x {hidden} x 4 B", "writing"),
-             Part("head (float32)", 4 * vocab * hidden if untied else 0, "cpu",
-                  "untied or quantized head" if untied else "tied: the embedding", "writing")]
+             Part("the largest float tensor (float32)", 4 * vocab * hidden, "cpu",
+                  f"embedding{' or head' if untied else ''}: {vocab} x {hidden} x 4 B, one at a time", "writing")]
     parts.append(Part("two decoder blocks (float32)", 2 * 4 * block, "cpu", f"2 x {block} x 4 B", "tuning"))
     if on == "gpu":
         parts.append(Part("two decoder blocks on the GPU", 2 * 4 * block, on, f"2 x {block} x 4 B", "tuning"))
@@ -147,18 +146,15 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfi
         n = 3 * config.nsamples * config.seqlen * hidden * act
         parts.append(Part(f"calibration activations ({config.act_dtype})", n, act_where,
                           f"3 chains x {config.nsamples} x {config.seqlen} x {hidden} x {act} B", "tuning"))
-    parts.append(writer_part(config, quantized + (vocab * hidden if config.quant_lm_head else 0),
-                             4 * vocab * hidden * (2 if untied else 1)))
+    parts.append(writer_part(config, vocab * hidden if config.quant_lm_head else largest))
     return MemoryPlan(parts, device, act_where)
 
 
-def writer_part(config: TuneConfig, quantized: int, floats: int) -> Part:
-    """The checkpoint writer as it is: every block's codes (1 B per weight) and their packed form twice
-    (the arrays, then the file's bytes), with a second copy of the float tensors in those bytes."""
+def writer_part(config: TuneConfig, layer: int) -> Part:
+    """The checkpoint writer: one layer at a time, its codes (1 B per weight) and their packed form."""
     packed = config.bits / 8
-    n = int(quantized * (1 + 2 * packed)) + floats
-    return Part("checkpoint writing", n, "cpu",
-                f"{quantized} weights x (1 + 2 x {packed:g}) B + the float tensors' bytes again", "writing")
+    return Part("checkpoint writing (one layer)", int(layer * (1 + packed)), "cpu",
+                f"{layer} weights x (1 + {packed:g}) B", "writing")
 
 
 def process_bytes() -> int:

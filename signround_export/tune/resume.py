@@ -31,7 +31,8 @@ from safetensors.numpy import save_file
 from ..atomic import atomic_file
 from ..checkpoint.format import QuantConfig
 from ..checkpoint.qweight import QuantWeight
-from ..checkpoint.read import Lazy, layer_weight
+from ..checkpoint.read import layer_weight
+from ..model.store import Lazy
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, parse_size
 from ..checkpoint.write import PackedLayer, pack_layer
 from ..errors import TuneError

@@ -14,9 +14,12 @@ every position but a window's last predicts the next token.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -114,18 +117,51 @@ class Accumulator:
         return Scores(ppl=self.nll.ppl, top1=self.agree / n, kl_mean=self.kl_sum / n, kl_max=self.kl_max, tokens=count)
 
 
+class SpooledLogits:
+    """One model's logits of every window, in a temporary file: appended a window at a time, read back a
+    window at a time, so that the models compared against it need not run beside it."""
+
+    def __init__(self, folder: Path, name: str):
+        self.path = folder / f"{name}.logits"
+        self.shapes: list[tuple[int, ...]] = []
+        self.offsets: list[int] = []
+
+    def append(self, logits: torch.Tensor) -> None:
+        array = logits.numpy()
+        self.offsets.append(self.path.stat().st_size if self.offsets else 0)
+        self.shapes.append(array.shape)
+        with self.path.open("ab") as f:
+            array.tofile(f)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        shape = self.shapes[i]
+        array = np.fromfile(self.path, dtype=np.float32, count=math.prod(shape), offset=self.offsets[i])
+        return torch.from_numpy(array.reshape(shape))
+
+
 def compare(models: dict[str, Callable[[torch.Tensor], Iterator[torch.Tensor]]], pairs: list[tuple[str, str | None]],
             windows: torch.Tensor, progress: bool = False) -> dict[tuple[str, str | None], Scores]:
-    """Scores of each (model, against) pair over the windows [n, T], each model yielding the logits [T, V]
-    of one window at a time (validation.runners): against None gives the perplexity alone, against another
-    model adds top-1 and KL against that model's logits. One window's logits of each model exist at once."""
+    """Scores of each (model, against) pair over the windows [n, T], each model yielding the float32 logits
+    [T, V] of one window at a time (validation.runners): against None gives the perplexity alone, against
+    another model adds top-1 and KL against that model's logits. The models run one after another, in
+    the order given (a model compared against comes before the models compared with it): the logits of
+    those compared against are spooled to a temporary file and read back a window at a time, so one model
+    is loaded and one window's logits of each model exist at once."""
     accs = {pair: Accumulator() for pair in pairs}
-    streams = {name: iter(run(windows)) for name, run in models.items()}
-    for w in tqdm(windows, desc="validate", unit="window", disable=not progress):
-        logits = {name: next(stream) for name, stream in streams.items()}
-        for (name, other), acc in accs.items():
-            acc.add(w, logits[name], None if other is None else logits[other])
-        del logits
+    bar = tqdm(total=len(models) * len(windows), desc="validate", unit="window", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="signround-logits-") as tmp:
+        spooled = {other: SpooledLogits(Path(tmp), other) for _, other in pairs if other is not None}
+        for name, run in models.items():
+            bar.set_postfix_str(name)
+            for i, logits in enumerate(run(windows)):
+                for (model, other), acc in accs.items():
+                    if model == name:
+                        acc.add(windows[i], logits, None if other is None else spooled[other][i])
+                if name in spooled:
+                    spooled[name].append(logits)
+                del logits
+                bar.update()
+    bar.close()
     return {pair: acc.scores(pair[1] is not None) for pair, acc in accs.items()}
 
 

@@ -27,7 +27,7 @@ from signround_runtime import RuntimeModelError
 from ..errors import ValidationError
 from ..model.config import ModelConfig
 from ..model.forward import Model
-from ..model.load import LazyTensors
+from ..model.store import Lazy
 
 GGUF_RUNNERS = ("auto", "llama.cpp", "numpy")
 
@@ -36,11 +36,6 @@ GGUF_RUNNERS = ("auto", "llama.cpp", "numpy")
 class Runner:
     logits: Callable[[torch.Tensor], Iterator[torch.Tensor]]  # windows [n, T] -> float32 logits [T, V] of each
     description: str  # what produces the logits, with versions
-
-
-def per_window(logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
-    """A runner's logits from a function of one window (token ids [T] -> logits [T, V])."""
-    return lambda windows: (logits(ids) for ids in windows)
 
 
 def torch_runner(model: Model, description: str, progress: bool = False) -> Runner:
@@ -55,38 +50,45 @@ def torch_runner(model: Model, description: str, progress: bool = False) -> Runn
 
 
 def onnx_runner(folder) -> Runner:
-    """An exported ONNX folder, the whole window in one run."""
+    """An exported ONNX folder, the whole window in one run; the session is made when the windows come
+    and released after the last one (validation runs one model at a time)."""
     import onnxruntime as ort
 
-    try:
-        model = RuntimeModel(folder)
-    except RuntimeModelError as e:
-        raise ValidationError(f"onnx: {e}", param="onnx") from None
-    return Runner(per_window(lambda ids: torch.from_numpy(np.asarray(model.logits(ids.numpy()), dtype=np.float32))),
-                  f"onnxruntime {ort.__version__}")
+    def logits(windows: torch.Tensor) -> Iterator[torch.Tensor]:
+        try:
+            model = RuntimeModel(folder)
+        except RuntimeModelError as e:
+            raise ValidationError(f"onnx: {e}", param="onnx") from None
+        for ids in windows:
+            yield torch.from_numpy(np.asarray(model.logits(ids.numpy()), dtype=np.float32))
+
+    return Runner(logits, f"onnxruntime {ort.__version__}")
 
 
 def llama_cpp_runner(path, n_ctx: int) -> Runner:
-    """A GGUF file in llama.cpp, the cache reset before each window."""
+    """A GGUF file in llama.cpp, the cache reset before each window; loaded when the windows come and
+    released after the last one."""
     import llama_cpp
 
-    try:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, verbose=False)
-    except Exception as e:  # llama-cpp-python raises ValueError/RuntimeError with little detail
-        raise ValidationError(f"gguf {path}: llama.cpp cannot load the file ({e})", param="gguf") from None
+    def logits(windows: torch.Tensor) -> Iterator[torch.Tensor]:
+        try:
+            llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=n_ctx,
+                                  verbose=False)
+        except Exception as e:  # llama-cpp-python raises ValueError/RuntimeError with little detail
+            raise ValidationError(f"gguf {path}: llama.cpp cannot load the file ({e})", param="gguf") from None
+        for ids in windows:
+            llm.reset()
+            llm.eval(ids.tolist())
+            yield torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        llm.close()
 
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        llm.reset()
-        llm.eval(ids.tolist())
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-
-    return Runner(per_window(logits), f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
+    return Runner(logits, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
 
 
 def numpy_gguf_runner(cfg: ModelConfig, weights: Mapping[str, np.ndarray], progress: bool = False) -> Runner:
     """A GGUF file's own weights (gguf-py dequantization, a tensor when the forward reaches it) in the
     PyTorch forward: checks the file's contents without llama.cpp's 8-bit activations."""
-    model = Model(cfg, LazyTensors(weights, lambda name: torch.from_numpy(np.array(weights[name], dtype=np.float32))))
+    model = Model(cfg, Lazy(weights, lambda name: torch.from_numpy(np.array(weights[name], dtype=np.float32))))
     return torch_runner(model, f"gguf-py {version('gguf')} dequantization + PyTorch (float32)", progress)
 
 
