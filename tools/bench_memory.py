@@ -1,12 +1,12 @@
 """Peak memory and time of every stage on one model folder, each stage in a process of its own.
 
     .venv/bin/python tools/bench_memory.py MODEL WORK [--iters 2] [--nsamples 16] [--seqlen 256]
-        [--no-clip-search]
+        [--[no-]clip-search]
         [--stages tune,onnx,gguf,validate] [--tokens 1024]
 
 Runs, one `signround` process each (so that one stage's peak never hides another's; Linux keeps a
 process's peak RSS across exec, hence a fresh process, not a forked one, per stage):
-  tune      signround tune MODEL --out WORK/ckpt --recipe fast --iters N --nsamples N --seqlen N [--no-clip-search]
+  tune      signround tune MODEL --out WORK/ckpt --recipe fast --iters N --nsamples N --seqlen N [--[no-]clip-search]
   onnx      signround export onnx WORK/ckpt --out WORK/onnx
   gguf      signround export gguf WORK/ckpt --out WORK/model.gguf
   validate  signround validate WORK/ckpt --onnx WORK/onnx --gguf WORK/model.gguf --tokens T --window 512
@@ -37,7 +37,7 @@ def stage_command(stage: str, model: Path, work: Path, args) -> list[str]:
     return {
         "tune": [SIGNROUND, "tune", str(model), "--out", str(ckpt), "--recipe", "fast", "--iters", str(args.iters),
                  "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                 "--clip-search" if args.clip_search else "--no-clip-search"],
+                 *([] if args.clip_search is None else ["--clip-search" if args.clip_search else "--no-clip-search"])],
         "onnx": [SIGNROUND, "export", "onnx", str(ckpt), "--out", str(onnx)],
         "gguf": [SIGNROUND, "export", "gguf", str(ckpt), "--out", str(gguf)],
         "validate": [SIGNROUND, "validate", str(ckpt), "--onnx", str(onnx), "--gguf", str(gguf),
@@ -84,8 +84,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=True,
-                    help="tune with the clipping search (its cost grows with a block's size)")
+    ap.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                    help="tune with or without the clipping search (default: when iters > 0)")
     ap.add_argument("--tokens", type=int, default=1024, help="validate's tokens (windows of 512)")
     ap.add_argument("--stages", default=",".join(STAGES))
     args = ap.parse_args()
