@@ -128,7 +128,7 @@ def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_
     """
     with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress) as ckpt:
         return onnx_build.export_onnx(ckpt, out, accuracy_level=accuracy_level, lm_head_bits=lm_head_bits,
-                                      max_block=max_block)
+                                      max_block=max_block, progress=progress)
 
 
 def export_gguf(source: Source, out: str | Path, *, asym4: str = "q5_0", float_type: str = "f16",

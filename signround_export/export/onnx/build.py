@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from tqdm import tqdm
 
 from ...atomic import atomic_dir
 from ...checkpoint.format import Checkpoint
@@ -86,14 +87,14 @@ class ONNXExport:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_bits: int | None = None,
-                max_block: int = 32, external_bytes: int | None = None) -> ONNXExport:
+                max_block: int = 32, external_bytes: int | None = None, progress: bool = False) -> ONNXExport:
     """Write the ONNX folder (model.onnx, genai_config.json, tokenizer files) atomically.
 
     accuracy_level: MatMulNBits' (0 exact float32 .. 4 int8 activations); lm_head_bits: 4 or 8 round a
     float head to nearest here (None or 16 keep it); max_block: the largest MatMulNBits block;
     external_bytes: initializers over this size stay in model.onnx.data (default EXTERNAL_DATA_BYTES, under
     protobuf's 2 GB), else model.onnx holds them. The checkpoint is read one layer at a time, its
-    initializers written to model.onnx.data as they are made."""
+    initializers written to model.onnx.data as they are made; progress: a bar over the blocks."""
     t0 = time.perf_counter()
     check_options(accuracy_level, lm_head_bits, max_block)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
@@ -104,7 +105,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     with atomic_dir(out_dir) as tmp:
         data = InitializerFile(tmp / DATA_FILE)
         decoder = DecoderGraph(ckpt, cfg, report, data, accuracy_level=accuracy_level, max_block=max_block)
-        model = decoder.build(head_qw)
+        model = decoder.build(head_qw, progress)
         limit = EXTERNAL_DATA_BYTES if external_bytes is None else external_bytes
         if decoder.g.initializer_bytes() > limit:
             data.close()
@@ -217,7 +218,7 @@ class DecoderGraph:
         self.rope: dict[bool, list[str]] = {}  # cos and sin caches, by ModelConfig.local_rope of a block
         self.shapes: dict[str, str] = {}  # Reshape targets, made once
 
-    def build(self, head_qw: QuantWeight | None) -> onnx.ModelProto:
+    def build(self, head_qw: QuantWeight | None, progress: bool = False) -> onnx.ModelProto:
         inputs, outputs = graph_io(self.cfg)
         self.lengths = self.sequence_lengths()
         self.rope = {local: self.rope_caches(local)
@@ -226,7 +227,7 @@ class DecoderGraph:
         if self.cfg.family.embed_scale:  # sqrt(hidden) rounded to float32, as transformers does
             x = self.g.op("Mul", [x, self.g.const("embed_scale", np.array(self.cfg.hidden_size ** 0.5, np.float32))])
         out = None
-        for i in range(self.cfg.n_layers):
+        for i in tqdm(range(self.cfg.n_layers), desc="onnx", unit="block", disable=not progress):
             out, x = self.block(i, out, x)
         h, _ = self.skip_norm(out, x, "model.norm.weight")
         logits = "logits" if self.cfg.final_softcap is None else "/logits_uncapped"
