@@ -32,12 +32,11 @@ from ..atomic import atomic_file
 from ..checkpoint.format import QuantConfig
 from ..checkpoint.qweight import QuantWeight
 from ..checkpoint.read import layer_weight
-from ..model.store import Lazy
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, parse_size
 from ..checkpoint.write import PackedLayer, pack_layer
 from ..errors import TuneError
 from ..model.folder import TensorHeader, file_headers
-from ..model.store import StoredArrays
+from ..model.store import Lazy, StoredArrays
 from .allocate import Allocation
 from .signround import BlockLog
 
