@@ -55,7 +55,8 @@ def test_killed_run_resumes_to_the_same_integers(deep_model, uninterrupted, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "signround_export.cli", "tune", str(deep_model), "--out",
                              str(out), *TUNE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (progress / "block_001.safetensors").exists():  # two blocks done, the third under way
+    # block_NNN.json is written after its .safetensors and marks the block done: two blocks done
+    while not (progress / "block_001.json").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
