@@ -139,3 +139,58 @@ def test_rtn_default_ignores_calibration(setup):
     b = tune(model, None, TuneConfig(bits=4, group_size=32, iters=0), progress=False).qweights
     for name in a:
         np.testing.assert_array_equal(a[name].q, b[name].q)
+
+
+SCHEMES = [Scheme(4, 32, False), Scheme(3, 32, True), Scheme(2, 16, False, sub_scale_bits=4, float_offset=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=["asym", "sym", "k-quant"])
+def test_recomputed_fake_quant_gives_the_kept_graphs_gradients(scheme, dtype):
+    """weights() recomputes the rounding in the backward pass: the gradients must be bit for bit those of
+    the graph that keeps it."""
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 256), torch.randn(4, 10, 256)
+    tuner = BlockTuner({"mlp.up_proj.weight": w}, {"mlp.up_proj": scheme}, "cpu")
+    with torch.no_grad():  # away from the starting point, so that every part of the rounding has a gradient
+        tuner.v["mlp.up_proj"].uniform_(-0.5, 0.5)
+        tuner.min_scale["mlp.up_proj"].uniform_(0.7, 1.0)
+        tuner.max_scale["mlp.up_proj"].uniform_(0.7, 1.0)
+
+    def grads(weight) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = F.linear(x, weight()).float().square().mean()
+        loss.backward()
+        out = [t.grad.clone() for t in tuner.tensors()]
+        for t in tuner.tensors():
+            t.grad = None
+        return out
+
+    kept = grads(lambda: quantize(w, scheme, tuner.v["mlp.up_proj"], tuner.min_scale["mlp.up_proj"],
+                                  tuner.max_scale["mlp.up_proj"], tuner.ranges["mlp.up_proj"]).weight)
+    recomputed = grads(lambda: tuner.weights(dtype)["mlp.up_proj.weight"])
+    for a, b in zip(kept, recomputed):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_step_keeps_little_per_weight():
+    """What autograd keeps of a block's fake-quantized weights through a step: the matmul's own copy of
+    each weight (2 bytes in bfloat16), not the rounding's intermediates (about 10 bytes more)."""
+    torch.manual_seed(0)
+    shapes = {"self_attn.q_proj": (256, 256), "mlp.up_proj": (512, 256)}
+    params = {n + ".weight": torch.randn(*s) for n, s in shapes.items()}
+    tuner = BlockTuner(params, {n: Scheme(4, 32, False) for n in shapes}, "cpu")
+    saved = []
+
+    def keep(t):
+        saved.append(t.numel() * t.element_size() if t.numel() >= 256 * 256 else 0)  # the weight-sized ones
+        return t
+
+    x = torch.randn(2, 256)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        p = tuner.weights(torch.bfloat16)
+        loss = sum(F.linear(x, p[n + ".weight"]).float().sum() for n in shapes)
+    loss.backward()
+    weights = sum(a * b for a, b in shapes.values())
+    assert sum(saved) <= 2 * weights

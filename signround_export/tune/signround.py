@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..checkpoint.format import GPTQ, GPTQ_V1
@@ -175,13 +176,23 @@ class BlockTuner:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.v.values(), *self.min_scale.values(), *self.max_scale.values()]
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The block's tensors with every tuned linear fake-quantized under the current parameters."""
+    def weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The block's tensors with every tuned linear fake-quantized under the current parameters, in
+        dtype (the matmuls' dtype: the cast autocast would make, made here).
+
+        Each fake-quantized weight is recomputed in the backward pass instead of kept: autograd would
+        otherwise hold about 10 bytes per weight of the rounding's intermediates for the whole step, the
+        largest part of a block's tuning memory. The recomputation repeats the same operations, so the
+        gradients are bit for bit those of the kept graph."""
         p = dict(self.params)
-        for name, scheme in self.schemes.items():
-            p[name + ".weight"] = quantize(p[name + ".weight"], scheme, self.v[name], self.min_scale[name],
-                                           self.max_scale[name], self.ranges[name]).weight
+        for name in self.schemes:
+            p[name + ".weight"] = checkpoint(self.fake_quant, name, dtype, use_reentrant=False)
         return p
+
+    def fake_quant(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        w = quantize(self.params[name + ".weight"], self.schemes[name], self.v[name], self.min_scale[name],
+                     self.max_scale[name], self.ranges[name]).weight
+        return w.to(dtype)
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -247,7 +258,7 @@ def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch
         idx = order[pos : pos + batch]
         pos += batch
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = block_forward(model.cfg, tuner.weights(), to_compute(x_q[idx], device), *rope, window=window)
+            out = block_forward(model.cfg, tuner.weights(dtype), to_compute(x_q[idx], device), *rope, window=window)
         loss = F.mse_loss(out.float(), to_compute(y[idx], device))
         value = loss.item()
         if first_loss is None:
