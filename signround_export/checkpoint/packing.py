@@ -69,28 +69,32 @@ def pack_bits(values: np.ndarray, bits: int, axis: int = 0) -> np.ndarray:
 
 
 def unpack_bits(words: np.ndarray, bits: int, count: int, axis: int = 0) -> np.ndarray:
-    """The first `count` values along `axis` of a GPTQ bit stream, as uint8."""
+    """The first `count` values along `axis` of a GPTQ bit stream, as uint8 (a view with the values'
+    axis moved back to `axis` of an array contiguous along it: the transpose of a [K, N] result is a
+    contiguous [N, K])."""
     _check_bits(bits)
     w = np.moveaxis(np.asarray(words), axis, -1)
     if w.shape[-1] < words_for(count, bits):
         raise CheckpointError(f"{w.shape[-1]} words hold fewer than {count} values of {bits} bits")
-    w = w.astype(np.int64) & 0xFFFFFFFF  # the words' bits as unsigned numbers
-    blocks = -(-w.shape[-1] // bits)
-    pad = blocks * bits - w.shape[-1]
-    w = np.concatenate([w, np.zeros(w.shape[:-1] + (pad,), np.int64)], axis=-1)
-    w = w.reshape(w.shape[:-1] + (blocks, bits))
+    w = w.view(np.uint32) if w.dtype.itemsize == 4 else w.astype(np.int64).astype(np.uint32)
+    mask = np.uint32((1 << bits) - 1)
+    if 32 % bits == 0:  # 1, 2, 4, 8 bits: whole values per word, element j of a word at bit j * bits
+        shifts = np.arange(32 // bits, dtype=np.uint32) * np.uint32(bits)
+        v = ((w[..., None] >> shifts) & mask).astype(np.uint8)
+        return np.moveaxis(v.reshape(w.shape[:-1] + (-1,))[..., :count], -1, axis)
 
-    mask = (1 << bits) - 1
-    v = np.empty(w.shape[:-1] + (32,), np.int64)
+    blocks = -(-w.shape[-1] // bits)  # values cross word boundaries: a block of 32 fills `bits` words
+    pad = blocks * bits - w.shape[-1]
+    w = np.concatenate([w, np.zeros(w.shape[:-1] + (pad,), np.uint32)], axis=-1)
+    w = w.reshape(w.shape[:-1] + (blocks, bits))
+    v = np.empty(w.shape[:-1] + (32,), np.uint8)
     for i in range(32):
         word, offset = divmod(i * bits, 32)
-        x = w[..., word] >> offset
+        x = w[..., word] >> np.uint32(offset)
         if offset + bits > 32:
-            x = x | (w[..., word + 1] << (32 - offset))
+            x = x | (w[..., word + 1] << np.uint32(32 - offset))
         v[..., i] = x & mask
-
-    v = v.reshape(v.shape[:-2] + (blocks * 32,))[..., :count]
-    return np.ascontiguousarray(np.moveaxis(v.astype(np.uint8), -1, axis))
+    return np.moveaxis(v.reshape(v.shape[:-2] + (blocks * 32,))[..., :count], -1, axis)
 
 
 def pack_awq(values: np.ndarray) -> np.ndarray:

@@ -105,15 +105,27 @@ class QuantWeight:
 
     def step_error(self, w: np.ndarray) -> float:
         """max over weights of |w - W| in units of each weight's own quantization step |scale| (0 when w
-        holds the integers exactly). |scale|: symmetric groups can have negative scales."""
+        holds the integers exactly). |scale|: symmetric groups can have negative scales. (Each group's
+        largest difference is divided once: division by a positive number keeps the order.)"""
         if not self.q.size:
             return 0.0
-        return float(np.max(np.abs(w - self.dequantize()) / np.abs(self.scale[:, self.group_index()])))
+        diff = self.by_group(np.abs(w - self.dequantize()))
+        return float(np.max(diff.max(-1) / np.abs(self.scale)))
 
     def dequantize(self) -> np.ndarray:
         """float32 [N, K] weight."""
-        gi = self.group_index()
+        w = self.by_group(self.q).astype(np.float32)
         if self.offset is not None:
-            return self.q.astype(np.float32) * self.scale[:, gi] - self.offset[:, gi]
-        zero = self.zero.astype(np.float32)[:, gi]
-        return (self.q.astype(np.float32) - zero) * self.scale[:, gi]
+            w *= self.scale[..., None]
+            w -= self.offset[..., None]
+        else:
+            w -= self.zero[..., None].astype(np.float32)
+            w *= self.scale[..., None]
+        n, k = self.q.shape
+        return np.ascontiguousarray(w.reshape(n, -1)[:, :k])  # a copy only when the last group is short
+
+    def by_group(self, a: np.ndarray) -> np.ndarray:
+        """[N, K] as [N, G, group_size], a short last group padded with zeros."""
+        n, k = a.shape
+        pad = self.scale.shape[1] * self.group_size - k
+        return (np.pad(a, ((0, 0), (0, pad))) if pad else a).reshape(n, -1, self.group_size)

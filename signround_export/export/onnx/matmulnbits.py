@@ -96,20 +96,21 @@ def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBi
 
 def unpack_codes(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
     """pack_codes undone: the first `length` codes of each row of bytes [..., L] (low bits first)."""
-    shifts = np.arange(8 // bits) * bits
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    shifts = np.arange(8 // bits, dtype=np.uint8) * np.uint8(bits)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
 def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
     """float32 [N, K] as MatMulNBits reads the inputs (the contract above, for tests)."""
     k_blocks = w.scales.shape[1]
-    codes = unpack_codes(w.b, w.bits, w.block).reshape(w.n, k_blocks * w.block)[:, : w.k].astype(np.float32)
+    codes = unpack_codes(w.b, w.bits, w.block).reshape(w.n, k_blocks, w.block).astype(np.float32)
     if w.zero_points is None:
         zeros = np.full(w.scales.shape, 2 ** (w.bits - 1), dtype=np.float32)
     elif w.zero_points.dtype == np.float32:
         zeros = w.zero_points
     else:
         zeros = unpack_codes(w.zero_points, w.bits, k_blocks).astype(np.float32)
-    block_of = np.arange(w.k) // w.block
-    return (codes - zeros[:, block_of]) * w.scales[:, block_of]
+    codes -= zeros[..., None]
+    codes *= w.scales[..., None]
+    return codes.reshape(w.n, -1)[:, : w.k]
