@@ -135,3 +135,26 @@ def test_nan_is_named_when_read(tmp_path, source, capsys):
         model.tensors["model.layers.2.mlp.up_proj.weight"]
     assert main(["tune", str(folder), "--out", str(tmp_path / "q"), *TUNE]) == 2
     assert "model.layers.2.mlp.up_proj.weight contains NaN" in capsys.readouterr().err
+
+
+def test_tensors_read_as_stored_or_converted(tmp_path, monkeypatch):
+    """read_tensor reads every dtype a checkpoint or model holds, whole or a slice at a time into another
+    dtype (READ_STEP made small so that a tensor spans several slices), and names a file that ends early."""
+    from signround_export.model import folder
+
+    monkeypatch.setattr(folder, "READ_STEP", 1000)
+    torch.manual_seed(0)
+    tensors = {"bf16": torch.randn(37, 61).bfloat16(), "f16": torch.randn(2500).half(), "f32": torch.randn(3, 4),
+               "i32": torch.arange(-5, 2000, dtype=torch.int32), "u8": torch.arange(256, dtype=torch.uint8),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 8)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    headers = folder.file_headers(path)
+    for name, t in tensors.items():
+        assert torch.equal(folder.read_tensor(name, headers[name]), t), name
+        assert torch.equal(folder.read_tensor(name, headers[name], dtype=torch.float32), t.float()), name
+
+    data = path.read_bytes()
+    path.write_bytes(data[: headers["bf16"].offset + 100])  # cut inside the first tensor, after the header check
+    with pytest.raises(ModelError, match="truncated or corrupt.*ends inside tensor bf16"):
+        folder.read_tensor("bf16", headers["bf16"], dtype=torch.float32)
