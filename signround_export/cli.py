@@ -8,6 +8,7 @@ names turned into the flags that set them, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import json
 import re
@@ -313,6 +314,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"signround {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk, not the input: outputs are written atomically, so nothing is left half-made
+        where = f" ({e.filename})" if e.filename else ""
+        hint = OS_HINTS.get(e.errno, "")
+        print(f"signround {args.command}: error: {e.strerror or e}{where}; nothing was written{hint}", file=sys.stderr)
+        return 1
+
+
+OS_HINTS = {errno.ENOSPC: ": free space on that disk, or write the output elsewhere",
+            errno.EDQUOT: ": free space within your quota, or write the output elsewhere",
+            errno.EACCES: ": write the output to a folder you may write to",
+            errno.EROFS: ": write the output to a writable disk"}
 
 
 if __name__ == "__main__":

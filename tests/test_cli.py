@@ -167,3 +167,21 @@ def test_every_signround_error_is_one_line_and_nothing_else_is_hidden(deep_model
     monkeypatch.setattr(cli, "export_gguf", fail(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(args)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(deep_model, tmp_path, capsys, monkeypatch):
+    """The disk filling up while the GGUF file's tensors are spooled: one line that says so, exit 1, and
+    no file (whole or partial, spool or temporary) left in the output folder."""
+    import errno
+
+    from signround_export.export.gguf import spool
+
+    def full(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool.TensorSpool, "add", full)
+    out = tmp_path / "out"
+    assert cli.main(["export", "gguf", str(deep_model), "--out", str(out / "m.gguf"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device; nothing was written: free space" in err, err
+    assert list(out.iterdir()) == []
