@@ -67,7 +67,7 @@ def whole_model_perplexity(model: Model, ids: torch.Tensor, window: int, n: int,
     nll = NLL()
     for start in range(0, len(w), batch):
         x = w[start : start + batch]
-        nll.add(next_token_logp(whole_model_logits(model, x)), next_tokens(x), cascade=True)
+        nll.add(next_token_logp(whole_model_logits(model, x)), next_tokens(x))
     return nll.ppl
 
 

@@ -73,20 +73,31 @@ def test_identical_logits_agree_perfectly():
     assert s.ppl == pytest.approx(math.exp(float(nll)), rel=1e-6)
 
 
-def test_each_figure_keeps_its_summation_order():
+def test_each_figure_keeps_its_summation_order(monkeypatch):
     """`perplexity` sums a batch as cross-entropy does, validation sums each window's gathered
-    log-probabilities: float32 sums in another order change published figures in the last digits."""
+    log-probabilities: float32 sums in another order change published figures in the last digits. The
+    validation figures are the same whether a window's positions are taken all at once or a few at a time."""
     torch.manual_seed(0)
     logits, ids = torch.randn(4, 300, 5000) * 4, torch.randint(0, 5000, (4, 300))
-    cascade, plain = NLL(), NLL()
-    cascade.add(next_token_logp(logits), next_tokens(ids), cascade=True)
+    ref_logits = logits + torch.randn_like(logits)
+    cascade = NLL()
+    cascade.add(next_token_logp(logits), next_tokens(ids))
     assert cascade.total == F.cross_entropy(logits[:, :-1].reshape(-1, 5000), ids[:, 1:].reshape(-1),
                                             reduction="sum").item()
-    for x, w in zip(logits, ids):
-        plain.add(next_token_logp(x), next_tokens(w))
+    accs = {}
+    for rows in (1000, 7):
+        monkeypatch.setattr(Accumulator, "ROWS", rows)
+        accs[rows] = Accumulator()
+        for x, r, w in zip(logits, ref_logits, ids):
+            accs[rows].add(w, x, r)
+    plain = accs[7].nll
     assert plain.total == sum(float(-F.log_softmax(x[:-1], -1).gather(1, w[1:, None]).sum()) for x, w in zip(logits, ids))
     assert cascade.count == plain.count == 4 * 299
     assert cascade.ppl == pytest.approx(plain.ppl, rel=1e-6)
+    whole, sliced = accs[1000].scores(True), accs[7].scores(True)
+    assert whole == sliced and whole.top1 < 1 and whole.kl_mean > 0
+    ref, logp = next_token_logp(ref_logits[0]), next_token_logp(logits[0])
+    assert accs[7].kl_max >= float((ref.exp() * (ref - logp)).sum(-1).max())
 
 
 def test_text_shorter_than_a_window_is_refused():

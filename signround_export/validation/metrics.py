@@ -56,20 +56,22 @@ def next_tokens(ids: torch.Tensor) -> torch.Tensor:
 class NLL:
     """Running sum of next-token negative log-likelihoods; perplexity = exp(total / count).
 
-    Each sum is a float32 reduction, so its order shows in the last digits. `cascade` sums with
-    nll_loss's cascaded order (how `perplexity` sums a batch of windows), else a plain tensor sum of
-    the gathered log-probabilities (how validation sums one window): each figure keeps its own order,
-    so published figures reproduce to the last digit."""
+    Each sum is a float32 reduction, so its order shows in the last digits. `add` sums with nll_loss's
+    cascaded order (how `perplexity` sums a batch of windows), `add_gathered` is a plain tensor sum of the
+    gathered log-probabilities (how validation sums one window): each figure keeps its own order, so
+    published figures reproduce to the last digit."""
 
     total: float = 0.0
     count: int = 0
 
-    def add(self, logp: torch.Tensor, targets: torch.Tensor, cascade: bool = False) -> None:
-        if cascade:
-            self.total += F.nll_loss(logp, targets, reduction="sum").item()
-        else:
-            self.total += float(-logp.gather(1, targets[:, None]).sum())
+    def add(self, logp: torch.Tensor, targets: torch.Tensor) -> None:
+        self.total += F.nll_loss(logp, targets, reduction="sum").item()
         self.count += len(targets)
+
+    def add_gathered(self, logp: torch.Tensor) -> None:
+        """The log-probabilities of the targets, gathered: [N]."""
+        self.total += float(-logp.sum())
+        self.count += len(logp)
 
     @property
     def mean(self) -> float:
@@ -99,15 +101,28 @@ class Accumulator:
         self.kl_max = 0.0
 
     def add(self, ids: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
-        """One window: token ids [T], logits [T, V], the reference's logits [T, V] or None."""
-        logp = next_token_logp(logits)
-        self.nll.add(logp, next_tokens(ids))
+        """One window: token ids [T], logits [T, V], the reference's logits [T, V] or None.
+
+        Positions are taken ROWS at a time (a log-softmax and the KL terms of a whole window are several
+        [T, V] temporaries: 1.3 GB at T = 512 and a 128k vocabulary); each position's figures are
+        computed as for the whole window and summed once, so the figures do not depend on ROWS."""
+        targets = next_tokens(ids)
+        nll, kl, agree = torch.empty(len(targets)), torch.empty(len(targets)), 0
+        for a in range(0, len(targets), self.ROWS):
+            b = min(a + self.ROWS, len(targets))
+            logp = next_token_logp(logits[a : b + 1])
+            nll[a:b] = logp.gather(1, targets[a:b, None])[:, 0]
+            if ref_logits is not None:
+                ref = next_token_logp(ref_logits[a : b + 1])
+                kl[a:b] = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0)
+                agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+        self.nll.add_gathered(nll)
         if ref_logits is not None:
-            ref = next_token_logp(ref_logits)
-            kl = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0)
             self.kl_sum += float(kl.sum())
             self.kl_max = max(self.kl_max, float(kl.max()))
-            self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            self.agree += agree
+
+    ROWS = 64
 
     def scores(self, against_reference: bool) -> Scores:
         count = self.nll.count
@@ -189,7 +204,7 @@ def perplexity(model: Model, ids: torch.Tensor, window: int = 512, max_windows: 
     batches = [w[start : start + batch] for start in range(0, len(w), batch)]
     nll = NLL()
     for x, logits in zip(batches, model.stream_logits(batches, progress)):
-        nll.add(next_token_logp(logits), next_tokens(x), cascade=True)
+        nll.add(next_token_logp(logits), next_tokens(x))
         del logits
     return Perplexity(ppl=nll.ppl, nll=nll.mean, windows=len(w), window=window, tokens=nll.count)
 
