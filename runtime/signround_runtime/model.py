@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .manifest import damaged
 from .sampling import Sampling, choose
 
 
@@ -45,7 +46,9 @@ class Generation:
 
 
 class Model:
-    def __init__(self, folder, threads: int | None = None):
+    def __init__(self, folder, threads: int | None = None, verify: bool = True):
+        """The folder's model, tokenizer and config. verify: check every file against the folder's
+        sha256sums.txt first (manifest.py; about 0.1 s per 100 MB here) and refuse a damaged one."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -55,6 +58,9 @@ class Model:
             if not (self.folder / need).is_file():
                 raise RuntimeModelError(f"{self.folder} has no {need}: give a folder written by "
                                         "`signround export onnx`")
+        problem = damaged(self.folder) if verify else None
+        if problem is not None:
+            raise RuntimeModelError(problem)
         try:
             config = json.loads(config_path.read_text())["model"]
             self.decoder = config["decoder"]
