@@ -17,7 +17,7 @@ from signround_runtime.manifest import damaged
 from ..checkpoint.format import Checkpoint
 from ..checkpoint.read import read_checkpoint
 from ..data import evaluation_ids
-from ..errors import ValidationError
+from ..errors import GGUFExportError, ValidationError
 from ..export.gguf.read import check_digests as check_gguf_digests
 from ..model.config import ModelConfig
 from ..model.load import load_float_model, reference_from_checkpoint
@@ -85,10 +85,13 @@ def check_artifact_digests(onnx, gguf) -> None:
     in its metadata, before either is loaded (artifacts without digests pass)."""
     problem = damaged(onnx) if onnx is not None and Path(onnx).is_dir() else None
     if problem is not None:
-        raise ValidationError(problem)
+        raise ValidationError(f"onnx: {problem}", param="onnx")
     if gguf is not None:
         check_gguf_path(gguf)
-        check_gguf_digests(gguf)
+        try:
+            check_gguf_digests(gguf)
+        except GGUFExportError as e:
+            raise ValidationError(f"gguf: {e}", param="gguf") from None
 
 
 def check_settings(tokens: int, window: int, gguf_runner: str) -> None:
