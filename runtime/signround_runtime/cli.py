@@ -40,7 +40,7 @@ def serve_parser() -> argparse.ArgumentParser:
 def add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="load without checking the files against the folder's sha256sums.txt (checked by "
-                        "default: about 0.1 s per 100 MB)")
+                        "default: measured 0.17 s more on a 0.8 s load of SmolLM2-135M's 185 MB folder)")
 
 
 def serve_main(argv) -> int:

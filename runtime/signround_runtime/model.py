@@ -48,7 +48,8 @@ class Generation:
 class Model:
     def __init__(self, folder, threads: int | None = None, verify: bool = True):
         """The folder's model, tokenizer and config. verify: check every file against the folder's
-        sha256sums.txt first (manifest.py; about 0.1 s per 100 MB here) and refuse a damaged one."""
+        sha256sums.txt first (manifest.py) and refuse a damaged one: measured 0.17 s more on a 0.8 s load
+        of SmolLM2-135M's 185 MB folder, so it is on by default."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
