@@ -55,5 +55,6 @@ def damaged(folder) -> str | None:
             return f"{path} is missing ({MANIFEST} lists it); copy or export the folder again"
         if file_digest(path) != m[1]:
             return (f"{path}: its bytes do not match its digest in {MANIFEST}; the file is damaged: copy or "
-                    "export the folder again")
+                    f"export the folder again (changed on purpose: put its new sha256 in {MANIFEST}, or load "
+                    "with --no-verify)")
     return None
