@@ -77,6 +77,17 @@ def test_checkpoint_carries_a_digest_of_every_tensor_and_reads_whole(ckpt):
     read_all(ckpt)  # unflipped: every entry reads
 
 
+def test_a_digest_missing_from_the_metadata_is_refused(ckpt, tmp_path):
+    """A damaged header that loses one tensor's digest key does not leave that tensor unchecked."""
+    data = (ckpt / "model.safetensors").read_bytes()
+    key = b"sha256:model.norm.weight"
+    assert data.count(key) == 1
+    (tmp_path / "model.safetensors").write_bytes(data.replace(key, b"sha256:model.norm.weighs"))
+    with pytest.raises(CheckpointError, match="metadata holds digests, but none for tensor model.norm.weight; the "
+                                              "header is damaged"):
+        file_headers(tmp_path / "model.safetensors", CheckpointError)
+
+
 def test_checkpoint_flips_are_refused_by_tensor(ckpt, tmp_path):
     """A byte flipped anywhere in any tensor's data: reading that tensor is refused by name; --no-verify
     reads the damaged bytes (its other checks, NaN or zero points, may still refuse, but not the digest)."""

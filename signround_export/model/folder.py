@@ -105,6 +105,10 @@ def file_headers(f: Path, error: type[SignroundError] = ModelError,
     except (SafetensorError, OSError, RuntimeError) as e:
         raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
     digests = tensor_digests(meta.get("__metadata__"))
+    if digests and digests.keys() != set(names):  # a file written with digests has one for every tensor
+        missing, unknown = sorted(set(names) - digests.keys()), sorted(digests.keys() - set(names))
+        what = f"none for tensor {missing[0]}" if missing else f"one for {unknown[0]}, which it does not hold"
+        raise error(f"{f}: its metadata holds digests, but {what}; the header is damaged: copy it again, or {remedy}")
     return {name: TensorHeader(Path(f), meta[name]["dtype"], tuple(meta[name]["shape"]),
                                8 + n + meta[name]["data_offsets"][0], digests.get(name)) for name in names}
 
