@@ -52,9 +52,9 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
              progress: bool = True, verify: bool = True) -> ValidationResult:
     """Run the checkpoint's reference, the float model (float_model, else the tuning log's source when
     that folder exists) and each artifact given over the first `tokens` tokens of text (default: the
-    held-out slice of the calibration text) in windows of `window`; judge each artifact. verify: first
-    check the checkpoint's tensors, the ONNX folder's files and the GGUF file's tensors against the
-    digests written with them, and refuse a damaged one by name."""
+    held-out slice of the calibration text) in windows of `window`; judge each artifact. verify: check
+    the ONNX folder's files and the GGUF file's tensors against the digests written with them before any
+    model runs, and the checkpoint's tensors as they are read; a damaged one is refused by name."""
     t0 = time.perf_counter()
     check_settings(tokens, window, gguf_runner)
     ckpt = read_checkpoint(checkpoint, verify)
