@@ -55,6 +55,6 @@ def damaged(folder) -> str | None:
             return f"{path} is missing ({MANIFEST} lists it); copy or export the folder again"
         if file_digest(path) != m[1]:
             return (f"{path}: its bytes do not match its digest in {MANIFEST}; the file is damaged: copy or "
-                    f"export the folder again (changed on purpose: put its new sha256 in {MANIFEST}, or load "
-                    "with --no-verify)")
+                    f"export the folder again (changed on purpose: put its new sha256 in {MANIFEST}, or load it "
+                    "without verifying)")
     return None
