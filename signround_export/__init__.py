@@ -116,7 +116,7 @@ def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = 
 
 def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,
                 max_block: int = 32, bits: int = 4, group_size: int = 32, sym: bool = True,
-                progress: bool = True) -> ONNXExport:
+                progress: bool = True, verify: bool = True) -> ONNXExport:
     """Write an ONNX folder (model.onnx with MatMulNBits weights repacked exactly from the checkpoint's
     integers, genai_config.json, tokenizer files) for onnxruntime and onnxruntime-genai.
 
@@ -125,31 +125,35 @@ def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_
     accuracy_level: MatMulNBits accuracy level, 0 (float32, matches the reference) to 4 (int8
         activations per block, the fast CPU path). lm_head_bits: 4 or 8 round a float head to nearest.
     max_block: the largest MatMulNBits block; larger groups ride in blocks of this size (exact).
+    verify: check a checkpoint folder's tensors against the digests written with them (False reads a
+    damaged file as it is). The folder gets sha256sums.txt, the digests of its files.
     """
-    with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress) as ckpt:
+    with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress, verify=verify) as ckpt:
         return onnx_build.export_onnx(ckpt, out, accuracy_level=accuracy_level, lm_head_bits=lm_head_bits,
                                       max_block=max_block, progress=progress)
 
 
 def export_gguf(source: Source, out: str | Path, *, asym4: str = "q5_0", float_type: str = "f16",
                 kquant: bool = False, tokenizer_pre_name: str | None = None, bits: int = 4, group_size: int = 32,
-                sym: bool = True, progress: bool = True) -> GGUFExport:
+                sym: bool = True, progress: bool = True, verify: bool = True) -> GGUFExport:
     """Write one GGUF file for llama.cpp; each quantized layer goes into a block type that holds its
     integers exactly where one exists, and the report gives every tensor's type and error.
 
     source: as for export_onnx. asym4: carrier of 4-bit asymmetric layers, "q5_0" (exact) or "q4_1"
     (smaller). float_type: "f16", "f32" or "q8_0" for float matrices. kquant: Q4_K for layers of up to
     4 bits whose rows are a multiple of 256 (not exact). tokenizer_pre_name: llama.cpp's pre-tokenizer
-    name of a byte-level BPE whose vocabulary and split regex are not recognised.
+    name of a byte-level BPE whose vocabulary and split regex are not recognised. verify: as for
+    export_onnx. The file's metadata holds the digest of each tensor's data (signround.tensor_sha256).
     """
-    with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress) as ckpt:
+    with export_source(source, bits=bits, group_size=group_size, sym=sym, progress=progress, verify=verify) as ckpt:
         return gguf_write.export_gguf(ckpt, out, asym4=asym4, float_type=float_type, kquant=kquant,
                                       tokenizer_pre_name=tokenizer_pre_name, progress=progress)
 
 
 def evaluate(model: str | Path, *, text: str | Path | None = None, window: int = 512, windows: int = 40,
-             progress: bool = True) -> Perplexity:
+             progress: bool = True, verify: bool = True) -> Perplexity:
     """Perplexity of a float model folder, or of a checkpoint's PyTorch reference (weights dequantized
     from its integers), over the first `windows` non-overlapping windows of `window` tokens, no BOS.
-    text: a .txt or .jsonl file (default: the held-out slice of the default calibration text)."""
-    return folder_perplexity(model, text, window=window, max_windows=windows, progress=progress)[0]
+    text: a .txt or .jsonl file (default: the held-out slice of the default calibration text).
+    verify: check a checkpoint's tensors against the digests written with them."""
+    return folder_perplexity(model, text, window=window, max_windows=windows, progress=progress, verify=verify)[0]

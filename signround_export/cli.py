@@ -155,14 +155,21 @@ def add_eval(sub):
     p.add_argument("--window", type=positive(int), default=512)
     p.add_argument("--windows", type=positive(int), default=40, help="number of windows (default: 40)")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    add_no_verify(p, "a checkpoint's tensors")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval, flags=flag_names(p))
+
+
+def add_no_verify(p, what: str) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help=f"read {what} without checking them against the sha256 digests written with them "
+                        "(checked by default; files written by other tools carry none and are read either way)")
 
 
 def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     result, kind = folder_perplexity(args.model, args.text, window=args.window, max_windows=args.windows,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, verify=args.verify)
     source = str(args.text) if args.text else "held-out pydoc_data.topics"
     print(f"perplexity {result.ppl:.4f}  ({kind}; {source}; {result.protocol()}; {time.perf_counter() - t0:.0f} s)")
     if args.json:
@@ -194,6 +201,7 @@ def add_validate(sub):
     p.add_argument("--gguf-runner", choices=["auto", "llama.cpp", "numpy"], default="auto",
                    help="run the GGUF in llama.cpp (auto: when installed) or as numpy-dequantized weights")
     p.add_argument("--report", type=Path, help="report folder (default: CHECKPOINT.validation next to it)")
+    add_no_verify(p, "the checkpoint's tensors, the ONNX folder's files and the GGUF file's tensors")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_validate, flags=flag_names(p))
 
@@ -202,7 +210,7 @@ def cmd_validate(args) -> int:
     thresholds = Thresholds(max_kl=args.max_kl, min_top1=args.min_top1, max_ppl_increase=args.max_ppl_increase)
     result = validate(args.checkpoint, onnx=args.onnx, gguf=args.gguf, float_model=args.float_model, text=args.text,
                       tokens=args.tokens, window=args.window, thresholds=thresholds, gguf_runner=args.gguf_runner,
-                      progress=not args.quiet)
+                      progress=not args.quiet, verify=args.verify)
     folder = Path(args.checkpoint)
     report = args.report or folder.with_name(folder.name + ".validation")
     written = write_report(result, report)
@@ -237,6 +245,7 @@ def add_export(sub):
                         "accurate than the group itself (measured: KL 2.5e-3 against 7.7e-3 at group 128, same "
                         "speed) for a slightly larger file; 256 keeps one block per group (default: 32)")
     add_rtn_args(o)
+    add_no_verify(o, "a checkpoint's tensors")
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=cmd_export_onnx, flags=flag_names(o))
     g = kinds.add_parser("gguf", help="a GGUF file for llama.cpp",
@@ -261,6 +270,7 @@ def add_export(sub):
                    help="llama.cpp pre-tokenizer name of a byte-level BPE (default: recognised from the "
                         "vocabulary or its split regex)")
     add_rtn_args(g)
+    add_no_verify(g, "a checkpoint's tensors")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_export_gguf, flags=flag_names(g))
 

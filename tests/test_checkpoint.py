@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -197,8 +198,9 @@ def test_layout_and_config_on_disk(tmp_path):
     assert qc["block_name_to_quantize"] == "model.layers" and qc["quantizer"].startswith("signround-export ")
     assert "autoround_version" in qc and qc["tuning"] == {"lr": 0.005, "nsamples": 128} and "old" not in qc
     with safe_open(str(out / "model.safetensors"), "np") as f:
-        assert f.metadata() == {"format": "pt"}
         p = "model.layers.0.mlp.up_proj"
+        digests = {f"sha256:{t}": hashlib.sha256(f.get_tensor(t).tobytes()).hexdigest() for t in f.keys()}
+        assert f.metadata() == {"format": "pt"} | digests and len(digests) == 3
         assert f.get_tensor(p + ".qweight").dtype == np.int32 and f.get_tensor(p + ".qweight").shape == (12, 40)
         assert f.get_tensor(p + ".qzeros").shape == (2, 5)  # 2 groups (K=96, last one short) x 40*4/32 words
         assert f.get_tensor(p + ".scales").dtype == np.float16 and f.get_tensor(p + ".scales").shape == (2, 40)

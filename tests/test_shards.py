@@ -40,13 +40,19 @@ def test_streaming_writer_gives_save_files_bytes(tmp_path):
               "norm": rng.normal(size=7).astype(np.float32), "zz": rng.integers(0, 9, 13, np.uint8),
               "empty": np.zeros((0, 4), np.float32), "u": rng.integers(0, 9, 3).astype(np.uint32),
               "big": rng.integers(0, 9, 2).astype(np.int64), "d": rng.normal(size=(2, 2))}
-    save_file(arrays, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    digests = {f"sha256:{n}": hashlib.sha256(a.tobytes()).hexdigest() for n, a in arrays.items()}
+    save_file(arrays, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"} | digests)
     names = list(arrays)[::-1]  # any order of writing gives the same file
     with SafetensorsWriter(tmp_path / "ours.safetensors", {n: TensorSpec.of(a) for n, a in arrays.items()},
                            metadata={"format": "pt"}) as w:
         for n in names:
             w.write(n, arrays[n])
-    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    ours, ref = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "ref.safetensors").read_bytes()
+    n = int.from_bytes(ref[:8], "little")
+    # save_file orders the metadata keys by a hash map: the same header as JSON, the same length and data
+    assert ours[:8] == ref[:8] and json.loads(ours[8 : 8 + n]) == json.loads(ref[8 : 8 + n])
+    assert ours[8 + n :] == ref[8 + n :]
+    assert file_headers(tmp_path / "ours.safetensors")["d"].digest == digests["sha256:d"]
 
 
 def test_streaming_writer_refuses_what_its_header_does_not_say(tmp_path):

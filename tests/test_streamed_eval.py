@@ -85,7 +85,7 @@ def test_eval_holds_two_blocks_with_the_same_figure(deep, monkeypatch):
     for folder in deep:
         loaded, kind = metrics.load_any(folder)
         model, held = resident(loaded)
-        monkeypatch.setattr(metrics, "load_any", lambda _folder: (model, kind))
+        monkeypatch.setattr(metrics, "load_any", lambda _folder, verify=True: (model, kind))
         result, _ = folder_perplexity(folder, window=64, max_windows=9, progress=False)
         assert 1 <= held.peak_blocks <= 2
         block = [n for n in held.entries if n.startswith("model.layers.")]
@@ -126,7 +126,7 @@ def test_validate_holds_two_blocks_with_the_same_figures(deep, artifacts, monkey
         model, held[name] = resident(model)
         return model
 
-    monkeypatch.setattr(validate_module, "read_checkpoint", lambda _p: Checkpoint(
+    monkeypatch.setattr(validate_module, "read_checkpoint", lambda _p, verify=True: Checkpoint(
         plain.path, plain.hf_config, plain.quant, qweights, tensors, plain.tuning_log))
     monkeypatch.setattr(validate_module, "reference_from_checkpoint",
                         lambda c: wrap("reference", reference_from_checkpoint(c)))

@@ -139,8 +139,10 @@ needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
     (["--onnx", "{tmp}/nothing"], "has no model.onnx"),
     (["--gguf", "{tmp}/nothing.gguf"], "no such file"),
     (["--tokens", "100"], "less than one window"),
-    (["--onnx", "{tmp}/onnx"], "onnxruntime cannot load"),
-    pytest.param(["--gguf", "{tmp}/broken.gguf"], "llama.cpp cannot load the file", marks=needs_llama),
+    (["--onnx", "{tmp}/onnx"], "model.onnx: its bytes do not match its digest in sha256sums.txt"),
+    (["--onnx", "{tmp}/onnx", "--no-verify"], "onnxruntime cannot load"),
+    (["--gguf", "{tmp}/broken.gguf"], "is not a readable GGUF file"),
+    pytest.param(["--gguf", "{tmp}/broken.gguf", "--no-verify"], "llama.cpp cannot load the file", marks=needs_llama),
 ])
 def test_bad_input_is_one_line(ckpt, broken_files, tmp_path, capsys, extra, message):
     args = ["validate", str(ckpt), "--window", "128", "--quiet", "--report", str(tmp_path / "r")]
@@ -152,7 +154,8 @@ def test_bad_input_is_one_line(ckpt, broken_files, tmp_path, capsys, extra, mess
 
 @pytest.mark.parametrize("kwargs,param,message", [
     (dict(onnx="{tmp}/nothing"), "onnx", "has no model.onnx"),
-    (dict(onnx="{tmp}/onnx"), "onnx", "onnxruntime cannot load"),
+    (dict(onnx="{tmp}/onnx"), "onnx", "model.onnx: its bytes do not match its digest"),
+    (dict(onnx="{tmp}/onnx", verify=False), "onnx", "onnxruntime cannot load"),
     (dict(gguf="{tmp}/nothing.gguf"), "gguf", "no such file"),
     (dict(gguf="{tmp}/broken.gguf", gguf_runner="numpy"), "gguf", "truncated or corrupt"),
     (dict(tokens=100), "tokens", "tokens 100 is less than one window of 128"),

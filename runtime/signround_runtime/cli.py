@@ -33,7 +33,14 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a running request may go on after SIGTERM before it is cut (default 10)")
+    add_verify(p)
     return p
+
+
+def add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="load without checking the files against the folder's sha256sums.txt (checked by "
+                        "default: measured 0.17 s more on a 0.8 s load of SmolLM2-135M's 185 MB folder)")
 
 
 def serve_main(argv) -> int:
@@ -50,7 +57,7 @@ def serve_main(argv) -> int:
         serve_parser().error(f"--max-batch must be at least 1, got {args.max_batch}")
     try:
         serve(args.model_dir, args.host, args.port, args.api_key, args.max_queue, args.threads, args.model_name,
-              args.grace, args.max_batch)
+              args.grace, args.max_batch, args.verify)
     except RuntimeModelError as e:
         print(f"signround-run: error: {e}", file=sys.stderr)
         return 2
@@ -71,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: up to 4)")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    add_verify(p)
     return p
 
 
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
         sampling.check()
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        model = Model(words[0], threads=args.threads)
+        model = Model(words[0], threads=args.threads, verify=args.verify)
         system = [{"role": "system", "content": args.system}] if args.system else []
         if not chat:
             ids = (model.encode(words[1]) if args.raw else

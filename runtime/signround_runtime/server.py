@@ -441,13 +441,15 @@ class Server:
 
 
 def serve(folder, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 16,
-          threads: int | None = None, model_name: str | None = None, grace: float = 10.0, max_batch: int = 8) -> None:
-    """Load the model and serve until SIGINT/SIGTERM. On the signal: no new requests, queued ones are
-    refused (503), the running batch gets `grace` seconds to finish before it is cut (finish_reason
-    "length"), every open stream ends with [DONE], then the worker thread stops."""
+          threads: int | None = None, model_name: str | None = None, grace: float = 10.0, max_batch: int = 8,
+          verify: bool = True) -> None:
+    """Load the model (its files checked against sha256sums.txt unless verify is False) and serve until
+    SIGINT/SIGTERM. On the signal: no new requests, queued ones are refused (503), the running batch gets
+    `grace` seconds to finish before it is cut (finish_reason "length"), every open stream ends with
+    [DONE], then the worker thread stops."""
     import uvicorn
 
-    model = Model(folder, threads=threads)
+    model = Model(folder, threads=threads, verify=verify)
     server = Server(model, model_name, api_key, max_queue, max_batch)
     config = uvicorn.Config(server.app(), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=grace + 5)

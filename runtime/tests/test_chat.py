@@ -19,6 +19,7 @@ import pytest
 from signround_runtime import Model
 from signround_runtime.chat import ChatTemplateError, render
 from signround_runtime.cli import main as run_main
+from signround_runtime.manifest import write_manifest
 from tokenizers import AddedToken, processors
 
 from conftest import make_tokenizer, rtn_checkpoint
@@ -223,6 +224,7 @@ def family_folder(exported, tmp_path, name: str):
         (folder / "chat_template.jinja").write_text(family.template)
         config["chat_template"] = "{{ 'a decoy: transformers reads chat_template.jinja first' }}"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    write_manifest(folder)  # the folder as made here
     return folder
 
 
@@ -296,6 +298,7 @@ def test_a_tool_use_template_is_chosen_when_tools_are_given(exported, tmp_path, 
         config["chat_template"] = [{"name": "default", "template": QWEN3}, {"name": "tool_use", "template": tool_use}]
     config["bos_token"] = "<|im_start|>"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    write_manifest(folder)
     model = Model(folder, threads=1)
     with_tools = model.chat_prompt(TALK, tools=TOOLS)
     assert with_tools.startswith("<|im_start|>TOOLS [{") and with_tools == theirs(folder, TALK, tools=TOOLS)

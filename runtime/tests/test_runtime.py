@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from signround_runtime import Model, RuntimeModelError, Sampling
 from signround_runtime.cli import main as run_main
+from signround_runtime.manifest import write_manifest
 from signround_runtime.sampling import choose, penalize
 
 from conftest import reference_greedy, rtn_checkpoint
@@ -97,6 +98,7 @@ def test_a_graph_without_a_fixed_vocabulary_is_refused(exported, tmp_path):
     logits = next(o for o in model.graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[-1].dim_param = "vocab_size"
     onnx.save(model, str(folder / "model.onnx"))
+    write_manifest(folder)  # the folder as edited here
     with pytest.raises(RuntimeModelError, match="no logits output of a fixed vocabulary size"):
         Model(folder, threads=1)
 

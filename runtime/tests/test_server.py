@@ -21,6 +21,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from signround_runtime import Model  # noqa: E402
+from signround_runtime.manifest import write_manifest  # noqa: E402
 from signround_runtime.server import Server, make_uvicorn  # noqa: E402
 from signround_runtime.text import TextStream  # noqa: E402
 
@@ -41,6 +42,7 @@ def folder(tiny_model, tmp_path_factory):
     config = base / "onnx" / "tokenizer_config.json"
     tconfig = json.loads(config.read_text()) if config.is_file() else {}
     config.write_text(json.dumps({**tconfig, "chat_template": CHATML}))
+    write_manifest(base / "onnx")  # the folder as made here
     return base / "onnx"
 
 

@@ -2,14 +2,16 @@
 
 read_checkpoint reads the headers only: the tensors' names, dtypes and shapes and their agreement with
 quantization_config are checked when the folder is opened. A layer's integers and a float tensor's values
-are read from the memory-mapped shards each time they are indexed, and checked then (zero points, g_idx,
-NaN), so a consumer taking one entry at a time holds one layer at a time.
+are read from the shards each time they are indexed, and checked then (their bytes against the digests
+written with them, zero points, g_idx, NaN), so a consumer taking one entry at a time holds one layer at
+a time.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +26,19 @@ from .qweight import SUPPORTED_BITS, QuantWeight
 REMEDY = "write the checkpoint again"
 
 
-def read_checkpoint(path) -> Checkpoint:
+def read_checkpoint(path, verify: bool = True) -> Checkpoint:
     """A checkpoint folder whose layers and float tensors are read when indexed; CheckpointError now if
-    its config or tensor headers are broken, and on indexing if an entry's values are."""
+    its config or tensor headers are broken, and on indexing if an entry's values are. verify: check each
+    tensor's bytes against the digest the writer put in its file's metadata (files without digests,
+    written by other tools, are read unchecked either way); False reads a damaged file as it is."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder (give the folder `signround tune` wrote, "
                               "with config.json and model.safetensors)")
     hf, quant = _read_config(folder / "config.json")
     headers = safetensors_headers(folder, CheckpointError, REMEDY)
+    if not verify:
+        headers = {name: replace(h, digest=None) for name, h in headers.items()}
     arrays = StoredArrays(headers, CheckpointError, REMEDY)
     layers = read_layers(headers, arrays, quant)
     floats = _float_names(headers, layers)

@@ -4,7 +4,13 @@ A safetensors file is an 8-byte header length, a JSON header naming every tensor
 range, then the data. The header depends on dtypes and shapes only, so it is computed first and each
 tensor is written at its offset when it comes: nothing but the tensor in hand is held in memory. The
 layout is the one safetensors' own save_file gives (data sorted by dtype, widest first, then by name;
-the header padded with spaces to 8 bytes), so the same tensors give the same bytes.
+the header padded with spaces to 8 bytes), so the same tensors give save_file's header and data.
+
+Every tensor's digest goes into the header's metadata (digests.py). The header comes first, so it is
+written with fixed-length placeholders; each tensor is hashed as it is written, and once all are, the
+header is written again over the first with the real digests: the same length, so no offset moves.
+(save_file orders metadata keys by a hash map, ours are sorted: with more than one key the headers
+are equal as JSON, not byte for byte.)
 
 Sharding follows transformers' save_pretrained: units (one quantized layer's tensors, or one float
 tensor) fill a shard in order until the next one would pass the shard size (a unit larger than the
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..digests import PLACEHOLDER, digest_of, metadata_key
 from ..errors import CheckpointError
 
 DEFAULT_SHARD_SIZE = "5GB"  # transformers' and auto-round's default
@@ -72,15 +79,21 @@ def safetensors_header(specs: dict[str, TensorSpec], metadata: dict[str, str] | 
 
 class SafetensorsWriter:
     """One safetensors file written a tensor at a time, in any order; close() checks that every tensor
-    of the header was written. Write to a temporary name (atomic.py): an unfinished file has holes."""
+    of the header was written and puts their digests in the header. Write to a temporary name
+    (atomic.py): an unfinished file has holes and placeholder digests."""
 
     def __init__(self, path: str | Path, specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None):
-        self.path, self.specs = Path(path), dict(specs)
-        head, self.offsets = safetensors_header(self.specs, metadata)
+        self.path, self.specs, self.metadata = Path(path), dict(specs), dict(metadata or {})
+        self.digests = dict.fromkeys(self.specs, PLACEHOLDER)
+        head, self.offsets = self.header()
         self.data_start = len(head)
         self.pending = set(self.specs)
         self.file = open(self.path, "wb")
         self.file.write(head)
+
+    def header(self) -> tuple[bytes, dict[str, int]]:
+        """The header with the digests known so far (placeholders for the others) in the metadata."""
+        return safetensors_header(self.specs, self.metadata | {metadata_key(n): d for n, d in self.digests.items()})
 
     def write(self, name: str, array: np.ndarray) -> None:
         spec = self.specs.get(name)
@@ -91,7 +104,9 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: tensor {name} is {array.dtype} {list(array.shape)}, but the "
                                   f"header says {spec.dtype} {list(spec.shape)}")
         self.file.seek(self.data_start + self.offsets[name])
-        self.file.write(array.data if array.size else b"")
+        data = array.data if array.size else b""
+        self.file.write(data)
+        self.digests[name] = digest_of(data)
         self.pending.discard(name)
 
     def close(self) -> None:
@@ -100,6 +115,10 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: {len(self.pending)} tensors were never written, e.g. "
                                   f"{sorted(self.pending)[:3]}")
         self.file.truncate(self.data_start + sum(s.nbytes for s in self.specs.values()))
+        head, _ = self.header()
+        assert len(head) == self.data_start, "a digest did not fill its placeholder's room"
+        self.file.seek(0)
+        self.file.write(head)
         self.file.close()
 
     def __enter__(self) -> "SafetensorsWriter":

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..digests import new_hash, tensor_digests
 from ..errors import ModelError, SignroundError
 
 INDEX = "model.safetensors.index.json"  # the shard index of a sharded folder
@@ -84,13 +85,15 @@ class TensorHeader:
     dtype: str  # as safetensors names it: "BF16", "F16", "F32", "I32", ...
     shape: tuple[int, ...]
     offset: int = 0  # where its bytes start in the file
+    digest: str | None = None  # the digest of its bytes written with it (digests.py); None: not checked
 
 
 def file_headers(f: Path, error: type[SignroundError] = ModelError,
                  remedy: str = "rebuild or re-download it") -> dict[str, TensorHeader]:
     """Every tensor of one safetensors file by name, from its header; a damaged file raises `error`.
     safetensors checks the header (offsets within the file, sizes that match dtype and shape); the
-    offsets are then read from it: an 8-byte length n, n bytes of JSON, the data."""
+    offsets and the digests in its metadata are then read from it: an 8-byte length n, n bytes of
+    JSON, the data."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -101,8 +104,13 @@ def file_headers(f: Path, error: type[SignroundError] = ModelError,
             meta = json.loads(fh.read(n))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise error(f"{f} is truncated or corrupt ({e}); {remedy}") from None
+    digests = tensor_digests(meta.get("__metadata__"))
+    if digests and digests.keys() != set(names):  # a file written with digests has one for every tensor
+        missing, unknown = sorted(set(names) - digests.keys()), sorted(digests.keys() - set(names))
+        what = f"none for tensor {missing[0]}" if missing else f"one for {unknown[0]}, which it does not hold"
+        raise error(f"{f}: its metadata holds digests, but {what}; the header is damaged: copy it again, or {remedy}")
     return {name: TensorHeader(Path(f), meta[name]["dtype"], tuple(meta[name]["shape"]),
-                               8 + n + meta[name]["data_offsets"][0]) for name in names}
+                               8 + n + meta[name]["data_offsets"][0], digests.get(name)) for name in names}
 
 
 def safetensors_headers(folder: Path, error: type[SignroundError] = ModelError,
@@ -135,7 +143,8 @@ def read_tensor(name: str, header: TensorHeader, error: type[SignroundError] = M
                 remedy: str = "rebuild or re-download it", dtype=None):
     """One tensor as stored, or as `dtype` (a torch tensor: numpy has no bfloat16). Read with plain file
     reads, converted a slice at a time: a memory-mapped file's pages would count as the process's memory
-    while it is open (measured: 3 GB held to read a 1 GB bfloat16 embedding as float32, 2 GB this way)."""
+    while it is open (measured: 3 GB held to read a 1 GB bfloat16 embedding as float32, 2 GB this way).
+    When the header has a digest, the bytes are hashed as they are read and a mismatch raises `error`."""
     import torch
 
     if header.dtype not in TORCH_DTYPES:
@@ -143,26 +152,33 @@ def read_tensor(name: str, header: TensorHeader, error: type[SignroundError] = M
     stored = getattr(torch, TORCH_DTYPES[header.dtype])
     out = torch.empty(header.shape, dtype=dtype or stored)
     flat = out.view(-1)
+    digest = new_hash() if header.digest is not None else None
     try:
         with open(header.file, "rb") as f:
             f.seek(header.offset)
             if out.dtype == stored:
-                read_into(f, flat, name)
+                read_into(f, flat, name, digest)
             for i in range(0, flat.numel() if out.dtype != stored else 0, READ_STEP):
                 part = torch.empty(min(READ_STEP, flat.numel() - i), dtype=stored)
-                read_into(f, part, name)
+                read_into(f, part, name, digest)
                 flat[i : i + len(part)] = part
     except OSError as e:
         raise error(f"{header.file} is truncated or corrupt ({e}); {remedy}") from None
+    if digest is not None and digest.hexdigest() != header.digest:
+        raise error(f"{header.file}: tensor {name}: its bytes do not match the digest written with it; the file "
+                    f"is damaged: copy it again, or {remedy}")
     return out
 
 
-def read_into(f, t, name: str) -> None:
-    """The next bytes of the open file f into the contiguous tensor t."""
+def read_into(f, t, name: str, digest=None) -> None:
+    """The next bytes of the open file f into the contiguous tensor t, added to digest when given."""
     import torch
 
-    if f.readinto(memoryview(t.view(torch.uint8).numpy())) != t.numel() * t.element_size():
+    view = memoryview(t.view(torch.uint8).numpy())
+    if f.readinto(view) != t.numel() * t.element_size():
         raise OSError(f"the file ends inside tensor {name}")
+    if digest is not None:
+        digest.update(view)
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

@@ -74,10 +74,11 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def load_any(model: str | Path) -> tuple[Model, str]:
+def load_any(model: str | Path, verify: bool = True) -> tuple[Model, str]:
     """A float model or the reference of a checkpoint, with a word saying which; either reads each weight
-    when the forward reaches it (Model.stream_logits runs the whole model block by block)."""
+    when the forward reaches it (Model.stream_logits runs the whole model block by block). verify: a
+    checkpoint's tensors against their digests (read_checkpoint)."""
     folder = resolve_model_dir(model)
     if is_checkpoint(folder):
-        return reference_from_checkpoint(read_checkpoint(folder)), "checkpoint reference"
+        return reference_from_checkpoint(read_checkpoint(folder, verify)), "checkpoint reference"
     return load_float_model(folder)[0], "float model"

@@ -258,16 +258,17 @@ def untied(hf: dict, qweights: Mapping) -> dict:
 
 @contextmanager
 def export_source(source: str | Path | Checkpoint, *, bits: int = 4, group_size: int = 32, sym: bool = True,
-                  progress: bool = True) -> Iterator[Checkpoint]:
-    """The Checkpoint an exporter reads: a Checkpoint as is; a checkpoint folder, read; a float model
-    folder rounded to nearest at bits / group_size / sym (a checkpoint in a temporary folder, removed
-    when the block ends), or at bits 16 its float weights."""
+                  progress: bool = True, verify: bool = True) -> Iterator[Checkpoint]:
+    """The Checkpoint an exporter reads: a Checkpoint as is; a checkpoint folder, read (its tensors checked
+    against their digests unless verify is False); a float model folder rounded to nearest at bits /
+    group_size / sym (a checkpoint in a temporary folder, removed when the block ends), or at bits 16 its
+    float weights."""
     if isinstance(source, Checkpoint):
         yield source
         return
     folder = resolve_model_dir(source)
     if is_checkpoint(folder):
-        yield read_checkpoint(folder)
+        yield read_checkpoint(folder, verify)
     elif bits == 16:
         yield float_checkpoint(folder)
     else:

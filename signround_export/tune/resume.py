@@ -7,7 +7,8 @@ One folder (the checkpoint's name + ".progress") holds
                              it was chosen under (a rerun with the same settings reads it back)
     args.json                the tuning settings the blocks below were tuned with, the packing format
                              and the shard size
-    block_NNN.safetensors    the packed tensors of each finished block, as the checkpoint stores them
+    block_NNN.safetensors    the packed tensors of each finished block, as the checkpoint stores them,
+                             with their digests (checked when read back, as a checkpoint's are)
     block_NNN.json           its log and its layers' schemes and shapes; written last: a block is
                              finished when this file is there
     lm_head.safetensors/json the quantized head, when the run quantizes it
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from safetensors.numpy import save_file
 
 from ..atomic import atomic_file
@@ -34,6 +36,7 @@ from ..checkpoint.qweight import QuantWeight
 from ..checkpoint.read import layer_weight
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, parse_size
 from ..checkpoint.write import PackedLayer, pack_layer
+from ..digests import digest_of, metadata_key
 from ..errors import TuneError
 from ..model.folder import TensorHeader, file_headers
 from ..model.store import Lazy, StoredArrays
@@ -107,8 +110,9 @@ class ResumeStore:
         arrays = {}
         for name, qw in qweights.items():
             arrays |= pack_layer(name, qw, self.packing_format)
+        digests = {metadata_key(n): digest_of(np.ascontiguousarray(a)) for n, a in arrays.items()}
         with atomic_file(self.folder / f"{key}.safetensors") as tmp:
-            save_file(arrays, str(tmp), metadata={"format": "pt"})
+            save_file(arrays, str(tmp), metadata={"format": "pt"} | digests)
         record = {"layers": {name: asdict(PackedLayer.of(qw)) for name, qw in qweights.items()}, "log": log}
         with atomic_file(self.folder / f"{key}.json") as tmp:
             tmp.write_text(json.dumps(record))

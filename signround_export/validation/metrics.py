@@ -210,10 +210,10 @@ def perplexity(model: Model, ids: torch.Tensor, window: int = 512, max_windows: 
 
 
 def folder_perplexity(model, text=None, *, window: int = 512, max_windows: int | None = 40,
-                      progress: bool = True) -> tuple[Perplexity, str]:
+                      progress: bool = True, verify: bool = True) -> tuple[Perplexity, str]:
     """Perplexity of a float model (folder or hub id) or of a checkpoint's reference over text (a file;
     default: the held-out slice of the calibration text), with "float model" or "checkpoint reference"."""
     folder = resolve_model_dir(model)
-    loaded, kind = load_any(folder)
+    loaded, kind = load_any(folder, verify)
     ids = evaluation_ids(folder, text)
     return perplexity(loaded, ids, window, max_windows, progress=progress), kind

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from signround_runtime.manifest import damaged
 
 from ..checkpoint.format import Checkpoint
 from ..checkpoint.read import read_checkpoint
 from ..data import evaluation_ids
-from ..errors import ValidationError
+from ..errors import GGUFExportError, ValidationError
+from ..export.gguf.read import check_digests as check_gguf_digests
 from ..model.config import ModelConfig
 from ..model.load import load_float_model, reference_from_checkpoint
 from .metrics import compare, windows
@@ -47,13 +49,17 @@ class Candidate:
 
 def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, tokens: int = 2048,
              window: int = 512, thresholds: Thresholds = Thresholds(), gguf_runner: str = "auto",
-             progress: bool = True) -> ValidationResult:
+             progress: bool = True, verify: bool = True) -> ValidationResult:
     """Run the checkpoint's reference, the float model (float_model, else the tuning log's source when
     that folder exists) and each artifact given over the first `tokens` tokens of text (default: the
-    held-out slice of the calibration text) in windows of `window`; judge each artifact."""
+    held-out slice of the calibration text) in windows of `window`; judge each artifact. verify: check
+    the ONNX folder's files and the GGUF file's tensors against the digests written with them before any
+    model runs, and the checkpoint's tensors as they are read; a damaged one is refused by name."""
     t0 = time.perf_counter()
     check_settings(tokens, window, gguf_runner)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, verify)
+    if verify:
+        check_artifact_digests(onnx, gguf)
     w = evaluation_windows(checkpoint, text, tokens, window)
     models = candidates(ckpt, checkpoint, onnx, gguf, float_model, window, gguf_runner, progress)
     names = [m.name for m in models]
@@ -72,6 +78,20 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
     return ValidationResult(str(checkpoint), protocol, thresholds, reports,
                             tuning_blocks=(ckpt.tuning_log or {}).get("blocks", []), versions=versions(),
                             seconds=round(time.perf_counter() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def check_artifact_digests(onnx, gguf) -> None:
+    """The ONNX folder's files against its sha256sums.txt and the GGUF file's tensors against the digests
+    in its metadata, before either is loaded (artifacts without digests pass)."""
+    problem = damaged(onnx) if onnx is not None and Path(onnx).is_dir() else None
+    if problem is not None:
+        raise ValidationError(f"onnx: {problem}", param="onnx")
+    if gguf is not None:
+        check_gguf_path(gguf)
+        try:
+            check_gguf_digests(gguf)
+        except GGUFExportError as e:
+            raise ValidationError(f"gguf: {e}", param="gguf") from None
 
 
 def check_settings(tokens: int, window: int, gguf_runner: str) -> None:

@@ -1,4 +1,5 @@
-"""A GGUF file's weights read back as float32 under their HF names, as llama.cpp sees them."""
+"""A GGUF file's weights read back as float32 under their HF names, as llama.cpp sees them, and its
+tensors checked against the digests its metadata carries."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
+from ...digests import new_hash
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
 from .tensors import hf_names, is_norm, rope_heads, rope_unpermute
 
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling's per-frequency divisors, written from the config
 ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # longrope's, from the config too
+DIGESTS_KEY = "signround.tensor_sha256"  # each tensor's digest, in the order of the tensor infos
+CHUNK = 1 << 22  # bytes hashed at a time
 
 
 def dequantize(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -28,6 +32,32 @@ def open_gguf(path) -> GGUFReader:
         return GGUFReader(str(path))
     except Exception as e:  # gguf-py raises ValueError, struct errors, memmap errors for broken files
         raise GGUFExportError(f"{path} is not a readable GGUF file ({str(e)[:200]}); it is truncated or corrupt") from None
+
+
+def check_digests(path) -> None:
+    """Every tensor's bytes against the digest the file's metadata holds for it (plain reads, a chunk at
+    a time); GGUFExportError naming the first that differs. A file without digests passes unchecked."""
+    reader = open_gguf(path)
+    field = reader.fields.get(DIGESTS_KEY)
+    if field is None:
+        return
+    digests = field.contents()
+    if not isinstance(digests, list) or len(digests) != len(reader.tensors):
+        raise GGUFExportError(f"{path}: {DIGESTS_KEY} does not hold one digest per tensor ({len(reader.tensors)}); "
+                              "the file is damaged: copy or export it again")
+    with open(path, "rb") as f:
+        for t, want in zip(reader.tensors, digests):
+            f.seek(int(t.data_offset))
+            digest, left = new_hash(), int(t.n_bytes)
+            while left:
+                block = f.read(min(CHUNK, left))
+                if not block:
+                    break
+                digest.update(block)
+                left -= len(block)
+            if left or digest.hexdigest() != want:
+                raise GGUFExportError(f"{path}: tensor {t.name}: its bytes do not match the digest written with it "
+                                      f"({DIGESTS_KEY}); the file is damaged: copy or export it again")
 
 
 def check_model(reader: GGUFReader, path, cfg: ModelConfig) -> str:

@@ -6,7 +6,8 @@ its integers fit a block type exactly depends on their values), so planning the 
 alone would mean encoding twice or repeating encode.py's choices. Instead each tensor is encoded once,
 its bytes appended to an unnamed temporary file beside the output and dropped; the file is then
 written in its own order, each tensor's bytes copied from the spool. The cost is disk: the spool and
-the file both exist until the file is whole.
+the file both exist until the file is whole. Each tensor's digest is taken as it is spooled, so the
+header can carry them all (write.py) without reading the data again.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ...digests import digest_of
+
 
 @dataclass(frozen=True)
 class Spooled:
-    """Where one tensor's bytes lie in the spool, and the array they make."""
+    """Where one tensor's bytes lie in the spool, the array they make and their digest."""
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    digest: str
 
     @property
     def nbytes(self) -> int:
@@ -46,8 +50,9 @@ class TensorSpool:
 
     def add(self, name: str, data: np.ndarray) -> None:
         data = np.ascontiguousarray(data)
-        self.entries[name] = Spooled(self.file.tell(), data.shape, data.dtype)
-        self.file.write(data.reshape(-1).view(np.uint8))
+        raw = data.reshape(-1).view(np.uint8)
+        self.entries[name] = Spooled(self.file.tell(), data.shape, data.dtype, digest_of(raw))
+        self.file.write(raw)
 
     def read(self, name: str) -> np.ndarray:
         """The array spooled under name, mapped from the file (its pages are the page cache's, not a copy)."""
