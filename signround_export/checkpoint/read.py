@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model.folder import TensorHeader, read_json, safetensors_headers
+from ..model.folder import FLOAT_DTYPES, TensorHeader, read_json, safetensors_headers
 from ..model.store import Lazy, StoredArrays
 from .format import AWQ, GPTQ_V1, LAYER_TENSORS, Checkpoint, QuantConfig
 from .packing import unpack_awq, unpack_bits, words_for
@@ -99,7 +99,6 @@ def _float_tensor(name: str, arrays: StoredArrays) -> np.ndarray:
     return t.astype(np.float32, copy=False)
 
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 INT32 = ("I32", "U32")
 SCALE_DTYPES = ("F16", "F32")
 NUMPY_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",

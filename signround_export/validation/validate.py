@@ -14,11 +14,10 @@ from typing import Callable
 import torch
 
 from ..checkpoint.format import Checkpoint
-from ..checkpoint.read import read_checkpoint
 from ..data import evaluation_ids
 from ..errors import ValidationError
 from ..model.config import ModelConfig
-from ..model.load import load_float_model, reference_from_checkpoint
+from ..model.load import load_float_model, open_checkpoint, reference_from_checkpoint
 from .metrics import compare, windows
 from .readback import LayerErrors, gguf_layer_errors, onnx_layer_errors, read_gguf
 from .report import ArtifactReport, Thresholds, ValidationResult, judge, versions
@@ -53,7 +52,7 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
     held-out slice of the calibration text) in windows of `window`; judge each artifact."""
     t0 = time.perf_counter()
     check_settings(tokens, window, gguf_runner)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint)
     w = evaluation_windows(checkpoint, text, tokens, window)
     models = candidates(ckpt, checkpoint, onnx, gguf, float_model, window, gguf_runner, progress)
     names = [m.name for m in models]
