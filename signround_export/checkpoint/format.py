@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model.fields import GROUP, POSITIVE, REQUIRED, Field, Rule, read_fields
+from ..model.fields import GROUP, POSITIVE, Field, Rule, read_fields
 from .qweight import SUPPORTED_BITS, QuantWeight
 
 GPTQ_V1 = "auto_round:auto_gptq"  # GPTQ layout, zero point stored minus 1
@@ -63,16 +63,16 @@ LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias", "offsets")
 # quantization_config's scheme, checked by read_fields (model/fields.py)
 QUANT_FIELDS = (
     #     field         type    when absent  rule
-    Field("bits",       "int",  REQUIRED,    Rule(f"among {', '.join(map(str, SUPPORTED_BITS))}",
-                                                  lambda v: v in SUPPORTED_BITS)),
-    Field("group_size", "int",  REQUIRED,    rule=GROUP),
-    Field("sym",        "bool", REQUIRED),
+    Field("bits",       "int",                rule=Rule(f"among {', '.join(map(str, SUPPORTED_BITS))}",
+                                                        lambda v: v in SUPPORTED_BITS)),
+    Field("group_size", "int",                rule=GROUP),
+    Field("sym",        "bool"),
 )
 # an extra_config entry: the keys it overrides (bits above 8 mark a layer kept in float, as auto-round writes)
 LAYER_FIELDS = (
-    Field("bits",       "int",  None,        rule=POSITIVE),
-    Field("group_size", "int",  None,        rule=GROUP),
-    Field("sym",        "bool", None),
+    Field("bits",       "int",  absent=None,  rule=POSITIVE),
+    Field("group_size", "int",  absent=None,  rule=GROUP),
+    Field("sym",        "bool", absent=None),
 )
 
 

@@ -228,28 +228,28 @@ def local_rope_theta(local: dict | None, family: Family, max_positions: int) -> 
 # None is derived from the others: num_key_value_heads from num_attention_heads (no grouped-query
 # attention), head_dim as hidden_size / num_attention_heads.
 MODEL_FIELDS = (
-    #     field                      type      when absent  null: as absent   rule
-    Field("vocab_size",              "int",                                   rule=POSITIVE),
-    Field("hidden_size",             "int",                                   rule=POSITIVE),
-    Field("intermediate_size",       "int",                                   rule=POSITIVE),
-    Field("num_hidden_layers",       "int",                                   rule=POSITIVE),
-    Field("num_attention_heads",     "int",                                   rule=POSITIVE),
-    Field("num_key_value_heads",     "int",    None,        nullable=True,    rule=POSITIVE),
-    Field("head_dim",                "int",    None,        nullable=True,    rule=POSITIVE),
-    Field("rms_norm_eps",            "number", 1e-6,                          rule=POSITIVE),
-    Field("rope_theta",              "number", 10000.0,                       rule=POSITIVE),
-    Field("partial_rotary_factor",   "number", 1.0,                           rule=FRACTION),
-    Field("max_position_embeddings", "int",    4096,                          rule=POSITIVE),
-    Field("tie_word_embeddings",     "bool",   False),
-    Field("attention_bias",          "bool",   False),
-    Field("query_pre_attn_scalar",   "number", None,        nullable=True,    rule=POSITIVE),
-    Field("attn_logit_softcapping",  "number", None,        nullable=True,    rule=POSITIVE),
-    Field("final_logit_softcapping", "number", None,        nullable=True,    rule=POSITIVE),
+    #     field                      type      when absent                null: as absent  rule
+    Field("vocab_size",              "int",                                               rule=POSITIVE),
+    Field("hidden_size",             "int",                                               rule=POSITIVE),
+    Field("intermediate_size",       "int",                                               rule=POSITIVE),
+    Field("num_hidden_layers",       "int",                                               rule=POSITIVE),
+    Field("num_attention_heads",     "int",                                               rule=POSITIVE),
+    Field("num_key_value_heads",     "int",    absent=None,               nullable=True,   rule=POSITIVE),
+    Field("head_dim",                "int",    absent=None,               nullable=True,   rule=POSITIVE),
+    Field("rms_norm_eps",            "number", absent=1e-6,                                rule=POSITIVE),
+    Field("rope_theta",              "number", absent=10000.0,                             rule=POSITIVE),
+    Field("partial_rotary_factor",   "number", absent=1.0,                                 rule=FRACTION),
+    Field("max_position_embeddings", "int",    absent=4096,                                rule=POSITIVE),
+    Field("tie_word_embeddings",     "bool",   absent=False),
+    Field("attention_bias",          "bool",   absent=False),
+    Field("query_pre_attn_scalar",   "number", absent=None,               nullable=True,   rule=POSITIVE),
+    Field("attn_logit_softcapping",  "number", absent=None,               nullable=True,   rule=POSITIVE),
+    Field("final_logit_softcapping", "number", absent=None,               nullable=True,   rule=POSITIVE),
 )
 # the same keys inside rope_parameters (transformers 5), where they win over the top-level ones
 ROPE_FIELDS = (
-    Field("rope_theta",              "number", None,                          rule=POSITIVE),
-    Field("partial_rotary_factor",   "number", None,                          rule=FRACTION),
+    Field("rope_theta",              "number", absent=None,                                rule=POSITIVE),
+    Field("partial_rotary_factor",   "number", absent=None,                                rule=FRACTION),
 )
 # rules between the fields (num_key_value_heads already derived when absent; head_dim still null when absent)
 MODEL_RULES = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from ..errors import SignroundError
@@ -59,6 +59,7 @@ TYPES = {
 class Field:
     name: str
     type: str  # a key of TYPES
+    _: KW_ONLY
     absent: Any = REQUIRED  # the value when the key is left out; None: derived from other fields by the reader
     nullable: bool = False  # null reads as absent
     rule: Rule = ANY
