@@ -227,6 +227,7 @@ def local_rope_theta(local: dict | None, family: Family, max_positions: int) -> 
 # config.json's fields that ModelConfig reads (transformers' names), checked by read_fields. An absent of
 # None is derived from the others: num_key_value_heads from num_attention_heads (no grouped-query
 # attention), head_dim as hidden_size / num_attention_heads.
+MAX_POSITIONS = Field("max_position_embeddings", "int", absent=4096, rule=POSITIVE)  # read first (from_hf)
 MODEL_FIELDS = (
     #     field                      type      when absent                null: as absent  rule
     Field("vocab_size",              "int",                                               rule=POSITIVE),
@@ -239,7 +240,7 @@ MODEL_FIELDS = (
     Field("rms_norm_eps",            "number", absent=1e-6,                                rule=POSITIVE),
     Field("rope_theta",              "number", absent=10000.0,                             rule=POSITIVE),
     Field("partial_rotary_factor",   "number", absent=1.0,                                 rule=FRACTION),
-    Field("max_position_embeddings", "int",    absent=4096,                                rule=POSITIVE),
+    MAX_POSITIONS,
     Field("tie_word_embeddings",     "bool",   absent=False),
     Field("attention_bias",          "bool",   absent=False),
     Field("query_pre_attn_scalar",   "number", absent=None,               nullable=True,   rule=POSITIVE),
@@ -309,14 +310,16 @@ class ModelConfig:
         """The config of a config.json dict, every field checked by MODEL_FIELDS and MODEL_RULES; source:
         the file's path, for messages."""
         family = read_family(hf)
-        v = read_fields(hf, MODEL_FIELDS, source, ModelError)
         rope, local_rope = split_rope(hf, source)
-        rope_values = read_fields(rope, ROPE_FIELDS, f"{source}'s rope_parameters", ModelError)
-        n_heads, n_layers, max_positions = v["num_attention_heads"], v["num_hidden_layers"], v["max_position_embeddings"]
-        v["num_key_value_heads"] = v["num_key_value_heads"] or n_heads
-        check_consistency(v, MODEL_RULES, source, ModelError)
+        # what cannot be computed at all is refused before what could be corrected
+        max_positions = read_fields(hf, (MAX_POSITIONS,), source, ModelError)[MAX_POSITIONS.name]
         rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"),
                                            rope_aliases(family))
+        v = read_fields(hf, MODEL_FIELDS, source, ModelError)
+        rope_values = read_fields(rope, ROPE_FIELDS, f"{source}'s rope_parameters", ModelError)
+        n_heads, n_layers = v["num_attention_heads"], v["num_hidden_layers"]
+        v["num_key_value_heads"] = v["num_key_value_heads"] or n_heads
+        check_consistency(v, MODEL_RULES, source, ModelError)
         cfg = cls(
             model_type=family.model_type,
             vocab_size=v["vocab_size"],
