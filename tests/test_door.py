@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from signround_export.cli import main
 
 MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim")
-SIZES = set(MODEL_FIELDS)  # fields whose value off by a factor no longer matches the tensors
 QUANT_FIELDS = ("bits", "group_size", "sym")
+SIZES = {*MODEL_FIELDS, "bits", "group_size"}  # fields whose value off by a factor no longer matches the tensors
 # (field, edit) runs that must succeed, with the intact folder's bytes: head_dim left out (or null) is
 # hidden_size / num_attention_heads, which is what the tiny models have
 SUCCEEDS = {("head_dim", "removed"), ("head_dim", "null")}
@@ -29,8 +30,8 @@ GONE = object()  # an edit that removes the key
 def edits(field: str, value) -> dict[str, object]:
     """The edits of one field: edit name -> the new value (GONE: the key removed)."""
     out = {"removed": GONE, "null": None, "zero": 0, "string": str(value), "list": [value]}
-    if isinstance(value, bool):
-        return out | {"int": int(value), "negative": -1}
+    if isinstance(value, bool):  # the tiny checkpoint is asymmetric: its zero points say so
+        return out | {"int": int(value), "negative": -1, "flipped": not value}
     out |= {"negative": -value, "bool": True}
     if field in SIZES:
         out |= {"doubled": value * 2, "halved": value // 2}
@@ -39,7 +40,7 @@ def edits(field: str, value) -> dict[str, object]:
 
 CASES = [("model", f, e) for f in MODEL_FIELDS for e in edits(f, 2)] + \
         [("checkpoint", f, e) for f in MODEL_FIELDS for e in edits(f, 2)] + \
-        [("checkpoint", f, e) for f in QUANT_FIELDS for e in edits(f, f == "sym" or 4)]
+        [("checkpoint", f, e) for f in QUANT_FIELDS for e in edits(f, False if f == "sym" else 4)]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,8 @@ def assert_refused(rc: int, err: str, out: Path, *named: str) -> None:
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("signround ") and ": error: " in lines[0], err
     assert "Traceback" not in err
-    for word in named:
-        assert word in lines[0], f"{word!r} not named in: {lines[0]}"
+    for words in named:  # as words: "sym" is not named by "symmetric"
+        assert re.search(rf"(?<!\w){re.escape(words)}(?!\w)", lines[0]), f"{words!r} not named in: {lines[0]}"
     assert not out.exists(), f"{out} written on refusal"
 
 

@@ -177,12 +177,15 @@ class _Layer:
         """Scales, zero points (and offsets) of ceil(K / group) groups."""
         k, group = self.k, self.group
         g = math.ceil(k / group)
+        # K comes from qweight's rows at the layer's bits: name both settings, either may be what is wrong
+        why = (f"{g} groups of {group} for K={k}, by quantization_config's bits {self.bits} and group_size "
+               f"{self.group_cfg} for this layer")
         for suffix in ("scales", "qzeros"):
             width = self.headers[f"{self.name}.{suffix}"].shape[1]
-            self.expect(suffix, (g, width), f"{g} groups of {group} for K={k}")
+            self.expect(suffix, (g, width), why)
         if self.name + ".offsets" in self.headers:
             self.need("offsets", ("F16",))
-            self.expect("offsets", (g, self.n), f"{g} groups of {group} for K={k}")
+            self.expect("offsets", (g, self.n), why)
 
     def weight(self) -> QuantWeight:
         """The layer as exact integers, float16 scales and zero points (or float offsets)."""
@@ -243,8 +246,8 @@ class _Layer:
         except ValueError as e:
             raise CheckpointError(f"{self.where}: {e}; the checkpoint is broken (write it again)") from None
         if self.sym and not np.all(qw.zero == 2 ** (self.bits - 1)):
-            raise CheckpointError(f"{self.where}: {self.name} is symmetric by quantization_config but its zero "
-                                  f"points are not {2 ** (self.bits - 1)}; the config and the tensors disagree")
+            raise CheckpointError(f"{self.where}: {self.name} is symmetric by quantization_config's sym but its "
+                                  f"zero points are not {2 ** (self.bits - 1)}; the config and the tensors disagree")
         n = qw.shape[0]
         if qw.bias is not None and (qw.bias.shape != (n,) or not np.all(np.isfinite(qw.bias))):
             raise CheckpointError(f"{self.where}: {self.name}.bias must be {n} finite values")
