@@ -177,3 +177,16 @@ def test_quantization_config_overrides_are_checked(sources, tmp_path, capsys):
     folder = edited(sources["checkpoint"], tmp_path / "in", override)
     rc, err = export("gguf", folder, tmp_path / "out.gguf", capsys)
     assert_refused(rc, err, tmp_path / "out.gguf", "extra_config['model.layers.0.mlp.down_proj']: group_size is 0")
+
+
+@pytest.mark.parametrize("rope, named", [
+    ({"rope_type": "linear", "factor": None}, "factor"),
+    ({"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4}, "factor"),
+    ({"rope_type": ["linear"]}, "rope_type"),
+    ({"rope_type": "default", "rope_theta": 0}, "rope_theta"),
+    ("linear", "rope_parameters"),
+])
+def test_rope_parameters_are_checked(sources, tmp_path, capsys, rope, named):
+    folder = edited(sources["model"], tmp_path, lambda c: c.__setitem__("rope_parameters", rope))
+    rc, err = export("onnx", folder, tmp_path / "out.onnx", capsys)
+    assert_refused(rc, err, tmp_path / "out.onnx", named)

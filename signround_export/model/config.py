@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ModelError, UnsupportedModelError
 from .families import FAMILIES, Family
-from .fields import FRACTION, POSITIVE, Consistency, Field, check_consistency, found, read_fields
+from .fields import FRACTION, POSITIVE, Consistency, Field, check_consistency, found, is_number, read_fields
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -25,6 +25,20 @@ ROPE_REFUSED = {
     "dynamic": "its frequencies change with the sequence length, which a fixed ONNX cos/sin cache and "
                "llama.cpp cannot express",
 }
+
+
+ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "original_max_position_embeddings")
+
+
+def check_rope_numbers(rope: dict, required: tuple[str, ...]) -> None:
+    """The scaling's parameters (its required ones, and ROPE_NUMBERS where given) are numbers above 0, or
+    non-empty lists of them (longrope's per-pair factors)."""
+    for key in required + tuple(k for k in ROPE_NUMBERS if rope.get(k) is not None and k not in required):
+        value = rope[key]
+        values = value if isinstance(value, list) and value else [value]
+        if not all(is_number(v) and v > 0 for v in values):
+            raise ModelError(f"{key} in config.json's rope_parameters is {found(value)}; it must be a number above 0"
+                             + (" or a list of them" if isinstance(value, list) else "") + " (correct it)")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -61,6 +75,9 @@ class RopeScaling:
         a top-level original_max_position_embeddings, which wins over the dict's (as in transformers);
         aliases: rope_type names read as another (the family's, see rope_aliases)."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if not isinstance(rope_type, str):
+            raise ModelError(f"rope_type {found(rope_type)} in config.json's rope_parameters: give a name such as "
+                             f"\"default\" or one of {', '.join(ROPE_SCALINGS)}")
         rope_type = aliases.get(rope_type, rope_type)
         if rope_type == "default":
             return None
@@ -74,6 +91,8 @@ class RopeScaling:
             given = rope.get("rope_type", rope.get("type"))
             named = f"{rope_type!r}" + (f" (config.json's {given!r})" if given != rope_type else "")
             raise ModelError(f"rope scaling {named} needs {', '.join(missing)} in config.json's rope_parameters")
+        if rope_type != "yarn":  # yarn() checks its own: a null factor means one there
+            check_rope_numbers(rope, ROPE_SCALINGS[rope_type])
         original = int(original or rope.get("original_max_position_embeddings") or max_positions)
         if rope_type == "longrope":
             return cls.longrope(rope, max_positions, original)
@@ -227,7 +246,10 @@ def local_rope_theta(local: dict | None, family: Family, max_positions: int) -> 
 # config.json's fields that ModelConfig reads (transformers' names), checked by read_fields. An absent of
 # None is derived from the others: num_key_value_heads from num_attention_heads (no grouped-query
 # attention), head_dim as hidden_size / num_attention_heads.
-MAX_POSITIONS = Field("max_position_embeddings", "int", absent=4096, rule=POSITIVE)  # read first (from_hf)
+MAX_POSITIONS = Field("max_position_embeddings", "int", absent=4096, rule=POSITIVE)
+# read first, for the rope scaling (from_hf); a top-level original context wins over rope_parameters'
+POSITION_FIELDS = (MAX_POSITIONS, Field("original_max_position_embeddings", "int", absent=None, nullable=True,
+                                        rule=POSITIVE))
 MODEL_FIELDS = (
     #     field                      type      when absent                null: as absent  rule
     Field("vocab_size",              "int",                                               rule=POSITIVE),
@@ -312,8 +334,9 @@ class ModelConfig:
         family = read_family(hf)
         rope, local_rope = split_rope(hf, source)
         # what cannot be computed at all is refused before what could be corrected
-        max_positions = read_fields(hf, (MAX_POSITIONS,), source, ModelError)[MAX_POSITIONS.name]
-        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"),
+        positions = read_fields(hf, POSITION_FIELDS, source, ModelError)
+        max_positions = positions["max_position_embeddings"]
+        rope_scaling = RopeScaling.from_hf(rope, max_positions, positions["original_max_position_embeddings"],
                                            rope_aliases(family))
         v = read_fields(hf, MODEL_FIELDS, source, ModelError)
         rope_values = read_fields(rope, ROPE_FIELDS, f"{source}'s rope_parameters", ModelError)

@@ -24,8 +24,8 @@ def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
     folder = resolve_model_dir(model)
     hf = read_hf_config(folder)
     if "quantization_config" in hf:
-        raise ModelError(f"{folder} is already quantized ({hf['quantization_config'].get('quant_method')}); "
-                         "give the float model")
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        raise ModelError(f"{folder} is already quantized ({method}); give the float model")
     cfg = ModelConfig.from_hf(hf, str(folder / "config.json"))
     store = TensorStore(folder, ModelError, "rebuild or re-download it")
     check_float_dtypes(cfg, store.headers, ModelError)
