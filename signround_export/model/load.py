@@ -55,8 +55,9 @@ def check_checkpoint(ckpt: Checkpoint) -> ModelConfig:
 
 
 def shape_of(entries: Mapping, name: str) -> tuple[int, ...]:
-    """An entry's shape (a layer's [N, K]) without reading it where the mapping knows it (a Lazy)."""
-    return tuple(entries.shape(name) if isinstance(entries, Lazy) else entries[name].shape)
+    """An entry's shape (a layer's [N, K]), without reading it where the mapping tells shapes (a Lazy)."""
+    shape = getattr(entries, "shape", None)
+    return tuple(shape(name) if shape is not None else entries[name].shape)
 
 
 def in_memory(model: Model) -> Model:
