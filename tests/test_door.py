@@ -166,6 +166,11 @@ def test_a_config_of_other_weights_is_refused_before_any_write(sources, tmp_path
     folder = edited(tied, tmp_path / "in", lambda c: c.__setitem__("tie_word_embeddings", False))
     rc, err = export("gguf", folder, tmp_path / "out.gguf", capsys)
     assert_refused(rc, err, tmp_path / "out.gguf", "tie_word_embeddings false", "lm_head.weight")
+    deep = {10**12: "num_hidden_layers is 1000000000000", 60000: "num_hidden_layers 60000 implies block 2"}
+    for layers, said in deep.items():
+        folder = edited(sources["checkpoint"], tmp_path / str(layers), lambda c: c.update(num_hidden_layers=layers))
+        rc, err = export("gguf", folder, tmp_path / "deep.gguf", capsys)  # at once, not after listing every block
+        assert_refused(rc, err, tmp_path / "deep.gguf", said)
     folder = edited(sources["model"], tmp_path / "kv", lambda c: c.__setitem__("num_key_value_heads", 3))
     rc, err = export("onnx", folder, tmp_path / "out.onnx", capsys)
     assert_refused(rc, err, tmp_path / "out.onnx", "num_key_value_heads must divide num_attention_heads")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import ModelError, UnsupportedModelError
 from .families import FAMILIES, Family
-from .fields import FRACTION, POSITIVE, Consistency, Field, check_consistency, found, is_number, read_fields
+from .fields import (FRACTION, POSITIVE, Consistency, Field, Rule, check_consistency, found, is_number,
+                     read_fields)
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -246,6 +247,8 @@ def local_rope_theta(local: dict | None, family: Family, max_positions: int) -> 
 # config.json's fields that ModelConfig reads (transformers' names), checked by read_fields. An absent of
 # None is derived from the others: num_key_value_heads from num_attention_heads (no grouped-query
 # attention), head_dim as hidden_size / num_attention_heads.
+# more blocks than any model has: a larger count is an edit, refused before per-layer tables are built
+LAYER_COUNT = Rule("above 0 and at most 65536", lambda v: 0 < v <= 65536)
 MAX_POSITIONS = Field("max_position_embeddings", "int", absent=4096, rule=POSITIVE)
 # read first, for the rope scaling (from_hf); a top-level original context wins over rope_parameters'
 POSITION_FIELDS = (MAX_POSITIONS, Field("original_max_position_embeddings", "int", absent=None, nullable=True,
@@ -255,7 +258,7 @@ MODEL_FIELDS = (
     Field("vocab_size",              "int",                                               rule=POSITIVE),
     Field("hidden_size",             "int",                                               rule=POSITIVE),
     Field("intermediate_size",       "int",                                               rule=POSITIVE),
-    Field("num_hidden_layers",       "int",                                               rule=POSITIVE),
+    Field("num_hidden_layers",       "int",                                               rule=LAYER_COUNT),
     Field("num_attention_heads",     "int",                                               rule=POSITIVE),
     Field("num_key_value_heads",     "int",    absent=None,               nullable=True,   rule=POSITIVE),
     Field("head_dim",                "int",    absent=None,               nullable=True,   rule=POSITIVE),

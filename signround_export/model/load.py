@@ -28,8 +28,8 @@ def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
         raise ModelError(f"{folder} is already quantized ({method}); give the float model")
     cfg = ModelConfig.from_hf(hf, str(folder / "config.json"))
     store = TensorStore(folder, ModelError, "rebuild or re-download it")
-    check_float_dtypes(cfg, store.headers, ModelError)
     check_tensors(cfg, {name: h.shape for name, h in store.headers.items()}, str(folder), ModelError)
+    check_float_dtypes(cfg, store.headers, ModelError)
     return Model(cfg, store), hf, folder
 
 

@@ -78,7 +78,8 @@ def expected_tensors(cfg: ModelConfig) -> list[Expected]:
         for module in fam.linears:
             out.append(Expected(p + module + ".weight", LINEAR_SHAPES[module], why))
             biased = cfg.attention_bias and module in ATTENTION_INPUTS
-            out.append(Expected(p + module + ".bias", LINEAR_SHAPES[module][:1], "attention_bias true" if biased else None))
+            needed = "attention_bias true" if biased else None
+            out.append(Expected(p + module + ".bias", LINEAR_SHAPES[module][:1], needed))
         out += [Expected(p + n, ("head",) if n in HEAD_NORMS else ("hidden",), why) for n in block_norms(fam)]
     out.append(Expected("model.norm.weight", MODEL_SHAPES["model.norm.weight"], "every model"))
     untied = None if cfg.tie_word_embeddings else "tie_word_embeddings false"
@@ -91,6 +92,7 @@ def check_tensors(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where
     """error naming the first tensor that config.json (at `where`) implies and shapes (name -> shape, a
     quantized layer's [N, K] under its weight's name) lacks or holds in another shape, or the first block
     past num_hidden_layers; the message names the fields the expected shape comes from."""
+    check_blocks(cfg, shapes, where, error)
     for e in expected_tensors(cfg):
         if e.name not in shapes:
             if e.needed_by is not None:
@@ -103,10 +105,21 @@ def check_tensors(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where
             raise error(f"{where}: tensor {e.name} has shape {list(shapes[e.name])}, but config.json implies "
                         f"{list(want)} ({because}); config.json does not describe these weights (correct it, or "
                         "give the model's own)")
-    past = sorted({int(m[1]) for m in map(BLOCK.match, shapes) if m and int(m[1]) >= cfg.n_layers})
+
+
+def check_blocks(cfg: ModelConfig, names, where: str, error: type[SignroundError]) -> None:
+    """The weights hold blocks 0 .. num_hidden_layers - 1 and no others (checked first, so that a huge
+    num_hidden_layers is refused before its tensors are listed)."""
+    blocks = {int(m[1]) for m in map(BLOCK.match, names) if m}
+    past = sorted(b for b in blocks if b >= cfg.n_layers)
     if past:
         raise error(f"{where}: the weights hold block {past[0]} (model.layers.{past[0]}.*), but config.json's "
                     f"num_hidden_layers is {cfg.n_layers}; config.json does not describe these weights (correct it)")
+    lacking = min(set(range(len(blocks) + 1)) - blocks)
+    if lacking < cfg.n_layers:
+        raise error(f"{where}: config.json's num_hidden_layers {cfg.n_layers} implies block {lacking} "
+                    f"(model.layers.{lacking}.*), which the weights lack; config.json does not describe these weights "
+                    "(correct it, or give the model's own)")
 
 
 def check_float_dtypes(cfg: ModelConfig, headers: Mapping[str, TensorHeader], error: type[SignroundError]) -> None:
