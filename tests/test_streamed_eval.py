@@ -126,7 +126,7 @@ def test_validate_holds_two_blocks_with_the_same_figures(deep, artifacts, monkey
         model, held[name] = resident(model)
         return model
 
-    monkeypatch.setattr(validate_module, "read_checkpoint", lambda _p, verify=True: Checkpoint(
+    monkeypatch.setattr(validate_module, "open_checkpoint", lambda _p, verify=True: Checkpoint(
         plain.path, plain.hf_config, plain.quant, qweights, tensors, plain.tuning_log))
     monkeypatch.setattr(validate_module, "reference_from_checkpoint",
                         lambda c: wrap("reference", reference_from_checkpoint(c)))

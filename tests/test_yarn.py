@@ -42,7 +42,8 @@ def yarn_model(folder, model_type, **scaling):
 
 
 def hf_config(model_type, **scaling):
-    return AutoConfig.for_model(model_type, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
+    return AutoConfig.for_model(model_type, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                max_position_embeddings=512,
                                 rope_theta=10000.0, rope_scaling=YARN | scaling, **MODELS[model_type])
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from .qweight import QuantWeight
+from ..model.fields import GROUP, POSITIVE, Field, Rule, read_fields
+from .qweight import SUPPORTED_BITS, QuantWeight
 
 GPTQ_V1 = "auto_round:auto_gptq"  # GPTQ layout, zero point stored minus 1
 GPTQ = "auto_round"  # GPTQ layout, zero point as is
@@ -58,6 +59,21 @@ AUTOROUND_FORMAT_VERSION = "0.16.1"  # the auto-round release whose layout we wr
 QUANT_METHODS = ("auto-round", "intel/auto-round")  # the second is what older auto-round wrote
 SCHEME_KEYS = ("bits", "group_size", "sym")
 LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias", "offsets")
+
+# quantization_config's scheme, checked by read_fields (model/fields.py)
+QUANT_FIELDS = (
+    #     field         type    when absent  rule
+    Field("bits",       "int",                rule=Rule(f"among {', '.join(map(str, SUPPORTED_BITS))}",
+                                                        lambda v: v in SUPPORTED_BITS)),
+    Field("group_size", "int",                rule=GROUP),
+    Field("sym",        "bool"),
+)
+# an extra_config entry: the keys it overrides (bits above 8 mark a layer kept in float, as auto-round writes)
+LAYER_FIELDS = (
+    Field("bits",       "int",  absent=None,  rule=POSITIVE),
+    Field("group_size", "int",  absent=None,  rule=GROUP),
+    Field("sym",        "bool", absent=None),
+)
 
 
 def _tool_version() -> str:
@@ -127,9 +143,8 @@ class QuantConfig:
                                   f"(quant_method \"auto-round\") can be read")
         if d.get("data_type", "int") != "int":
             raise CheckpointError(f"data_type is {d['data_type']!r}; only integer weights (\"int\") can be read")
-        missing = [k for k in SCHEME_KEYS if k not in d]
-        if missing:
-            raise CheckpointError(f"quantization_config lacks {', '.join(missing)}")
+        scheme = read_fields(d, QUANT_FIELDS, "quantization_config", CheckpointError)
+        extra = read_extra_config(d.get("extra_config"))
         fmt = d.get("packing_format", GPTQ_V1)  # early auto-round wrote no packing_format: GPTQ v1 then
         if fmt not in READ_FORMATS:
             raise CheckpointError(f"packing_format {fmt!r} is not one this reader knows "
@@ -140,10 +155,22 @@ class QuantConfig:
         # amp, ...) as top-level keys: keep those as the tuning record.
         tuning = d.get("tuning") or {k: v for k, v in d.items() if k not in known}
         blocks = d.get("block_name_to_quantize") or "model.layers"
-        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), sym=bool(d["sym"]), packing_format=fmt,
-                   extra_config=dict(d.get("extra_config") or {}), iters=d.get("iters"), tuning=dict(tuning),
+        return cls(**scheme, packing_format=fmt, extra_config=extra, iters=d.get("iters"), tuning=dict(tuning),
                    block_name_to_quantize=blocks if isinstance(blocks, str) else ",".join(blocks),
                    autoround_version=d.get("autoround_version"), quantizer=d.get("quantizer"))
+
+
+def read_extra_config(extra) -> dict[str, dict]:
+    """quantization_config's extra_config (layer name or regex -> the keys it overrides), each entry's
+    overrides checked by LAYER_FIELDS."""
+    if extra is None or extra == []:  # none, as some writers say it
+        return {}
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise CheckpointError("quantization_config: extra_config must map layer names to JSON objects of the keys "
+                              "they override (correct it)")
+    for name, over in extra.items():
+        read_fields(over, LAYER_FIELDS, f"quantization_config's extra_config[{name!r}]", CheckpointError)
+    return dict(extra)
 
 
 def _regex_search(pattern: str, name: str) -> bool:

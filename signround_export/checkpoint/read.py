@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model.folder import TensorHeader, read_json, safetensors_headers
+from ..model.folder import FLOAT_DTYPES, TensorHeader, read_json, safetensors_headers
 from ..model.store import Lazy, StoredArrays
 from .format import AWQ, GPTQ_V1, LAYER_TENSORS, Checkpoint, QuantConfig
 from .packing import unpack_awq, unpack_bits, words_for
@@ -105,7 +105,6 @@ def _float_tensor(name: str, arrays: StoredArrays) -> np.ndarray:
     return t.astype(np.float32, copy=False)
 
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 INT32 = ("I32", "U32")
 SCALE_DTYPES = ("F16", "F32")
 NUMPY_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
@@ -184,12 +183,15 @@ class _Layer:
         """Scales, zero points (and offsets) of ceil(K / group) groups."""
         k, group = self.k, self.group
         g = math.ceil(k / group)
+        # K comes from qweight's rows at the layer's bits: name both settings, either may be what is wrong
+        why = (f"{g} groups of {group} for K={k}, by quantization_config's bits {self.bits} and group_size "
+               f"{self.group_cfg} for this layer")
         for suffix in ("scales", "qzeros"):
             width = self.headers[f"{self.name}.{suffix}"].shape[1]
-            self.expect(suffix, (g, width), f"{g} groups of {group} for K={k}")
+            self.expect(suffix, (g, width), why)
         if self.name + ".offsets" in self.headers:
             self.need("offsets", ("F16",))
-            self.expect("offsets", (g, self.n), f"{g} groups of {group} for K={k}")
+            self.expect("offsets", (g, self.n), why)
 
     def weight(self) -> QuantWeight:
         """The layer as exact integers, float16 scales and zero points (or float offsets)."""
@@ -250,8 +252,8 @@ class _Layer:
         except ValueError as e:
             raise CheckpointError(f"{self.where}: {e}; the checkpoint is broken (write it again)") from None
         if self.sym and not np.all(qw.zero == 2 ** (self.bits - 1)):
-            raise CheckpointError(f"{self.where}: {self.name} is symmetric by quantization_config but its zero "
-                                  f"points are not {2 ** (self.bits - 1)}; the config and the tensors disagree")
+            raise CheckpointError(f"{self.where}: {self.name} is symmetric by quantization_config's sym but its "
+                                  f"zero points are not {2 ** (self.bits - 1)}; the config and the tensors disagree")
         n = qw.shape[0]
         if qw.bias is not None and (qw.bias.shape != (n,) or not np.all(np.isfinite(qw.bias))):
             raise CheckpointError(f"{self.where}: {self.name}.bias must be {n} finite values")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import ModelError, UnsupportedModelError
 from .families import FAMILIES, Family
+from .fields import (FRACTION, POSITIVE, Consistency, Field, Rule, check_consistency, found, is_number,
+                     read_fields)
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -24,6 +26,20 @@ ROPE_REFUSED = {
     "dynamic": "its frequencies change with the sequence length, which a fixed ONNX cos/sin cache and "
                "llama.cpp cannot express",
 }
+
+
+ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "original_max_position_embeddings")
+
+
+def check_rope_numbers(rope: dict, required: tuple[str, ...]) -> None:
+    """The scaling's parameters (its required ones, and ROPE_NUMBERS where given) are numbers above 0, or
+    non-empty lists of them (longrope's per-pair factors)."""
+    for key in required + tuple(k for k in ROPE_NUMBERS if rope.get(k) is not None and k not in required):
+        value = rope[key]
+        values = value if isinstance(value, list) and value else [value]
+        if not all(is_number(v) and v > 0 for v in values):
+            raise ModelError(f"{key} in config.json's rope_parameters is {found(value)}; it must be a number above 0"
+                             + (" or a list of them" if isinstance(value, list) else "") + " (correct it)")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -60,6 +76,9 @@ class RopeScaling:
         a top-level original_max_position_embeddings, which wins over the dict's (as in transformers);
         aliases: rope_type names read as another (the family's, see rope_aliases)."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if not isinstance(rope_type, str):
+            raise ModelError(f"rope_type {found(rope_type)} in config.json's rope_parameters: give a name such as "
+                             f"\"default\" or one of {', '.join(ROPE_SCALINGS)}")
         rope_type = aliases.get(rope_type, rope_type)
         if rope_type == "default":
             return None
@@ -73,6 +92,8 @@ class RopeScaling:
             given = rope.get("rope_type", rope.get("type"))
             named = f"{rope_type!r}" + (f" (config.json's {given!r})" if given != rope_type else "")
             raise ModelError(f"rope scaling {named} needs {', '.join(missing)} in config.json's rope_parameters")
+        if rope_type != "yarn":  # yarn() checks its own: a null factor means one there
+            check_rope_numbers(rope, ROPE_SCALINGS[rope_type])
         original = int(original or rope.get("original_max_position_embeddings") or max_positions)
         if rope_type == "longrope":
             return cls.longrope(rope, max_positions, original)
@@ -200,10 +221,13 @@ def local_layers(hf: dict, family: Family, n_layers: int) -> tuple[int, ...]:
     return tuple(i for i, local in enumerate(alternating_layers(hf, family, n_layers)) if local)
 
 
-def split_rope(hf: dict) -> tuple[dict, dict | None]:
+def split_rope(hf: dict, source: str = "config.json") -> tuple[dict, dict | None]:
     """(the global layers' rope parameters, the local layers' or None when they share the global ones).
     transformers 5 writes them per layer type (Gemma 3); older configs give rope_local_base_freq."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    key = next((k for k in ("rope_parameters", "rope_scaling") if hf.get(k)), None)
+    rope = hf[key] if key else {}
+    if not isinstance(rope, dict) or not isinstance(rope.get("full_attention", {}), dict):
+        raise ModelError(f"{source}: {key} is {found(rope)}; it must be a JSON object of rope parameters (correct it)")
     if "full_attention" in rope:
         return rope["full_attention"], rope.get("sliding_attention")
     local = {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else None
@@ -218,6 +242,65 @@ def local_rope_theta(local: dict | None, family: Family, max_positions: int) -> 
         raise UnsupportedModelError(f"rope scaling on the sliding-window layers of this {family.model_type} "
                                     "config is not supported; only the global layers may scale RoPE")
     return float(local.get("rope_theta", family.local_rope_base or 10000.0))
+
+
+# config.json's fields that ModelConfig reads (transformers' names), checked by read_fields. An absent of
+# None is derived from the others: num_key_value_heads from num_attention_heads (no grouped-query
+# attention), head_dim as hidden_size / num_attention_heads.
+# more blocks than any model has: a larger count is an edit, refused before per-layer tables are built
+LAYER_COUNT = Rule("above 0 and at most 65536", lambda v: 0 < v <= 65536)
+MAX_POSITIONS = Field("max_position_embeddings", "int", absent=4096, rule=POSITIVE)
+# read first, for the rope scaling (from_hf); a top-level original context wins over rope_parameters'
+POSITION_FIELDS = (MAX_POSITIONS, Field("original_max_position_embeddings", "int", absent=None, nullable=True,
+                                        rule=POSITIVE))
+MODEL_FIELDS = (
+    #     field                      type      when absent                null: as absent  rule
+    Field("vocab_size",              "int",                                               rule=POSITIVE),
+    Field("hidden_size",             "int",                                               rule=POSITIVE),
+    Field("intermediate_size",       "int",                                               rule=POSITIVE),
+    Field("num_hidden_layers",       "int",                                               rule=LAYER_COUNT),
+    Field("num_attention_heads",     "int",                                               rule=POSITIVE),
+    Field("num_key_value_heads",     "int",    absent=None,               nullable=True,   rule=POSITIVE),
+    Field("head_dim",                "int",    absent=None,               nullable=True,   rule=POSITIVE),
+    Field("rms_norm_eps",            "number", absent=1e-6,                                rule=POSITIVE),
+    Field("rope_theta",              "number", absent=10000.0,                             rule=POSITIVE),
+    Field("partial_rotary_factor",   "number", absent=1.0,                                 rule=FRACTION),
+    MAX_POSITIONS,
+    Field("tie_word_embeddings",     "bool",   absent=False),
+    Field("attention_bias",          "bool",   absent=False),
+    Field("query_pre_attn_scalar",   "number", absent=None,               nullable=True,   rule=POSITIVE),
+    Field("attn_logit_softcapping",  "number", absent=None,               nullable=True,   rule=POSITIVE),
+    Field("final_logit_softcapping", "number", absent=None,               nullable=True,   rule=POSITIVE),
+)
+# the same keys inside rope_parameters (transformers 5), where they win over the top-level ones
+ROPE_FIELDS = (
+    Field("rope_theta",              "number", absent=None,                                rule=POSITIVE),
+    Field("partial_rotary_factor",   "number", absent=None,                                rule=FRACTION),
+)
+# rules between the fields (num_key_value_heads already derived when absent; head_dim still null when absent)
+MODEL_RULES = (
+    Consistency(("num_attention_heads", "num_key_value_heads"), "num_key_value_heads must divide num_attention_heads",
+                lambda v: v["num_attention_heads"] % v["num_key_value_heads"] == 0),
+    Consistency(("hidden_size", "num_attention_heads", "head_dim"),
+                "without a head_dim, hidden_size must be a multiple of num_attention_heads",
+                lambda v: v["head_dim"] is not None or v["hidden_size"] % v["num_attention_heads"] == 0),
+)
+
+
+def read_family(hf: dict) -> Family:
+    """The family config.json's model_type names; refused by name when not supported."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        check_text_decoder(hf, model_type)
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_text_decoder(hf, model_type)
+    return FAMILIES[model_type]
+
+
+def first_given(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
 
 
 @dataclass(frozen=True)
@@ -248,43 +331,43 @@ class ModelConfig:
     windows: tuple[int | None, ...] = ()
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            check_text_decoder(hf, model_type)
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        check_text_decoder(hf, model_type)
-        family = FAMILIES[model_type]
-        rope, local_rope = split_rope(hf)
-        max_positions = hf.get("max_position_embeddings", 4096)
-        rope_scaling = RopeScaling.from_hf(rope, max_positions, hf.get("original_max_position_embeddings"),
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """The config of a config.json dict, every field checked by MODEL_FIELDS and MODEL_RULES; source:
+        the file's path, for messages."""
+        family = read_family(hf)
+        rope, local_rope = split_rope(hf, source)
+        # what cannot be computed at all is refused before what could be corrected
+        positions = read_fields(hf, POSITION_FIELDS, source, ModelError)
+        max_positions = positions["max_position_embeddings"]
+        rope_scaling = RopeScaling.from_hf(rope, max_positions, positions["original_max_position_embeddings"],
                                            rope_aliases(family))
-        n_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        v = read_fields(hf, MODEL_FIELDS, source, ModelError)
+        rope_values = read_fields(rope, ROPE_FIELDS, f"{source}'s rope_parameters", ModelError)
+        n_heads, n_layers = v["num_attention_heads"], v["num_hidden_layers"]
+        v["num_key_value_heads"] = v["num_key_value_heads"] or n_heads
+        check_consistency(v, MODEL_RULES, source, ModelError)
         cfg = cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            n_layers=hf["num_hidden_layers"],
+            model_type=family.model_type,
+            vocab_size=v["vocab_size"],
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["intermediate_size"],
+            n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            rms_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            n_kv_heads=v["num_key_value_heads"],
+            head_dim=v["head_dim"] or v["hidden_size"] // n_heads,
+            rms_eps=v["rms_norm_eps"],
+            rope_theta=first_given(rope_values["rope_theta"], v["rope_theta"]),
             max_positions=max_positions,
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=family.qkv_bias if family.qkv_bias is not None else hf.get("attention_bias", False),
+            tie_word_embeddings=v["tie_word_embeddings"],
+            attention_bias=family.qkv_bias if family.qkv_bias is not None else v["attention_bias"],
             rope_scaling=rope_scaling,
-            partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+            partial_rotary_factor=float(first_given(rope_values["partial_rotary_factor"], v["partial_rotary_factor"])),
             activation=read_activation(hf, family),
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
-            attn_softcap=hf.get("attn_logit_softcapping") if family.attn_softcap else None,
-            final_softcap=hf.get("final_logit_softcapping"),
-            windows=layer_windows(hf, family, hf["num_hidden_layers"]),
-            local_layers=local_layers(hf, family, hf["num_hidden_layers"]),
+            query_pre_attn_scalar=v["query_pre_attn_scalar"],
+            attn_softcap=v["attn_logit_softcapping"] if family.attn_softcap else None,
+            final_softcap=v["final_logit_softcapping"],
+            windows=layer_windows(hf, family, n_layers),
+            local_layers=local_layers(hf, family, n_layers),
             local_rope_theta=(local_rope_theta(local_rope, family, max_positions) if family.windows == "alternating"
                               else None),
         )

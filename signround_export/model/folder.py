@@ -42,20 +42,21 @@ def read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from None
+    return read_json(path, "the model's config")
 
 
 def read_json(path: Path, what: str, error: type[SignroundError] = ModelError) -> dict:
-    """A JSON file that must be there; `error` names it as `what` when it is missing or damaged."""
+    """A JSON object from a file that must be there; `error` names it as `what` when it is missing or
+    damaged."""
     if not path.is_file():
         raise error(f"{path} is missing: {path.parent} is not complete ({what})")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path} is not valid JSON ({e}); the file is damaged (write it again)") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object; the file is damaged (write it again)")
+    return data
 
 
 def safetensors_files(folder: Path, error: type[SignroundError] = ModelError) -> list[Path]:
@@ -136,6 +137,7 @@ def safetensors_headers(folder: Path, error: type[SignroundError] = ModelError,
 TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
                 "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
                 "F8_E5M2": "float8_e5m2"}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # the dtypes of float weights
 READ_STEP = 1 << 22  # elements read and converted at a time when the result's dtype is not the stored one
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,11 @@ import torch
 
 from ..checkpoint.format import Checkpoint
 from ..checkpoint.read import read_checkpoint
-from ..errors import ModelError
+from ..errors import CheckpointError, ModelError
 from .config import ModelConfig
 from .folder import read_hf_config, resolve_model_dir
 from .forward import Model
+from .shapes import check_float_dtypes, check_tensors
 from .store import Lazy, TensorStore
 
 
@@ -22,10 +24,41 @@ def load_float_model(model: str | Path) -> tuple[Model, dict, Path]:
     folder = resolve_model_dir(model)
     hf = read_hf_config(folder)
     if "quantization_config" in hf:
-        raise ModelError(f"{folder} is already quantized ({hf['quantization_config'].get('quant_method')}); "
-                         "give the float model")
-    cfg = ModelConfig.from_hf(hf)
-    return Model(cfg, TensorStore(folder, ModelError, "rebuild or re-download it")), hf, folder
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        raise ModelError(f"{folder} is already quantized ({method}); give the float model")
+    cfg = ModelConfig.from_hf(hf, str(folder / "config.json"))
+    store = TensorStore(folder, ModelError, "rebuild or re-download it")
+    check_tensors(cfg, {name: h.shape for name, h in store.headers.items()}, str(folder), ModelError)
+    check_float_dtypes(cfg, store.headers, ModelError)
+    return Model(cfg, store), hf, folder
+
+
+def open_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
+    """A checkpoint folder read (read_checkpoint: its format's headers checked; verify: its tensors against
+    their digests when read) and checked as a model (check_checkpoint): the door every command reads a
+    checkpoint through."""
+    ckpt = read_checkpoint(path, verify)
+    check_checkpoint(ckpt)
+    return ckpt
+
+
+def check_checkpoint(ckpt: Checkpoint) -> ModelConfig:
+    """The checkpoint's model config, every field checked, and its tensors' names and shapes checked against
+    it, known without reading any data (a quantized layer's bias is taken to be [N] here; reading the layer
+    checks it)."""
+    cfg = ModelConfig.from_hf(ckpt.hf_config, str(Path(ckpt.path) / "config.json"))
+    shapes = {name: shape_of(ckpt.tensors, name) for name in ckpt.tensors}
+    for module in ckpt.qweights:
+        shapes[module + ".weight"] = shape_of(ckpt.qweights, module)
+    shapes |= {module + ".bias": shapes[module + ".weight"][:1] for module in ckpt.layers_with_bias()}
+    check_tensors(cfg, shapes, str(ckpt.path), CheckpointError)
+    return cfg
+
+
+def shape_of(entries: Mapping, name: str) -> tuple[int, ...]:
+    """An entry's shape (a layer's [N, K]), without reading it where the mapping tells shapes (a Lazy)."""
+    shape = getattr(entries, "shape", None)
+    return tuple(shape(name) if shape is not None else entries[name].shape)
 
 
 def in_memory(model: Model) -> Model:
@@ -80,5 +113,5 @@ def load_any(model: str | Path, verify: bool = True) -> tuple[Model, str]:
     checkpoint's tensors against their digests (read_checkpoint)."""
     folder = resolve_model_dir(model)
     if is_checkpoint(folder):
-        return reference_from_checkpoint(read_checkpoint(folder, verify)), "checkpoint reference"
+        return reference_from_checkpoint(open_checkpoint(folder, verify)), "checkpoint reference"
     return load_float_model(folder)[0], "float model"

@@ -35,7 +35,7 @@ from ..export.gguf import mixes
 from ..export.gguf.write import check_llama_cpp
 from ..model.folder import resolve_model_dir
 from ..model.forward import Model
-from ..model.load import float_checkpoint, is_checkpoint, load_float_model
+from ..model.load import check_checkpoint, float_checkpoint, is_checkpoint, load_float_model, open_checkpoint
 from ..plots import plot_allocation
 from . import memory
 from .allocate import Allocation, layer_file_bits, read_allocation, solve
@@ -264,11 +264,12 @@ def export_source(source: str | Path | Checkpoint, *, bits: int = 4, group_size:
     group_size / sym (a checkpoint in a temporary folder, removed when the block ends), or at bits 16 its
     float weights."""
     if isinstance(source, Checkpoint):
+        check_checkpoint(source)
         yield source
         return
     folder = resolve_model_dir(source)
     if is_checkpoint(folder):
-        yield read_checkpoint(folder, verify)
+        yield open_checkpoint(folder, verify)
     elif bits == 16:
         yield float_checkpoint(folder)
     else:

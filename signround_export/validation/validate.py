@@ -15,12 +15,11 @@ import torch
 from signround_runtime.manifest import damaged
 
 from ..checkpoint.format import Checkpoint
-from ..checkpoint.read import read_checkpoint
 from ..data import evaluation_ids
 from ..errors import GGUFExportError, ValidationError
 from ..export.gguf.read import check_digests as check_gguf_digests
 from ..model.config import ModelConfig
-from ..model.load import load_float_model, reference_from_checkpoint
+from ..model.load import load_float_model, open_checkpoint, reference_from_checkpoint
 from .metrics import compare, windows
 from .readback import LayerErrors, gguf_layer_errors, onnx_layer_errors, read_gguf
 from .report import ArtifactReport, Thresholds, ValidationResult, judge, versions
@@ -57,7 +56,7 @@ def validate(checkpoint, *, onnx=None, gguf=None, float_model=None, text=None, t
     model runs, and the checkpoint's tensors as they are read; a damaged one is refused by name."""
     t0 = time.perf_counter()
     check_settings(tokens, window, gguf_runner)
-    ckpt = read_checkpoint(checkpoint, verify)
+    ckpt = open_checkpoint(checkpoint, verify)
     if verify:
         check_artifact_digests(onnx, gguf)
     w = evaluation_windows(checkpoint, text, tokens, window)
