@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -47,6 +48,8 @@ class ApiError(Exception):
 def _number(name, v, low=None, high=None, low_open=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ApiError(400, f"{name} must be a number, got {json.dumps(v)[:40]}", name, "invalid_type")
+    if isinstance(v, float) and not math.isfinite(v):  # NaN passes every comparison below; Python's json reads NaN and Infinity
+        raise ApiError(400, f"{name} must be a finite number, got {v}", name, "invalid_value")
     if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
         raise ApiError(400, f"{name} must lie in {'(' if low_open else '['}{low}, {high}], got {v}", name,
                        "invalid_value")
