@@ -135,6 +135,16 @@ FIELDS = {
 }
 
 
+def _text_only(name, v) -> None:
+    """JSON's \\ud800-style escapes can spell lone surrogates, which are no text: the tokenizer cannot
+    take them, so they are refused here, naming the field."""
+    try:
+        json.dumps(v, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{name} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                            "not text", name, "invalid_text") from None
+
+
 def check_fields(body, kind: str) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -147,6 +157,7 @@ def check_fields(body, kind: str) -> dict:
     for name, v in body.items():
         if v is None:  # null means "the default", as OpenAI takes it
             continue
+        _text_only(name, v)
         check = allowed[name]
         out[name] = check(v) if check else v
     return out
