@@ -30,8 +30,9 @@ CHAT_FIELDS = {"model", "stream", "stream_options", "max_tokens", "max_completio
                "top_p", "seed", "stop", "n", "user", "top_k", "repetition_penalty", "chat_template_kwargs",
                "messages"}
 COMPLETION_FIELDS = CHAT_FIELDS - {"max_completion_tokens", "chat_template_kwargs", "messages"} | {"prompt"}
-SAMPLES = [True, False, 0, 1, -1, 7, 2.5, -0.5, "", "x", [], ["x"], [1, 2], [[1]], [None], {}, {"a": 1},
-           10 ** 18, -10 ** 18, 10 ** 400, 1e308, -1e308, 5e-324]
+# one or two of each JSON type, and the edges of the ranges: 0, negatives, huge, the smallest float
+SAMPLES = [True, 0, -1, 7, 2.5, "", "x", [], ["x"], [1, 2], [None], {}, {"a": 1}, 10 ** 18, 10 ** 400, 1e308,
+           -1e308, 5e-324]
 NON_FINITE = ["NaN", "Infinity", "-Infinity"]  # Python's json reads these words; the server must refuse them
 
 
@@ -130,7 +131,7 @@ def test_every_field_of_every_wrong_type_is_refused_naming_it(answers, model, ki
                 raw = json.dumps(base_body(kind))[:-1] + f', "{field}": {word}}}'
                 a.post(kind, raw.encode(), f"{kind} {field}={word}", param=field)
     assert not a.broken, "\n".join(map(str, a.broken))
-    assert a.count - before > 300
+    assert a.count - before > 200
     still_serves(a, model)
 
 
