@@ -342,7 +342,7 @@ class Server:
                                "request_too_large")
         try:
             body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
         except RecursionError:  # the parser recurses once per level of [ or {
             too_deep = True
