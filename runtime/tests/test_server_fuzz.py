@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -233,3 +234,17 @@ def test_huge_numbers_nesting_bad_bytes_and_bad_messages(answers, model):  # noq
     assert not a.broken, "\n".join(map(str, a.broken))
     still_serves(a, model)
     assert app_server.engine.jobs.qsize() == 0
+
+
+def test_long_stop_strings_cost_little(answers, model):  # noqa: F811
+    """The most stop text a request may send (16 strings of 60,000 characters) must not hold the one
+    worker thread that every client shares: the answer equals the one without stops, and is quick."""
+    a, _ = answers
+    body = {**base_body("completion"), "max_tokens": 8}
+    plain = a.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stops = ["\u2603" + "ab" * 30000 + str(i) for i in range(16)]  # never in the answer
+    t0 = time.monotonic()
+    r = a.http.post("/v1/completions", json={**body, "stop": stops})
+    seconds = time.monotonic() - t0
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain, r.text[:300]
+    assert seconds < 2, f"{seconds:.1f} s for 8 tokens"
