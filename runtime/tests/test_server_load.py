@@ -29,6 +29,28 @@ THREADS_ALLOWED = 4
 RSS_ALLOWED_MB = 24
 
 
+HANG_UP_TOKENS = 480  # what a stream that is hung up asks for: left running, its batch takes 480 steps
+
+
+class Counted:
+    """The model, counting the steps of each batch it generates."""
+
+    def __init__(self, model):
+        self.model, self.steps = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, prompts, max_new_tokens=128, sampling=None, stop_ids=None, on_step=None):
+        self.steps.append(0)
+
+        def counted(tokens):
+            self.steps[-1] += 1
+            return on_step(tokens)
+
+        return self.model.generate(prompts, max_new_tokens, sampling, stop_ids, on_step=counted)
+
+
 def threads_and_rss_mb() -> tuple[int, float]:
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return int(status["Threads"]), int(status["VmRSS"].split()[0]) / 1024
@@ -69,7 +91,7 @@ def one_request(http: httpx.Client, k: int, i: int, want: dict, tally: Tally) ->
                 tally.wrong += [] if got == ok else [(k, i, got, ok)]
             return
         long = shape == 4  # long enough to still be running when the client hangs up
-        with http.stream("POST", path, json={**body, "stream": True, **({"max_tokens": 200} if long else {})}) as r:
+        with http.stream("POST", path, json={**body, "stream": True, **({"max_tokens": HANG_UP_TOKENS} if long else {})}) as r:
             tally.status(r.status_code)
             if r.status_code != 200:
                 r.read()
@@ -105,7 +127,8 @@ def run_clients(base: str, requests: int, want: dict) -> Tally:
 def test_eight_clients_with_hang_ups_no_errors_no_hangs_flat_threads_and_memory(model):  # noqa: F811
     want = {p: expected(model, model.encode(p), 8)[0] for p in PROMPTS}
     want["chat"] = expected(model, chat_ids(model), 8)[0]
-    with live(model) as (base, _, app_server):
+    counted = Counted(model)
+    with live(counted) as (base, _, app_server):
         warm = run_clients(base, 5, want)  # the worker pool's threads, allocator arenas, tokenizer caches
         assert settled(app_server) and warm.statuses.get(200) == CLIENTS * 5, warm.statuses
         gc.collect()
@@ -121,7 +144,7 @@ def test_eight_clients_with_hang_ups_no_errors_no_hangs_flat_threads_and_memory(
     answered = sum(tally.statuses.values())
     server_errors = {c: n for c, n in tally.statuses.items() if c >= 500 and c != 503}
     print(f"\n{CLIENTS}x{REQUESTS} requests in {seconds:.1f} s: {tally.statuses}, {tally.hung_up} hang-ups, "
-          f"{len(tally.hangs)} hangs, largest batch {largest_batch}; threads {threads0} -> {threads1}, "
+          f"{len(tally.hangs)} hangs, largest batch {largest_batch}, longest batch {max(counted.steps)} steps; threads {threads0} -> {threads1}, "
           f"RSS {rss0:.1f} -> {rss1:.1f} MB")
     assert not tally.hangs, f"no answer within {TIMEOUT} s: {tally.hangs[:5]}"
     assert answered == CLIENTS * REQUESTS and not server_errors, tally.statuses
@@ -129,5 +152,10 @@ def test_eight_clients_with_hang_ups_no_errors_no_hangs_flat_threads_and_memory(
     assert tally.hung_up >= CLIENTS * REQUESTS // 5 * 0.9
     assert not tally.wrong, tally.wrong[:3]
     assert largest_batch > 1
+    # a hung-up stream stops its generation, a few hundred steps of this tiny model later at most (the
+    # event loop sees the closed socket while the worker runs on): few batches run to the length that
+    # only a hung-up stream asks for; left running, every batch holding one would
+    full_length = sum(steps >= HANG_UP_TOKENS for steps in counted.steps)
+    assert full_length <= len(counted.steps) // 10, sorted(counted.steps)[-12:]
     assert threads1 <= threads0 + THREADS_ALLOWED, (threads0, threads1)
     assert rss1 <= rss0 + RSS_ALLOWED_MB, (rss0, rss1)
