@@ -39,10 +39,14 @@ def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray
 
 def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: np.ndarray) -> int:
     """The next token from float logits [V]."""
-    logits = penalize(np.asarray(logits, dtype=np.float64), seen, s.repetition_penalty)
-    if s.temperature == 0:
+    with np.errstate(over="ignore"):
+        logits = penalize(np.asarray(logits, dtype=np.float64), seen, s.repetition_penalty)
+        if s.temperature == 0:
+            return int(logits.argmax())
+        scaled = logits / s.temperature
+    if not np.isfinite(scaled.max()):  # overflow (a temperature or penalty near 0): take the limit, greedy
         return int(logits.argmax())
-    logits = logits / s.temperature
+    logits = scaled
     if s.top_k:
         kth = np.partition(logits, -min(s.top_k, logits.size))[-min(s.top_k, logits.size)]
         logits = np.where(logits < kth, -np.inf, logits)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -26,6 +27,24 @@ from .model import Model, RuntimeModelError
 from .sampling import Sampling
 
 MAX_BODY = 1 << 20  # 1 MB: far more than any prompt the context holds
+
+
+# Deeper bodies are refused before any check walks them: those checks (and json.dumps in their
+# messages) recurse, and a body that parsed just below the interpreter's limit would overflow there.
+# Requests themselves are shallow; tool schemas in chat_template_kwargs may nest a few dozen levels.
+MAX_NESTING = 64
+
+
+def nesting(value) -> int:
+    """How many levels of lists and dicts value holds, counted without recursion."""
+    if not isinstance(value, (list, dict)):
+        return 0
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, level = todo.pop()
+        deepest = max(deepest, level)
+        todo.extend((x, level + 1) for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (list, dict)))
+    return deepest
 
 
 class ApiError(Exception):
@@ -47,6 +66,8 @@ class ApiError(Exception):
 def _number(name, v, low=None, high=None, low_open=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ApiError(400, f"{name} must be a number, got {json.dumps(v)[:40]}", name, "invalid_type")
+    if isinstance(v, float) and not math.isfinite(v):  # Python's json reads NaN, which passes any comparison
+        raise ApiError(400, f"{name} must be a finite number, got {v}", name, "invalid_value")
     if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
         raise ApiError(400, f"{name} must lie in {'(' if low_open else '['}{low}, {high}], got {v}", name,
                        "invalid_value")
@@ -132,6 +153,16 @@ FIELDS = {
 }
 
 
+def _text_only(name, v) -> None:
+    """JSON's \\ud800-style escapes can spell lone surrogates, which are no text: the tokenizer cannot
+    take them, so they are refused here, naming the field."""
+    try:
+        json.dumps(v, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{name} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                            "not text", name, "invalid_text") from None
+
+
 def check_fields(body, kind: str) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -144,6 +175,7 @@ def check_fields(body, kind: str) -> dict:
     for name, v in body.items():
         if v is None:  # null means "the default", as OpenAI takes it
             continue
+        _text_only(name, v)
         check = allowed[name]
         out[name] = check(v) if check else v
     return out
@@ -309,9 +341,17 @@ class Server:
                 raise ApiError(413, f"the request body exceeds the limit of {MAX_BODY} bytes", None,
                                "request_too_large")
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(data)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        except RecursionError:  # the parser recurses once per level of [ or {
+            too_deep = True
+        else:
+            too_deep = nesting(body) > MAX_NESTING
+        if too_deep:
+            raise ApiError(400, f"the request body nests arrays or objects more than {MAX_NESTING} deep", None,
+                           "invalid_json")
+        return body
 
     async def _job(self, p: dict, kind: str) -> tuple[Job, int]:
         model = self.model

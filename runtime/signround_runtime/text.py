@@ -31,7 +31,10 @@ class TextStream:
             self.stopped = True
             self.text = text[: min(hits)]
             return self._take(len(self.text))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        # a prefix longer than the text cannot end it: k stops at len(text), so a long stop string costs
+        # what the text costs, not its length squared on every token
+        hold = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
         return self._take(len(text) - hold)
 
     def flush(self) -> str:

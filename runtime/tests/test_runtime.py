@@ -152,3 +152,12 @@ def test_a_batch_takes_per_prompt_limits_and_seeds(exported):
         assert got == model.generate([p], n, one, stop_ids=set()).tokens[0]  # same seed, same tokens, batched or not
     ended = model.generate(prompts, 10, stop_ids=set(), on_step=lambda toks: [0])  # on_step ends prompt 0 at once
     assert len(ended.tokens[0]) == 1 and ended.finish[0] == "stop" and len(ended.tokens[1]) == 10
+
+
+def test_sampling_near_zero_temperature_or_penalty_is_greedy_not_nan():
+    """Logits that overflow when scaled (temperature or repetition penalty near 0) give the limit,
+    the greedy token, never NaN probabilities that fail the whole batch."""
+    rng, logits = np.random.default_rng(0), np.array([1.0, 3.0, 2.0, -1.0])
+    assert choose(logits, Sampling(temperature=5e-324), rng, np.array([], dtype=int)) == 1
+    assert choose(-np.abs(logits), Sampling(temperature=5e-324), rng, np.array([], dtype=int)) == 0
+    assert choose(logits, Sampling(1.0, repetition_penalty=5e-324), rng, np.array([2])) == 2
