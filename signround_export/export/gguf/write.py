@@ -375,7 +375,8 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
             report.tensors.append(record)
             spool.add(record.name, tensor)
         report.file_type = file_type_of(report.tensors, float_type)
-        write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab,
-                   spool)
+        given = hf.get("_name_or_path")  # transformers' record of where the model came from; not a name if not text
+        name = given if isinstance(given, str) and given else Path(ckpt.path).name
+        write_file(out, cfg, file_name(name, vocab), report, vocab, spool)
     report.bytes = Path(out).stat().st_size
     return report
