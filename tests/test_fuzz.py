@@ -37,11 +37,6 @@ SAMPLE = 6  # cases of each kind also run through eval / validate
 LEGIT = {("rms_norm_eps", "removed"), ("max_position_embeddings", "removed"), ("_name_or_path", "string"),
          *((f"{key}_token_id", edit) for key in ("bos", "eos", "pad") for edit in ("removed", "null", "zero")),
          ("eos_token_id", "list")}
-# found by this corpus and not fixed yet: each must still fail (remove it here once fixed)
-KNOWN = {("_name_or_path", "negative"), ("_name_or_path", "list"),
-         ("quantization_config.block_name_to_quantize", "negative"), ("quantization_config.tuning", "negative"),
-         ("quantization_config.tuning", "string"), ("quantization_config.tuning", "list"),
-         ("quantization_config.packing_format", "removed")}
 TALLY: Counter = Counter()  # (corpus, outcome) -> count, printed by the last test
 
 
@@ -227,14 +222,8 @@ def checkpoint_outcomes(intact, tmp_path_factory) -> dict[str, str]:
 def test_damaged_checkpoints_through_export(intact, checkpoint_outcomes, tmp_path, capsys):
     def check(case, name, data, edit):
         folder = damaged_copy(intact["ckpt"], tmp_path / "in" / "ckpt", name, data)
-        try:
-            outcomes = {export_outcome(kind, folder, tmp_path / f"out.{kind}", intact[kind], edit in LEGIT, capsys)
-                        for kind in ("gguf", "onnx")}
-        except Exception:
-            if edit in KNOWN:
-                return "known bug"
-            raise
-        assert edit not in KNOWN, "no longer fails: remove it from KNOWN"
+        outcomes = {export_outcome(kind, folder, tmp_path / f"out.{kind}", intact[kind], edit in LEGIT, capsys)
+                    for kind in ("gguf", "onnx")}
         assert len(outcomes) == 1, "one export refused it, the other wrote the intact output"
         checkpoint_outcomes[case] = outcomes.pop() if edit not in LEGIT else "right (another valid config)"
         return checkpoint_outcomes[case]
