@@ -52,7 +52,11 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{folder} has no tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise DataError(f"{path} is not a readable tokenizer ({str(e)[:200]}); the file is damaged: copy it "
+                        "again from the source model") from None
 
 
 def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:

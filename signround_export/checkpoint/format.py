@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..model.fields import GROUP, POSITIVE, Field, Rule, read_fields
+from ..model.fields import GROUP, POSITIVE, Field, Rule, found, read_fields
 from .qweight import SUPPORTED_BITS, QuantWeight
 
 GPTQ_V1 = "auto_round:auto_gptq"  # GPTQ layout, zero point stored minus 1
@@ -145,6 +145,9 @@ class QuantConfig:
             raise CheckpointError(f"data_type is {d['data_type']!r}; only integer weights (\"int\") can be read")
         scheme = read_fields(d, QUANT_FIELDS, "quantization_config", CheckpointError)
         extra = read_extra_config(d.get("extra_config"))
+        if "packing_format" not in d and str(d.get("quantizer")).startswith("signround-export"):
+            raise CheckpointError("quantization_config: packing_format is missing, which signround-export always "
+                                  "writes (it says how zero points are stored); config.json is damaged: restore it")
         fmt = d.get("packing_format", GPTQ_V1)  # early auto-round wrote no packing_format: GPTQ v1 then
         if fmt not in READ_FORMATS:
             raise CheckpointError(f"packing_format {fmt!r} is not one this reader knows "
@@ -155,9 +158,21 @@ class QuantConfig:
         # amp, ...) as top-level keys: keep those as the tuning record.
         tuning = d.get("tuning") or {k: v for k, v in d.items() if k not in known}
         blocks = d.get("block_name_to_quantize") or "model.layers"
+        check_records(tuning, blocks)
         return cls(**scheme, packing_format=fmt, extra_config=extra, iters=d.get("iters"), tuning=dict(tuning),
                    block_name_to_quantize=blocks if isinstance(blocks, str) else ",".join(blocks),
                    autoround_version=d.get("autoround_version"), quantizer=d.get("quantizer"))
+
+
+def check_records(tuning, blocks) -> None:
+    """CheckpointError when quantization_config's tuning record is not a JSON object, or its
+    block_name_to_quantize not a name or a list of names."""
+    if not isinstance(tuning, dict):
+        raise CheckpointError(f"quantization_config: tuning is {found(tuning)}; it must be a JSON object (the tuning "
+                              "record) or absent (correct it)")
+    if not isinstance(blocks, str) and not (isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)):
+        raise CheckpointError(f"quantization_config: block_name_to_quantize is {found(blocks)}; it must be a module "
+                              "name or a list of them (correct it)")
 
 
 def read_extra_config(extra) -> dict[str, dict]:

@@ -272,6 +272,11 @@ MODEL_FIELDS = (
     Field("attn_logit_softcapping",  "number", absent=None,               nullable=True,   rule=POSITIVE),
     Field("final_logit_softcapping", "number", absent=None,               nullable=True,   rule=POSITIVE),
 )
+# the special tokens' ids, which the exports write (none when absent); each must be in the vocabulary
+# (several eos ids may end a reply)
+TOKEN_FIELDS = (Field("bos_token_id", "id", absent=None, nullable=True),
+                Field("eos_token_id", "ids", absent=None, nullable=True),
+                Field("pad_token_id", "id", absent=None, nullable=True))
 # the same keys inside rope_parameters (transformers 5), where they win over the top-level ones
 ROPE_FIELDS = (
     Field("rope_theta",              "number", absent=None,                                rule=POSITIVE),
@@ -285,6 +290,15 @@ MODEL_RULES = (
                 "without a head_dim, hidden_size must be a multiple of num_attention_heads",
                 lambda v: v["head_dim"] is not None or v["hidden_size"] % v["num_attention_heads"] == 0),
 )
+
+
+def check_token_ids(ids: dict, vocab_size: int, source: str) -> None:
+    """ModelError naming the first special token id (read by TOKEN_FIELDS) outside the vocabulary."""
+    for name, value in ids.items():
+        for i in value if isinstance(value, list) else [] if value is None else [value]:
+            if i >= vocab_size:
+                raise ModelError(f"{source}: {name} is {found(value)}; it must be below vocab_size {vocab_size} "
+                                 "(correct it)")
 
 
 def read_family(hf: dict) -> Family:
@@ -342,6 +356,7 @@ class ModelConfig:
         rope_scaling = RopeScaling.from_hf(rope, max_positions, positions["original_max_position_embeddings"],
                                            rope_aliases(family))
         v = read_fields(hf, MODEL_FIELDS, source, ModelError)
+        check_token_ids(read_fields(hf, TOKEN_FIELDS, source, ModelError), v["vocab_size"], source)
         rope_values = read_fields(rope, ROPE_FIELDS, f"{source}'s rope_parameters", ModelError)
         n_heads, n_layers = v["num_attention_heads"], v["num_hidden_layers"]
         v["num_key_value_heads"] = v["num_key_value_heads"] or n_heads

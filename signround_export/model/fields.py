@@ -47,11 +47,23 @@ def is_number(v) -> bool:
     return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
+def is_token_id(v) -> bool:
+    return is_int(v) and v >= 0
+
+
+def is_token_ids(v) -> bool:
+    """A token id (an integer from 0), or a non-empty list of them (several eos ids)."""
+    ids = v if isinstance(v, list) else [v]
+    return bool(ids) and all(is_token_id(i) for i in ids)
+
+
 # a field's type -> (its test, how a message names it)
 TYPES = {
     "int": (is_int, "an integer"),
     "number": (is_number, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "id": (is_token_id, "a token id (an integer from 0)"),
+    "ids": (is_token_ids, "a token id (an integer from 0) or a list of them"),
 }
 
 

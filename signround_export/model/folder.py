@@ -184,9 +184,13 @@ def read_into(f, t, name: str, digest=None) -> None:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the TOKENIZER_FILES that src has into dst, and its named chat templates (tool_use, ...)."""
+    """Copy the TOKENIZER_FILES that src has into dst, and its named chat templates (tool_use, ...); a
+    JSON one that does not parse is refused (ModelError naming it), not copied into an output that
+    cannot load."""
     for fname in TOKENIZER_FILES:
         if (Path(src) / fname).is_file():
+            if fname.endswith(".json"):
+                read_json(Path(src) / fname, "a tokenizer file")
             shutil.copyfile(Path(src) / fname, Path(dst) / fname)
     if (Path(src) / CHAT_TEMPLATES).is_dir():
         shutil.copytree(Path(src) / CHAT_TEMPLATES, Path(dst) / CHAT_TEMPLATES, dirs_exist_ok=True)

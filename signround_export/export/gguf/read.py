@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from ...digests import new_hash
+from ...digests import PLACEHOLDER, digest_of, new_hash
 from ...errors import GGUFExportError
 from ...model.config import ModelConfig
 from .tensors import hf_names, is_norm, rope_heads, rope_unpermute
@@ -17,6 +17,8 @@ from .tensors import hf_names, is_norm, rope_heads, rope_unpermute
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling's per-frequency divisors, written from the config
 ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # longrope's, from the config too
 DIGESTS_KEY = "signround.tensor_sha256"  # each tensor's digest, in the order of the tensor infos
+# the digest of every byte before the tensor data (header, metadata, tensor infos), its own 64 read as "0"s
+METADATA_KEY = "signround.metadata_sha256"
 CHUNK = 1 << 22  # bytes hashed at a time
 
 
@@ -34,10 +36,36 @@ def open_gguf(path) -> GGUFReader:
         raise GGUFExportError(f"{path} is not a readable GGUF file ({str(e)[:200]}); it is truncated or corrupt") from None
 
 
+def metadata_digest(path, reader: GGUFReader) -> tuple[int, str, str]:
+    """(where METADATA_KEY's value is in the file, that value, the digest of the bytes before the tensor
+    data with that value read as PLACEHOLDER)."""
+    field = reader.fields[METADATA_KEY]
+    at = int(field.offset) + sum(int(p.nbytes) for p in field.parts[:-1])
+    with open(path, "rb") as f:
+        head = bytearray(f.read(int(reader.data_offset)))
+    given = bytes(head[at:at + len(PLACEHOLDER)]).decode("ascii", errors="replace")
+    head[at:at + len(PLACEHOLDER)] = PLACEHOLDER.encode()
+    return at, given, digest_of(head)
+
+
+def stamp_metadata_digest(path) -> None:
+    """Write the digest of a just-written file's metadata in place of its METADATA_KEY placeholder."""
+    at, _, digest = metadata_digest(path, open_gguf(path))
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(digest.encode())
+
+
 def check_digests(path) -> None:
-    """Every tensor's bytes against the digest the file's metadata holds for it (plain reads, a chunk at
-    a time); GGUFExportError naming the first that differs. A file without digests passes unchecked."""
+    """The metadata, then every tensor's bytes against the digest the file's metadata holds for it (plain
+    reads, a chunk at a time); GGUFExportError naming the first that differs. A file without digests
+    passes unchecked."""
     reader = open_gguf(path)
+    if METADATA_KEY in reader.fields:
+        _, given, digest = metadata_digest(path, reader)
+        if given != digest:
+            raise GGUFExportError(f"{path}: its metadata does not match the digest written with it ({METADATA_KEY}); "
+                                  "the file is damaged: copy or export it again")
     field = reader.fields.get(DIGESTS_KEY)
     if field is None:
         return

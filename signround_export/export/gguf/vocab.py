@@ -7,7 +7,6 @@ scores and token types, spm.py). Anything llama.cpp would tokenize differently i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from gguf import GGUFWriter, TokenType
 from signround_runtime.chat import template_of
 
 from ...errors import GGUFExportError
+from ...model.folder import read_json
 from .pretokenizer import tokenizer_pre
 from .spm import (check_added_raw, check_merges, is_byte_level, is_sentencepiece_bpe, merge_scores, space_prefix,
                   spm_types)
@@ -116,11 +116,11 @@ def read_tokenizer(folder: Path) -> tuple[dict, dict]:
         raise GGUFExportError(f"{folder} has no tokenizer.json; the GGUF file must carry the tokenizer "
                               "(copy the source model's tokenizer files into the checkpoint)")
     tcfg_path = folder / "tokenizer_config.json"
-    tok = json.loads(path.read_text())
+    tok = read_json(path, "the tokenizer", GGUFExportError)
     if (tok.get("model") or {}).get("type") != "BPE":
         raise GGUFExportError(f"tokenizer.json has a {(tok.get('model') or {}).get('type')!r} model; the GGUF "
                               "exporter writes BPE tokenizers only (byte-level or SentencePiece-style)")
-    return tok, json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
+    return tok, read_json(tcfg_path, "the tokenizer's config", GGUFExportError) if tcfg_path.is_file() else {}
 
 
 def read_vocab(folder: Path, hf: dict, pre: str | None = None) -> Vocab:

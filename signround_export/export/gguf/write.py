@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_VERSION, GGUFWriter, RopeScalingType
 from tqdm import tqdm
 
 from ...atomic import atomic_file
+from ...digests import PLACEHOLDER
 from ...checkpoint.format import Checkpoint
 from ...checkpoint.qweight import QuantWeight
 from ...errors import GGUFExportError
@@ -20,7 +21,7 @@ from ...model.config import ModelConfig, yarn_mscale
 from ...model.families import check_linears
 from ...model.rope import rope_divisors
 from .encode import encode_float, encode_layer, row_slices
-from .read import DIGESTS_KEY, ROPE_FACTORS, ROPE_FREQS, dequantize
+from .read import DIGESTS_KEY, METADATA_KEY, ROPE_FACTORS, ROPE_FREQS, dequantize, stamp_metadata_digest
 from .spool import TensorSpool
 from .strip import file_name
 from .tensors import IGNORED_SUFFIXES, gguf_name, is_norm, llama_rows, rope_heads
@@ -327,12 +328,14 @@ def add_attention_keys(w: GGUFWriter, cfg: ModelConfig) -> None:
 def write_file(out, cfg: ModelConfig, name: str, report: GGUFExport, vocab: Vocab, spool: TensorSpool) -> None:
     """The GGUF file at out (atomically): metadata, then the tensors of report in its order, each copied
     from the spool in turn. The metadata ends with each tensor's digest, in that order (read.py checks
-    them): in the file itself rather than beside it, since a GGUF file travels alone."""
+    them): in the file itself rather than beside it, since a GGUF file travels alone; then the digest of the
+    metadata itself (METADATA_KEY), stamped in place once it is written."""
     with atomic_file(out) as tmp:
         w = GGUFWriter(str(tmp), cfg.family.gguf_arch)
         add_hparams(w, cfg, name, report.file_type)
         add_vocab(w, vocab)
         w.add_array(DIGESTS_KEY, [spool.entries[record.name].digest for record in report.tensors])
+        w.add_string(METADATA_KEY, PLACEHOLDER)  # stamped once the metadata is written
         for record in report.tensors:
             t, entry = GGUF_TYPES[record.type], spool.entries[record.name]
             w.add_tensor_info(record.name, entry.shape, entry.dtype, entry.nbytes,
@@ -343,6 +346,7 @@ def write_file(out, cfg: ModelConfig, name: str, report: GGUFExport, vocab: Voca
         for record in report.tensors:
             w.write_tensor_data(spool.read(record.name))
         w.close()
+        stamp_metadata_digest(tmp)
 
 
 def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str = "F16", kquant: bool = False,
@@ -371,7 +375,8 @@ def export_gguf(ckpt: Checkpoint, out, *, asym4: str = "Q5_0", float_type: str =
             report.tensors.append(record)
             spool.add(record.name, tensor)
         report.file_type = file_type_of(report.tensors, float_type)
-        write_file(out, cfg, file_name(hf.get("_name_or_path") or Path(ckpt.path).name, vocab), report, vocab,
-                   spool)
+        given = hf.get("_name_or_path")  # transformers' record of where the model came from; not a name if not text
+        name = given if isinstance(given, str) and given else Path(ckpt.path).name
+        write_file(out, cfg, file_name(name, vocab), report, vocab, spool)
     report.bytes = Path(out).stat().st_size
     return report
