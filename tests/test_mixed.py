@@ -158,6 +158,22 @@ def test_block_by_block_importance_gives_the_whole_model_scores_and_allocation(t
         assert len(set(got.values())) > 1  # a budget that makes the scores choose, not every layer alike
 
 
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_block_by_block_importance_in_fused_and_windowed_families(tmp_path, family):
+    """The same equality where blocks differ most from llama's: phi3's fused qkv and gate_up linears, and
+    gemma2's sandwich norms, soft caps and an 8-position window on 32-token sequences."""
+    from test_gemma import gemma_model
+    from test_phi3 import phi3_model
+
+    folder = gemma_model(tmp_path / "m") if family == "gemma2" else phi3_model(tmp_path / "m")
+    model, _, _ = load_float_model(folder)
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(4))
+    for measure in MEASURES:
+        scores = importance(model, ids, [2, 4, 8], 32, False, measure, batch_size=2, progress=False)[1]
+        expected = whole_model_importance(model, ids, [2, 4, 8], 32, False, measure, batch_size=2)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=0, err_msg=measure)
+
+
 def test_gradient_importance_predicts_the_loss_change(tiny_model):
     """The first-order score of one batch is |g . dW|: check it against the real loss change of
     quantizing that one layer, on a batch where the change is small enough to be first order."""
