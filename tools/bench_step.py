@@ -1,27 +1,33 @@
-"""How close one SignRound tuning step runs to this machine's plain matmul throughput.
+"""How close one SignRound tuning step runs to this machine's plain matmul throughput (the roofline).
 
-    .venv/bin/python tools/bench_step.py [--batch-size 8] [--seqlen 512] [--steps 10]
+    .venv/bin/python tools/bench_step.py [--batch-size 8] [--seqlen 512 2048] [--steps 10] [--profile]
 
-Times (1) a plain matmul at the block's shapes in float32 and bfloat16, and (2) full tuning steps
-(fake-quantize, forward, backward, signed update) on block 0 of the default model, then reports the
-step's matmul FLOPs (forward + weight gradients + input gradients, counted per layer) over its time.
+For each sequence length: times (1) a plain matmul at the block's shapes in float32 and in the tuning
+dtype (bfloat16 where oneDNN has native bf16, as `tune` picks), and (2) full tuning steps as tune_block
+runs them (signround.block_loss: fake-quantize, forward in the tuning dtype, MSE; backward; signed
+update) on block 3 of the default model. Reports the step's matmul FLOPs (forward + weight gradients +
+input gradients, counted per layer, attention included) over its time, and the step's time over the
+time those FLOPs take at the plain matmul rate. --profile adds the share of a step per kind of work
+(torch profiler: matmuls, attention, everything else).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from signround_export.checkpoint.qweight import Scheme
-from signround_export.model.forward import block_forward
 from signround_export.model.load import load_float_model
-from signround_export.tune.signround import BlockTuner
+from signround_export.tune.signround import BlockTuner, block_loss, pick_dtype
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+BLOCK = 3
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int8pack_mm"}
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype, reps: int = 5) -> float:
@@ -46,43 +52,74 @@ def step_matmul_flops(cfg, tokens: int, seqlen: int) -> float:
     return linear + attention
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    args = ap.parse_args()
-    model, _, _ = load_float_model(MODEL)
-    cfg = model.cfg
-    tokens = args.batch_size * args.seqlen
-    for dtype in (torch.float32, torch.bfloat16):
-        g = matmul_gflops(tokens, cfg.hidden_size, cfg.intermediate_size, dtype)
-        print(f"plain matmul [{tokens}x{cfg.hidden_size}] x [{cfg.hidden_size}x{cfg.intermediate_size}] "
-              f"{str(dtype)[6:]}: {g:.1f} GFLOP/s")
-    peak = matmul_gflops(tokens, cfg.hidden_size, cfg.intermediate_size, torch.float32)
+def kind(op: str) -> str:
+    if op in MATMUL_OPS:
+        return "matmul"
+    if "attention" in op or "sdpa" in op or "flash" in op:
+        return "attention"
+    return "other"
 
-    p = model.block_params(0)
-    tuner = BlockTuner(p, {n[: -len(".weight")]: Scheme(args.bits, args.group_size, False)
-                           for n in p if n.endswith("proj.weight")}, "cpu")
-    x = torch.randn(args.batch_size, args.seqlen, cfg.hidden_size)
-    y = torch.randn_like(x)
-    rope = model.ropes(args.seqlen)[0]
+
+def profile_step(step) -> dict[str, float]:
+    """Share of a step's self CPU time per kind of work (one profiled step after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    totals: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        totals[kind(e.key)] += e.self_cpu_time_total
+    whole = sum(totals.values())
+    return {k: v / whole for k, v in sorted(totals.items())}
+
+
+def time_step(model, dtype, batch: int, seqlen: int, steps: int, bits: int, group: int, profile: bool):
+    cfg = model.cfg
+    p = model.block_params(BLOCK)
+    tuner = BlockTuner(p, {n: Scheme(bits, group, False) for n in cfg.family.linears}, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seqlen, cfg.hidden_size, generator=g)
+    y = torch.randn(batch, seqlen, cfg.hidden_size, generator=g)
+    rope = model.ropes(seqlen)[BLOCK]
 
     def step():
-        loss = F.mse_loss(block_forward(cfg, tuner.weights(), x, *rope), y)
+        loss = block_loss(cfg, tuner, x, y, rope, cfg.window(BLOCK), dtype)
         loss.backward()
         tuner.step(0.005)
 
     step()
     t = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
-    seconds = (time.perf_counter() - t) / args.steps
-    flops = step_matmul_flops(cfg, tokens, args.seqlen)
-    print(f"tuning step: {seconds * 1000:.0f} ms, {flops / 1e9:.1f} GFLOP of matmuls -> {flops / seconds / 1e9:.1f} "
-          f"GFLOP/s = {flops / seconds / 1e9 / peak:.2f} of the plain float32 matmul rate")
+    seconds = (time.perf_counter() - t) / steps
+    return seconds, (profile_step(step) if profile else None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, nargs="+", default=[512])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    model, _, _ = load_float_model(MODEL)
+    cfg = model.cfg
+    tuning = pick_dtype(torch.device("cpu"))
+    for seqlen in args.seqlen:
+        tokens = args.batch_size * seqlen
+        flops = step_matmul_flops(cfg, tokens, seqlen)
+        print(f"--- batch {args.batch_size} x {seqlen} tokens, {flops / 1e9:.1f} GFLOP of matmuls per step")
+        for dtype in dict.fromkeys((torch.float32, tuning)):
+            rate = matmul_gflops(tokens, cfg.hidden_size, cfg.intermediate_size, dtype)
+            seconds, shares = time_step(model, dtype, args.batch_size, seqlen, args.steps, args.bits,
+                                        args.group_size, args.profile)
+            roof = flops / (rate * 1e9)
+            print(f"{str(dtype)[6:]:>9}: plain matmul {rate:.1f} GFLOP/s; step {seconds * 1000:.0f} ms = "
+                  f"{flops / seconds / 1e9:.1f} GFLOP/s; {seconds / roof:.2f}x the time of its matmuls at the plain rate"
+                  + ("" if shares is None else "; " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())))
 
 
 if __name__ == "__main__":

@@ -236,6 +236,15 @@ def to_compute(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device, torch.float32)
 
 
+def block_loss(cfg, tuner: BlockTuner, x: torch.Tensor, y: torch.Tensor, rope, window: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """MSE between the block's output on x under the tuner's fake-quantized weights (matmuls in dtype) and
+    the float targets y: the loss one SignRound step differentiates."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = block_forward(cfg, tuner.weights(dtype), x, *rope, window=window)
+    return F.mse_loss(out.float(), y)
+
+
 def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch.Tensor, y: torch.Tensor, rope,
                config: TuneConfig, dtype, progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
     """SignRound on block i (params: its float tensors on the tuning device): x_q the quantized model's
@@ -257,9 +266,8 @@ def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch
             order, pos = torch.randperm(len(x_q), generator=g), 0
         idx = order[pos : pos + batch]
         pos += batch
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = block_forward(model.cfg, tuner.weights(dtype), to_compute(x_q[idx], device), *rope, window=window)
-        loss = F.mse_loss(out.float(), to_compute(y[idx], device))
+        loss = block_loss(model.cfg, tuner, to_compute(x_q[idx], device), to_compute(y[idx], device), rope, window,
+                          dtype)
         value = loss.item()
         if first_loss is None:
             first_loss = value
