@@ -17,6 +17,8 @@ ACT_DTYPES = ("float32", "bfloat16")  # how calibration activations may be store
 OPTIMIZERS = ("signsgd", "adam")
 LR_SCHEDULES = ("linear", "constant", "cosine")
 BEST_RULES = ("batch", "last", "fixed")
+# their fields: at their defaults a run tunes as before they existed (resume.py reads older stores so)
+ABLATION_SETTINGS = ("optimizer", "tune_clip", "lr_schedule", "patience", "best", "eval_every")
 
 
 @dataclass
