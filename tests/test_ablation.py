@@ -286,3 +286,15 @@ def test_adams_moments_are_in_the_memory_plan(setup, tiny_model):
     plans = {o: tune_memory(tiny_model, iters=10, optimizer=o) for o in ("signsgd", "adam")}
     state = {o: next(p for p in plan.parts if p.name == "tuning state of one block") for o, plan in plans.items()}
     assert state["adam"].nbytes - state["signsgd"].nbytes == 8 * weights
+
+
+def test_the_cli_flags_reach_the_tuning_and_its_log(tiny_model, tmp_path):
+    out = tmp_path / "ckpt"
+    assert cli.main(["tune", str(tiny_model), "--out", str(out), "--iters", "6", "--nsamples", "4", "--seqlen", "32",
+                     "--batch-size", "2", "--group-size", "32", "--optimizer", "adam", "--no-tune-clip",
+                     "--lr-schedule", "cosine", "--patience", "50", "--best", "fixed", "--eval-every", "4",
+                     "--quiet"]) == 0
+    log = json.loads((out / "tuning_log.json").read_text())
+    assert {k: log["args"][k] for k in ABLATION_SETTINGS} == dict(
+        optimizer="adam", tune_clip=False, lr_schedule="cosine", patience=50, best="fixed", eval_every=4)
+    assert [b["steps"] for b in log["blocks"]] == [6, 6] and all(b["best_iter"] in (0, 4, 6) for b in log["blocks"])

@@ -44,7 +44,9 @@ class TuneConfig:
     optimizer: str = "signsgd"  # or "adam" on the same variables, schedule and bounds
     tune_clip: bool = True  # False: only the rounding offsets move; the clipping stays at its start
     lr_schedule: str = "linear"  # lr decays linearly to 0; "constant"; "cosine" (half a period to 0)
-    patience: int = 0  # stop a block after this many steps without a better loss; 0: run every step
+    # stop a block this many steps after the lowest loss the rule below measures (the steps' batch losses,
+    # or with "fixed" the fixed batch's, measured every eval_every steps); 0: run every step
+    patience: int = 0
     # which parameters a block keeps: "batch" those of the lowest loss on the step's own batch; "last" the
     # final ones; "fixed" those of the lowest loss on one fixed batch, measured every eval_every steps
     best: str = "batch"

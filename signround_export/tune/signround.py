@@ -11,6 +11,10 @@ For each decoder block, in order:
   4. the parameters of the step with the lowest loss are kept and turned into integers;
   5. X_q <- the quantized block (dequantized from those integers) applied to X_q, X <- Y.
 
+TuneConfig's ablation switches change one of these choices at a time, for measurement: the update
+(optimizer, in BlockTuner.step), whether the clipping moves (tune_clip), the rate's schedule (lr_at),
+an early stop (patience) and which parameters are kept (best, in Keeper and BlockRun.finish).
+
 Each finished block is persisted (resume.py), so a killed run resumes from the last finished block and ends
 with the same integers (the batch order of block i depends only on the seed and i).
 """
@@ -47,7 +51,8 @@ if TYPE_CHECKING:  # resume.py stores BlockLogs: it imports this module
 class BlockLog:
     block: int
     loss_before: float | None  # MSE at RTN (step 0)
-    loss_after: float | None  # best MSE kept
+    loss_after: float | None  # the kept parameters' MSE as the rule measured it: on its step's batch (best
+    # "batch"), on the block's fixed batch ("fixed", "last")
     best_iter: int | None  # the kept parameters are those after this many updates
     seconds: float
     steps: int | None = None  # the updates made (fewer than iters when patience stopped the block); None:
