@@ -9,8 +9,9 @@ weights, T = batch_size x seqlen tokens per step):
   - one block's tuning state: the rounding offsets, their gradients and the best step's copy (12 B per
     weight; 8 more for Adam's moments with optimizer "adam"), and the fake-quantized weights as the
     matmuls keep them for the backward pass (2 B per weight in bfloat16, 4 in float32; the rounding's own
-    intermediates are recomputed in the backward pass, signround.BlockTuner.weights, so only one linear's are alive at a time: RECOMPUTE B per
-    weight of the largest linear; measured on Llama-3.1-8B-sized blocks);
+    intermediates are recomputed in the backward pass, signround.BlockTuner.weights, so only one linear's
+    are alive at a time: RECOMPUTE B per weight of the largest linear; measured on Llama-3.1-8B-sized
+    blocks);
   - one step's activations kept for the backward pass and their gradients: 2 x (24 H + 16 I) B per token
     with float32 matmuls, 2 x (20 H + 8 I) B with bfloat16 ones (saved-tensor hooks, SmolLM2 and
     Llama-3.2-1B blocks), plus the attention scores where SDPA's fused path does not apply;
