@@ -60,7 +60,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
              allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
              device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
-             act_dtype: str = "float32", act_device: str = "auto") -> QuantizeResult:
+             act_dtype: str = "float32", act_device: str = "auto", optimizer: str = "signsgd",
+             tune_clip: bool = True, lr_schedule: str = "linear", patience: int = 0, best: str = "batch",
+             eval_every: int = 10) -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -88,6 +90,16 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
         written as model-0000X-of-0000Y.safetensors with model.safetensors.index.json (a layer is never
         split), a smaller one as model.safetensors.
 
+    For measuring SignRound's choices one at a time (the defaults are SignRound's, and with them the
+    integers are those of a run without these settings):
+    optimizer: "signsgd" or "adam" (torch.optim.Adam on the same variables, schedule and bounds; its
+        useful lr may differ from the default 1 / iters). tune_clip: False holds the clipping factors at
+        their start (full range, or clip_search's) and tunes only the rounding offsets.
+    lr_schedule: "linear" (decay to 0), "constant" or "cosine". patience: stop a block after this many
+        steps without a lower loss (0: never). best: the parameters kept, "batch" (the lowest loss on the
+        step's own batch), "last" (the final ones) or "fixed" (the lowest loss on one fixed batch of the
+        block's samples, measured every eval_every steps and at the end).
+
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
     """
     given = [name for name, value in (("bits", bits), ("group_size", group_size), ("sym", sym)) if value is not None]
@@ -96,7 +108,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     layer_bits.check(scheme_given=given)
     config = TuneConfig.from_recipe(recipe, bits=bits, group_size=group_size, sym=sym, iters=iters,
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
-                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
+                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
+                                    optimizer=optimizer, tune_clip=tune_clip, lr_schedule=lr_schedule,
+                                    patience=patience, best=best, eval_every=eval_every)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
                           progress=progress, act_device=act_device,
                           shard_size=shard_size)
@@ -105,12 +119,14 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
 def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,
                 seqlen: int | None = None, batch_size: int | None = None, clip_search: bool | None = None,
                 quant_lm_head: bool = False, act_dtype: str = "float32", device: str = "auto",
-                act_device: str = "auto") -> MemoryPlan:
+                act_device: str = "auto", optimizer: str = "signsgd") -> MemoryPlan:
     """The memory quantize() would need for `model` with these settings, part by part (MemoryPlan.table()),
     from its config.json and safetensors headers alone: no weight is read. Parameters as quantize's;
-    device "cuda" plans for a GPU even where there is none. Bits and group size do not change it."""
+    device "cuda" plans for a GPU even where there is none. Bits and group size do not change it; Adam's
+    moments (optimizer "adam") do."""
     config = TuneConfig.from_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
-                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
+                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
+                                    optimizer=optimizer)
     return plan_memory(model, config, device=device, act_device=act_device)
 
 

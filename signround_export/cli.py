@@ -21,7 +21,7 @@ from .atomic import atomic_file
 from .checkpoint.qweight import SUPPORTED_BITS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
-from .tune.config import RECIPES
+from .tune.config import BEST_RULES, LR_SCHEDULES, OPTIMIZERS, RECIPES
 from .validation import Thresholds, folder_perplexity
 
 
@@ -121,8 +121,30 @@ def add_tune(sub):
                             "\"allocation\" holds them)")
     mixed.add_argument("--importance", choices=["gradient", "fisher", "activation"], default="fisher",
                        help="how a layer's quantization error is scored (default: fisher; see docs/benchmarks.md)")
+    add_ablation(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune, flags=flag_names(p))
+
+
+def add_ablation(p) -> None:
+    """tune's switches of SignRound's own choices, one at a time, for measurement."""
+    a = p.add_argument_group("ablation", "switch one of SignRound's choices at a time to measure it; the defaults "
+                                         "are SignRound's, and with them the integers are unchanged")
+    a.add_argument("--optimizer", choices=OPTIMIZERS, default="signsgd",
+                   help="signsgd: lr x sign(gradient) (default); adam: torch's Adam on the same variables, schedule "
+                        "and bounds (its useful --lr may differ from the default 1/iters)")
+    a.add_argument("--tune-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="tune the clipping factors with the rounding offsets (default); --no-tune-clip holds them at "
+                        "their start (full range, or --clip-search's)")
+    a.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="linear",
+                   help="linear: decay to 0 (default); constant; cosine: half a period down to 0")
+    a.add_argument("--patience", type=int, default=0,
+                   help="stop a block after this many steps without a lower loss (default 0: run every step)")
+    a.add_argument("--best", choices=BEST_RULES, default="batch",
+                   help="the parameters a block keeps: batch, the lowest loss on the step's own batch (default); "
+                        "last, the final ones; fixed, the lowest loss on one fixed batch of the block's samples, "
+                        "measured every --eval-every steps and at the end")
+    a.add_argument("--eval-every", type=int, default=10, help="steps between measurements of --best fixed (default 10)")
 
 
 def cmd_tune(args) -> int:

@@ -13,6 +13,12 @@ RECIPES = {
     "fast": dict(iters=50, nsamples=64, seqlen=256, batch_size=4),
 }
 ACT_DTYPES = ("float32", "bfloat16")  # how calibration activations may be stored
+# The tuning choices that can be switched one at a time to measure each (the first of each is the default)
+OPTIMIZERS = ("signsgd", "adam")
+LR_SCHEDULES = ("linear", "constant", "cosine")
+BEST_RULES = ("batch", "last", "fixed")
+# their fields: at their defaults a run tunes as before they existed (resume.py reads older stores so)
+ABLATION_SETTINGS = ("optimizer", "tune_clip", "lr_schedule", "patience", "best", "eval_every")
 
 
 @dataclass
@@ -34,6 +40,17 @@ class TuneConfig:
     # how the calibration activations (three chains of nsamples x seqlen x hidden) are stored: float32, or
     # bfloat16 for half their memory (it rounds every block's inputs and targets, so the integers change)
     act_dtype: str = "float32"
+    # Ablation switches, for measuring each tuning choice on its own; the defaults are SignRound as published.
+    optimizer: str = "signsgd"  # or "adam" on the same variables, schedule and bounds
+    tune_clip: bool = True  # False: only the rounding offsets move; the clipping stays at its start
+    lr_schedule: str = "linear"  # lr decays linearly to 0; "constant"; "cosine" (half a period to 0)
+    # stop a block this many steps after the lowest loss the rule below measures (the steps' batch losses,
+    # or with "fixed" the fixed batch's, measured every eval_every steps); 0: run every step
+    patience: int = 0
+    # which parameters a block keeps: "batch" those of the lowest loss on the step's own batch; "last" the
+    # final ones; "fixed" those of the lowest loss on one fixed batch, measured every eval_every steps
+    best: str = "batch"
+    eval_every: int = 10
 
     @classmethod
     def from_recipe(cls, recipe: str = "best", **settings) -> "TuneConfig":
@@ -61,9 +78,25 @@ class TuneConfig:
             raise TuneError(f"`lr` {self.lr}: give a positive learning rate, or None for 1 / iters", param="lr")
         if self.act_dtype not in ACT_DTYPES:
             raise TuneError(f"`act_dtype` {self.act_dtype!r}: choose one of {', '.join(ACT_DTYPES)}", param="act_dtype")
+        self.check_ablation()
         if self.uses_data() and self.batch_size > self.nsamples:
             raise TuneError(f"`batch_size` {self.batch_size} is larger than `nsamples` {self.nsamples}; lower "
                             "the first or raise the second", param="batch_size")
+
+    def check_ablation(self) -> None:
+        for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("best", BEST_RULES)):
+            if getattr(self, name) not in choices:
+                raise TuneError(f"`{name}` {getattr(self, name)!r}: choose one of {', '.join(choices)} (default "
+                                f"{choices[0]})", param=name)
+        if not isinstance(self.tune_clip, bool):
+            raise TuneError(f"`tune_clip` {self.tune_clip!r}: give True (tune the clipping factors) or False",
+                            param="tune_clip")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise TuneError(f"`patience` {self.patience!r}: give the steps without improvement after which a block "
+                            "stops, or 0 to run every step", param="patience")
+        if not isinstance(self.eval_every, int) or self.eval_every <= 0:
+            raise TuneError(f"`eval_every` {self.eval_every!r}: give a positive number of steps between "
+                            "measurements on the fixed batch", param="eval_every")
 
     def scheme(self, layer: str | None = None) -> Scheme:
         return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym)

@@ -7,10 +7,11 @@ weights, T = batch_size x seqlen tokens per step):
     block), and each float tensor again, one at a time, when the checkpoint is written;
   - two decoder blocks in float32 (the one being tuned and the one read next, or its dequantized twin);
   - one block's tuning state: the rounding offsets, their gradients and the best step's copy (12 B per
-    weight), and the fake-quantized weights as the matmuls keep them for the backward pass (2 B per
-    weight in bfloat16, 4 in float32; the rounding's own intermediates are recomputed in the backward
-    pass, signround.BlockTuner.weights, so only one linear's are alive at a time: RECOMPUTE B per
-    weight of the largest linear; measured on Llama-3.1-8B-sized blocks);
+    weight; 8 more for Adam's moments with optimizer "adam"), and the fake-quantized weights as the
+    matmuls keep them for the backward pass (2 B per weight in bfloat16, 4 in float32; the rounding's own
+    intermediates are recomputed in the backward pass, signround.BlockTuner.weights, so only one linear's
+    are alive at a time: RECOMPUTE B per weight of the largest linear; measured on Llama-3.1-8B-sized
+    blocks);
   - one step's activations kept for the backward pass and their gradients: 2 x (24 H + 16 I) B per token
     with float32 matmuls, 2 x (20 H + 8 I) B with bfloat16 ones (saved-tensor hooks, SmolLM2 and
     Llama-3.2-1B blocks), plus the attention scores where SDPA's fused path does not apply;
@@ -39,6 +40,7 @@ from .config import TuneConfig
 MB = 2**20
 GB = 2**30
 TUNING_STATE = 12  # bytes per linear weight: offsets, their gradients, the best step's copy
+ADAM_STATE = 8  # and with optimizer "adam": its two moments of each offset in float32
 RECOMPUTE = 16  # bytes per weight of the largest linear: its rounding recomputed in the backward pass
 CLIP_TEMPORARIES = 5  # the clipping search's peak, in float32 copies of the largest linear
 STEP_BYTES = {torch.float32: (24, 16), torch.bfloat16: (20, 8)}  # saved per token: (x H, x I) bytes
@@ -137,9 +139,10 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfi
     if on == "gpu":
         parts.append(Part("two decoder blocks on the GPU", 2 * 4 * block, on, f"2 x {block} x 4 B", "tuning"))
     if config.iters > 0:
-        kept = TUNING_STATE + dtype.itemsize  # and the matmuls' copy of each fake-quantized weight
+        state = TUNING_STATE + (ADAM_STATE if config.optimizer == "adam" else 0)
+        kept = state + dtype.itemsize  # and the matmuls' copy of each fake-quantized weight
         parts.append(Part("tuning state of one block", kept * linear, on,
-                          f"({TUNING_STATE} + {dtype.itemsize}) B x {linear} linear weights", "tuning"))
+                          f"({state} + {dtype.itemsize}) B x {linear} linear weights", "tuning"))
         parts.append(Part("one linear's rounding, recomputed", RECOMPUTE * largest, on,
                           f"{RECOMPUTE} B x {largest} (the largest linear)", "tuning"))
         n, how = step_bytes(cfg, config, dtype)

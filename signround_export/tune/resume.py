@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,18 @@ from ..errors import TuneError
 from ..model.folder import TensorHeader, file_headers
 from ..model.store import Lazy, StoredArrays
 from .allocate import Allocation
+from .config import ABLATION_SETTINGS, TuneConfig
 from .signround import BlockLog
 
 REMEDY = "delete that folder to start over"
 SHARD_PREFIX = "model"  # model.safetensors, model-0000X-of-0000Y.safetensors
+
+
+def at_default(setting: str, value) -> bool:
+    """An ablation switch at its default: a store written before the switches existed ran so (defaults
+    that keep earlier behaviour hold for these settings only)."""
+    defaults = {f.name: f.default for f in fields(TuneConfig) if f.name in ABLATION_SETTINGS}
+    return setting in defaults and defaults[setting] == value
 
 
 class ResumeStore:
@@ -78,6 +86,7 @@ class ResumeStore:
         args_file = self.folder / "args.json"
         if args_file.is_file():
             saved = json.loads(args_file.read_text())
+            saved |= {k: v for k, v in fingerprint.items() if k not in saved and at_default(k, v)}
             if saved != fingerprint:
                 diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
                 raise TuneError(f"{self.folder} holds a run with different settings ({', '.join(diff)}); "

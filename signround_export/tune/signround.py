@@ -11,16 +11,21 @@ For each decoder block, in order:
   4. the parameters of the step with the lowest loss are kept and turned into integers;
   5. X_q <- the quantized block (dequantized from those integers) applied to X_q, X <- Y.
 
+TuneConfig's ablation switches change one of these choices at a time, for measurement: the update
+(optimizer, in BlockTuner.step), whether the clipping moves (tune_clip), the rate's schedule (lr_at),
+an early stop (patience) and which parameters are kept (best, in Keeper and BlockRun.finish).
+
 Each finished block is persisted (resume.py), so a killed run resumes from the last finished block and ends
 with the same integers (the batch order of block i depends only on the seed and i).
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,9 +51,12 @@ if TYPE_CHECKING:  # resume.py stores BlockLogs: it imports this module
 class BlockLog:
     block: int
     loss_before: float | None  # MSE at RTN (step 0)
-    loss_after: float | None  # best MSE kept
-    best_iter: int | None
+    loss_after: float | None  # the kept parameters' MSE as the rule measured it: on its step's batch (best
+    # "batch"), on the block's fixed batch ("fixed", "last")
+    best_iter: int | None  # the kept parameters are those after this many updates
     seconds: float
+    steps: int | None = None  # the updates made (fewer than iters when patience stopped the block); None:
+    # not tuned, or a log written before this field existed
 
 
 @dataclass
@@ -78,10 +86,11 @@ class TuneResult:
                  f"peak RSS {self.peak_rss_mb:.0f} MB" + (f", {self.resumed_blocks} resumed" if self.resumed_blocks else "")]
         tuned = [b for b in self.blocks if b.loss_before is not None]
         if tuned:
-            lines.append("block  loss before  loss after  best iter  seconds")
+            lines.append("block  loss before  loss after  best iter  steps  seconds")
             for b in tuned:
+                steps = "" if b.steps is None else b.steps
                 lines.append(f"{b.block:5d}  {b.loss_before:11.4g}  {b.loss_after:10.4g}  {b.best_iter:9d}  "
-                             f"{b.seconds:7.1f}")
+                             f"{steps:>5}  {b.seconds:7.1f}")
         return "\n".join(lines)
 
 
@@ -155,8 +164,10 @@ class BlockTuner:
     """The tunable parameters of one block's linears and the fake-quantized weights they give."""
 
     def __init__(self, params: dict[str, torch.Tensor], schemes: dict[str, Scheme], device,
-                 power: dict[str, torch.Tensor] | None = None):
-        """power: each linear's mean squared input per column; given, the clipping starts at clip_search's."""
+                 power: dict[str, torch.Tensor] | None = None, optimizer: str = "signsgd", tune_clip: bool = True):
+        """power: each linear's mean squared input per column; given, the clipping starts at clip_search's.
+        optimizer: "signsgd" or "adam" (torch.optim.Adam on the same variables); tune_clip False: the
+        clipping factors stay at their start, only the rounding offsets move."""
         self.params = params
         self.schemes = schemes
         self.ranges, self.v, self.min_scale, self.max_scale, self.clip_max = {}, {}, {}, {}, {}
@@ -169,12 +180,19 @@ class BlockTuner:
             ones = torch.ones(n, g, device=device)
             f_lo, f_hi = clip_search(w, scheme, power[name], (lo, hi)) if power else (ones, ones)
             self.v[name] = torch.zeros(n, g, group, device=device, requires_grad=True)
-            self.min_scale[name] = f_lo.clone().requires_grad_()
-            self.max_scale[name] = f_hi.clone().requires_grad_()
+            self.min_scale[name] = f_lo.clone().requires_grad_(tune_clip)
+            self.max_scale[name] = f_hi.clone().requires_grad_(tune_clip)
             self.clip_max[name] = (f_lo.clamp(min=1.0), f_hi.clamp(min=1.0))
+        self.tune_clip = tune_clip
+        # Adam's moments live here, so that step() stays the one place that updates and bounds
+        self.adam = torch.optim.Adam(self.variables()) if optimizer == "adam" else None
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.v.values(), *self.min_scale.values(), *self.max_scale.values()]
+
+    def variables(self) -> list[torch.Tensor]:
+        """The tensors the steps move: the offsets, and the clipping factors unless they are held."""
+        return self.tensors() if self.tune_clip else list(self.v.values())
 
     def weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The block's tensors with every tuned linear fake-quantized under the current parameters, in
@@ -196,14 +214,23 @@ class BlockTuner:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """Signed gradient descent, then the bounds: the published [0, 1] for the clipping factors,
-        widened above 1 to the start where clip_search began above it."""
+        """One update at rate lr (signed gradient descent, or Adam's), then the bounds: [-0.5, 0.5] for the
+        offsets, the published [0, 1] for the clipping factors, widened above 1 to the start where
+        clip_search began above it."""
+        if self.adam is None:
+            for t in self.variables():
+                t.sub_(lr * t.grad.sign())
+        else:
+            for group in self.adam.param_groups:
+                group["lr"] = lr
+            self.adam.step()
         for t in self.v.values():
-            t.sub_(lr * t.grad.sign()).clamp_(-0.5, 0.5)
-        for name, tops in self.clip_max.items():
-            for t, top in zip((self.min_scale[name], self.max_scale[name]), tops):
-                t.sub_(lr * t.grad.sign()).clamp_(min=0.0).copy_(torch.minimum(t, top))
-        for t in self.tensors():
+            t.clamp_(-0.5, 0.5)
+        if self.tune_clip:
+            for name, tops in self.clip_max.items():
+                for t, top in zip((self.min_scale[name], self.max_scale[name]), tops):
+                    t.clamp_(min=0.0).copy_(torch.minimum(t, top))
+        for t in self.variables():
             t.grad = None
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -245,43 +272,142 @@ def block_loss(cfg, tuner: BlockTuner, x: torch.Tensor, y: torch.Tensor, rope, w
     return F.mse_loss(out.float(), y)
 
 
+def lr_at(schedule: str, lr0: float, it: int, total: int) -> float:
+    """The learning rate of step it (from 0) of total: "linear" decays from lr0 to 0 (SignRound's),
+    "constant" stays lr0, "cosine" follows half a cosine period from lr0 to 0. An early stop (patience)
+    truncates the schedule: total stays iters."""
+    if schedule == "constant":
+        return lr0
+    if schedule == "cosine":
+        return lr0 * (1 + math.cos(math.pi * it / total)) / 2
+    return lr0 * (1 - it / total)
+
+
+def batch_order(g: torch.Generator, n: int, batch: int) -> Iterator[torch.Tensor]:
+    """Training batches of sample indices: a permutation of n drawn from g, cut in order, and a new one
+    once every sample has been seen."""
+    order, pos = torch.randperm(n, generator=g), 0
+    while True:
+        if pos + batch > len(order):
+            order, pos = torch.randperm(n, generator=g), 0
+        yield order[pos : pos + batch]
+        pos += batch
+
+
+HELD_STREAM = 50021  # the fixed batch's seed is the block's plus this: its own stream leaves the training order
+Trace = Callable[[str, int, torch.Tensor, float], None]
+
+
+class Keeper:
+    """Which parameters a block keeps (TuneConfig.best) and when patience runs out. A loss offered is
+    measured on the tuner's parameters after `it` updates."""
+
+    def __init__(self, rule: str, patience: int):
+        self.rule, self.patience = rule, patience
+        self.loss, self.iter, self.snapshot = float("inf"), None, None  # the lowest loss offered and its step
+        self.measured: int | None = None  # the step of the last loss offered
+
+    def offer(self, loss: float, it: int, tuner: BlockTuner) -> None:
+        self.measured = it
+        if loss < self.loss:
+            self.loss, self.iter = loss, it
+            if self.rule != "last":  # "last" follows the loss only for patience
+                self.snapshot = tuner.snapshot()
+
+    def keep(self, loss: float, it: int, tuner: BlockTuner) -> None:
+        self.loss, self.iter, self.snapshot = loss, it, tuner.snapshot()
+
+    def stale(self, it: int) -> bool:
+        """patience steps have passed since the lowest loss offered."""
+        return self.patience > 0 and self.iter is not None and it - self.iter >= self.patience
+
+
+class BlockRun:
+    """One block's tuning: its tuner, the activations its losses are measured on, and what it keeps.
+    trace, when given, is called as trace(kind, it, idx, loss) with every loss measured: kind "train" for
+    a step's batch (sample indices idx), "held" for the fixed batch; the parameters are those after
+    `it` updates."""
+
+    def __init__(self, model: Model, i: int, tuner: BlockTuner, x_q: torch.Tensor, y: torch.Tensor, rope,
+                 config: TuneConfig, dtype, trace: Trace | None = None):
+        self.cfg, self.i, self.tuner, self.x_q, self.y, self.rope = model.cfg, i, tuner, x_q, y, rope
+        self.config, self.dtype, self.trace = config, dtype, trace
+        self.window, self.device = model.cfg.window(i), next(iter(tuner.params.values())).device
+        self.batch = min(config.batch_size, len(x_q))
+        seed = config.seed * 100003 + i  # the batch order of block i depends only on the seed and i
+        self.batches = batch_order(torch.Generator().manual_seed(seed), len(x_q), self.batch)
+        held = torch.Generator().manual_seed(seed + HELD_STREAM)
+        self.held = torch.randperm(len(x_q), generator=held)[: self.batch]
+        self.keeper = Keeper(config.best, config.patience)
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        return block_loss(self.cfg, self.tuner, to_compute(self.x_q[idx], self.device),
+                          to_compute(self.y[idx], self.device), self.rope, self.window, self.dtype)
+
+    def held_loss(self, it: int) -> float:
+        with torch.no_grad():
+            value = self.loss(self.held).item()
+        if self.trace:
+            self.trace("held", it, self.held, value)
+        return value
+
+    def train(self, progress: bool) -> tuple[float | None, int]:
+        """Up to config.iters steps, each loss offered to the keeper as config.best says; the first step's
+        loss and the number of updates made."""
+        config, keeper, lr0 = self.config, self.keeper, self.config.effective_lr()
+        first, steps = None, 0
+        bar = tqdm(range(config.iters), desc=f"block {self.i}", leave=False, unit="it", disable=not progress)
+        for it in bar:
+            idx = next(self.batches)
+            loss = self.loss(idx)
+            value = loss.item()
+            first = value if first is None else first
+            if self.trace:
+                self.trace("train", it, idx, value)
+            if config.best != "fixed":  # the loss of the parameters before this step's update
+                keeper.offer(value, it, self.tuner)
+            elif it % config.eval_every == 0:
+                keeper.offer(self.held_loss(it), it, self.tuner)
+            if keeper.stale(it):
+                break
+            loss.backward()
+            self.tuner.step(lr_at(config.lr_schedule, lr0, it, config.iters))
+            steps += 1
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{value:.3g}", best=f"{keeper.loss:.3g}")
+        bar.close()
+        return first, steps
+
+    def finish(self, steps: int) -> None:
+        """The final parameters measured on the fixed batch, where the rule asks: "last" keeps them,
+        "fixed" compares them (unless they were just measured)."""
+        if self.config.iters == 0:
+            return
+        if self.config.best == "last":
+            self.keeper.keep(self.held_loss(steps), steps, self.tuner)
+        elif self.config.best == "fixed" and self.keeper.measured != steps:
+            self.keeper.offer(self.held_loss(steps), steps, self.tuner)
+
+
 def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch.Tensor, y: torch.Tensor, rope,
-               config: TuneConfig, dtype, progress: bool) -> tuple[dict[str, QuantWeight], BlockLog]:
+               config: TuneConfig, dtype, progress: bool, trace: Trace | None = None
+               ) -> tuple[dict[str, QuantWeight], BlockLog]:
     """SignRound on block i (params: its float tensors on the tuning device): x_q the quantized model's
     inputs of the block, y the float block's outputs (stored in any dtype, on any device: each step's
-    batch moves to the tuning device)."""
+    batch moves to the tuning device). trace: see BlockRun."""
     t0 = time.perf_counter()
     device = next(iter(params.values())).device
     schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
     window = model.cfg.window(i)
     power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window) if config.searches() else None
-    tuner = BlockTuner(params, schemes, device, power)
-    g = torch.Generator().manual_seed(config.seed * 100003 + i)
-    lr0, batch = config.effective_lr(), min(config.batch_size, len(x_q))
-    order, pos = torch.randperm(len(x_q), generator=g), 0
-    best, best_loss, best_iter, first_loss = None, float("inf"), None, None
-    bar = tqdm(range(config.iters), desc=f"block {i}", leave=False, unit="it", disable=not progress)
-    for it in bar:
-        if pos + batch > len(order):  # reshuffle once every sample has been seen
-            order, pos = torch.randperm(len(x_q), generator=g), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        loss = block_loss(model.cfg, tuner, to_compute(x_q[idx], device), to_compute(y[idx], device), rope, window,
-                          dtype)
-        value = loss.item()
-        if first_loss is None:
-            first_loss = value
-        if value < best_loss:  # the loss of the parameters before this step's update
-            best_loss, best_iter, best = value, it, tuner.snapshot()
-        loss.backward()
-        tuner.step(lr0 * (1 - it / config.iters))
-        if it % 10 == 0:
-            bar.set_postfix(loss=f"{value:.3g}", best=f"{best_loss:.3g}")
-    bar.close()
-    kept = best if best is not None else tuner.snapshot()  # iters 0: clip_search's start as is
-    qweights = {f"model.layers.{i}.{n}": qw for n, qw in tuner.qweights(kept).items()}
-    log = BlockLog(i, first_loss, best_loss if best is not None else None, best_iter,
-                   round(time.perf_counter() - t0, 2))
+    tuner = BlockTuner(params, schemes, device, power, config.optimizer, config.tune_clip)
+    run = BlockRun(model, i, tuner, x_q, y, rope, config, dtype, trace)
+    first_loss, steps = run.train(progress)
+    run.finish(steps)
+    kept = run.keeper.snapshot
+    qweights = {f"model.layers.{i}.{n}": qw for n, qw in tuner.qweights(kept or tuner.snapshot()).items()}
+    log = BlockLog(i, first_loss, run.keeper.loss if kept is not None else None,
+                   run.keeper.iter if kept is not None else None, round(time.perf_counter() - t0, 2), steps)
     return qweights, log
 
 
