@@ -60,7 +60,7 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
              allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
              device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
-             act_dtype: str = "float32", act_device: str = "auto") -> QuantizeResult:
+             act_dtype: str = "float32", act_device: str = "auto", calib_windows: str = "stream") -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -78,7 +78,14 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     avg_bits: average bits per weight, counting scales and zero points as stored; each layer then gets
         bits from bits_choices by importance ("gradient", "fisher" or "activation").
     allocation: bits per layer from a JSON file {"bits": {layer: bits}} instead.
-    calib: calibration text (.txt, or .jsonl with a "text" field); default: Python's pydoc_data.topics.
+    calib: calibration text: a .txt or .jsonl (a "text" field per line) path, or comma-separated sources
+        "a.txt,b.jsonl,self" sharing nsamples evenly, where `self` is text sampled from the float model
+        itself (data-free; the whole float model is loaded for it, and the ids are kept in the checkpoint
+        as calibration-self.safetensors); default: Python's pydoc_data.topics. A path with a comma is
+        not supported.
+    calib_windows: "stream" (each source one stream of tokens cut into windows, no BOS) or "documents"
+        (each document, a .jsonl line or a whole .txt, tokenized on its own; windows never cross a
+        document and start with BOS where the model's tokenizer adds one).
     device: "auto", "cpu" or "cuda". progress: progress bars and notes on stderr.
     act_dtype: how the calibration activations are stored, "float32" or "bfloat16" (half the memory;
         the integers change). act_device: where they are kept, "auto" (the tuning device, or the CPU
@@ -96,7 +103,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     layer_bits.check(scheme_given=given)
     config = TuneConfig.from_recipe(recipe, bits=bits, group_size=group_size, sym=sym, iters=iters,
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
-                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
+                                    clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
+                                    calib_windows=calib_windows)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
                           progress=progress, act_device=act_device,
                           shard_size=shard_size)

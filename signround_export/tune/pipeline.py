@@ -29,11 +29,11 @@ from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
 from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
-from ..data import calibration_ids
+from ..data import SELF, calibration_ids, calibration_name, calibration_sources
 from ..errors import TuneError
 from ..export.gguf import mixes
 from ..export.gguf.write import check_llama_cpp
-from ..model.folder import resolve_model_dir
+from ..model.folder import SELF_CALIBRATION_FILE, resolve_model_dir
 from ..model.forward import Model
 from ..model.load import check_checkpoint, float_checkpoint, is_checkpoint, load_float_model, open_checkpoint
 from ..plots import plot_allocation
@@ -44,7 +44,6 @@ from .importance import MEASURES, block_linear_names, importance
 from .resume import ResumeStore
 from .signround import TuneResult, activation_device, pick_dtype, tune
 
-DEFAULT_CALIBRATION = "pydoc_data.topics"  # what the tuning log names when no calibration file is given
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -99,7 +98,8 @@ class LayerBits:
         """What an allocation depends on: a saved one is reused only when all of it is the same."""
         return {"avg_bits": self.avg_bits, "bits_choices": self.bits_choices, "importance": self.importance,
                 "group_size": config.group_size, "sym": config.sym, "nsamples": config.nsamples,
-                "seqlen": config.seqlen, "seed": config.seed, "calib": str(calib)}
+                "seqlen": config.seqlen, "seed": config.seed, "calib": str(calib),
+                "calib_windows": config.calib_windows}
 
 
 @dataclass
@@ -122,8 +122,9 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     """Tune the float model folder (or hub id) `model` and write its checkpoint folder `out` atomically.
 
     config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
-    recipe's name, for the log; calib: a .txt or .jsonl calibration text (default: Python's
-    pydoc_data.topics). A killed run resumes from `out`.progress when started again with the same
+    recipe's name, for the log; calib: the calibration spec of data.calibration_ids (default: Python's
+    pydoc_data.topics); `self`'s generated ids are kept in `out`.progress during the run and in the
+    checkpoint folder (SELF_CALIBRATION_FILE) after it. A killed run resumes from `out`.progress when started again with the same
     settings. act_device: where the calibration activations are kept (signround.activation_device). The
     checkpoint's weights are written in shards of at most shard_size ("5GB": one model.safetensors when
     everything fits), made in `out`.progress from the finished blocks."""
@@ -132,29 +133,32 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     config.check()
     check_devices(device, act_device)
     parse_size(shard_size)  # a bad size is refused before the tuning, not after
-    calib = Path(calib) if calib else None
+    calib = calibration_name(calib) if calib else None  # spelled as the log records it; bad specs refused here
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
     if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
         # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
         tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
         check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
+    resume = ResumeStore(resume_folder(out), shard_size)
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
-        ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)
-    resume = ResumeStore(resume_folder(out), shard_size)
+        ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib, config.calib_windows,
+                              cache_dir=resume.folder, progress=progress)
     allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
     result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device)
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
-                                "calibration": str(calib) if calib else DEFAULT_CALIBRATION}
+                                "calibration": calibration_name(calib)}
     if allocation is not None:
         log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
                                                     "bits_choices": layer_bits.bits_choices}
     layers = resume.layers()
     quant, floats = checkpoint_parts(float_model, config, layers, resume.packing_format)
     units = resume.units() + [float_unit(n, float_spec(float_model.tensors, n), float_model.tensors) for n in floats]
+    generated = resume.folder / SELF_CALIBRATION_FILE
+    kept = [generated] if ids is not None and SELF in calibration_sources(calib) and generated.is_file() else []
     write_staged_checkpoint(out, untied(hf, layers), quant, units, resume.folder, lambda _: resume.prune(),
-                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size)
+                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size, extra_files=kept)
     if allocation is not None:
         plot_allocation(allocation, Path(out) / "allocation.png")
     resume.remove()
@@ -187,7 +191,7 @@ def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto",
                        "gpu" if acts == "cuda" else "cpu", memory.process_bytes())
 
 
-def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: Path | None,
+def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: str | None,
                       resume: ResumeStore, progress: bool) -> Allocation | None:
     """Fill config.layer_schemes as layer_bits asks; the Allocation when bits are chosen by importance."""
     if layer_bits.avg_bits is not None:

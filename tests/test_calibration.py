@@ -1,0 +1,158 @@
+"""Calibration windows: stream mode as before, documents mode (windows inside one document, BOS where the
+tokenizer adds one), mixtures of sources, and `self` (sequences sampled from the float model)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from pydoc_data.topics import topics
+
+import pytest
+import torch
+from tokenizers import Tokenizer, processors
+
+import signround_export as sr
+from conftest import make_tokenizer
+from signround_export.data import bos_prefix, calibration_ids, load_tokenizer
+from signround_export.errors import DataError
+
+# documents of disjoint alphabets (disjoint tokens), random so that no two windows are alike
+DOCS = ["".join(random.Random(i).choices(alphabet, k=400)) for i, alphabet in
+        enumerate(["abcdefgh", "0123456789", "()[]{}<>"])]
+
+
+def tokenizer_folder(folder: Path, *, bos: bool = False, config: dict | None = None) -> Path:
+    """A folder with the tiny BPE tokenizer; bos: its post-processor puts <|endoftext|> (id 0) first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 0)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config or {"eos_token": "<|endoftext|>"}))
+    return folder
+
+
+def ids_of(folder: Path, text: str) -> list[int]:
+    return load_tokenizer(folder).encode(text, add_special_tokens=False).ids
+
+
+def old_calibration_ids(folder, nsamples, seqlen, seed, path=None) -> torch.Tensor:
+    """The oracle: calibration_ids as it was before documents and mixtures (one stream, no BOS)."""
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    if path is None:
+        text = "\n\n".join(t for i, t in enumerate(topics[k] for k in sorted(topics)) if i % 10 != 9)
+    elif Path(path).suffix == ".jsonl":
+        text = "\n\n".join(json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip())
+    else:
+        text = Path(path).read_text()
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    n = ids.numel() // seqlen
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:nsamples].sort().values
+    return ids[: n * seqlen].view(n, seqlen)[pick]
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.mark.parametrize("seed", [0, 7, 42])
+def test_stream_mode_gives_the_ids_of_before(tmp_path, seed):
+    folder = tokenizer_folder(tmp_path / "tok")
+    jsonl = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    (tmp_path / "t.txt").write_text(" ".join(DOCS))
+    for calib in (None, jsonl, tmp_path / "t.txt", str(jsonl)):
+        assert torch.equal(calibration_ids(folder, 6, 32, seed, calib), old_calibration_ids(folder, 6, 32, seed, calib))
+    assert torch.equal(calibration_ids(folder, 16, 128, seed), old_calibration_ids(folder, 16, 128, seed))
+
+
+def test_bos_prefix_follows_the_post_processor_and_tokenizer_config(tmp_path):
+    plain, with_bos = tokenizer_folder(tmp_path / "plain"), tokenizer_folder(tmp_path / "bos", bos=True)
+    assert bos_prefix(plain, load_tokenizer(plain)) == []
+    assert bos_prefix(with_bos, load_tokenizer(with_bos)) == [0]
+    # an explicit add_bos_token decides, as transformers rebuilds the post-processor from it
+    off = tokenizer_folder(tmp_path / "off", bos=True, config={"add_bos_token": False, "bos_token": "<|endoftext|>"})
+    on = tokenizer_folder(tmp_path / "on", config={"add_bos_token": True, "bos_token": {"content": "<|endoftext|>"}})
+    assert bos_prefix(off, load_tokenizer(off)) == []
+    assert bos_prefix(on, load_tokenizer(on)) == [0]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_document_windows_stay_inside_one_document(tmp_path, bos):
+    folder = tokenizer_folder(tmp_path / "tok", bos=bos)
+    jsonl = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    doc_ids = [ids_of(folder, d) for d in DOCS]
+    assert all(not set(a) & set(b) for a, b in zip(doc_ids, doc_ids[1:] + doc_ids[:1]))
+    seqlen, body = 16, 16 - bos
+    starts = {tuple(ids[k * body:(k + 1) * body]) for ids in doc_ids for k in range(len(ids) // body)}
+    rows = calibration_ids(folder, 12, seqlen, 3, jsonl, windows="documents")
+    assert rows.shape == (12, seqlen) and rows.dtype == torch.long
+    assert len({tuple(r.tolist()) for r in rows}) == 12
+    for row in rows.tolist():
+        assert (row[0] == 0) == bos
+        assert tuple(row[bos:]) in starts  # a window from a document's start, in steps of its length
+    assert not torch.equal(rows, calibration_ids(folder, 12, seqlen, 4, jsonl, windows="documents"))
+
+
+def test_too_few_document_windows_name_the_counts(tmp_path):
+    folder = tokenizer_folder(tmp_path / "tok", bos=True)
+    jsonl = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    have = sum(len(ids_of(folder, d)) // 63 for d in DOCS)
+    with pytest.raises(DataError, match=rf"d.jsonl gives {have} windows of 64 tokens \(documents.*fewer than "
+                                        rf"`nsamples` 40.*`calib_windows` \"stream\"") as raised:
+        calibration_ids(folder, 40, 64, 0, jsonl, windows="documents")
+    assert raised.value.param == "nsamples"
+    with pytest.raises(DataError, match="`calib_windows` 'lines'"):
+        calibration_ids(folder, 4, 64, 0, jsonl, windows="lines")
+
+
+def test_a_mixture_splits_nsamples_and_orders_rows_by_source(tmp_path):
+    folder = tokenizer_folder(tmp_path / "tok")
+    a = tmp_path / "a.txt"
+    a.write_text(DOCS[0] + DOCS[2])
+    b = write_jsonl(tmp_path / "b.jsonl", DOCS[1:2] * 3)
+    for windows in ("stream", "documents"):
+        rows = calibration_ids(folder, 5, 16, 9, f"{a},{b}", windows=windows)
+        assert torch.equal(rows[:3], calibration_ids(folder, 3, 16, 9, a, windows=windows))
+        assert torch.equal(rows[3:], calibration_ids(folder, 2, 16, 9, b, windows=windows))
+    digits = set(ids_of(folder, DOCS[1]))
+    assert all(set(r.tolist()) <= digits for r in rows[3:]) and not any(set(r.tolist()) & digits for r in rows[:3])
+    default_rows = calibration_ids(folder, 4, 16, 9, f" {b} ,{a}")
+    assert torch.equal(default_rows[:2], calibration_ids(folder, 2, 16, 9, b))
+
+
+def test_a_mixture_refuses_a_short_source_with_every_count(tmp_path):
+    folder = tokenizer_folder(tmp_path / "tok")
+    short = tmp_path / "short.txt"
+    short.write_text(DOCS[1][:20])
+    long = tmp_path / "long.txt"
+    long.write_text(DOCS[0])
+    n_short, n_long = len(ids_of(folder, DOCS[1][:20])) // 8, len(ids_of(folder, DOCS[0])) // 8
+    with pytest.raises(DataError, match=rf"too few windows of 8 tokens \(stream\) for `nsamples` 9: .*long.txt gives "
+                                        rf"{n_long} \(its share: 5\); .*short.txt gives {n_short} \(its share: 4\)"):
+        calibration_ids(folder, 9, 8, 0, f"{long},{short}")
+    with pytest.raises(DataError, match="empty source") as raised:
+        calibration_ids(folder, 4, 8, 0, f"{long},,{short}")
+    assert raised.value.param == "calib"
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        calibration_ids(folder, 4, 8, 0, f"{long},{tmp_path / 'missing.jsonl'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ["a list"]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: the \"text\" field holds a list"):
+        calibration_ids(folder, 4, 8, 0, bad)
+
+
+def test_tune_records_the_windows_and_the_spec(tiny_model, tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text(" ".join(DOCS) * 4)
+    b = write_jsonl(tmp_path / "b.jsonl", DOCS * 3)
+    with pytest.raises(sr.TuneError, match="`calib_windows` 'lines'") as raised:
+        sr.quantize(tiny_model, tmp_path / "c", iters=1, nsamples=4, seqlen=32, batch_size=2,
+                    calib=f"{a},{b}", calib_windows="lines", progress=False)
+    assert raised.value.param == "calib_windows"
+    sr.quantize(tiny_model, tmp_path / "c", iters=1, nsamples=4, seqlen=32, batch_size=2,
+                calib=f"{a},{b}", calib_windows="documents", progress=False)
+    log = json.loads((tmp_path / "c" / "tuning_log.json").read_text())
+    assert log["calibration"] == f"{a},{b}" and log["args"]["calib_windows"] == "documents"
