@@ -13,9 +13,13 @@ import torch
 from tokenizers import Tokenizer, processors
 
 import signround_export as sr
-from conftest import make_tokenizer
+from safetensors.torch import load_file
+
+from conftest import make_tokenizer, write_tiny_model
 from signround_export.data import bos_prefix, calibration_ids, load_tokenizer
 from signround_export.errors import DataError
+from signround_export.model.folder import SELF_CALIBRATION_FILE
+from signround_export.selfcalib import self_calibration_ids
 
 # documents of disjoint alphabets (disjoint tokens), random so that no two windows are alike
 DOCS = ["".join(random.Random(i).choices(alphabet, k=400)) for i, alphabet in
@@ -156,3 +160,101 @@ def test_tune_records_the_windows_and_the_spec(tiny_model, tmp_path):
                 calib=f"{a},{b}", calib_windows="documents", progress=False)
     log = json.loads((tmp_path / "c" / "tuning_log.json").read_text())
     assert log["calibration"] == f"{a},{b}" and log["args"]["calib_windows"] == "documents"
+
+
+# -- `self`: sequences sampled from the float model ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory) -> Path:
+    """A tiny model whose next-token distributions are sharp (the final norm scaled up), so that samples
+    from it are recognisably its own; its tokenizer puts BOS (id 0) first."""
+    from safetensors.torch import load_file, save_file
+
+    tok = make_tokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                       special_tokens=[("<|endoftext|>", 0)])
+    folder = write_tiny_model(tmp_path_factory.mktemp("peaked") / "model", tokenizer=tok)
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"] *= 6
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_self_sequences_are_samples_of_the_model(peaked_model, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from signround_export.tune import signround
+
+    monkeypatch.setattr(signround, "pick_dtype", lambda device: torch.float32)  # compared with float32 below
+    ids = self_calibration_ids(peaked_model, 20, 32, 0, progress=False)
+    assert ids.shape == (20, 32) and ids.dtype == torch.long
+    assert torch.equal(ids, self_calibration_ids(peaked_model, 20, 32, 0, progress=False))
+    assert not torch.equal(ids, self_calibration_ids(peaked_model, 20, 32, 1, progress=False))
+    assert (ids[:, 0] == 0).all() and (ids[:, 1] != 0).all()  # BOS, then a random token that is not special
+    assert len(set(ids[:, 1].tolist())) > 10
+    model = AutoModelForCausalLM.from_pretrained(peaked_model, dtype=torch.float32).eval()
+    with torch.no_grad():  # one forward without a cache over the whole sequences
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    greedy = logp[:, 1:4].gather(-1, ids[:, 2:5, None])[..., 0]  # three greedy tokens after the random one
+    assert torch.allclose(greedy, logp[:, 1:4].max(-1).values, atol=1e-4)  # (the cache's rounding: near-ties)
+    sampled = logp[:, 4:-1].gather(-1, ids[:, 5:, None]).mean()
+    entropy = -(logp[:, 4:-1].exp() * logp[:, 4:-1]).sum(-1).mean()
+    # a sample's mean log-probability is minus the entropy; uniform tokens would score far lower
+    assert abs(sampled + entropy) < 0.2 and logp[:, 4:-1].mean() < sampled - 5
+
+
+def test_self_ids_are_cached_and_regenerated_on_a_mismatch(tiny_model, tmp_path, monkeypatch):
+    from signround_export import selfcalib
+
+    ids = self_calibration_ids(tiny_model, 4, 32, 5, tmp_path, progress=False)
+    assert (tmp_path / SELF_CALIBRATION_FILE).is_file()
+    loads = []
+    real = selfcalib.load_generator_model
+    monkeypatch.setattr(selfcalib, "load_generator_model", lambda folder: loads.append(folder) or real(folder))
+    assert torch.equal(self_calibration_ids(tiny_model, 4, 32, 5, tmp_path, progress=False), ids) and not loads
+    other = self_calibration_ids(tiny_model, 4, 32, 6, tmp_path, progress=False)
+    assert len(loads) == 1 and not torch.equal(other, ids)
+    assert torch.equal(self_calibration_ids(tiny_model, 4, 32, 6, tmp_path, progress=False), other) and len(loads) == 1
+    assert self_calibration_ids(tiny_model, 3, 32, 6, tmp_path, progress=False).shape == (3, 32) and len(loads) == 2
+    (tmp_path / SELF_CALIBRATION_FILE).write_bytes(b"damaged")
+    assert torch.equal(self_calibration_ids(tiny_model, 4, 32, 5, tmp_path, progress=False), ids) and len(loads) == 3
+
+
+def test_self_in_a_mixture_takes_its_share(tiny_model, tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text(" ".join(DOCS))
+    rows = calibration_ids(tiny_model, 5, 32, 3, f"{a},self", windows="documents", cache_dir=tmp_path, progress=False)
+    assert torch.equal(rows[:3], calibration_ids(tiny_model, 3, 32, 3, a, windows="documents"))
+    assert torch.equal(rows[3:], self_calibration_ids(tiny_model, 2, 32, 3, progress=False))
+
+
+def test_tune_on_self_keeps_the_ids_in_the_checkpoint(tiny_model, tmp_path, monkeypatch):
+    from signround_export import selfcalib
+    from signround_export.tune import pipeline
+
+    settings = dict(iters=1, nsamples=4, seqlen=32, batch_size=2, calib="self", progress=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "tune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sr.quantize(tiny_model, tmp_path / "c", **settings)
+    assert (tmp_path / "c.progress" / SELF_CALIBRATION_FILE).is_file()
+    monkeypatch.undo()
+
+    def no_model(folder):
+        raise AssertionError("the rerun loads the float model again")
+
+    monkeypatch.setattr(selfcalib, "load_generator_model", no_model)  # the rerun reuses the killed run's ids
+    sr.quantize(tiny_model, tmp_path / "c", **settings)
+    kept = tmp_path / "c" / SELF_CALIBRATION_FILE
+    assert kept.is_file() and not (tmp_path / "c.progress").exists()
+    monkeypatch.undo()
+    assert torch.equal(self_calibration_ids(tiny_model, 4, 32, 42, progress=False), load_file(kept)["ids"])
+    assert json.loads((tmp_path / "c" / "tuning_log.json").read_text())["calibration"] == "self"
+    ckpt = sr.read_checkpoint(tmp_path / "c")  # the extra file is not a weight file
+    assert len(ckpt.qweights) == 14
+    sr.export_gguf(tmp_path / "c", tmp_path / "c.gguf", progress=False)
+    assert sr.evaluate(tmp_path / "c", window=32, windows=2, progress=False).ppl > 1
