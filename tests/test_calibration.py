@@ -258,3 +258,24 @@ def test_tune_on_self_keeps_the_ids_in_the_checkpoint(tiny_model, tmp_path, monk
     assert len(ckpt.qweights) == 14
     sr.export_gguf(tmp_path / "c", tmp_path / "c.gguf", progress=False)
     assert sr.evaluate(tmp_path / "c", window=32, windows=2, progress=False).ppl > 1
+
+
+def test_cli_takes_a_spec_and_the_windows_mode(tiny_model, tmp_path, capsys):
+    from signround_export.cli import main
+
+    a = tmp_path / "a.txt"
+    a.write_text(DOCS[0])
+    b = write_jsonl(tmp_path / "b.jsonl", DOCS[1:] * 2)
+    tune = ["tune", str(tiny_model), "--out", str(tmp_path / "c"), "--iters", "1", "--seqlen", "32",
+            "--batch-size", "2", "--calib", f"{a},{b}", "--calib-windows", "documents", "--quiet"]
+    assert main(tune + ["--nsamples", "400"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "a.txt gives" in err and "b.jsonl gives" in err
+    assert "lower --nsamples or --seqlen" in err and "--calib-windows \"stream\"" in err
+    assert main(tune + ["--nsamples", "4"]) == 0
+    assert json.loads((tmp_path / "c" / "tuning_log.json").read_text())["args"]["calib_windows"] == "documents"
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "separated (a.txt,b.jsonl,self)" in help_text and "A path with a comma is not supported" in help_text
+    assert "never cross a document and start with BOS" in help_text
