@@ -113,13 +113,14 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
 def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,
                 seqlen: int | None = None, batch_size: int | None = None, clip_search: bool | None = None,
                 quant_lm_head: bool = False, act_dtype: str = "float32", device: str = "auto",
-                act_device: str = "auto") -> MemoryPlan:
+                act_device: str = "auto", calib: str | Path | None = None) -> MemoryPlan:
     """The memory quantize() would need for `model` with these settings, part by part (MemoryPlan.table()),
     from its config.json and safetensors headers alone: no weight is read. Parameters as quantize's;
-    device "cuda" plans for a GPU even where there is none. Bits and group size do not change it."""
+    device "cuda" plans for a GPU even where there is none. Bits and group size do not change it; calib
+    only where it holds `self` (the float model is loaded whole to sample from, before the tuning)."""
     config = TuneConfig.from_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                                     clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype)
-    return plan_memory(model, config, device=device, act_device=act_device)
+    return plan_memory(model, config, device=device, act_device=act_device, calib=calib)
 
 
 def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,

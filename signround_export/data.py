@@ -116,7 +116,12 @@ def calibration_sources(calib: str | Path | None) -> list[Path | str | None]:
     if not all(parts):
         raise DataError(f"`calib` {calib!r} has an empty source; give comma-separated .txt or .jsonl paths or "
                         "`self` (a path holding a comma is not supported)", param="calib")
-    return [SELF if p == SELF else Path(p) for p in parts]
+    sources = [SELF if p == SELF else Path(p) for p in parts]
+    twice = sorted({str(s) for s in sources if sources.count(s) > 1})
+    if twice:  # each would give the same windows again, picked with the same seed
+        raise DataError(f"`calib` {calib!r} names {', '.join(twice)} more than once; name each source once",
+                        param="calib")
+    return sources
 
 
 def calibration_name(calib: str | Path | None) -> str:

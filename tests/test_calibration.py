@@ -279,3 +279,24 @@ def test_cli_takes_a_spec_and_the_windows_mode(tiny_model, tmp_path, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "separated (a.txt,b.jsonl,self)" in help_text and "A path with a comma is not supported" in help_text
     assert "never cross a document and start with BOS" in help_text
+
+
+def test_the_memory_plan_counts_the_float_model_of_calib_self(tiny_model, tmp_path):
+    from signround_export.tune.memory import TRANSFORMERS_IMPORT
+    from signround_export.tune.signround import pick_dtype
+
+    a = tmp_path / "a.txt"
+    a.write_text(DOCS[0])
+    plain = sr.tune_memory(tiny_model, nsamples=5, seqlen=32, batch_size=1, calib=str(a))
+    mixed = sr.tune_memory(tiny_model, nsamples=5, seqlen=32, batch_size=1, calib=f"{a},self")
+    (part,) = [p for p in mixed.parts if p.phase == "calibration"]
+    assert not [p for p in plain.parts if p.phase == "calibration"]
+    size = (tiny_model / "model.safetensors").stat().st_size
+    item = pick_dtype(torch.device("cpu")).itemsize
+    weights = 320 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 160 + 2 * 64) + 64
+    kv = 2 * 2 * 2 * 32 * 2 * 16 * item  # k and v, 2 layers, self's 2 sequences, 32 tokens, 2 heads of 16
+    assert part.nbytes == TRANSFORMERS_IMPORT + size + weights * item + kv + 2 * 2 * 320 * 4
+    assert mixed.total("cpu") == mixed.parts[0].nbytes + max(part.nbytes, plain.total("cpu") - plain.parts[0].nbytes)
+    with pytest.raises(DataError, match="names self more than once") as raised:
+        sr.tune_memory(tiny_model, calib="self,self")
+    assert raised.value.param == "calib"

@@ -29,11 +29,11 @@ from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
 from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
-from ..data import SELF, calibration_ids, calibration_name, calibration_sources
+from ..data import SELF, calibration_ids, calibration_name, calibration_sources, shares
 from ..errors import TuneError
 from ..export.gguf import mixes
 from ..export.gguf.write import check_llama_cpp
-from ..model.folder import SELF_CALIBRATION_FILE, resolve_model_dir
+from ..model.folder import SELF_CALIBRATION_FILE, resolve_model_dir, safetensors_files
 from ..model.forward import Model
 from ..model.load import check_checkpoint, float_checkpoint, is_checkpoint, load_float_model, open_checkpoint
 from ..plots import plot_allocation
@@ -173,22 +173,30 @@ def check_devices(device: str, act_device: str) -> None:
             raise TuneError(f"`{name}` {value!r}: choose one of {', '.join(DEVICES)}", param=name)
 
 
-def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto",
-                act_device: str = "auto") -> memory.MemoryPlan:
+def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", act_device: str = "auto",
+                calib: str | Path | None = None) -> memory.MemoryPlan:
     """What tuning the float model folder `model` with config would hold, part by part, from its
     config.json and safetensors headers alone (no weight is read). device "cuda" plans for a GPU even on
     a machine without one; there, "auto" activations are counted on the GPU."""
     config.check()
     check_devices(device, act_device)
-    float_model = load_float_model(model)[0]
+    float_model, _, folder = load_float_model(model)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
     if dev.type == "cpu" or torch.cuda.is_available():  # where tune() would put them
         acts = activation_device(act_device, dev, float_model, config, progress=False).type
     else:  # planning for a GPU this machine lacks: "auto" counts them on it
         acts = "cpu" if act_device == "cpu" else "cuda"
-    return memory.plan(float_model.cfg, memory.tensor_shapes(float_model.tensors), config, dev.type, dtype,
-                       "gpu" if acts == "cuda" else "cpu", memory.process_bytes())
+    shapes = memory.tensor_shapes(float_model.tensors)
+    plan = memory.plan(float_model.cfg, shapes, config, dev.type, dtype, "gpu" if acts == "cuda" else "cpu",
+                       memory.process_bytes())
+    sources = calibration_sources(calib)
+    if config.uses_data() and SELF in sources:
+        sequences = shares(config.nsamples, len(sources))[sources.index(SELF)]
+        files = sum(f.stat().st_size for f in safetensors_files(folder))
+        plan.parts.insert(1, memory.self_calibration_part(float_model.cfg, shapes, sequences, config.seqlen,
+                                                          pick_dtype(torch.device("cpu")), files))
+    return plan
 
 
 def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: str | None,
