@@ -50,7 +50,7 @@ def self_calibration_ids(folder: str | Path, count: int, seqlen: int, seed: int,
     cached = read_cache(cache, settings) if cache is not None else None
     if cached is not None:
         return cached
-    special = set(tokenizer.get_added_tokens_decoder())
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
     first = torch.tensor([i for i in range(tokenizer.get_vocab_size()) if i not in special], dtype=torch.long)
     model, dtype = load_generator_model(folder)
     first = first[first < model.get_input_embeddings().num_embeddings]

@@ -22,9 +22,10 @@ weights, T = batch_size x seqlen tokens per step):
   - the checkpoint writer at the end: one tensor at a time (checkpoint/shards.py writes each into its
     shard and drops it), so the largest float tensor in float32 and one layer's codes (1 B per weight)
     with their packed form (bits / 8 B per weight).
-The parts do not all peak at once: `calib self`'s generation is over before the tuning; the tuning phase holds the blocks, their state and the activations;
-the writing phase, after it, one float tensor and one packed layer (the embedding read at the start is
-dropped before the first block). A total is the process plus the larger phase.
+The parts do not all peak at once: `calib self`'s generation is over before the tuning; the tuning
+phase holds the blocks, their state and the activations; the writing phase, after it, one float tensor
+and one packed layer (the embedding read at the start is dropped before the first block). A total is
+the process plus the largest phase.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ STEP_BYTES = {torch.float32: (24, 16), torch.bfloat16: (20, 8)}  # saved per tok
 ACT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-PHASES = ("calibration", "tuning", "writing")  # `calib self` samples text, the blocks are tuned, the checkpoint is written
+# `calib self` samples its text, then the blocks are tuned, then the checkpoint is written
+PHASES = ("calibration", "tuning", "writing")
 TRANSFORMERS_IMPORT = 110 * MB  # measured: what importing transformers and its Llama code adds to the RSS
 
 

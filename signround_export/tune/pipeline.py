@@ -124,8 +124,8 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
     recipe's name, for the log; calib: the calibration spec of data.calibration_ids (default: Python's
     pydoc_data.topics); `self`'s generated ids are kept in `out`.progress during the run and in the
-    checkpoint folder (SELF_CALIBRATION_FILE) after it. A killed run resumes from `out`.progress when started again with the same
-    settings. act_device: where the calibration activations are kept (signround.activation_device). The
+    checkpoint folder (SELF_CALIBRATION_FILE) after it. A killed run resumes from `out`.progress when
+    started again with the same settings. act_device: where the calibration activations are kept (signround.activation_device). The
     checkpoint's weights are written in shards of at most shard_size ("5GB": one model.safetensors when
     everything fits), made in `out`.progress from the finished blocks."""
     layer_bits = layer_bits or LayerBits()
