@@ -125,9 +125,9 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     recipe's name, for the log; calib: the calibration spec of data.calibration_ids (default: Python's
     pydoc_data.topics); `self`'s generated ids are kept in `out`.progress during the run and in the
     checkpoint folder (SELF_CALIBRATION_FILE) after it. A killed run resumes from `out`.progress when
-    started again with the same settings. act_device: where the calibration activations are kept (signround.activation_device). The
-    checkpoint's weights are written in shards of at most shard_size ("5GB": one model.safetensors when
-    everything fits), made in `out`.progress from the finished blocks."""
+    started again with the same settings. act_device: where the calibration activations are kept
+    (signround.activation_device). The checkpoint's weights are written in shards of at most shard_size
+    ("5GB": one model.safetensors when everything fits), made in `out`.progress from the finished blocks."""
     layer_bits = layer_bits or LayerBits()
     layer_bits.check()
     config.check()
@@ -155,15 +155,20 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     layers = resume.layers()
     quant, floats = checkpoint_parts(float_model, config, layers, resume.packing_format)
     units = resume.units() + [float_unit(n, float_spec(float_model.tensors, n), float_model.tensors) for n in floats]
-    generated = resume.folder / SELF_CALIBRATION_FILE
-    kept = [generated] if ids is not None and SELF in calibration_sources(calib) and generated.is_file() else []
     write_staged_checkpoint(out, untied(hf, layers), quant, units, resume.folder, lambda _: resume.prune(),
-                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size, extra_files=kept)
+                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size,
+                            extra_files=generated_calibration(resume, calib, ids))
     if allocation is not None:
         plot_allocation(allocation, Path(out) / "allocation.png")
     resume.remove()
     result.qweights = read_checkpoint(out).qweights  # the store is gone: read the layers from the checkpoint
     return QuantizeResult(Path(out), config, result, allocation)
+
+
+def generated_calibration(resume: ResumeStore, calib: str | None, ids) -> list[Path]:
+    """The ids `calib self` generated into the resume folder, which the checkpoint keeps; else none."""
+    path = resume.folder / SELF_CALIBRATION_FILE
+    return [path] if ids is not None and SELF in calibration_sources(calib) and path.is_file() else []
 
 
 def check_devices(device: str, act_device: str) -> None:
