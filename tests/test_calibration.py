@@ -300,3 +300,14 @@ def test_the_memory_plan_counts_the_float_model_of_calib_self(tiny_model, tmp_pa
     with pytest.raises(DataError, match="names self more than once") as raised:
         sr.tune_memory(tiny_model, calib="self,self")
     assert raised.value.param == "calib"
+
+
+def test_the_default_text_in_documents_mode_is_cut_topic_by_topic(tmp_path):
+    folder = tokenizer_folder(tmp_path / "tok", bos=True)
+    kept = [t for i, t in enumerate(topics[k] for k in sorted(topics)) if i % 10 != 9]
+    starts = {tuple(ids[k * 63:(k + 1) * 63]) for ids in (ids_of(folder, t) for t in kept)
+              for k in range(len(ids) // 63)}
+    rows = calibration_ids(folder, 32, 64, 1, windows="documents")
+    assert all(row[0] == 0 and tuple(row[1:]) in starts for row in rows.tolist())
+    stream = calibration_ids(folder, 32, 63, 1)  # one stream: most windows start mid-topic
+    assert sum(tuple(row) in starts for row in stream.tolist()) < 8
