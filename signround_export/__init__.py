@@ -60,9 +60,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
              allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
              device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
-             act_dtype: str = "float32", act_device: str = "auto", optimizer: str = "signsgd",
-             tune_clip: bool = True, lr_schedule: str = "linear", patience: int = 0, best: str = "batch",
-             eval_every: int = 10) -> QuantizeResult:
+             act_dtype: str = "float32", act_device: str = "auto", calib_windows: str = "stream",
+             optimizer: str = "signsgd", tune_clip: bool = True, lr_schedule: str = "linear",
+             patience: int = 0, best: str = "batch", eval_every: int = 10) -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -80,7 +80,14 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     avg_bits: average bits per weight, counting scales and zero points as stored; each layer then gets
         bits from bits_choices by importance ("gradient", "fisher" or "activation").
     allocation: bits per layer from a JSON file {"bits": {layer: bits}} instead.
-    calib: calibration text (.txt, or .jsonl with a "text" field); default: Python's pydoc_data.topics.
+    calib: calibration text: a .txt or .jsonl (a "text" field per line) path, or comma-separated sources
+        "a.txt,b.jsonl,self" sharing nsamples evenly, where `self` is text sampled from the float model
+        itself (data-free; the whole float model is loaded for it, and the ids are kept in the checkpoint
+        as calibration-self.safetensors); default: Python's pydoc_data.topics. A path with a comma is
+        not supported.
+    calib_windows: "stream" (each source one stream of tokens cut into windows, no BOS) or "documents"
+        (each document, a .jsonl line or a whole .txt, tokenized on its own; windows never cross a
+        document and start with BOS where the model's tokenizer adds one).
     device: "auto", "cpu" or "cuda". progress: progress bars and notes on stderr.
     act_dtype: how the calibration activations are stored, "float32" or "bfloat16" (half the memory;
         the integers change). act_device: where they are kept, "auto" (the tuning device, or the CPU
@@ -109,8 +116,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     config = TuneConfig.from_recipe(recipe, bits=bits, group_size=group_size, sym=sym, iters=iters,
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,
                                     clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
-                                    optimizer=optimizer, tune_clip=tune_clip, lr_schedule=lr_schedule,
-                                    patience=patience, best=best, eval_every=eval_every)
+                                    calib_windows=calib_windows, optimizer=optimizer, tune_clip=tune_clip,
+                                    lr_schedule=lr_schedule, patience=patience, best=best,
+                                    eval_every=eval_every)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
                           progress=progress, act_device=act_device,
                           shard_size=shard_size)
@@ -119,15 +127,16 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
 def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,
                 seqlen: int | None = None, batch_size: int | None = None, clip_search: bool | None = None,
                 quant_lm_head: bool = False, act_dtype: str = "float32", device: str = "auto",
-                act_device: str = "auto", optimizer: str = "signsgd") -> MemoryPlan:
+                act_device: str = "auto", optimizer: str = "signsgd", calib: str | Path | None = None) -> MemoryPlan:
     """The memory quantize() would need for `model` with these settings, part by part (MemoryPlan.table()),
     from its config.json and safetensors headers alone: no weight is read. Parameters as quantize's;
     device "cuda" plans for a GPU even where there is none. Bits and group size do not change it; Adam's
-    moments (optimizer "adam") do."""
+    moments (optimizer "adam") do, and calib where it holds `self` (the float model is loaded whole to
+    sample from, before the tuning)."""
     config = TuneConfig.from_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                                     clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
                                     optimizer=optimizer)
-    return plan_memory(model, config, device=device, act_device=act_device)
+    return plan_memory(model, config, device=device, act_device=act_device, calib=calib)
 
 
 def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,

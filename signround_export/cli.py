@@ -93,8 +93,17 @@ def add_tune(sub):
     p.add_argument("--seqlen", type=positive(int), help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=positive(int), help="sequences per tuning step")
     p.add_argument("--lr", type=positive(float), help="learning rate (default: 1/iters, decaying linearly to 0)")
-    p.add_argument("--calib", type=Path, help="calibration text (.txt, or .jsonl with a \"text\" field); "
-                                             "default: Python's pydoc_data.topics")
+    p.add_argument("--calib", metavar="SPEC",
+                   help="calibration text: a .txt file, a .jsonl file (a \"text\" field per line), or `self` (text "
+                        "sampled from the float model itself, data-free: loads the whole float model; the ids are "
+                        "kept in the checkpoint as calibration-self.safetensors); several, comma-separated "
+                        "(a.txt,b.jsonl,self), share --nsamples evenly. A path with a comma is not supported "
+                        "(default: Python's pydoc_data.topics)")
+    p.add_argument("--calib-windows", choices=["stream", "documents"], default="stream",
+                   help="stream: each source is one stream of tokens cut into windows, no BOS; documents: each "
+                        "document (a .jsonl line, a whole .txt, a pydoc topic) is tokenized on its own, windows "
+                        "never cross a document and start with BOS where the model's tokenizer adds one "
+                        "(default: stream)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--act-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="how the calibration activations are stored: bfloat16 halves their memory (three chains "

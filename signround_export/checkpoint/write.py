@@ -76,14 +76,18 @@ def write_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, qweights: Map
 
 def write_staged_checkpoint(out_dir, hf_config: dict, quant: QuantConfig, units: list[Unit], staging: Path,
                             on_written: Callable[[list[Unit]], None] | None = None, tokenizer_src_dir=None,
-                            tuning_log: dict | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+                            tuning_log: dict | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                            extra_files: list[Path] = ()) -> Path:
     """Write the units' shards into `staging` (a folder that outlives a failure: the shards finished there
     are kept by a rerun), then make `out_dir` atomically from them (hard links: no second copy on disk).
-    quant is settled (settled_config)."""
+    quant is settled (settled_config). extra_files: more files to keep in the folder under their names
+    (the generated calibration ids)."""
     names = write_shards(staging, units, shard_size, on_written)
     with atomic_dir(out_dir) as tmp:
         for name in names:
             link_into(Path(staging) / name, tmp / name)
+        for path in extra_files:
+            link_into(Path(path), tmp / Path(path).name)
         write_files(tmp, hf_config, quant, tokenizer_src_dir, tuning_log)
     return Path(out_dir)
 

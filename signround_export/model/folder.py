@@ -18,6 +18,8 @@ INDEX = "model.safetensors.index.json"  # the shard index of a sharded folder
 # what a folder needs besides its weights to tokenize, chat and generate; copied into every output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+# the ids `calib self` generated (selfcalib.py), kept beside a checkpoint's weights: not a weight file
+SELF_CALIBRATION_FILE = "calibration-self.safetensors"
 CHAT_TEMPLATES = "additional_chat_templates"  # a folder of NAME.jinja templates besides the default one
 
 
@@ -71,7 +73,7 @@ def safetensors_files(folder: Path, error: type[SignroundError] = ModelError) ->
         if missing:
             raise error(f"{index} names shards that are missing: {', '.join(missing)}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != SELF_CALIBRATION_FILE)
     if not files:
         other = " (only .bin weights found: save with safetensors)" if list(folder.glob("*.bin")) else ""
         raise error(f"{folder} holds no model.safetensors{other}")

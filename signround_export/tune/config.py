@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
+from ..data import CALIB_WINDOWS
 from ..errors import TuneError
 
 # Named settings; explicit values override them. "best" is the full default recipe.
@@ -40,6 +41,9 @@ class TuneConfig:
     # how the calibration activations (three chains of nsamples x seqlen x hidden) are stored: float32, or
     # bfloat16 for half their memory (it rounds every block's inputs and targets, so the integers change)
     act_dtype: str = "float32"
+    # how the calibration windows are cut (data.calibration_ids): "stream" (each source one stream of
+    # tokens) or "documents" (inside single documents, led by BOS where the tokenizer adds one)
+    calib_windows: str = "stream"
     # Ablation switches, for measuring each tuning choice on its own; the defaults are SignRound as published.
     optimizer: str = "signsgd"  # or "adam" on the same variables, schedule and bounds
     tune_clip: bool = True  # False: only the rounding offsets move; the clipping stays at its start
@@ -78,6 +82,9 @@ class TuneConfig:
             raise TuneError(f"`lr` {self.lr}: give a positive learning rate, or None for 1 / iters", param="lr")
         if self.act_dtype not in ACT_DTYPES:
             raise TuneError(f"`act_dtype` {self.act_dtype!r}: choose one of {', '.join(ACT_DTYPES)}", param="act_dtype")
+        if self.calib_windows not in CALIB_WINDOWS:
+            raise TuneError(f"`calib_windows` {self.calib_windows!r}: choose one of {', '.join(CALIB_WINDOWS)}",
+                            param="calib_windows")
         self.check_ablation()
         if self.uses_data() and self.batch_size > self.nsamples:
             raise TuneError(f"`batch_size` {self.batch_size} is larger than `nsamples` {self.nsamples}; lower "

@@ -18,12 +18,15 @@ weights, T = batch_size x seqlen tokens per step):
   - the clipping search's temporaries: 5 x the largest linear in float32 (measured 3.6-4.5 x);
   - the calibration activations: three chains (float inputs, quantized inputs, targets) of
     nsamples x seqlen x H in their storage dtype, on the tuning device or the CPU.
+  - with `calib self`, before the tuning: the whole float model in transformers (selfcalib.py), its
+    weight files mapped while it loads, one batch's KV cache (measured on SmolLM2 below the estimate);
   - the checkpoint writer at the end: one tensor at a time (checkpoint/shards.py writes each into its
     shard and drops it), so the largest float tensor in float32 and one layer's codes (1 B per weight)
     with their packed form (bits / 8 B per weight).
-The parts do not all peak at once: the tuning phase holds the blocks, their state and the activations;
-the writing phase, after it, one float tensor and one packed layer (the embedding read at the start is
-dropped before the first block). A total is the process plus the larger phase.
+The parts do not all peak at once: `calib self`'s generation is over before the tuning; the tuning
+phase holds the blocks, their state and the activations; the writing phase, after it, one float tensor
+and one packed layer (the embedding read at the start is dropped before the first block). A total is
+the process plus the largest phase.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.config import ModelConfig
+from ..selfcalib import BATCH
 from .config import TuneConfig
 
 MB = 2**20
@@ -47,7 +51,9 @@ STEP_BYTES = {torch.float32: (24, 16), torch.bfloat16: (20, 8)}  # saved per tok
 ACT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-PHASES = ("tuning", "writing")  # the blocks are tuned, then the checkpoint is written
+# `calib self` samples its text, then the blocks are tuned, then the checkpoint is written
+PHASES = ("calibration", "tuning", "writing")
+TRANSFORMERS_IMPORT = 110 * MB  # measured: what importing transformers and its Llama code adds to the RSS
 
 
 @dataclass
@@ -74,7 +80,7 @@ class MemoryPlan:
         return held("") + max(held(phase) for phase in PHASES)
 
     def table(self) -> str:
-        rows = [f"{p.name:<42} {p.nbytes / MB:>10.0f} MB  {p.where:<3}  {p.phase or 'all':<7}  {p.how}"
+        rows = [f"{p.name:<42} {p.nbytes / MB:>10.0f} MB  {p.where:<3}  {p.phase or 'all':<11}  {p.how}"
                 for p in self.parts]
         rows.append(f"{'CPU total (the larger phase)':<42} {self.total('cpu') / MB:>10.0f} MB")
         gpu = f"{self.total('gpu') / MB:>10.0f} MB" if self.device == "cuda" else "      none (tuning on the CPU)"
@@ -164,6 +170,21 @@ def writer_part(config: TuneConfig, layer: int) -> Part:
     packed = config.bits / 8
     return Part("checkpoint writing (one layer)", int(layer * (1 + packed)), "cpu",
                 f"{layer} weights x (1 + {packed:g}) B", "writing")
+
+
+def self_calibration_part(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], sequences: int, seqlen: int,
+                          dtype: torch.dtype, file_bytes: int) -> Part:
+    """`calib self`'s generation (selfcalib.py), before the tuning: transformers, the float model's
+    weight files mapped while it loads, its weights in dtype, one batch's KV cache and last logits."""
+    batch = min(BATCH, sequences)
+    weights = sum(numel(s) for s in shapes.values()) * dtype.itemsize
+    kv = 2 * cfg.n_layers * batch * seqlen * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+    logits = 2 * batch * cfg.vocab_size * 4
+    how = (f"transformers {TRANSFORMERS_IMPORT // MB} MB + weight files {file_bytes / MB:.0f} MB + weights in "
+           f"{str(dtype).removeprefix('torch.')} + KV cache 2 x {cfg.n_layers} x {batch} x {seqlen} x "
+           f"{cfg.n_kv_heads} x {cfg.head_dim} x {dtype.itemsize} B + logits")
+    return Part("calib self: the float model in transformers", TRANSFORMERS_IMPORT + file_bytes + weights + kv + logits,
+                "cpu", how, "calibration")
 
 
 def process_bytes() -> int:

@@ -29,11 +29,11 @@ from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
 from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
-from ..data import calibration_ids
+from ..data import SELF, calibration_ids, calibration_name, calibration_sources, shares
 from ..errors import TuneError
 from ..export.gguf import mixes
 from ..export.gguf.write import check_llama_cpp
-from ..model.folder import resolve_model_dir
+from ..model.folder import SELF_CALIBRATION_FILE, resolve_model_dir, safetensors_files
 from ..model.forward import Model
 from ..model.load import check_checkpoint, float_checkpoint, is_checkpoint, load_float_model, open_checkpoint
 from ..plots import plot_allocation
@@ -44,7 +44,6 @@ from .importance import MEASURES, block_linear_names, importance
 from .resume import ResumeStore
 from .signround import TuneResult, activation_device, pick_dtype, tune
 
-DEFAULT_CALIBRATION = "pydoc_data.topics"  # what the tuning log names when no calibration file is given
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -99,7 +98,8 @@ class LayerBits:
         """What an allocation depends on: a saved one is reused only when all of it is the same."""
         return {"avg_bits": self.avg_bits, "bits_choices": self.bits_choices, "importance": self.importance,
                 "group_size": config.group_size, "sym": config.sym, "nsamples": config.nsamples,
-                "seqlen": config.seqlen, "seed": config.seed, "calib": str(calib)}
+                "seqlen": config.seqlen, "seed": config.seed, "calib": str(calib),
+                "calib_windows": config.calib_windows}
 
 
 @dataclass
@@ -122,31 +122,33 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     """Tune the float model folder (or hub id) `model` and write its checkpoint folder `out` atomically.
 
     config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
-    recipe's name, for the log; calib: a .txt or .jsonl calibration text (default: Python's
-    pydoc_data.topics). A killed run resumes from `out`.progress when started again with the same
-    settings. act_device: where the calibration activations are kept (signround.activation_device). The
-    checkpoint's weights are written in shards of at most shard_size ("5GB": one model.safetensors when
-    everything fits), made in `out`.progress from the finished blocks."""
+    recipe's name, for the log; calib: the calibration spec of data.calibration_ids (default: Python's
+    pydoc_data.topics); `self`'s generated ids are kept in `out`.progress during the run and in the
+    checkpoint folder (SELF_CALIBRATION_FILE) after it. A killed run resumes from `out`.progress when
+    started again with the same settings. act_device: where the calibration activations are kept
+    (signround.activation_device). The checkpoint's weights are written in shards of at most shard_size
+    ("5GB": one model.safetensors when everything fits), made in `out`.progress from the finished blocks."""
     layer_bits = layer_bits or LayerBits()
     layer_bits.check()
     config.check()
     check_devices(device, act_device)
     parse_size(shard_size)  # a bad size is refused before the tuning, not after
-    calib = Path(calib) if calib else None
+    calib = calibration_name(calib) if calib else None  # spelled as the log records it; bad specs refused here
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
     if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
         # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
         tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
         check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
+    resume = ResumeStore(resume_folder(out), shard_size)
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
-        ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib)
-    resume = ResumeStore(resume_folder(out), shard_size)
+        ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib, config.calib_windows,
+                              cache_dir=resume.folder, progress=progress)
     allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
     result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device)
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
-                                "calibration": str(calib) if calib else DEFAULT_CALIBRATION}
+                                "calibration": calibration_name(calib)}
     if allocation is not None:
         log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
                                                     "bits_choices": layer_bits.bits_choices}
@@ -154,12 +156,19 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     quant, floats = checkpoint_parts(float_model, config, layers, resume.packing_format)
     units = resume.units() + [float_unit(n, float_spec(float_model.tensors, n), float_model.tensors) for n in floats]
     write_staged_checkpoint(out, untied(hf, layers), quant, units, resume.folder, lambda _: resume.prune(),
-                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size)
+                            tokenizer_src_dir=folder, tuning_log=log, shard_size=shard_size,
+                            extra_files=generated_calibration(resume, calib, ids))
     if allocation is not None:
         plot_allocation(allocation, Path(out) / "allocation.png")
     resume.remove()
     result.qweights = read_checkpoint(out).qweights  # the store is gone: read the layers from the checkpoint
     return QuantizeResult(Path(out), config, result, allocation)
+
+
+def generated_calibration(resume: ResumeStore, calib: str | None, ids) -> list[Path]:
+    """The ids `calib self` generated into the resume folder, which the checkpoint keeps; else none."""
+    path = resume.folder / SELF_CALIBRATION_FILE
+    return [path] if ids is not None and SELF in calibration_sources(calib) and path.is_file() else []
 
 
 def check_devices(device: str, act_device: str) -> None:
@@ -169,25 +178,33 @@ def check_devices(device: str, act_device: str) -> None:
             raise TuneError(f"`{name}` {value!r}: choose one of {', '.join(DEVICES)}", param=name)
 
 
-def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto",
-                act_device: str = "auto") -> memory.MemoryPlan:
+def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", act_device: str = "auto",
+                calib: str | Path | None = None) -> memory.MemoryPlan:
     """What tuning the float model folder `model` with config would hold, part by part, from its
     config.json and safetensors headers alone (no weight is read). device "cuda" plans for a GPU even on
     a machine without one; there, "auto" activations are counted on the GPU."""
     config.check()
     check_devices(device, act_device)
-    float_model = load_float_model(model)[0]
+    float_model, _, folder = load_float_model(model)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
     if dev.type == "cpu" or torch.cuda.is_available():  # where tune() would put them
         acts = activation_device(act_device, dev, float_model, config, progress=False).type
     else:  # planning for a GPU this machine lacks: "auto" counts them on it
         acts = "cpu" if act_device == "cpu" else "cuda"
-    return memory.plan(float_model.cfg, memory.tensor_shapes(float_model.tensors), config, dev.type, dtype,
-                       "gpu" if acts == "cuda" else "cpu", memory.process_bytes())
+    shapes = memory.tensor_shapes(float_model.tensors)
+    plan = memory.plan(float_model.cfg, shapes, config, dev.type, dtype, "gpu" if acts == "cuda" else "cpu",
+                       memory.process_bytes())
+    sources = calibration_sources(calib)
+    if config.uses_data() and SELF in sources:
+        sequences = shares(config.nsamples, len(sources))[sources.index(SELF)]
+        files = sum(f.stat().st_size for f in safetensors_files(folder))
+        plan.parts.insert(1, memory.self_calibration_part(float_model.cfg, shapes, sequences, config.seqlen,
+                                                          pick_dtype(torch.device("cpu")), files))
+    return plan
 
 
-def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: Path | None,
+def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: str | None,
                       resume: ResumeStore, progress: bool) -> Allocation | None:
     """Fill config.layer_schemes as layer_bits asks; the Allocation when bits are chosen by importance."""
     if layer_bits.avg_bits is not None:

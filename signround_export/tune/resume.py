@@ -142,9 +142,9 @@ class ResumeStore:
 
     def files(self) -> tuple[list[Path], list[Path]]:
         """The finished shards here, and the layer files (blocks, head)."""
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = sorted(self.folder.glob("*.safetensors"))  # (the generated calibration ids are neither)
         shards = [f for f in files if f.name.startswith(SHARD_PREFIX)]
-        return shards, [f for f in files if f not in shards]
+        return shards, [f for f in files if f.name.startswith("block_") or f.name == "lm_head.safetensors"]
 
     def headers(self) -> dict[str, TensorHeader]:
         """Every packed tensor here, from the finished shards, else from the layer files."""
