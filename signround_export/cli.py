@@ -94,10 +94,11 @@ def add_tune(sub):
     p.add_argument("--batch-size", type=positive(int), help="sequences per tuning step")
     p.add_argument("--lr", type=positive(float), help="learning rate (default: 1/iters, decaying linearly to 0)")
     p.add_argument("--calib", metavar="SPEC",
-                   help="calibration text: a .txt file, a .jsonl file (a \"text\" field per line), or `self` (text "
-                        "sampled from the float model itself, data-free: loads the whole float model; the ids are "
+                   help="calibration text: a .txt file, a .jsonl file (a \"text\" field per line), `pydoc` (the "
+                        "default text), or `self` (text sampled from the float model itself, data-free: loads the "
+                        "whole float model; the ids are "
                         "kept in the checkpoint as calibration-self.safetensors); several, comma-separated "
-                        "(a.txt,b.jsonl,self), share --nsamples evenly. A path with a comma is not supported "
+                        "(a.txt,pydoc,self), share --nsamples evenly. A path with a comma is not supported "
                         "(default: Python's pydoc_data.topics)")
     p.add_argument("--calib-windows", choices=["stream", "documents"], default="stream",
                    help="stream: each source is one stream of tokens cut into windows, no BOS; documents: each "

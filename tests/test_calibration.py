@@ -277,7 +277,7 @@ def test_cli_takes_a_spec_and_the_windows_mode(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "separated (a.txt,b.jsonl,self)" in help_text and "A path with a comma is not supported" in help_text
+    assert "separated (a.txt,pydoc,self)" in help_text and "A path with a comma is not supported" in help_text
     assert "never cross a document and start with BOS" in help_text
 
 
@@ -311,3 +311,23 @@ def test_the_default_text_in_documents_mode_is_cut_topic_by_topic(tmp_path):
     assert all(row[0] == 0 and tuple(row[1:]) in starts for row in rows.tolist())
     stream = calibration_ids(folder, 32, 63, 1)  # one stream: most windows start mid-topic
     assert sum(tuple(row) in starts for row in stream.tolist()) < 8
+
+
+def test_pydoc_names_the_default_text_in_a_mixture(tmp_path):
+    folder = tokenizer_folder(tmp_path / "tok")
+    b = write_jsonl(tmp_path / "b.jsonl", DOCS[1:2] * 3)
+    rows = calibration_ids(folder, 5, 16, 9, f"pydoc,{b}")
+    assert torch.equal(rows[:3], calibration_ids(folder, 3, 16, 9))
+    assert torch.equal(rows[3:], calibration_ids(folder, 2, 16, 9, b))
+    with pytest.raises(DataError, match="pydoc more than once"):
+        calibration_ids(folder, 4, 16, 9, "pydoc,pydoc")
+
+
+def test_a_run_on_other_calibration_text_does_not_resume(tmp_path):
+    from signround_export.errors import TuneError
+    from signround_export.tune.resume import ResumeStore
+
+    ResumeStore(tmp_path / "ckpt.progress", calibration="a.txt").begin({"bits": 4}, "gptq")
+    ResumeStore(tmp_path / "ckpt.progress", calibration="a.txt").begin({"bits": 4}, "gptq")
+    with pytest.raises(TuneError, match=r"different settings \(calibration\)"):
+        ResumeStore(tmp_path / "ckpt.progress", calibration="pydoc_data.topics,self").begin({"bits": 4}, "gptq")

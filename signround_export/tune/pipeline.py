@@ -140,7 +140,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
         # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
         tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
         check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
-    resume = ResumeStore(resume_folder(out), shard_size)
+    resume = ResumeStore(resume_folder(out), shard_size, calibration_name(calib))
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib, config.calib_windows,

@@ -56,9 +56,11 @@ def at_default(setting: str, value) -> bool:
 
 
 class ResumeStore:
-    def __init__(self, folder: str | Path, shard_size: int | str = DEFAULT_SHARD_SIZE):
+    def __init__(self, folder: str | Path, shard_size: int | str = DEFAULT_SHARD_SIZE, calibration: str | None = None):
+        """calibration: the calibration spec's name, part of the settings a resumed run must share."""
         self.folder = Path(folder)
         self.shard_size = parse_size(shard_size)
+        self.calibration = calibration
         self.packing_format: str | None = None  # set by begin()
 
     # -- the bits allocation ---------------------------------------------------------------------
@@ -83,6 +85,8 @@ class ResumeStore:
         blocks are packed in packing_format, the checkpoint's."""
         self.packing_format = packing_format
         fingerprint = fingerprint | {"packing_format": packing_format, "shard_size": self.shard_size}
+        if self.calibration is not None:
+            fingerprint["calibration"] = self.calibration
         args_file = self.folder / "args.json"
         if args_file.is_file():
             saved = json.loads(args_file.read_text())
