@@ -44,6 +44,7 @@ from pathlib import Path
 from bench_vs_autoround import find_checkpoint, tune_autoround as run_autoround
 from common import MODEL, REPO, SIGNROUND, TEXT, evaluate, machine, run
 
+
 @dataclass(frozen=True)
 class Arm:
     """A named recipe. tool: "float" (the model untuned), "signround" or "autoround". tune_args: `signround
@@ -62,6 +63,9 @@ ARMS = {
     "ours-noclip": Arm("signround", ("--no-clip-search",)),
 }
 
+# the tune flags an autoround arm may carry: they choose the token windows given to auto-round
+WINDOW_FLAGS = ("--calib", "--calib-windows", "--nsamples", "--seqlen")
+
 # evaluation domain -> its text (None: eval's default, the held-out pydoc slice)
 DOMAINS = {"wikitext": TEXT, "pydoc": None}
 
@@ -77,15 +81,17 @@ class Protocol:
     seqlen: int = 512
     batch_size: int = 8
 
-    def tune_args(self) -> list[str]:
+    def scheme(self) -> list[str]:
+        """The flags `signround tune` and auto-round's worker share."""
         return ["--bits", str(self.bits), "--group-size", str(self.group_size), "--sym" if self.sym else "--asym",
-                "--iters", str(self.iters), "--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen),
-                "--batch-size", str(self.batch_size)]
+                "--iters", str(self.iters), "--batch-size", str(self.batch_size)]
+
+    def tune_args(self) -> list[str]:
+        return self.scheme() + ["--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen)]
 
     def worker_args(self, seed: int) -> list[str]:
         """auto-round's worker flags (its nsamples and seqlen are the saved windows')."""
-        return ["--bits", str(self.bits), "--group-size", str(self.group_size), "--sym" if self.sym else "--asym",
-                "--iters", str(self.iters), "--batch-size", str(self.batch_size), "--seed", str(seed)]
+        return self.scheme() + ["--seed", str(seed)]
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,10 @@ def parse_arm(spec: str, arms: dict[str, Arm]) -> tuple[str, Arm]:
         return name, Arm("signround", arm.tune_args + tuple(tokens))
     first_flag = next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens))
     flags, kwargs = tuple(tokens[first_flag:]), dict(arm.ar_kwargs)
+    other = [t for t in flags if t.startswith("--") and t.partition("=")[0] not in WINDOW_FLAGS]
+    if other:
+        raise SystemExit(f"--arm {spec!r}: {', '.join(other)} would not reach auto-round; only "
+                         f"{', '.join(WINDOW_FLAGS)} (the windows) do: give AutoRound keywords (e.g. iters=400)")
     for token in tokens[:first_flag]:
         key, eq, value = token.partition("=")
         if not eq or not key.isidentifier():
