@@ -54,7 +54,7 @@ def test_the_table_gives_the_share_of_rtns_gap_closed_and_the_time_against_autor
             if line.startswith("| ") and "---" not in line}
     assert rows["ours"][2] == "2" and rows["ours"][3].startswith("11.100 ± 0.141 (11.000..11.200)")
     assert rows["ours"][5:7] == ["45.0%", "50.0%"] and rows["ar"][5:7] == ["25.0%", "75.0%"]
-    assert rows["ours"][8] == "0.80x |" and rows["float"][5] == "100.0%" and rows["rtn"][6] == "0.0%"
+    assert rows["ours"][9] == "0.80x |" and rows["float"][5] == "100.0%" and rows["rtn"][6] == "0.0%"
 
 
 def test_a_finished_cell_is_skipped_and_one_made_otherwise_stops_the_run(tmp_path):

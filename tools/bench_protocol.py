@@ -322,8 +322,8 @@ def arm_row(arm: str, records: list[dict], refs: dict, ar_seconds: float | None)
         fp, rtn = refs["float"].get(domain), refs["rtn"].get(domain)
         closed = (rtn - mean([r["ppl"][domain] for r in records])) / (rtn - fp) if fp and rtn and rtn != fp else None
         cells.append(f"{100 * closed:.1f}%" if closed is not None else "—")
-    seconds = mean([r["tune_seconds"] for r in records if r["tune_seconds"] is not None])
-    cells.append(f"{seconds:.1f}" if seconds is not None else "—")
+    seconds, own = (mean([r[k] for r in records if r.get(k) is not None]) for k in ("tune_seconds", "inner_seconds"))
+    cells += [f"{v:.1f}" if v is not None else "—" for v in (seconds, own)]
     cells.append(f"{seconds / ar_seconds:.2f}x" if seconds is not None and ar_seconds else "—")
     return "| " + " | ".join(cells) + " |"
 
@@ -337,7 +337,7 @@ def table(records: list[dict]) -> str:
     refs = {ref: {d: mean([r["ppl"][d] for r in by_arm.get(ref, [])]) for d in DOMAINS} for ref in ("float", "rtn")}
     ar_seconds = mean([r["tune_seconds"] for r in by_arm.get("ar", [])])
     head = (["arm", "tool", "seeds"] + [f"{d} ppl: mean ± std (min..max)" for d in DOMAINS]
-            + [f"{d}: RTN gap to float closed" for d in DOMAINS] + ["tune s (mean)", "vs ar"])
+            + [f"{d}: RTN gap to float closed" for d in DOMAINS] + ["tune s (mean)", "own s (mean)", "tune s vs ar"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += [arm_row(arm, recs, refs, ar_seconds) for arm, recs in by_arm.items()]
     tuned = [r for r in records if r["settings"]["protocol"]]
@@ -347,6 +347,9 @@ def table(records: list[dict]) -> str:
     notes += [f"- arm {arm}: tune {shlex.join(recs[0]['settings']['tune_args']) or '(protocol)'}"
               + (f", AutoRound {json.dumps(recs[0]['settings']['ar_kwargs'])}" if recs[0]["settings"]["ar_kwargs"] else "")
               for arm, recs in by_arm.items() if recs[0]["tool"] != "float"]
+    notes += ["- tune s: wall time around the tuning command (ours: `signround tune`; auto-round: its worker "
+              "process), loading and saving included; own s: the tool's own measure (ours: tuning_log.json's "
+              "seconds; auto-round: its worker's, around AutoRound() and quantize_and_save)"]
     notes += [f"- machine: {m}" for m in distinct(r["machine"] for r in records)]
     notes += [f"- commit: {', '.join(distinct(r['commit'] for r in records))}; cells run "
               f"{min(r['date'] for r in records)} .. {max(r['date'] for r in records)}"]
