@@ -205,6 +205,7 @@ class Run:
     ar_python: str
     compile: str  # auto-round's torch.compile: on / off
     amp: str  # auto-round's amp (bfloat16 autocast on this CPU): on / off
+    ar_format: str  # how auto-round saves: auto_round (packed integers) or fake (dequantized floats)
     keep: bool
 
     def settings(self, cell: Cell) -> dict:
@@ -213,7 +214,8 @@ class Run:
         return {"model": str(self.model), "eval_windows": self.windows,
                 "protocol": asdict(self.protocol) if tool != "float" else None,
                 "tune_args": list(cell.arm.tune_args), "ar_kwargs": cell.arm.ar_kwargs,
-                "autoround": {"compile": self.compile, "amp": self.amp} if tool == "autoround" else None}
+                "autoround": {"compile": self.compile, "amp": self.amp, "format": self.ar_format}
+                if tool == "autoround" else None}
 
 
 def tune_ours(r: Run, cell: Cell, folder: Path) -> dict:
@@ -243,7 +245,8 @@ def tune_autoround(r: Run, cell: Cell, folder: Path) -> dict:
     np.save(calib_file, ids.numpy())
     worker = r.protocol.worker_args(cell.seed)
     t0 = time.perf_counter()
-    inner = run_autoround(r.ar_python, r.model, calib_file, folder, worker, r.compile, r.amp, cell.arm.ar_kwargs)
+    inner = run_autoround(r.ar_python, r.model, calib_file, folder, worker, r.compile, r.amp, cell.arm.ar_kwargs,
+                          r.ar_format)
     return {"command": "auto-round worker " + shlex.join(worker), "tune_seconds": round(time.perf_counter() - t0, 1),
             "inner_seconds": round(inner, 1), "calib_ids": str(calib_file)}
 
@@ -280,6 +283,18 @@ def run_cell(r: Run, cell: Cell) -> dict:
             "ppl": {d: s["ppl"] for d, s in scores.items()}, "eval": scores,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(),
             "commit": git_commit(), "protocol_command": shlex.join([sys.executable, *sys.argv])}
+
+
+def autoround_format(model: Path, protocol: Protocol) -> str:
+    """auto_round (the packed integers, read by our checkpoint reader) where auto-round 0.16.1 can write
+    it; else fake. That version packs 4-bit asymmetric weights as AWQ, which needs every linear's input
+    size to be a multiple of the group size: SmolLM2's 576 is not one of 128. The fake format holds the
+    same weights dequantized, as a float model (float32 here)."""
+    cfg = json.loads((model / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    inputs = {cfg["hidden_size"], cfg["intermediate_size"], heads * cfg.get("head_dim", cfg["hidden_size"] // heads)}
+    awq = protocol.bits == 4 and not protocol.sym
+    return "fake" if awq and protocol.group_size != -1 and any(k % protocol.group_size for k in inputs) else "auto_round"
 
 
 def git_commit() -> str:
@@ -350,6 +365,8 @@ def table(records: list[dict]) -> str:
     notes += ["- tune s: wall time around the tuning command (ours: `signround tune`; auto-round: its worker "
               "process), loading and saving included; own s: the tool's own measure (ours: tuning_log.json's "
               "seconds; auto-round: its worker's, around AutoRound() and quantize_and_save)"]
+    notes += [f"- auto-round: {json.dumps(s)}" for s in distinct(r["settings"]["autoround"] for r in records
+                                                             if r["settings"].get("autoround"))]
     notes += [f"- machine: {m}" for m in distinct(r["machine"] for r in records)]
     notes += [f"- commit: {', '.join(distinct(r['commit'] for r in records))}; cells run "
               f"{min(r['date'] for r in records)} .. {max(r['date'] for r in records)}"]
@@ -387,6 +404,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 per domain, at most")
     ap.add_argument("--ar-compile", choices=["on", "off"], default="off", help="auto-round's torch.compile")
     ap.add_argument("--ar-amp", choices=["on", "off"], default="on", help="auto-round's amp (bfloat16 on CPU)")
+    ap.add_argument("--ar-format", choices=["auto", "auto_round", "fake"], default="auto",
+                    help="how auto-round saves its checkpoint: auto = auto_round (packed integers) unless auto-round "
+                         "cannot pack the scheme for this model (4-bit asymmetric on input sizes not a multiple of the "
+                         "group size: it packs those as AWQ), then fake (its dequantized weights as a float model)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints of finished cells")
     ap.add_argument("--table", action="store_true", help="print and write OUT/table.md of the finished cells, and exit")
     return ap.parse_args()
@@ -426,7 +447,8 @@ def main() -> None:
         print(write_table(a.out))
         return
     protocol = Protocol(a.bits, a.group_size, a.sym, a.iters, a.nsamples, a.seqlen, a.batch_size)
-    r = Run(a.model, a.out, protocol, a.windows, a.ar_python, a.ar_compile, a.ar_amp, a.keep)
+    ar_format = autoround_format(a.model, protocol) if a.ar_format == "auto" else a.ar_format
+    r = Run(a.model, a.out, protocol, a.windows, a.ar_python, a.ar_compile, a.ar_amp, ar_format, a.keep)
     cells = matrix(chosen_arms(a), a.seeds, a.model, protocol)
     todo = pending(r, cells)
     if any(c.arm.tool == "autoround" for c in todo) and not Path(a.ar_python).is_file():

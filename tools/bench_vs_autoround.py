@@ -41,18 +41,19 @@ def autoround_worker(a) -> None:
                     enable_torch_compile=a.compile == "on", amp=a.amp == "on")
     # keywords given by the caller (a benchmark arm's lr, iters, ...) win over the scheme's
     ar = AutoRound(model, tokenizer=tok, dataset=calib, **(settings | json.loads(a.ar_kwargs)))
-    ar.quantize_and_save(a.out, format="auto_round")
+    ar.quantize_and_save(a.out, format=a.ar_format)
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
 def tune_autoround(ar_python: str, model: Path, calib_file: Path, out: Path, scheme: list[str], compile_: str,
-                   amp: str, kwargs: dict | None = None) -> float:
+                   amp: str, kwargs: dict | None = None, save_format: str = "auto_round") -> float:
     """Tune with auto-round in its venv (this script's worker mode) on the saved token windows, into out.
-    scheme: the worker's --bits .. --seed flags; kwargs: more AutoRound keywords. Returns the seconds
+    scheme: the worker's --bits .. --seed flags; kwargs: more AutoRound keywords; save_format: auto-round's
+    (auto_round: packed integers; fake: the dequantized weights as a float model). Returns the seconds
     the worker measured around tuning and saving."""
     out = run([ar_python, __file__, "--worker", "--model", str(model), "--calib-ids", str(calib_file),
                "--out", str(out), "--compile", compile_, "--amp", amp, "--ar-kwargs", json.dumps(kwargs or {}),
-               *scheme])
+               "--ar-format", save_format, *scheme])
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--calib-ids", help=argparse.SUPPRESS)
     ap.add_argument("--ar-kwargs", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--ar-format", default="auto_round", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return autoround_worker(a)
