@@ -58,7 +58,7 @@ def test_the_table_gives_the_share_of_rtns_gap_closed_and_the_time_against_autor
 
 
 def test_a_finished_cell_is_skipped_and_one_made_otherwise_stops_the_run(tmp_path):
-    r = bp.Run(MODEL, tmp_path, bp.Protocol(), 40, "python", "off", "on", "auto_round", False)
+    r = bp.Run(MODEL, tmp_path, bp.Protocol(), 40, "python", "off", "on", "auto", False)
     cells = bp.matrix({"float": bp.ARMS["float"], "ours": bp.ARMS["ours"]}, [42], MODEL, bp.Protocol())
     (tmp_path / "cells").mkdir()
     bp.write_json(tmp_path / "cells" / "float.json", {"settings": r.settings(cells[0])})
@@ -68,10 +68,10 @@ def test_a_finished_cell_is_skipped_and_one_made_otherwise_stops_the_run(tmp_pat
         bp.pending(r, cells)
 
 
-def test_autoround_saves_floats_only_where_its_awq_packing_cannot_hold_the_scheme(tmp_path):
+def test_autoround_packs_in_its_gptq_layout_only_where_its_awq_packing_cannot_hold_the_scheme(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536,
                                                       "num_attention_heads": 9}))
-    assert bp.autoround_format(tmp_path, bp.Protocol(group_size=128)) == "fake"
-    assert bp.autoround_format(tmp_path, bp.Protocol(group_size=64)) == "auto_round"
-    assert bp.autoround_format(tmp_path, bp.Protocol(group_size=128, sym=True)) == "auto_round"
-    assert bp.autoround_format(tmp_path, bp.Protocol(group_size=128, bits=3)) == "auto_round"
+    assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=128)) == "gptq"
+    assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=64)) == "auto"
+    assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=128, sym=True)) == "auto"
+    assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=128, bits=3)) == "auto"

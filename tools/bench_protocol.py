@@ -205,7 +205,7 @@ class Run:
     ar_python: str
     compile: str  # auto-round's torch.compile: on / off
     amp: str  # auto-round's amp (bfloat16 autocast on this CPU): on / off
-    ar_format: str  # how auto-round saves: auto_round (packed integers) or fake (dequantized floats)
+    ar_packing: str  # auto-round's packing: auto (its choice) or gptq (its GPTQ layout where it would pick AWQ)
     keep: bool
 
     def settings(self, cell: Cell) -> dict:
@@ -214,7 +214,7 @@ class Run:
         return {"model": str(self.model), "eval_windows": self.windows,
                 "protocol": asdict(self.protocol) if tool != "float" else None,
                 "tune_args": list(cell.arm.tune_args), "ar_kwargs": cell.arm.ar_kwargs,
-                "autoround": {"compile": self.compile, "amp": self.amp, "format": self.ar_format}
+                "autoround": {"compile": self.compile, "amp": self.amp, "packing": self.ar_packing}
                 if tool == "autoround" else None}
 
 
@@ -246,7 +246,7 @@ def tune_autoround(r: Run, cell: Cell, folder: Path) -> dict:
     worker = r.protocol.worker_args(cell.seed)
     t0 = time.perf_counter()
     inner = run_autoround(r.ar_python, r.model, calib_file, folder, worker, r.compile, r.amp, cell.arm.ar_kwargs,
-                          r.ar_format)
+                          r.ar_packing)
     return {"command": "auto-round worker " + shlex.join(worker), "tune_seconds": round(time.perf_counter() - t0, 1),
             "inner_seconds": round(inner, 1), "calib_ids": str(calib_file)}
 
@@ -285,16 +285,17 @@ def run_cell(r: Run, cell: Cell) -> dict:
             "commit": git_commit(), "protocol_command": shlex.join([sys.executable, *sys.argv])}
 
 
-def autoround_format(model: Path, protocol: Protocol) -> str:
-    """auto_round (the packed integers, read by our checkpoint reader) where auto-round 0.16.1 can write
-    it; else fake. That version packs 4-bit asymmetric weights as AWQ, which needs every linear's input
-    size to be a multiple of the group size: SmolLM2's 576 is not one of 128. The fake format holds the
-    same weights dequantized, as a float model (float32 here)."""
+def autoround_packing(model: Path, protocol: Protocol) -> str:
+    """auto (auto-round's own choice) where it can pack the scheme, else gptq. auto-round 0.16.1 packs
+    4-bit asymmetric weights as AWQ, which needs every linear's input size to be a multiple of the group
+    size (SmolLM2's 576 is not one of 128); its GPTQ layout with the zero points as they are holds a
+    short last group. (Its fake format is no way out: with amp it saves bfloat16 weights, then restores
+    the source model's float32 ones over them, so the checkpoint scores as the float model.)"""
     cfg = json.loads((model / "config.json").read_text())
     heads = cfg["num_attention_heads"]
     inputs = {cfg["hidden_size"], cfg["intermediate_size"], heads * cfg.get("head_dim", cfg["hidden_size"] // heads)}
     awq = protocol.bits == 4 and not protocol.sym
-    return "fake" if awq and protocol.group_size != -1 and any(k % protocol.group_size for k in inputs) else "auto_round"
+    return "gptq" if awq and protocol.group_size != -1 and any(k % protocol.group_size for k in inputs) else "auto"
 
 
 def git_commit() -> str:
@@ -404,10 +405,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 per domain, at most")
     ap.add_argument("--ar-compile", choices=["on", "off"], default="off", help="auto-round's torch.compile")
     ap.add_argument("--ar-amp", choices=["on", "off"], default="on", help="auto-round's amp (bfloat16 on CPU)")
-    ap.add_argument("--ar-format", choices=["auto", "auto_round", "fake"], default="auto",
-                    help="how auto-round saves its checkpoint: auto = auto_round (packed integers) unless auto-round "
-                         "cannot pack the scheme for this model (4-bit asymmetric on input sizes not a multiple of the "
-                         "group size: it packs those as AWQ), then fake (its dequantized weights as a float model)")
+    ap.add_argument("--ar-packing", choices=["auto", "gptq"],
+                    help="auto-round's packing of its auto_round format: auto = its choice; gptq = its GPTQ layout "
+                         "where it would choose AWQ (default: gptq where AWQ cannot hold the scheme: 4-bit asymmetric "
+                         "on input sizes not a multiple of the group size, auto elsewhere)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints of finished cells")
     ap.add_argument("--table", action="store_true", help="print and write OUT/table.md of the finished cells, and exit")
     return ap.parse_args()
@@ -447,8 +448,8 @@ def main() -> None:
         print(write_table(a.out))
         return
     protocol = Protocol(a.bits, a.group_size, a.sym, a.iters, a.nsamples, a.seqlen, a.batch_size)
-    ar_format = autoround_format(a.model, protocol) if a.ar_format == "auto" else a.ar_format
-    r = Run(a.model, a.out, protocol, a.windows, a.ar_python, a.ar_compile, a.ar_amp, ar_format, a.keep)
+    packing = a.ar_packing or autoround_packing(a.model, protocol)
+    r = Run(a.model, a.out, protocol, a.windows, a.ar_python, a.ar_compile, a.ar_amp, packing, a.keep)
     cells = matrix(chosen_arms(a), a.seeds, a.model, protocol)
     todo = pending(r, cells)
     if any(c.arm.tool == "autoround" for c in todo) and not Path(a.ar_python).is_file():

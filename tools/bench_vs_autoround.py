@@ -41,19 +41,26 @@ def autoround_worker(a) -> None:
                     enable_torch_compile=a.compile == "on", amp=a.amp == "on")
     # keywords given by the caller (a benchmark arm's lr, iters, ...) win over the scheme's
     ar = AutoRound(model, tokenizer=tok, dataset=calib, **(settings | json.loads(a.ar_kwargs)))
-    ar.quantize_and_save(a.out, format=a.ar_format)
+    if a.ar_packing == "gptq":
+        # auto-round's auto_round format packs 4-bit asymmetric weights as AWQ, which cannot hold a short last
+        # group (SmolLM2's 576 inputs in groups of 128); with no AWQ backend it packs them in its own GPTQ
+        # layout, zero points as they are ("auto_round"), which has room for one
+        from auto_round.export.formats.backends import autoround as formats
+
+        formats.AutoAWQFormat = lambda *args, **kwargs: None
+    ar.quantize_and_save(a.out, format="auto_round")
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
 def tune_autoround(ar_python: str, model: Path, calib_file: Path, out: Path, scheme: list[str], compile_: str,
-                   amp: str, kwargs: dict | None = None, save_format: str = "auto_round") -> float:
+                   amp: str, kwargs: dict | None = None, packing: str = "auto") -> float:
     """Tune with auto-round in its venv (this script's worker mode) on the saved token windows, into out.
-    scheme: the worker's --bits .. --seed flags; kwargs: more AutoRound keywords; save_format: auto-round's
-    (auto_round: packed integers; fake: the dequantized weights as a float model). Returns the seconds
-    the worker measured around tuning and saving."""
+    scheme: the worker's --bits .. --seed flags; kwargs: more AutoRound keywords; packing: auto
+    (auto-round's choice for its auto_round format) or gptq (its own GPTQ layout even where it would
+    choose AWQ). Returns the seconds the worker measured around tuning and saving."""
     out = run([ar_python, __file__, "--worker", "--model", str(model), "--calib-ids", str(calib_file),
                "--out", str(out), "--compile", compile_, "--amp", amp, "--ar-kwargs", json.dumps(kwargs or {}),
-               "--ar-format", save_format, *scheme])
+               "--ar-packing", packing, *scheme])
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
@@ -86,7 +93,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--calib-ids", help=argparse.SUPPRESS)
     ap.add_argument("--ar-kwargs", default="{}", help=argparse.SUPPRESS)
-    ap.add_argument("--ar-format", default="auto_round", help=argparse.SUPPRESS)
+    ap.add_argument("--ar-packing", choices=["auto", "gptq"], default="auto", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return autoround_worker(a)
