@@ -21,7 +21,8 @@ then, from the first --flag on, tune's --calib/--calib-windows flags choosing th
 Both tools get the same token windows for a seed and calibration option: this script computes them with
 signround_export.data.calibration_ids and saves them for auto-round's worker (bench_vs_autoround.py);
 our tune computes them itself, and after each tune they are computed again from the settings its
-tuning_log.json records and compared with the saved ones.
+tuning_log.json records and compared with the saved ones. auto-round's checkpoint is scored through our
+checkpoint reader, from its integers (see autoround_packing for SmolLM2 at G128).
 
 Cells run seed-major, the arms' order rotating from seed to seed (s42: a b c, s43: b c a, ...), so that
 the machine's drift falls on every arm alike; cells whose result cannot depend on the seed (float, and
@@ -247,8 +248,11 @@ def tune_autoround(r: Run, cell: Cell, folder: Path) -> dict:
     t0 = time.perf_counter()
     inner = run_autoround(r.ar_python, r.model, calib_file, folder, worker, r.compile, r.amp, cell.arm.ar_kwargs,
                           r.ar_packing)
-    return {"command": "auto-round worker " + shlex.join(worker), "tune_seconds": round(time.perf_counter() - t0, 1),
-            "inner_seconds": round(inner, 1), "calib_ids": str(calib_file)}
+    seconds = time.perf_counter() - t0
+    config = json.loads((find_checkpoint(folder) / "config.json").read_text())
+    return {"command": "auto-round worker " + shlex.join(worker), "tune_seconds": round(seconds, 1),
+            "inner_seconds": round(inner, 1), "calib_ids": str(calib_file),
+            "packing_format": config["quantization_config"].get("packing_format")}
 
 
 def score(r: Run, model: Path, cell: Cell) -> dict:
@@ -366,6 +370,7 @@ def table(records: list[dict]) -> str:
     notes += ["- tune s: wall time around the tuning command (ours: `signround tune`; auto-round: its worker "
               "process), loading and saving included; own s: the tool's own measure (ours: tuning_log.json's "
               "seconds; auto-round: its worker's, around AutoRound() and quantize_and_save)"]
+    notes += [f"- signround computed in: {', '.join(distinct(r['compute_dtype'] for r in records if 'compute_dtype' in r))}"]
     notes += [f"- auto-round: {json.dumps(s)}" for s in distinct(r["settings"]["autoround"] for r in records
                                                              if r["settings"].get("autoround"))]
     notes += [f"- machine: {m}" for m in distinct(r["machine"] for r in records)]
