@@ -348,6 +348,16 @@ def arm_row(arm: str, records: list[dict], refs: dict, ar_seconds: float | None)
     return "| " + " | ".join(cells) + " |"
 
 
+def arm_note(records: list[dict]) -> str:
+    """What an arm added to the protocol, and the compute dtype our tune reported."""
+    settings, flags = records[0]["settings"], shlex.join(records[0]["settings"]["tune_args"])
+    if records[0]["tool"] == "autoround":
+        return (f"AutoRound {json.dumps(settings['ar_kwargs']) if settings['ar_kwargs'] else '(protocol)'}"
+                + (f", windows of tune {flags}" if flags else ""))
+    dtypes = ", ".join(distinct(r["compute_dtype"] for r in records if r.get("compute_dtype")))
+    return f"signround tune {flags or '(protocol)'}" + (f", computed in {dtypes}" if dtypes else "")
+
+
 def table(records: list[dict]) -> str:
     """The markdown table of the finished cells, one row per arm, with how they were made."""
     by_arm: dict[str, list[dict]] = {}
@@ -364,13 +374,10 @@ def table(records: list[dict]) -> str:
     notes = [f"- protocol: {s}" for s in distinct(json.dumps(r["settings"]["protocol"]) for r in tuned)]
     notes += [f"- {d}: {p}" for d in DOMAINS for p in distinct(f"{r['eval'][d]['text']}, {r['eval'][d]['protocol']}"
                                                               for r in records)]
-    notes += [f"- arm {arm}: tune {shlex.join(recs[0]['settings']['tune_args']) or '(protocol)'}"
-              + (f", AutoRound {json.dumps(recs[0]['settings']['ar_kwargs'])}" if recs[0]["settings"]["ar_kwargs"] else "")
-              for arm, recs in by_arm.items() if recs[0]["tool"] != "float"]
+    notes += [f"- arm {arm}: {arm_note(recs)}" for arm, recs in by_arm.items() if recs[0]["tool"] != "float"]
     notes += ["- tune s: wall time around the tuning command (ours: `signround tune`; auto-round: its worker "
               "process), loading and saving included; own s: the tool's own measure (ours: tuning_log.json's "
               "seconds; auto-round: its worker's, around AutoRound() and quantize_and_save)"]
-    notes += [f"- signround computed in: {', '.join(distinct(r['compute_dtype'] for r in records if 'compute_dtype' in r))}"]
     notes += [f"- auto-round: {json.dumps(s)}" for s in distinct(r["settings"]["autoround"] for r in records
                                                              if r["settings"].get("autoround"))]
     notes += [f"- machine: {m}" for m in distinct(r["machine"] for r in records)]
