@@ -187,6 +187,8 @@ def check_windows(checkpoint: Path, model: Path, ns: argparse.Namespace, saved) 
     logged = argparse.Namespace(**vars(ns))
     logged.nsamples, logged.seqlen, logged.seed = (log["args"][k] for k in ("nsamples", "seqlen", "seed"))
     logged.calib = None if log["calibration"] == DEFAULT_CALIBRATION else log["calibration"]
+    if "calib_windows" in log["args"]:  # logged by a tune that has the option
+        logged.calib_windows = log["args"]["calib_windows"]
     if not calibration(model, logged).equal(saved):
         raise SystemExit(f"{checkpoint}: our tune's calibration windows differ from the ones given to auto-round")
 
