@@ -75,3 +75,16 @@ def test_autoround_packs_in_its_gptq_layout_only_where_its_awq_packing_cannot_ho
     assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=64)) == "auto"
     assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=128, sym=True)) == "auto"
     assert bp.autoround_packing(tmp_path, bp.Protocol(group_size=128, bits=3)) == "auto"
+
+
+def test_the_windows_our_tune_logged_are_checked_against_the_saved_ones(tiny_model, tmp_path):
+    from signround_export import quantize
+
+    protocol = bp.Protocol(group_size=32, iters=1, nsamples=2, seqlen=16, batch_size=2)
+    ns = bp.tune_settings(tiny_model, protocol, bp.ARMS["ours"], 43)
+    quantize(tiny_model, tmp_path / "ckpt", group_size=32, iters=1, nsamples=2, seqlen=16, batch_size=2, seed=43,
+             progress=False)
+    bp.check_windows(tmp_path / "ckpt", tiny_model, ns, bp.calibration(tiny_model, ns))
+    other = bp.tune_settings(tiny_model, protocol, bp.ARMS["ours"], 44)
+    with pytest.raises(SystemExit, match="windows differ"):
+        bp.check_windows(tmp_path / "ckpt", tiny_model, ns, bp.calibration(tiny_model, other))
