@@ -305,9 +305,11 @@ def autoround_packing(model: Path, protocol: Protocol) -> str:
 
 
 def git_commit() -> str:
+    """The commit the tools ran from, -dirty when tracked files differ from it."""
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def write_json(path: Path, data: dict) -> None:
