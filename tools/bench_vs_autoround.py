@@ -36,11 +36,32 @@ def autoround_worker(a) -> None:
     tok = AutoTokenizer.from_pretrained(a.model)
     calib = [torch.from_numpy(row[None].astype(np.int64)) for row in ids]
     t0 = time.perf_counter()
-    ar = AutoRound(model, tokenizer=tok, bits=a.bits, group_size=a.group_size, sym=a.sym, dataset=calib,
-                   iters=a.iters, nsamples=len(calib), seqlen=ids.shape[1], batch_size=a.batch_size,
-                   device_map="cpu", seed=a.seed, enable_torch_compile=a.compile == "on", amp=a.amp == "on")
+    settings = dict(bits=a.bits, group_size=a.group_size, sym=a.sym, iters=a.iters, nsamples=len(calib),
+                    seqlen=ids.shape[1], batch_size=a.batch_size, device_map="cpu", seed=a.seed,
+                    enable_torch_compile=a.compile == "on", amp=a.amp == "on")
+    # keywords given by the caller (a benchmark arm's lr, iters, ...) win over the scheme's
+    ar = AutoRound(model, tokenizer=tok, dataset=calib, **(settings | json.loads(a.ar_kwargs)))
+    if a.ar_packing == "gptq":
+        # auto-round's auto_round format packs 4-bit asymmetric weights as AWQ, which cannot hold a short last
+        # group (SmolLM2's 576 inputs in groups of 128); with no AWQ backend it packs them in its own GPTQ
+        # layout, zero points as they are ("auto_round"), which has room for one
+        from auto_round.export.formats.backends import autoround as formats
+
+        formats.AutoAWQFormat = lambda *args, **kwargs: None
     ar.quantize_and_save(a.out, format="auto_round")
     print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def tune_autoround(ar_python: str, model: Path, calib_file: Path, out: Path, scheme: list[str], compile_: str,
+                   amp: str, kwargs: dict | None = None, packing: str = "auto") -> float:
+    """Tune with auto-round in its venv (this script's worker mode) on the saved token windows, into out.
+    scheme: the worker's --bits .. --seed flags; kwargs: more AutoRound keywords; packing: auto
+    (auto-round's choice for its auto_round format) or gptq (its own GPTQ layout even where it would
+    choose AWQ). Returns the seconds the worker measured around tuning and saving."""
+    out = run([ar_python, __file__, "--worker", "--model", str(model), "--calib-ids", str(calib_file),
+               "--out", str(out), "--compile", compile_, "--amp", amp, "--ar-kwargs", json.dumps(kwargs or {}),
+               "--ar-packing", packing, *scheme])
+    return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
 def find_checkpoint(folder: Path) -> Path:
@@ -71,6 +92,8 @@ def main() -> None:
     # worker mode, inside the auto-round venv
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--calib-ids", help=argparse.SUPPRESS)
+    ap.add_argument("--ar-kwargs", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--ar-packing", choices=["auto", "gptq"], default="auto", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return autoround_worker(a)
@@ -101,9 +124,7 @@ def main() -> None:
         name = f"auto-round compile={compile_} amp={a.amp}"
         folder = a.out / f"autoround-compile-{compile_}"
         t0 = time.perf_counter()
-        out = run([a.ar_python, __file__, "--worker", "--model", str(a.model), "--calib-ids", str(calib_file),
-                   "--out", str(folder), "--compile", compile_, "--amp", a.amp, *scheme])
-        tuned = json.loads(out.strip().splitlines()[-1])["seconds"]
+        tuned = tune_autoround(a.ar_python, a.model, calib_file, folder, scheme, compile_, a.amp)
         results["runs"][name] = {"seconds": round(time.perf_counter() - t0, 1), "tune_seconds": round(tuned, 1),
                                  "ppl": evaluate(find_checkpoint(folder), a.out / f"{folder.name}.json", a.windows)}
         print(json.dumps(results["runs"]), flush=True)

@@ -44,8 +44,9 @@ def run(cmd: list[str]) -> str:
     return r.stdout
 
 
-def evaluate(model: Path, out: Path, windows: int = 40) -> float:
-    """Wikitext-2 perplexity of a float model or checkpoint (40 windows of 512, no BOS), saved to out."""
-    run([SIGNROUND, "eval", str(model), "--text", str(TEXT), "--windows", str(windows), "--json", str(out),
-         "--quiet"])
+def evaluate(model: Path, out: Path, windows: int = 40, text: Path | None = TEXT) -> float:
+    """Perplexity of a float model or checkpoint (windows of 512, no BOS), saved to out: on text, by
+    default wikitext-2; None is eval's own default, the held-out pydoc slice."""
+    chosen = ["--text", str(text)] if text is not None else []
+    run([SIGNROUND, "eval", str(model), *chosen, "--windows", str(windows), "--json", str(out), "--quiet"])
     return json.loads(out.read_text())["ppl"]
