@@ -118,7 +118,8 @@ def calibration_sources(calib: str | Path | None) -> list[Path | str | None]:
     if not all(parts):
         raise DataError(f"`calib` {calib!r} has an empty source; give comma-separated .txt or .jsonl paths, "
                         "`pydoc` or `self` (a path holding a comma is not supported)", param="calib")
-    sources = [SELF if p == SELF else None if p == DEFAULT_NAME else Path(p) for p in parts]
+    # the default text by its short name, or as the tuning log spells it, so that a logged spec reads back
+    sources = [SELF if p == SELF else None if p in (DEFAULT_NAME, DEFAULT_CALIBRATION) else Path(p) for p in parts]
     twice = sorted({str(s or DEFAULT_NAME) for s in sources if sources.count(s) > 1})
     if twice:  # each would give the same windows again, picked with the same seed
         raise DataError(f"`calib` {calib!r} names {', '.join(twice)} more than once; name each source once",

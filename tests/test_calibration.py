@@ -331,3 +331,12 @@ def test_a_run_on_other_calibration_text_does_not_resume(tmp_path):
     ResumeStore(tmp_path / "ckpt.progress", calibration="a.txt").begin({"bits": 4}, "gptq")
     with pytest.raises(TuneError, match=r"different settings \(calibration\)"):
         ResumeStore(tmp_path / "ckpt.progress", calibration="pydoc_data.topics,self").begin({"bits": 4}, "gptq")
+
+
+def test_the_logged_spec_reads_back_as_the_same_windows(tmp_path):
+    from signround_export.data import calibration_name
+
+    folder = tokenizer_folder(tmp_path / "tok")
+    b = write_jsonl(tmp_path / "b.jsonl", DOCS[1:2] * 3)
+    spec = f"pydoc,{b}"
+    assert torch.equal(calibration_ids(folder, 5, 16, 9, calibration_name(spec)), calibration_ids(folder, 5, 16, 9, spec))

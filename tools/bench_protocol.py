@@ -170,18 +170,20 @@ def matrix(arms: dict[str, Arm], seeds: list[int], model: Path, protocol: Protoc
     return cells
 
 
-def calibration(model: Path, ns: argparse.Namespace):
-    """The token windows tune picks for these settings; the windows option is passed only when set."""
+def calibration(model: Path, ns: argparse.Namespace, cache_dir: Path | None = None):
+    """The token windows tune picks for these settings; the windows option is passed only when set.
+    cache_dir: where `self` windows already generated are kept (a checkpoint tuned on them)."""
     from signround_export.data import calibration_ids
 
     chosen = getattr(ns, "calib_windows", None)
     extra = {"windows": chosen} if chosen is not None else {}
-    return calibration_ids(model, ns.nsamples, ns.seqlen, ns.seed, ns.calib, **extra)
+    return calibration_ids(model, ns.nsamples, ns.seqlen, ns.seed, ns.calib, cache_dir=cache_dir, progress=False,
+                           **extra)
 
 
 def check_windows(checkpoint: Path, model: Path, ns: argparse.Namespace, saved) -> None:
     """Recompute the windows from the settings our tune logged; stop if they differ from the saved ones."""
-    from signround_export.tune.pipeline import DEFAULT_CALIBRATION
+    from signround_export.data import DEFAULT_CALIBRATION
 
     log = json.loads((checkpoint / "tuning_log.json").read_text())
     logged = argparse.Namespace(**vars(ns))
@@ -189,7 +191,7 @@ def check_windows(checkpoint: Path, model: Path, ns: argparse.Namespace, saved) 
     logged.calib = None if log["calibration"] == DEFAULT_CALIBRATION else log["calibration"]
     if "calib_windows" in log["args"]:  # logged by a tune that has the option
         logged.calib_windows = log["args"]["calib_windows"]
-    if not calibration(model, logged).equal(saved):
+    if not calibration(model, logged, cache_dir=checkpoint).equal(saved):
         raise SystemExit(f"{checkpoint}: our tune's calibration windows differ from the ones given to auto-round")
 
 
@@ -225,12 +227,13 @@ def tune_ours(r: Run, cell: Cell, folder: Path) -> dict:
     """`signround tune` into folder, timed around the command alone; the windows checked after."""
     flags = tune_flags(r.protocol, cell.arm, cell.seed)
     ns = tune_settings(r.model, r.protocol, cell.arm, cell.seed)
-    saved = calibration(r.model, ns) if cell.seed is not None else None
     cmd = [SIGNROUND, "tune", str(r.model), "--out", str(folder), "--quiet", *flags]
     t0 = time.perf_counter()
     run(cmd)
     seconds = time.perf_counter() - t0
     log = json.loads((folder / "tuning_log.json").read_text())
+    # after the tune, so that `self` windows are read from the checkpoint rather than generated again
+    saved = calibration(r.model, ns, cache_dir=folder) if cell.seed is not None else None
     if saved is not None:
         check_windows(folder, r.model, ns, saved)
     return {"command": shlex.join(cmd), "tune_seconds": round(seconds, 1), "inner_seconds": log["seconds"],
