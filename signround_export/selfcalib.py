@@ -52,7 +52,7 @@ def self_calibration_ids(folder: str | Path, count: int, seqlen: int, seed: int,
         return cached
     special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
     first = torch.tensor([i for i in range(tokenizer.get_vocab_size()) if i not in special], dtype=torch.long)
-    model, dtype = load_generator_model(folder)
+    model, dtype = load_generator_model(folder, progress)
     first = first[first < model.get_input_embeddings().num_embeddings]
     try:
         ids = generate(model, count, seqlen, prefix, first, torch.Generator().manual_seed(seed), progress)
@@ -99,19 +99,27 @@ def write_cache(path: Path, ids: torch.Tensor, settings: dict) -> None:
         save_file({"ids": ids.contiguous()}, str(tmp), metadata=metadata(settings))
 
 
-def load_generator_model(folder: Path):
-    """The float model through transformers, for its KV-cached forward; and the dtype it runs in."""
+def load_generator_model(folder: Path, progress: bool = True):
+    """The float model through transformers, for its KV-cached forward; and the dtype it runs in.
+    Without progress, transformers' own loading bar is off too (and restored after)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from .tune.signround import pick_dtype
 
     dtype = pick_dtype(torch.device("cpu"))
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):  # loading may draw from the global RNG: leave it as it was
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: transformers cannot load the float model to sample `calib` self from "
                             f"({str(e)[:200]}); give calibration text instead") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     return model.eval(), dtype
 
 

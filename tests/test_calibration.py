@@ -211,7 +211,7 @@ def test_self_ids_are_cached_and_regenerated_on_a_mismatch(tiny_model, tmp_path,
     assert (tmp_path / SELF_CALIBRATION_FILE).is_file()
     loads = []
     real = selfcalib.load_generator_model
-    monkeypatch.setattr(selfcalib, "load_generator_model", lambda folder: loads.append(folder) or real(folder))
+    monkeypatch.setattr(selfcalib, "load_generator_model", lambda folder, progress=True: loads.append(folder) or real(folder, progress))
     assert torch.equal(self_calibration_ids(tiny_model, 4, 32, 5, tmp_path, progress=False), ids) and not loads
     other = self_calibration_ids(tiny_model, 4, 32, 6, tmp_path, progress=False)
     assert len(loads) == 1 and not torch.equal(other, ids)
@@ -244,7 +244,7 @@ def test_tune_on_self_keeps_the_ids_in_the_checkpoint(tiny_model, tmp_path, monk
     assert (tmp_path / "c.progress" / SELF_CALIBRATION_FILE).is_file()
     monkeypatch.undo()
 
-    def no_model(folder):
+    def no_model(folder, progress=True):
         raise AssertionError("the rerun loads the float model again")
 
     monkeypatch.setattr(selfcalib, "load_generator_model", no_model)  # the rerun reuses the killed run's ids
@@ -340,3 +340,8 @@ def test_the_logged_spec_reads_back_as_the_same_windows(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", DOCS[1:2] * 3)
     spec = f"pydoc,{b}"
     assert torch.equal(calibration_ids(folder, 5, 16, 9, calibration_name(spec)), calibration_ids(folder, 5, 16, 9, spec))
+
+
+def test_self_without_progress_prints_nothing(tiny_model, capfd):
+    self_calibration_ids(tiny_model, 2, 16, 5, progress=False)
+    assert capfd.readouterr().err == ""
