@@ -19,6 +19,7 @@ from pathlib import Path
 from . import export_gguf, export_onnx, quantize, tune_memory, validate, write_report
 from .atomic import atomic_file
 from .checkpoint.qweight import SUPPORTED_BITS
+from .data import CALIB_WINDOWS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
 from .tune.config import BEST_RULES, LR_SCHEDULES, OPTIMIZERS, RECIPES
@@ -100,7 +101,7 @@ def add_tune(sub):
                         "kept in the checkpoint as calibration-self.safetensors); several, comma-separated "
                         "(a.txt,pydoc,self), share --nsamples evenly. A path with a comma is not supported "
                         "(default: Python's pydoc_data.topics)")
-    p.add_argument("--calib-windows", choices=["stream", "documents"], default="stream",
+    p.add_argument("--calib-windows", choices=CALIB_WINDOWS, default="stream",
                    help="stream: each source is one stream of tokens cut into windows, no BOS; documents: each "
                         "document (a .jsonl line, a whole .txt, a pydoc topic) is tokenized on its own, windows "
                         "never cross a document and start with BOS where the model's tokenizer adds one "

@@ -133,14 +133,15 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     config.check()
     check_devices(device, act_device)
     parse_size(shard_size)  # a bad size is refused before the tuning, not after
-    calib = calibration_name(calib) if calib else None  # spelled as the log records it; bad specs refused here
+    name = calibration_name(calib)  # as the log and the resume store record it; a bad spec is refused here
+    calib = name if calib else None
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
     if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
         # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
         tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
         check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
-    resume = ResumeStore(resume_folder(out), shard_size, calibration_name(calib))
+    resume = ResumeStore(resume_folder(out), shard_size, name)
     ids = None
     if config.uses_data() or layer_bits.avg_bits is not None:
         ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib, config.calib_windows,
@@ -148,7 +149,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
     result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device)
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
-                                "calibration": calibration_name(calib)}
+                                "calibration": name}
     if allocation is not None:
         log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
                                                     "bits_choices": layer_bits.bits_choices}

@@ -38,7 +38,7 @@ from ..checkpoint.shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, parse_size
 from ..checkpoint.write import PackedLayer, pack_layer
 from ..digests import digest_of, metadata_key
 from ..errors import TuneError
-from ..model.folder import TensorHeader, file_headers
+from ..model.folder import SELF_CALIBRATION_FILE, TensorHeader, file_headers
 from ..model.store import Lazy, StoredArrays
 from .allocate import Allocation
 from .config import ABLATION_SETTINGS, TuneConfig
@@ -146,9 +146,9 @@ class ResumeStore:
 
     def files(self) -> tuple[list[Path], list[Path]]:
         """The finished shards here, and the layer files (blocks, head)."""
-        files = sorted(self.folder.glob("*.safetensors"))  # (the generated calibration ids are neither)
+        files = sorted(f for f in self.folder.glob("*.safetensors") if f.name != SELF_CALIBRATION_FILE)
         shards = [f for f in files if f.name.startswith(SHARD_PREFIX)]
-        return shards, [f for f in files if f.name.startswith("block_") or f.name == "lm_head.safetensors"]
+        return shards, [f for f in files if f not in shards]
 
     def headers(self) -> dict[str, TensorHeader]:
         """Every packed tensor here, from the finished shards, else from the layer files."""
