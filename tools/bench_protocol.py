@@ -44,6 +44,7 @@ from pathlib import Path
 
 from bench_vs_autoround import find_checkpoint, tune_autoround as run_autoround
 from common import MODEL, REPO, SIGNROUND, TEXT, evaluate, machine, run
+from signround_export.atomic import atomic_file
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,8 @@ class Run:
     def settings(self, cell: Cell) -> dict:
         """What a cell's result depends on; a finished cell is reused only by a run with the same."""
         tool = cell.arm.tool
-        return {"model": str(self.model), "eval_windows": self.windows,
+        # the model's real path: a worktree's symlink to the same folder makes the same cells
+        return {"model": str(self.model.resolve()), "eval_windows": self.windows,
                 "protocol": asdict(self.protocol) if tool != "float" else None,
                 "tune_args": list(cell.arm.tune_args), "ar_kwargs": cell.arm.ar_kwargs,
                 "autoround": {"compile": self.compile, "amp": self.amp, "packing": self.ar_packing}
@@ -317,9 +319,8 @@ def git_commit() -> str:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a cell file that exists is whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def distinct(values) -> list:
