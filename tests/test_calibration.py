@@ -345,3 +345,16 @@ def test_the_logged_spec_reads_back_as_the_same_windows(tmp_path):
 def test_self_without_progress_prints_nothing(tiny_model, capfd):
     self_calibration_ids(tiny_model, 2, 16, 5, progress=False)
     assert capfd.readouterr().err == ""
+
+
+def test_bad_calibration_input_is_a_data_error_naming_it(tmp_path):
+    folder = tokenizer_folder(tmp_path / "tok", bos=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 5}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: the \"text\" field holds a int, expected a string"):
+        calibration_ids(folder, 1, 16, 0, bad)
+    with pytest.raises(DataError, match="`seqlen` 1 leaves no room for text after the 1 token"):
+        calibration_ids(folder, 1, 1, 0, windows="documents")
+    (folder / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(DataError, match="tokenizer_config.json is not valid JSON"):
+        calibration_ids(folder, 1, 16, 0, windows="documents")
