@@ -66,7 +66,7 @@ def test_a_decoded_token_reads_every_matrix_once_and_one_row_of_each_table(tiny_
     assert (ours.vocab_size, theirs.vocab_size, ours.context_length, theirs.context_length) == (320, 320, 512, 512)
 
 
-def test_a_float_embedding_beside_its_own_head_is_one_row_a_tied_float_head_the_whole_matrix(tmp_path):
+def test_an_embedding_beside_its_own_head_is_one_row_a_tied_head_the_whole_matrix(tmp_path):
     for tied in (True, False):
         model = write_tiny_model(tmp_path / f"tied-{tied}", tied=tied)
         ckpt = read_checkpoint(rtn_checkpoint(model, tmp_path / f"ckpt-{tied}", bits=4, group_size=32, sym=True))
@@ -75,6 +75,10 @@ def test_a_float_embedding_beside_its_own_head_is_one_row_a_tied_float_head_the_
         matrix = 320 * 64 * 4
         hand = per_32(20) + NORMS + 2 * 8 * 4 + (matrix if tied else matrix + 64 * 4)
         assert 0 <= got - hand < SHAPE_CONSTANTS, (tied, got - hand)
+        export_gguf(ckpt, tmp_path / f"{tied}.gguf", float_type="Q8_0", tokenizer_pre_name="gpt-2")
+        theirs = br.gguf_file(tmp_path / f"{tied}.gguf")
+        embedding = 320 * 2 * 34  # Q8_0; a row of 64 is 2 * 34 bytes
+        assert theirs.weight_bytes - theirs.weights_per_token == (0 if tied else embedding - 2 * 34)
 
 
 def test_candidate_bytes_are_those_of_the_exported_files(tiny_model, tiny_w4, tiny_files, tmp_path):

@@ -191,18 +191,17 @@ def gguf_file(path: Path) -> EngineFile:
 
     reader = GGUFReader(str(path))
 
-    def field(key: str):
-        return reader.fields[key].contents()
+    def field(key: str, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
 
     arch = field("general.architecture")
     heads = int(field(f"{arch}.attention.head_count"))
-    kv_heads = field(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
-    head_dim = (int(field(f"{arch}.attention.key_length")) if f"{arch}.attention.key_length" in reader.fields
-                else int(field(f"{arch}.embedding_length")) // heads)
+    kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(field(f"{arch}.attention.key_length", int(field(f"{arch}.embedding_length")) // heads))
     stored = gguf_stored(reader)
     return EngineFile("llama.cpp", str(path), path.stat().st_size, sum(t.nbytes for t in stored),
                       weight_bytes_per_token(stored),
-                      kv_bytes_per_position(int(field(f"{arch}.block_count")), int(kv_heads), head_dim, 2),
+                      kv_bytes_per_position(int(field(f"{arch}.block_count")), kv_heads, head_dim, 2),
                       int(field(f"{arch}.context_length")), len(reader.fields["tokenizer.ggml.tokens"].data))
 
 
