@@ -9,6 +9,15 @@ import tempfile
 from pathlib import Path
 
 
+def umask_mode(full: int) -> int:
+    """The mode open() or mkdir() would give a new file (full 0o666) or folder (0o777) under this process's
+    umask. The temporary names are created private (0600, 0700); the final ones get this, so that a
+    checkpoint or an export can be read by whoever could read a file written the plain way."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path):
     """Yield a temporary folder beside `final`; on success it replaces `final`, on error it is removed."""
@@ -17,6 +26,7 @@ def atomic_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, umask_mode(0o777))
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -40,6 +50,7 @@ def atomic_file(final: str | Path):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
