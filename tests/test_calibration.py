@@ -358,3 +358,14 @@ def test_bad_calibration_input_is_a_data_error_naming_it(tmp_path):
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(DataError, match="tokenizer_config.json is not valid JSON"):
         calibration_ids(folder, 1, 16, 0, windows="documents")
+
+
+def test_a_path_object_is_one_file_even_with_a_comma_in_its_name(tiny_model, tmp_path):
+    odd = tmp_path / "notes, part 1.txt"
+    odd.write_text(" ".join(DOCS) * 4)
+    sr.quantize(tiny_model, tmp_path / "c", iters=1, nsamples=4, seqlen=32, batch_size=2, calib=odd, progress=False)
+    log = json.loads((tmp_path / "c" / "tuning_log.json").read_text())
+    assert log["calibration"] == str(odd)
+    with pytest.raises(sr.DataError, match="notes does not exist"):  # as a string spec, the comma splits it
+        sr.quantize(tiny_model, tmp_path / "d", iters=1, nsamples=4, seqlen=32, batch_size=2, calib=str(odd),
+                    progress=False)

@@ -134,7 +134,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     check_devices(device, act_device)
     parse_size(shard_size)  # a bad size is refused before the tuning, not after
     name = calibration_name(calib)  # as the log and the resume store record it; a bad spec is refused here
-    calib = name if calib else None
+    calib = calib if isinstance(calib, Path) else name if calib else None  # a Path is one file, commas and all
     note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
     float_model, hf, folder = load_float_model(model)
     if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
