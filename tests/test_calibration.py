@@ -369,3 +369,19 @@ def test_a_path_object_is_one_file_even_with_a_comma_in_its_name(tiny_model, tmp
     with pytest.raises(sr.DataError, match="notes does not exist"):  # as a string spec, the comma splits it
         sr.quantize(tiny_model, tmp_path / "d", iters=1, nsamples=4, seqlen=32, batch_size=2, calib=str(odd),
                     progress=False)
+
+
+def test_self_refuses_a_model_it_cannot_load_and_a_seqlen_with_no_room(tiny_model, peaked_model, tmp_path):
+    import shutil
+
+    from signround_export.errors import DataError
+
+    with pytest.raises(DataError, match=r"`seqlen` 2 is too short .* after the 1 token") as raised:
+        self_calibration_ids(peaked_model, 2, 2, 0, progress=False)  # BOS, then room for one token only
+    assert raised.value.param == "seqlen"
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(DataError, match="transformers cannot load the float model .* give calibration text instead"):
+        self_calibration_ids(broken, 2, 16, 0, progress=False)
