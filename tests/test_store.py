@@ -158,3 +158,8 @@ def test_tensors_read_as_stored_or_converted(tmp_path, monkeypatch):
     path.write_bytes(data[: headers["bf16"].offset + 100])  # cut inside the first tensor, after the header check
     with pytest.raises(ModelError, match="truncated or corrupt.*ends inside tensor bf16"):
         folder.read_tensor("bf16", headers["bf16"], dtype=torch.float32)
+
+    other = tmp_path / "u16.safetensors"  # a dtype safetensors holds and this tool does not read
+    save_file({"u16": torch.zeros(4, dtype=torch.uint16)}, str(other))
+    with pytest.raises(ModelError, match="tensor u16 has dtype U16, which this tool does not read; save it as one of BF16"):
+        folder.read_tensor("u16", folder.file_headers(other)["u16"])

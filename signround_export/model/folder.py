@@ -152,7 +152,8 @@ def read_tensor(name: str, header: TensorHeader, error: type[SignroundError] = M
     import torch
 
     if header.dtype not in TORCH_DTYPES:
-        raise error(f"{header.file}: tensor {name} has dtype {header.dtype}, which this tool does not read")
+        raise error(f"{header.file}: tensor {name} has dtype {header.dtype}, which this tool does not read; save it "
+                    f"as one of {', '.join(TORCH_DTYPES)}")
     stored = getattr(torch, TORCH_DTYPES[header.dtype])
     out = torch.empty(header.shape, dtype=dtype or stored)
     flat = out.view(-1)
