@@ -84,11 +84,16 @@ class PrefixCache:
             self.reused_tokens += best
         return best, kv
 
-    def add(self, prompt: list[int], kv: np.ndarray) -> None:
-        """Keep prompt's KV; kept prompts that are a prefix of it go (it answers for them too)."""
-        if kv.nbytes > self.max_bytes:
-            return
+    def add(self, prompt: list[int], rows: list[np.ndarray]) -> None:
+        """Keep prompt's KV, copied from rows (each [kv_heads, positions, head_dim], key and value of every
+        layer); kept prompts that are a prefix of it go (it answers for them too)."""
         key = tuple(prompt)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        if sum(r[:, : len(prompt)].nbytes for r in rows) > self.max_bytes:
+            return
+        kv = np.stack([r[:, : len(prompt)] for r in rows])
         for old in [k for k in self.entries if len(k) <= len(key) and key[: len(k)] == k]:
             self.bytes -= self.entries.pop(old).nbytes
         self.entries[key] = kv
@@ -132,7 +137,7 @@ class Batch:
         logits = self.model._step(rest, mask, self.model._bind(views), np.array([rest.shape[1] - 1]))
         seq.length = len(prompt)
         if self.cache is not None:
-            self.cache.add(prompt, np.stack([v[0, :, : len(prompt)] for v in views]))
+            self.cache.add(prompt, [v[0] for v in views])
         self.running.append(seq)
         self._decode_io = None
         seq.pick(logits[0], self.stop_ids)

@@ -155,7 +155,7 @@ class Engine:
         run = Running(job, seq, TextStream(self.model, job.stop), time.monotonic())
         self.active.append(run)
         self.largest_batch = max(self.largest_batch, len(self.active))
-        self._deliver(run)
+        self._deliver_or_fail(run)
 
     def _step(self) -> None:
         try:
@@ -166,7 +166,15 @@ class Engine:
                 self._end(run)
             return
         for run in list(self.active):
+            self._deliver_or_fail(run)
+
+    def _deliver_or_fail(self, run: Running) -> None:
+        try:
             self._deliver(run)
+        except Exception as e:  # its client gets the error; the others and the worker go on
+            run.job.emit("error", e)
+            if run in self.active:
+                self._end(run)
 
     def _deliver(self, run: Running) -> None:
         """Send the sequence's latest token as text; end it if it is done, cancelled, stopped or cut."""

@@ -119,7 +119,7 @@ def test_prefix_reuse_gives_the_same_kv_and_tokens(model):
 
 
 def test_prefix_cache_keeps_recent_prompts_within_its_bytes():
-    kv = lambda n: np.zeros((4, 2, n, 16), dtype=np.float32)  # noqa: E731  (512 bytes a token)
+    kv = lambda n: [np.zeros((2, n + 7, 16), dtype=np.float32)] * 4  # noqa: E731  (512 bytes a token; rows longer)
     cache = PrefixCache(max_bytes=512 * 25)
     cache.add([1, 2, 3], kv(3))
     cache.add([1, 2, 3, 4, 5], kv(5))  # the first is a prefix of it: replaced
@@ -128,8 +128,11 @@ def test_prefix_cache_keeps_recent_prompts_within_its_bytes():
     assert cache.longest([1, 2, 3, 9])[0] == 3  # and (1, 2, 3, 4, 5) becomes the most recent
     cache.add([8] * 12, kv(12))  # over 25 tokens: the least recently used, [7] * 10, goes
     assert list(cache.entries) == [(1, 2, 3, 4, 5), (8,) * 12] and cache.bytes == 512 * 17
+    assert cache.entries[(8,) * 12].shape == (4, 2, 12, 16)  # the prompt's positions only
     cache.add([6] * 30, kv(30))  # larger than the whole cache: not kept
-    assert (6,) * 30 not in cache.entries
+    assert (6,) * 30 not in cache.entries and cache.bytes == 512 * 17
+    cache.add([8] * 12, kv(12))  # kept already: only made the most recent
+    assert list(cache.entries)[-1] == (8,) * 12 and cache.bytes == 512 * 17
     assert cache.longest([5, 5])[0] == 0 and cache.longest([1])[0] == 0  # one token is always left
 
 
@@ -205,3 +208,39 @@ def test_a_cancelled_request_frees_its_row_for_the_next(model):
         engine.stop()
     assert served[-1][1] == "done" and served[-1][0] - t0 < 2.0
     assert engine.batch.running == [] and engine.running is None
+
+
+class FailingOnce:
+    """The model, its batch's first decode step failing."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def batch(self, max_rows, stop_ids=None, cache=None):
+        batch, failed = self.model.batch(max_rows, set(), cache), []
+        step = batch.step
+
+        def failing():
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("the step failed")
+            step()
+
+        batch.step = failing
+        return batch
+
+
+def test_a_failed_step_reaches_the_running_requests_and_the_worker_goes_on(model):
+    engine = Engine(FailingOnce(model), max_queue=4, max_batch=4)
+    try:
+        make = lambda loop: Job(PROMPTS[0], 6, GREEDY, [], loop)  # noqa: E731
+        (_, failed), = run_engine(engine, [(make, 0)])
+        (_, served), = run_engine(engine, [(make, 0)])
+    finally:
+        engine.stop()
+    assert failed[-1][1] == "error" and "the step failed" in str(failed[-1][2])
+    assert served[-1][1] == "done" and engine.batch.running == [] and engine.batch.kv == []
+    assert "".join(e[2] for e in served if e[1] == "text") == model.decode(alone(model, PROMPTS[0], 6))
