@@ -125,6 +125,9 @@ class Batch:
         if len(self.running) >= self.max_rows:
             raise RuntimeError(f"all {self.max_rows} rows are taken: a sequence must leave first")
         seq = Sequence(list(prompt), limit, sampling, np.random.default_rng(sampling.seed))
+        if len(prompt) + limit > self.model.context_length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {limit} new ones exceeds the context length "
+                             f"{self.model.context_length}; shorten the prompt or ask for fewer tokens")
         self._make_room(len(self.running) + 1, max([seq.need] + [s.need for s in self.running]))
         row = len(self.running)
         views = [buf[row: row + 1] for buf in self.kv]

@@ -94,6 +94,8 @@ def test_buffers_grow_for_a_longer_joiner_and_keep_the_running_rows(model):
     big = model.batch(1, stop_ids=set())
     big.join([1] * 300, model.context_length - 300, GREEDY)
     assert big.positions == model.context_length  # rounded up, never past the context
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        model.batch(1).join([1] * 300, model.context_length - 299, GREEDY)
 
 
 def test_prefix_reuse_gives_the_same_kv_and_tokens(model):
