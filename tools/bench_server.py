@@ -14,7 +14,9 @@ after the first (so that requests arrive while others decode, as users' do); the
 token and to the last are measured per request. Throughput is the completion tokens of all clients
 over the wall time of that level (the usage the server reports; a server that reports none, as
 llama-cpp-python's, is counted one token per streamed chunk, as it streams them). Requests the server
-refuses (503: queue full) are counted, not retried.
+refuses (503: queue full) are counted, not retried. Both servers reuse the KV of a previous prompt's
+common start, so with one prompt for all requests only its last token is prefilled after the first:
+--distinct makes the prompts differ at their end.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def one_request(client: httpx.Client, args, model: str) -> dict:
+def one_request(client: httpx.Client, args, model: str, tag: str = "") -> dict:
     body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    prompt = f"{args.prompt} (request {tag})" if args.distinct and tag else args.prompt
     if args.completions:
-        path, body["prompt"] = "/v1/completions", args.prompt
+        path, body["prompt"] = "/v1/completions", prompt
     else:
-        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": args.prompt}]
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     t0 = time.perf_counter()
     first, tokens, chunks = None, 0, 0
     with client.stream("POST", path, json=body) as r:
@@ -98,10 +101,11 @@ def start_server(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not come up in 300 s")
 
 
-def ours(folder: str, threads: int | None, max_queue: int) -> list[str]:
+def ours(folder: str, threads: int | None, max_queue: int, prefix_cache_mb: float | None) -> list[str]:
     port = free_port()
-    return [str(REPO / ".venv" / "bin" / "signround-run"), "serve", folder, "--port", str(port),
-            "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else [])
+    return ([str(REPO / ".venv" / "bin" / "signround-run"), "serve", folder, "--port", str(port),
+             "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else []) +
+            (["--prefix-cache-mb", str(prefix_cache_mb)] if prefix_cache_mb is not None else []))
 
 
 def llama_cpp(gguf: str, python: str, threads: int | None) -> list[str]:
@@ -115,7 +119,7 @@ def run_level(client: httpx.Client, args, model: str, clients: int) -> dict:
     """args.requests streamed requests from each of `clients` clients, client k starting k * stagger s late."""
     def run_client(k):
         time.sleep(k * args.stagger)
-        return [one_request(client, args, model) for _ in range(args.requests)]
+        return [one_request(client, args, model, f"{clients}.{k}.{i}") for i in range(args.requests)]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -149,8 +153,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--stagger", type=float, default=0.0, help="seconds between the starts of two clients")
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--distinct", action="store_true",
+                   help="end each request's prompt with its own number, so that no two are the same (a server's "
+                        "prompt cache then reuses only their common start, as with chats sharing a system prompt)")
     p.add_argument("--completions", action="store_true", help="POST /v1/completions (plain prompt), not chat")
     p.add_argument("--threads", type=int, help="threads of the started server")
+    p.add_argument("--prefix-cache-mb", type=float, help="the started `signround-run serve`'s prefix cache (0: off)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if sum(map(bool, (args.model_dir, args.url, args.llama_cpp))) != 1:
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
     if args.url:
         proc, url = None, args.url
     else:
-        cmd = (ours(args.model_dir, args.threads, max_queue=max(levels)) if args.model_dir else
+        cmd = (ours(args.model_dir, args.threads, max(levels), args.prefix_cache_mb) if args.model_dir else
                llama_cpp(args.llama_cpp, args.llama_python, args.threads))
         proc, url = start_server(cmd, int(cmd[cmd.index("--port") + 1]))
     summaries = []
