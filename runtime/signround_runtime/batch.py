@@ -65,6 +65,10 @@ class PrefixCache:
         self.bytes = 0
         self.hits = self.reused_tokens = 0
 
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "bytes": self.bytes, "hits": self.hits,
+                "reused_tokens": self.reused_tokens}
+
     def longest(self, prompt: list[int]) -> tuple[int, np.ndarray | None]:
         """The longest common prefix of prompt with a kept prompt, at most len(prompt) - 1 tokens (one is
         left to prefill, for its logits), and that entry's KV."""

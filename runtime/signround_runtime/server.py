@@ -257,7 +257,8 @@ class Server:
         if e is None or e.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.name, "queued": e.jobs.qsize(),
-                             "running": e.running is not None})
+                             "running": e.running is not None, "batch": len(e.running or ()),
+                             "prefix_cache": e.cache.stats() if e.cache else None})
 
     def _model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "signround",

@@ -127,6 +127,7 @@ def test_models_and_health(url):
     assert client(url).models.retrieve("tiny").id == "tiny"
     health = httpx.get(url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert set(health.json()["prefix_cache"]) == {"entries", "bytes", "hits", "reused_tokens"}
 
 
 def test_chat_completion_equals_the_runtime_and_streams_the_same(url, model):
@@ -145,6 +146,8 @@ def test_chat_completion_equals_the_runtime_and_streams_the_same(url, model):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage.completion_tokens == n and chunks[-1].usage.prompt_tokens == len(ids)
+    # the second request reused the first one's prompt KV (all but its last token) and answered the same
+    assert httpx.get(url + "/health").json()["prefix_cache"]["reused_tokens"] >= len(ids) - 1
 
 
 def test_completion_equals_the_runtime_and_streams_the_same(url, model):
