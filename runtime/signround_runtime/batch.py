@@ -128,17 +128,18 @@ class Batch:
         """Prefill prompt into a free row and pick its first token (it may end there: see seq.finish)."""
         if len(self.running) >= self.max_rows:
             raise RuntimeError(f"all {self.max_rows} rows are taken: a sequence must leave first")
-        seq = Sequence(list(prompt), limit, sampling, np.random.default_rng(sampling.seed))
         if len(prompt) + limit > self.model.context_length:
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {limit} new ones exceeds the context length "
                              f"{self.model.context_length}; shorten the prompt or ask for fewer tokens")
+        seq = Sequence(list(prompt), limit, sampling, np.random.default_rng(sampling.seed))
         self._make_room(len(self.running) + 1, max([seq.need] + [s.need for s in self.running]))
         row = len(self.running)
         views = [buf[row: row + 1] for buf in self.kv]
         if self.cache is not None:
             seq.reused, kept = self.cache.longest(prompt)
-            for view, part in zip(views, kept if seq.reused else ()):
-                view[0, :, : seq.reused] = part[:, : seq.reused]
+            if seq.reused:
+                for view, part in zip(views, kept):
+                    view[0, :, : seq.reused] = part[:, : seq.reused]
         rest = np.asarray([prompt[seq.reused:]], dtype=np.int64)
         mask = np.ones((1, len(prompt)), dtype=np.int64)  # past + rest: GroupQueryAttention places rest after it
         logits = self.model._step(rest, mask, self.model._bind(views), np.array([rest.shape[1] - 1]))
