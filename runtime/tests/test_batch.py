@@ -143,7 +143,6 @@ def run_engine(engine, jobs_and_times):
 
     async def main():
         loop = asyncio.get_running_loop()
-        seen = []
 
         async def one(make, at):
             await asyncio.sleep(at)
@@ -159,8 +158,7 @@ def run_engine(engine, jobs_and_times):
                     job.cancel()
                     return job, events
 
-        seen = await asyncio.gather(*(one(make, at) for make, at in jobs_and_times))
-        return seen
+        return await asyncio.gather(*(one(make, at) for make, at in jobs_and_times))
 
     return asyncio.run(main())
 
