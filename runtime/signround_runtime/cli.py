@@ -27,8 +27,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` (default: $SIGNROUND_API_KEY; none: no check)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument("--max-batch", type=int, default=8,
-                   help="requests waiting when a generation starts run together as one batch, up to this many "
-                        "(default 8; 1: one at a time)")
+                   help="requests decoding together, up to this many; a request that comes while others decode "
+                        "joins them at the next step (default 8; 1: one at a time)")
+    p.add_argument("--prefix-cache-mb", type=float, default=64,
+                   help="MB of recent prompts' KV kept, so that a prompt starting the same way (a chat's system "
+                        "prompt) prefills only the rest (default 64; 0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: up to 4)")
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--grace", type=float, default=10.0,
@@ -55,9 +58,11 @@ def serve_main(argv) -> int:
         serve_parser().error(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.max_batch < 1:
         serve_parser().error(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.prefix_cache_mb < 0:
+        serve_parser().error(f"--prefix-cache-mb must be 0 (off) or positive, got {args.prefix_cache_mb}")
     try:
         serve(args.model_dir, args.host, args.port, args.api_key, args.max_queue, args.threads, args.model_name,
-              args.grace, args.max_batch, args.verify)
+              args.grace, args.max_batch, args.verify, args.prefix_cache_mb)
     except RuntimeModelError as e:
         print(f"signround-run: error: {e}", file=sys.stderr)
         return 2

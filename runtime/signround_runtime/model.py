@@ -3,8 +3,9 @@
 The KV cache is one preallocated buffer per layer and kind, [batch, kv_heads, max_len, head_dim],
 bound through IOBinding as both the past input and the present output: GroupQueryAttention writes
 each step's keys and values in place at every sequence's own length, so nothing is concatenated or
-copied per token. A batch of prompts of different lengths is right-padded; the attention mask
-tells each sequence's length (GroupQueryAttention's seqlens_k = mask sum - 1).
+copied per token. Each prompt is prefilled alone into its row of the buffers, then all rows decode
+together (batch.py); the attention mask tells each row's length (GroupQueryAttention's seqlens_k =
+mask sum - 1).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .batch import Batch, PrefixCache
 from .manifest import damaged
-from .sampling import Sampling, choose
+from .sampling import Sampling
 
 
 class RuntimeModelError(ValueError):
@@ -94,7 +96,7 @@ class Model:
             raise RuntimeModelError(f"{self.folder / 'model.onnx'} has no logits output of a fixed vocabulary size")
         self.logits_width = width
         self._logits = np.empty(0, dtype=np.float32)
-        self._busy = threading.Lock()  # one generation at a time: they share the logits buffer
+        self._busy = threading.Lock()  # one run at a time: runs share the logits buffer
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -118,35 +120,40 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------------
 
+    def batch(self, max_rows: int, stop_ids: set[int] | None = None, cache: PrefixCache | None = None) -> Batch:
+        """Sequences that join and leave a running batch between steps (batch.py): what the server runs."""
+        return Batch(self, max_rows, stop_ids, cache)
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 128,
                  sampling: Sampling | list[Sampling] | None = None, stop_ids: set[int] | None = None,
                  on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None) -> Generation:
         """New tokens for each prompt (token ids). max_new_tokens and sampling may differ per prompt (a
         list), each prompt sampling from its own seed. on_step gets every step's token per prompt (None
         for prompts that have finished) and may return the indices of prompts to end there ("stop")."""
-        batch = len(prompts)
-        limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        samplings = sampling if isinstance(sampling, list) else [sampling or Sampling()] * batch
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        samplings = sampling if isinstance(sampling, list) else [sampling or Sampling()] * len(prompts)
         self._check_request(prompts, limits, samplings)
-        seqs = _Sequences(prompts, limits, samplings, self.stop_ids if stop_ids is None else stop_ids, self.pad_id)
-        with self._busy:
-            io, kv = self._bind_cache(batch, len(seqs.ids[0]) + max(limits))  # kv: alive while io is used
-            t0 = time.perf_counter()
-            last = self._step(seqs.ids, seqs.mask, io, seqs.lengths - 1)
-            out = seqs.out
-            out.prefill_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for _ in range(max(limits)):
-                nxt = seqs.pick(last)
-                seqs.stop(on_step(nxt) if on_step else None)
-                if seqs.done.all():
-                    break
-                # finished sequences keep stepping on a pad token (the cache has room); their output is unused
-                feed = np.array([[t if t is not None else self.pad_id] for t in nxt], dtype=np.int64)
-                last = self._step(feed, seqs.grow_mask(), io, np.zeros(batch, dtype=np.int64))
-                out.decode_steps += 1
-            out.decode_seconds = time.perf_counter() - t1
-            return out
+        batch = self.batch(len(prompts), stop_ids)
+        out = Generation(tokens=[], prompt_tokens=sum(map(len, prompts)))
+        t0 = time.perf_counter()
+        seqs = [batch.join(p, n, s) for p, n, s in zip(prompts, limits, samplings)]  # each prefilled alone
+        out.prefill_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        while True:
+            for b in (on_step([s.last for s in seqs]) if on_step else None) or ():
+                seqs[b].finish = seqs[b].finish or "stop"
+            for s in seqs:
+                if s.finish and s in batch.running:
+                    batch.leave(s)
+                if s.finish:
+                    s.last = None  # a finished sequence shows None from the next step on
+            if not batch.running:
+                break
+            batch.step()
+            out.decode_steps += 1
+        out.decode_seconds = time.perf_counter() - t1
+        out.tokens, out.finish = [s.tokens for s in seqs], [s.finish for s in seqs]
+        return out
 
     def _check_request(self, prompts: list[list[int]], limits: list[int], samplings: list[Sampling]) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -211,74 +218,36 @@ class Model:
         return self.session.run([self.decoder["outputs"]["logits"]], feeds)[0][0]
 
     def _bind_cache(self, batch: int, max_len: int):
-        """An IOBinding with every layer's KV buffer bound as both its past input and its present output,
-        made once per generation; each step then binds only the tokens, the mask and the logits. The
-        buffers are returned too: the binding points at their memory without keeping them alive."""
-        io, buffers = self.session.io_binding(), []
+        """Fresh KV buffers [batch, kv_heads, max_len, head_size] and their binding (_bind). The buffers
+        are returned too: the binding points at their memory without keeping them alive."""
         shape = (batch, self.kv_heads, max_len, self.head_size)
+        buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.layers)]
+        return self._bind(buffers), buffers
+
+    def _bind(self, buffers: list[np.ndarray]):
+        """An IOBinding with each layer's KV buffer (key, value, layer after layer; contiguous arrays or
+        views, whose memory onnxruntime uses in place) bound as both its past input and its present
+        output; each run then binds only the tokens, the mask and the logits."""
+        io = self.session.io_binding()
         names = self.decoder["inputs"], self.decoder["outputs"]
         for i in range(self.layers):
-            for kind in ("key", "value"):
-                buf = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
-                buffers.append(buf)
+            for j, kind in enumerate(("key", "value")):
+                buf = self._ort.OrtValue.ortvalue_from_numpy(buffers[2 * i + j])
                 io.bind_ortvalue_input(names[0][f"past_{kind}_names"] % i, buf)
                 io.bind_ortvalue_output(names[1][f"present_{kind}_names"] % i, buf)
-        return io, buffers
+        return io
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, io, positions: np.ndarray) -> np.ndarray:
         """One run; the logits [batch, vocab] at each sequence's position in ids."""
         # The logits land in a buffer of ours, reused across runs (fetching onnxruntime's outputs would
         # wrap every KV buffer too, and a fresh prompt-sized buffer costs page faults every prefill).
-        size = ids.size * self.logits_width
-        if self._logits.size < size:
-            self._logits = np.empty(size, dtype=np.float32)
-        logits = self._logits[:size].reshape(*ids.shape, self.logits_width)
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(io)
-        return logits[np.arange(len(ids)), positions]  # a copy: the buffer is overwritten next run
-
-
-class _Sequences:
-    """The prompts of one generate() call as a right-padded batch, and each one's decoding state."""
-
-    def __init__(self, prompts: list[list[int]], limits: list[int], samplings: list[Sampling], stop_ids: set[int],
-                 pad_id: int = 0):
-        self.limits, self.samplings, self.stop_ids = limits, samplings, stop_ids
-        self.lengths = np.array([len(p) for p in prompts])
-        self.ids = np.full((len(prompts), int(self.lengths.max())), pad_id, dtype=np.int64)
-        for b, p in enumerate(prompts):
-            self.ids[b, : len(p)] = p
-        self.mask = (np.arange(self.ids.shape[1])[None, :] < self.lengths[:, None]).astype(np.int64)
-        self.rngs = [np.random.default_rng(s.seed) for s in samplings]
-        self.seen = [list(p) for p in prompts]
-        self.done = np.zeros(len(prompts), dtype=bool)
-        self.out = Generation(tokens=[[] for _ in prompts], prompt_tokens=int(self.lengths.sum()),
-                              finish=["length"] * len(prompts))
-
-    def pick(self, last: np.ndarray) -> list[int | None]:
-        """Each unfinished sequence's next token from its logits (None for finished ones); a stop token
-        or the sequence's limit ends it."""
-        nxt = []
-        for b in range(len(self.limits)):
-            tok = None if self.done[b] else choose(last[b], self.samplings[b], self.rngs[b], np.asarray(self.seen[b]))
-            if tok is not None and tok in self.stop_ids:
-                self.stop([b])
-                tok = None
-            if tok is not None:
-                self.out.tokens[b].append(tok)
-                self.seen[b].append(tok)
-                self.done[b] = len(self.out.tokens[b]) == self.limits[b]  # finish stays "length"
-            nxt.append(tok)
-        return nxt
-
-    def stop(self, indices: Iterable[int] | None) -> None:
-        for b in indices or ():
-            self.done[b] = True
-            self.out.finish[b] = "stop"
-
-    def grow_mask(self) -> np.ndarray:
-        """The attention mask one position longer: every sequence steps once more."""
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
-        return self.mask
+        with self._busy:
+            size = ids.size * self.logits_width
+            if self._logits.size < size:
+                self._logits = np.empty(size, dtype=np.float32)
+            logits = self._logits[:size].reshape(*ids.shape, self.logits_width)
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("attention_mask", mask)
+            io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(io)
+            return logits[np.arange(len(ids)), positions]  # a copy: the buffer is overwritten next run

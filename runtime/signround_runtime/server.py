@@ -206,8 +206,8 @@ def chat_messages(messages) -> list[dict]:
 
 class Server:
     def __init__(self, model: Model, model_name: str | None = None, api_key: str | None = None,
-                 max_queue: int = 16, max_batch: int = 8):
-        self.model, self.max_batch = model, max_batch
+                 max_queue: int = 16, max_batch: int = 8, prefix_cache_mb: float = 64):
+        self.model, self.max_batch, self.prefix_cache_mb = model, max_batch, prefix_cache_mb
         self.name = model_name or model.folder.name
         self.api_key = api_key or None
         self.max_queue = max_queue
@@ -219,7 +219,7 @@ class Server:
         @asynccontextmanager
         async def lifespan(app):
             self.loop = asyncio.get_running_loop()
-            self.engine = Engine(self.model, self.max_queue, self.max_batch)
+            self.engine = Engine(self.model, self.max_queue, self.max_batch, self.prefix_cache_mb)
             try:
                 yield
             finally:
@@ -257,7 +257,8 @@ class Server:
         if e is None or e.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.name, "queued": e.jobs.qsize(),
-                             "running": e.running is not None})
+                             "running": e.running is not None, "batch": len(e.running or ()),
+                             "prefix_cache": e.cache.stats() if e.cache else None})
 
     def _model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "signround",
@@ -482,7 +483,7 @@ class Server:
 
 def serve(folder, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 16,
           threads: int | None = None, model_name: str | None = None, grace: float = 10.0, max_batch: int = 8,
-          verify: bool = True) -> None:
+          verify: bool = True, prefix_cache_mb: float = 64) -> None:
     """Load the model (its files checked against sha256sums.txt unless verify is False) and serve until
     SIGINT/SIGTERM. On the signal: no new requests, queued ones are refused (503), the running batch gets
     `grace` seconds to finish before it is cut (finish_reason "length"), every open stream ends with
@@ -490,7 +491,7 @@ def serve(folder, host: str = "127.0.0.1", port: int = 8000, api_key: str | None
     import uvicorn
 
     model = Model(folder, threads=threads, verify=verify)
-    server = Server(model, model_name, api_key, max_queue, max_batch)
+    server = Server(model, model_name, api_key, max_queue, max_batch, prefix_cache_mb)
     config = uvicorn.Config(server.app(), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=grace + 5)
     make_uvicorn(server, config, grace).run()

@@ -60,12 +60,16 @@ class Slow:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def generate(self, prompts, max_new_tokens=128, sampling=None, stop_ids=None, on_step=None):
-        def slow(tokens):
-            time.sleep(self.delay)
-            return on_step(tokens) if on_step else None
+    def batch(self, max_rows, stop_ids=None, cache=None):  # what the server's engine runs
+        batch = self.model.batch(max_rows, set(), cache)
+        step = batch.step
 
-        return self.model.generate(prompts, max_new_tokens, sampling, set(), on_step=slow)
+        def slow():
+            time.sleep(self.delay)
+            step()
+
+        batch.step = slow
+        return batch
 
 
 @contextmanager
@@ -123,6 +127,7 @@ def test_models_and_health(url):
     assert client(url).models.retrieve("tiny").id == "tiny"
     health = httpx.get(url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert set(health.json()["prefix_cache"]) == {"entries", "bytes", "hits", "reused_tokens"}
 
 
 def test_chat_completion_equals_the_runtime_and_streams_the_same(url, model):
@@ -141,6 +146,8 @@ def test_chat_completion_equals_the_runtime_and_streams_the_same(url, model):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage.completion_tokens == n and chunks[-1].usage.prompt_tokens == len(ids)
+    # the second request reused the first one's prompt KV (all but its last token) and answered the same
+    assert httpx.get(url + "/health").json()["prefix_cache"]["reused_tokens"] >= len(ids) - 1
 
 
 def test_completion_equals_the_runtime_and_streams_the_same(url, model):
@@ -236,7 +243,9 @@ def test_api_key(model):
 # -- the queue, disconnects, shutdown --------------------------------------------------------------
 
 def test_a_full_queue_answers_503_with_retry_after(model):
-    with live(Slow(model, 0.02), max_queue=1) as (base, _, _):
+    # max_batch 1: with more rows free, requests join the running batch between steps and the queue
+    # fills only when several come within one step
+    with live(Slow(model, 0.02), max_queue=1, max_batch=1) as (base, _, _):
         def post(_):
             return httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 25, "temperature": 0},
                               timeout=30)
@@ -269,7 +278,8 @@ def test_a_client_that_goes_away_frees_its_slot(model):
 
 
 def test_shutdown_ends_open_streams_cleanly(model):
-    with live(Slow(model, 0.02), grace=0.3, max_queue=4) as (base, server, app_server):
+    # max_batch 1: a second request joins a running batch at once, so only then does one wait in the queue
+    with live(Slow(model, 0.02), grace=0.3, max_queue=4, max_batch=1) as (base, server, app_server):
         body = {"prompt": "hi", "max_tokens": 400, "temperature": 0, "stream": True}
         lines = []
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:

@@ -32,11 +32,11 @@ POOL_THREADS_ALLOWED = CLIENTS + 1
 RSS_ALLOWED_MB = 24
 
 
-HANG_UP_TOKENS = 480  # what a stream that is hung up asks for: left running, its batch takes 480 steps
+HANG_UP_TOKENS = 480  # what a stream that is hung up asks for: left running, it makes 480 tokens
 
 
 class Counted:
-    """The model, counting the steps of each batch it generates."""
+    """The model, counting the tokens of each sequence the server's batch runs."""
 
     def __init__(self, model):
         self.model, self.steps = model, []
@@ -44,14 +44,16 @@ class Counted:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def generate(self, prompts, max_new_tokens=128, sampling=None, stop_ids=None, on_step=None):
-        self.steps.append(0)
+    def batch(self, max_rows, stop_ids=None, cache=None):
+        batch = self.model.batch(max_rows, stop_ids, cache)
+        leave = batch.leave
 
-        def counted(tokens):
-            self.steps[-1] += 1
-            return on_step(tokens)
+        def counted(seq):
+            self.steps.append(len(seq.tokens))
+            leave(seq)
 
-        return self.model.generate(prompts, max_new_tokens, sampling, stop_ids, on_step=counted)
+        batch.leave = counted
+        return batch
 
 
 def threads_and_rss_mb() -> tuple[int, int, float]:
@@ -150,7 +152,7 @@ def test_eight_clients_with_hang_ups_no_errors_no_hangs_flat_threads_and_memory(
     answered = sum(tally.statuses.values())
     server_errors = {c: n for c, n in tally.statuses.items() if c >= 500 and c != 503}
     print(f"\n{CLIENTS}x{REQUESTS} requests in {seconds:.1f} s: {tally.statuses}, {tally.hung_up} hang-ups, "
-          f"{len(tally.hangs)} hangs, largest batch {largest_batch}, longest batch {max(counted.steps)} steps; "
+          f"{len(tally.hangs)} hangs, largest batch {largest_batch}, longest sequence {max(counted.steps)} tokens; "
           f"threads {threads0} -> {threads1}, pool threads {pool0} -> {pool1}, "
           f"RSS {rss0:.1f} -> {rss1:.1f} MB")
     assert not tally.hangs, f"no answer within {TIMEOUT} s: {tally.hangs[:5]}"
@@ -160,8 +162,8 @@ def test_eight_clients_with_hang_ups_no_errors_no_hangs_flat_threads_and_memory(
     assert not tally.wrong, tally.wrong[:3]
     assert largest_batch > 1
     # a hung-up stream stops its generation, a few hundred steps of this tiny model later at most (the
-    # event loop sees the closed socket while the worker runs on): few batches run to the length that
-    # only a hung-up stream asks for; left running, every batch holding one would
+    # event loop sees the closed socket while the worker runs on): few sequences run to the length that
+    # only a hung-up stream asks for; left running, every hung-up one (a fifth of them) would
     full_length = sum(steps >= HANG_UP_TOKENS for steps in counted.steps)
     assert full_length <= len(counted.steps) // 10, sorted(counted.steps)[-12:]
     assert threads1 == threads0 and pool1 <= POOL_THREADS_ALLOWED, (threads0, threads1, pool0, pool1)
