@@ -37,7 +37,8 @@ def record_losses(losses: list) -> None:
 
     def offered(self, loss, it, tuner):
         losses.append(loss)
-        if len(losses) == int(os.environ.get("TEST_DIE_AT_OFFER", "0")):  # this rank dies here
+        if len(losses) == int(os.environ.get("TEST_DIE_AT_OFFER", "0")):  # this rank hangs, then dies here
+            time.sleep(float(os.environ.get("TEST_HANG_SECONDS", "0")))
             os._exit(1)
         offer(self, loss, it, tuner)
 
@@ -53,8 +54,8 @@ def float32_steps() -> None:
 
 def rank_main(rank: int, size: int, port: int, model: str, out: str, report: str, settings: dict,
               env: dict, float32: bool) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), SIGNROUND_DIST_TIMEOUT="20", **env.get(rank, {}))
+    os.environ.update(dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port), SIGNROUND_DIST_TIMEOUT="20") | env.get(rank, {}))
     torch.set_num_threads(1)
     if float32:
         float32_steps()
@@ -96,7 +97,7 @@ def run_ranks(tmp_path, model, out, settings: dict, size: int = 2, env: dict | N
 
 
 def one_process(model, out, settings: dict, float32: bool = True) -> tuple:
-    """quantize() here, on one thread as each rank runs: its checkpoint and every loss offered."""
+    """quantize() here, on one thread as each rank runs: its checkpoint, every loss offered, its log."""
     losses, threads, offer, dtype = [], torch.get_num_threads(), signround.Keeper.offer, signround.pick_dtype
     torch.set_num_threads(1)
     try:
@@ -107,7 +108,7 @@ def one_process(model, out, settings: dict, float32: bool = True) -> tuple:
     finally:
         signround.Keeper.offer, signround.pick_dtype = offer, dtype
         torch.set_num_threads(threads)
-    return read_checkpoint(out), losses
+    return read_checkpoint(out), losses, json.loads((out / "tuning_log.json").read_text())
 
 
 def integers(ckpt) -> dict[str, np.ndarray]:
@@ -138,7 +139,8 @@ def test_two_ranks_tune_as_one_process(single, two):
     and integers. The losses are not bit for bit: each rank's is the mean of its slice (fewer terms, in
     another order), summed over the ranks after; so are the gradients, whose signs differ only where a
     gradient is within rounding of 0 (none here, in float32)."""
-    (one, one_losses), (folder, reports) = single, two
+    (one, one_losses, one_log), (folder, reports) = single, two
+    assert "parallel" not in one_log  # a single process's log is as it was
     ckpt = read_checkpoint(folder)
     assert [r["written"] for r in reports] == [True, False] and all(r["exitcode"] == 0 for r in reports)
     assert reports[0]["losses"] == reports[1]["losses"]  # every rank offers its keeper the same losses
@@ -180,6 +182,17 @@ def test_a_dead_rank_stops_the_others_with_a_message_and_the_run_resumes(tiny_mo
     log = json.loads((out / "tuning_log.json").read_text())
     assert log["resumed_blocks"] == 1
     assert equal_fraction(integers(read_checkpoint(out)), integers(read_checkpoint(two[0]))) == 1.0
+
+
+def test_a_hung_rank_times_the_others_out(tiny_model, tmp_path):
+    """Rank 1 stops answering in block 1 (alive, for longer than rank 0's timeout): rank 0 stops at its
+    timeout with a message."""
+    env = {0: {"SIGNROUND_DIST_TIMEOUT": "5"},
+           1: {"TEST_DIE_AT_OFFER": str(SETTINGS["iters"] + 2), "TEST_HANG_SECONDS": "12"}}
+    reports = run_ranks(tmp_path, tiny_model, tmp_path / "ckpt", SETTINGS, env=env)
+    assert reports[1] is None
+    assert "did not answer within 5 s (SIGNROUND_DIST_TIMEOUT)" in reports[0]["error"]
+    assert "timed out" in reports[0]["error"].lower()
 
 
 def test_ranks_that_disagree_are_told_what_differs(tiny_model, tmp_path):

@@ -142,9 +142,9 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     name = calibration_name(calib)  # as the log and the resume store record it; a bad spec is refused here
     calib = calib if isinstance(calib, Path) else name if calib else None  # a Path is one file, commas and all
     with parallel.joined(device, dp_reduce) as world:
-        world.check(config)
         world.agree(asdict(config) | asdict(layer_bits) | dict(recipe=recipe, calib=calib, device=device,
                                                                act_device=act_device, shard_size=shard_size))
+        world.check(config)
         progress = progress and world.root
         note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
         float_model, hf, folder = load_float_model(model)

@@ -472,15 +472,15 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
     world: the ranks tuning together (parallel.py); each embeds its share of calib, rank 0 alone uses
     the resume store and holds the result (the others' qweights stay empty)."""
     start = time.perf_counter()
-    world.check(config)
-    world.agree(settings_digest(config, calib))
-    resume = resume if world.root else None
     dev = pick_device(device)
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
     result = TuneResult(qweights={}, device=str(dev), dtype=str(dtype).replace("torch.", ""))
-    if resume is not None or world.size > 1:
-        fingerprint = asdict(config) | {"device": dev.type, "compute_dtype": result.dtype} | world.fingerprint()
-        world.from_root(lambda: resume and resume.begin(fingerprint, packing_format(model, config)))
+    world.agree(settings_digest(config, calib) | {"compute dtype": result.dtype})  # one CPU may lack bfloat16
+    world.check(config)
+    resume = resume if world.root else None
+    fingerprint = asdict(config) | {"device": dev.type, "compute_dtype": result.dtype} | world.fingerprint()
+    # rank 0 checks the store against this run; its refusal stops every rank
+    world.from_root(lambda: resume.begin(fingerprint, packing_format(model, config)) if resume is not None else None)
     cfg = model.cfg
 
     x = x_q = ropes = y = None
