@@ -6,6 +6,7 @@ path is the one torchrun takes; the ranks report through JSON files in a tempora
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from signround_export import quantize
+from signround_export import cli, quantize
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.errors import SignroundError, TuneError
 from signround_export.tune import signround
@@ -231,3 +232,17 @@ def test_the_split_is_contiguous():
     world = World(rank=1, size=2)
     assert world.share(torch.arange(8)).tolist() == [4, 5, 6, 7]
     assert world.local(torch.tensor([6, 3, 0, 4]), 4).tolist() == [2, 0]  # samples 6 and 4, in the batch's order
+
+
+def test_the_cli_refuses_a_sign_vote_with_adam_in_one_line(tiny_model, tmp_path, capsys):
+    assert cli.main(["tune", str(tiny_model), "--out", str(tmp_path / "o"), "--iters", "4", "--nsamples", "4",
+                     "--batch-size", "2", "--optimizer", "adam", "--dp-reduce", "sign", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("signround tune: error: --dp-reduce 'sign' votes") and "--optimizer" in err and "\n" not in err
+
+
+def test_python_m_runs_the_cli():
+    """torchrun launches `-m signround_export`."""
+    done = subprocess.run([sys.executable, "-m", "signround_export", "tune", "--help"], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0 and "--dp-reduce {sum,sign}" in done.stdout

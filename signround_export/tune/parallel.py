@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,7 +191,9 @@ def short(value: str | None, limit: int = 80) -> str:
 
 
 def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """The backend's own words, without its source location and advice: "Connection reset by peer"."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
 
 
 def timeout_seconds() -> float:
