@@ -156,6 +156,19 @@ def test_two_ranks_tune_as_one_process(single, two):
     assert sizes["sum"] - 8 == 4 * (sizes["sign"] - 8) > 0
 
 
+def test_adam_and_the_fixed_batch_on_two_ranks(tiny_model, tmp_path):
+    """Adam steps by the gradients' values, not their signs: the ranks' sum, rounded otherwise than one
+    process's, may move an integer across its rounding point (none here: measured equal); the fixed
+    batch's losses are summed over the ranks too."""
+    settings = SETTINGS | dict(optimizer="adam", lr=0.005, best="fixed", eval_every=3)
+    one, one_losses, _ = one_process(tiny_model, tmp_path / "one", settings)
+    reports = run_ranks(tmp_path, tiny_model, tmp_path / "two", settings)
+    assert all(r["exitcode"] == 0 and "error" not in r for r in reports)
+    assert len(one_losses) == len(reports[0]["losses"]) == 2 * 5  # steps 0, 3, 6, 9 and the end, per block
+    np.testing.assert_allclose(reports[0]["losses"], one_losses, rtol=1e-6)
+    assert equal_fraction(integers(read_checkpoint(tmp_path / "two")), integers(one)) >= 0.999
+
+
 def test_sign_vote_runs_and_lowers_the_loss(tiny_model, tmp_path):
     reports = run_ranks(tmp_path, tiny_model, tmp_path / "ckpt", SETTINGS | {"dp_reduce": "sign"})
     assert all(r["exitcode"] == 0 and "error" not in r for r in reports)
