@@ -62,7 +62,7 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
              act_dtype: str = "float32", act_device: str = "auto", calib_windows: str = "stream",
              optimizer: str = "signsgd", tune_clip: bool = True, lr_schedule: str = "linear",
-             patience: int = 0, best: str = "batch", eval_every: int = 10) -> QuantizeResult:
+             patience: int = 0, best: str = "batch", eval_every: int = 10, dp_reduce: str = "sum") -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -107,6 +107,12 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
         step's own batch), "last" (the final ones) or "fixed" (the lowest loss on one fixed batch of the
         block's samples, measured every eval_every steps and at the end).
 
+    Started by torchrun (several processes, on one machine or several), every rank tunes its share of
+    the calibration samples and their gradients are summed at every step (dp_reduce "sum": the
+    single-process result up to float summation order), or their signs voted on (dp_reduce "sign":
+    1/32 of the bytes; its accuracy is not yet measured); rank 0 writes the checkpoint, the others
+    return QuantizeResult.written False. SIGNROUND_DIST_TIMEOUT: the seconds a rank waits for the others.
+
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
     """
     given = [name for name, value in (("bits", bits), ("group_size", group_size), ("sym", sym)) if value is not None]
@@ -121,7 +127,7 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
                                     eval_every=eval_every)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
                           progress=progress, act_device=act_device,
-                          shard_size=shard_size)
+                          shard_size=shard_size, dp_reduce=dp_reduce)
 
 
 def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,

@@ -23,6 +23,7 @@ from .data import CALIB_WINDOWS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
 from .tune.config import BEST_RULES, LR_SCHEDULES, OPTIMIZERS, RECIPES
+from .tune.parallel import DP_REDUCES
 from .validation import Thresholds, folder_perplexity
 
 
@@ -133,6 +134,10 @@ def add_tune(sub):
     mixed.add_argument("--importance", choices=["gradient", "fisher", "activation"], default="fisher",
                        help="how a layer's quantization error is scored (default: fisher; see docs/benchmarks.md)")
     add_ablation(p)
+    p.add_argument("--dp-reduce", choices=DP_REDUCES, default="sum",
+                   help="under torchrun (data-parallel tuning, README): how the ranks' gradients are combined at "
+                        "each step; sum: their float sum, the single-process result (default); sign: a majority "
+                        "vote of their int8 signs, 1/32 of the bytes, accuracy not yet measured (signsgd only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune, flags=flag_names(p))
 
@@ -163,6 +168,8 @@ def cmd_tune(args) -> int:
         print(call_api(tune_memory, args).table())
         return 0
     result = call_api(quantize, args)
+    if not result.written:  # a rank other than 0 of a parallel run: rank 0 reports
+        return 0
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
     print(f"wrote {args.out}")

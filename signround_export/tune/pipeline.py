@@ -37,7 +37,7 @@ from ..model.folder import SELF_CALIBRATION_FILE, resolve_model_dir, safetensors
 from ..model.forward import Model
 from ..model.load import check_checkpoint, float_checkpoint, is_checkpoint, load_float_model, open_checkpoint
 from ..plots import plot_allocation
-from . import memory
+from . import memory, parallel
 from .allocate import Allocation, layer_file_bits, read_allocation, solve
 from .config import TuneConfig
 from .importance import MEASURES, block_linear_names, importance
@@ -110,6 +110,7 @@ class QuantizeResult:
     config: TuneConfig  # the settings every layer was tuned with (config.scheme(layer))
     tuning: TuneResult
     allocation: Allocation | None = None  # the bits chosen under LayerBits.avg_bits
+    written: bool = True  # False on the ranks other than 0 of a parallel run: they write nothing
 
     def summary(self) -> str:
         return self.tuning.summary()
@@ -118,7 +119,7 @@ class QuantizeResult:
 def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer_bits: LayerBits | None = None,
                    *, recipe: str = "best", calib: str | Path | None = None, device: str = "auto",
                    progress: bool = True, act_device: str = "auto",
-                   shard_size: int | str = DEFAULT_SHARD_SIZE) -> QuantizeResult:
+                   shard_size: int | str = DEFAULT_SHARD_SIZE, dp_reduce: str = "sum") -> QuantizeResult:
     """Tune the float model folder (or hub id) `model` and write its checkpoint folder `out` atomically.
 
     config: the tuning settings (config.layer_schemes is filled in here from layer_bits); recipe: the
@@ -127,7 +128,12 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     checkpoint folder (SELF_CALIBRATION_FILE) after it. A killed run resumes from `out`.progress when
     started again with the same settings. act_device: where the calibration activations are kept
     (signround.activation_device). The checkpoint's weights are written in shards of at most shard_size
-    ("5GB": one model.safetensors when everything fits), made in `out`.progress from the finished blocks."""
+    ("5GB": one model.safetensors when everything fits), made in `out`.progress from the finished blocks.
+
+    Under torchrun (parallel.py) every rank tunes its share of the samples; rank 0 alone computes the
+    calibration ids and the allocation (the others receive them), writes the resume store and the
+    checkpoint, and returns the whole result; the others return written=False. dp_reduce: how the
+    ranks' gradients are combined, "sum" or "sign" (parallel.DP_REDUCES)."""
     layer_bits = layer_bits or LayerBits()
     layer_bits.check()
     config.check()
@@ -135,19 +141,32 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     parse_size(shard_size)  # a bad size is refused before the tuning, not after
     name = calibration_name(calib)  # as the log and the resume store record it; a bad spec is refused here
     calib = calib if isinstance(calib, Path) else name if calib else None  # a Path is one file, commas and all
-    note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
-    float_model, hf, folder = load_float_model(model)
-    if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
-        # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
-        tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
-        check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
-    resume = ResumeStore(resume_folder(out), shard_size, name)
-    ids = None
-    if config.uses_data() or layer_bits.avg_bits is not None:
-        ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib, config.calib_windows,
-                              cache_dir=resume.folder, progress=progress)
-    allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
-    result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device)
+    with parallel.joined(device, dp_reduce) as world:
+        world.agree(asdict(config) | asdict(layer_bits) | dict(recipe=recipe, calib=calib, device=device,
+                                                               act_device=act_device, shard_size=shard_size))
+        world.check(config)
+        progress = progress and world.root
+        note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
+        float_model, hf, folder = load_float_model(model)
+        if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
+            # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
+            tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
+            check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
+        resume = ResumeStore(resume_folder(out), shard_size, name)
+
+        def calibrate() -> tuple:  # rank 0's: it reads and writes the resume folder
+            ids = None
+            if config.uses_data() or layer_bits.avg_bits is not None:
+                ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib,
+                                      config.calib_windows, cache_dir=resume.folder, progress=progress)
+            allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
+            return ids, allocation, config
+
+        ids, allocation, config = world.from_root(calibrate)
+        result = tune(float_model, ids, config, resume, device=device, progress=progress, act_device=act_device,
+                      world=world)
+    if not world.root:
+        return QuantizeResult(Path(out), config, result, allocation, written=False)
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
                                 "calibration": name}
     if allocation is not None:

@@ -17,6 +17,9 @@ an early stop (patience) and which parameters are kept (best, in Keeper and Bloc
 
 Each finished block is persisted (resume.py), so a killed run resumes from the last finished block and ends
 with the same integers (the batch order of block i depends only on the seed and i).
+
+Under torchrun every rank holds its share of the samples (parallel.World): a step's loss and gradients
+are summed over the ranks before the update, so every rank takes the same steps a single process would.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ from tqdm import tqdm
 
 from ..checkpoint.format import GPTQ, GPTQ_V1
 from ..checkpoint.qweight import QuantWeight, Scheme
+from ..digests import digest_of
 from ..errors import TuneError
 from ..model.forward import Model, block_forward
 from . import memory
 from .clip import clip_search
 from .config import TuneConfig
+from .parallel import SOLO, World
 from .quantizer import dequantize, group_range, quantize, to_qweight
 
 if TYPE_CHECKING:  # resume.py stores BlockLogs: it imports this module
@@ -68,6 +73,7 @@ class TuneResult:
     dtype: str = "float32"
     device: str = "cpu"
     resumed_blocks: int = 0
+    parallel: dict | None = None  # with several ranks: their number, the reduction and its bytes per block
 
     def log(self, config: TuneConfig) -> dict:
         return {
@@ -78,7 +84,7 @@ class TuneResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "resumed_blocks": self.resumed_blocks,
             "blocks": [asdict(b) for b in self.blocks],
-        }
+        } | ({"parallel": self.parallel} if self.parallel else {})
 
     def summary(self) -> str:
         """A line of totals, then a row per tuned block."""
@@ -145,18 +151,18 @@ def peak_rss_mb() -> float:
 
 
 def input_power(cfg, params: dict[str, torch.Tensor], x: torch.Tensor, rope, batch: int,
-                dtype=torch.float32, window: int | None = None) -> dict[str, torch.Tensor]:
+                dtype=torch.float32, window: int | None = None, world: World = SOLO) -> dict[str, torch.Tensor]:
     """Mean over calibration tokens of each linear's squared input, per input column (matmuls in dtype);
-    window: the block's sliding window."""
-    sums: dict[str, torch.Tensor] = {}
+    window: the block's sliding window; x: this rank's share of the samples, the mean is over all."""
+    parts: dict[str, list[torch.Tensor]] = {}  # each batch's sums, added in the samples' order over the ranks
 
     def tap(name: str, t: torch.Tensor) -> None:
-        s = t.detach().float().pow(2).reshape(-1, t.shape[-1]).sum(0)
-        sums[name] = sums[name] + s if name in sums else s
+        parts.setdefault(name, []).append(t.detach().float().pow(2).reshape(-1, t.shape[-1]).sum(0))
 
     device = next(iter(params.values())).device
     batched(lambda b: block_forward(cfg, params, b, *rope, tap=tap, window=window), x, batch, dtype, device)
-    tokens = x.shape[0] * x.shape[1]
+    sums = world.ordered_sums(parts)
+    tokens = x.shape[0] * world.size * x.shape[1]
     return {n: s / tokens for n, s in sums.items()}
 
 
@@ -329,24 +335,32 @@ class BlockRun:
     `it` updates."""
 
     def __init__(self, model: Model, i: int, tuner: BlockTuner, x_q: torch.Tensor, y: torch.Tensor, rope,
-                 config: TuneConfig, dtype, trace: Trace | None = None):
+                 config: TuneConfig, dtype, trace: Trace | None = None, world: World = SOLO):
+        """x_q, y: this rank's share of the samples (world.share); the batches are drawn from all of them."""
         self.cfg, self.i, self.tuner, self.x_q, self.y, self.rope = model.cfg, i, tuner, x_q, y, rope
-        self.config, self.dtype, self.trace = config, dtype, trace
+        self.config, self.dtype, self.trace, self.world = config, dtype, trace, world
         self.window, self.device = model.cfg.window(i), next(iter(tuner.params.values())).device
-        self.batch = min(config.batch_size, len(x_q))
+        n = len(x_q) * world.size
+        self.batch = min(config.batch_size, n)
         seed = config.seed * 100003 + i  # the batch order of block i depends only on the seed and i
-        self.batches = batch_order(torch.Generator().manual_seed(seed), len(x_q), self.batch)
+        self.batches = batch_order(torch.Generator().manual_seed(seed), n, self.batch)
         held = torch.Generator().manual_seed(seed + HELD_STREAM)
-        self.held = torch.randperm(len(x_q), generator=held)[: self.batch]
+        self.held = torch.randperm(n, generator=held)[: self.batch]
         self.keeper = Keeper(config.best, config.patience)
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        return block_loss(self.cfg, self.tuner, to_compute(self.x_q[idx], self.device),
-                          to_compute(self.y[idx], self.device), self.rope, self.window, self.dtype)
+    def loss(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """This rank's share of the batch idx's loss: the MSE over the samples it holds, weighted by their
+        part of the batch (exactly 1.0 in a single process); None when it holds none."""
+        mine = self.world.local(idx, len(self.x_q))
+        if len(mine) == 0:
+            return None
+        return block_loss(self.cfg, self.tuner, to_compute(self.x_q[mine], self.device),
+                          to_compute(self.y[mine], self.device), self.rope, self.window, self.dtype
+                          ) * (len(mine) / len(idx))
 
     def held_loss(self, it: int) -> float:
         with torch.no_grad():
-            value = self.loss(self.held).item()
+            value = self.world.total(self.loss(self.held))
         if self.trace:
             self.trace("held", it, self.held, value)
         return value
@@ -360,7 +374,7 @@ class BlockRun:
         for it in bar:
             idx = next(self.batches)
             loss = self.loss(idx)
-            value = loss.item()
+            value = self.world.total(loss)
             first = value if first is None else first
             if self.trace:
                 self.trace("train", it, idx, value)
@@ -370,7 +384,9 @@ class BlockRun:
                 keeper.offer(self.held_loss(it), it, self.tuner)
             if keeper.stale(it):
                 break
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            self.world.reduce_grads(self.tuner.variables())
             self.tuner.step(lr_at(config.lr_schedule, lr0, it, config.iters))
             steps += 1
             if it % 10 == 0:
@@ -390,18 +406,19 @@ class BlockRun:
 
 
 def tune_block(model: Model, i: int, params: dict[str, torch.Tensor], x_q: torch.Tensor, y: torch.Tensor, rope,
-               config: TuneConfig, dtype, progress: bool, trace: Trace | None = None
+               config: TuneConfig, dtype, progress: bool, trace: Trace | None = None, world: World = SOLO
                ) -> tuple[dict[str, QuantWeight], BlockLog]:
     """SignRound on block i (params: its float tensors on the tuning device): x_q the quantized model's
     inputs of the block, y the float block's outputs (stored in any dtype, on any device: each step's
-    batch moves to the tuning device). trace: see BlockRun."""
+    batch moves to the tuning device), this rank's share of them. trace: see BlockRun."""
     t0 = time.perf_counter()
     device = next(iter(params.values())).device
     schemes = {n: config.scheme(f"model.layers.{i}.{n}") for n in model.cfg.family.linears}
     window = model.cfg.window(i)
-    power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window) if config.searches() else None
+    power = input_power(model.cfg, params, x_q, rope, config.batch_size, dtype, window,
+                        world) if config.searches() else None
     tuner = BlockTuner(params, schemes, device, power, config.optimizer, config.tune_clip)
-    run = BlockRun(model, i, tuner, x_q, y, rope, config, dtype, trace)
+    run = BlockRun(model, i, tuner, x_q, y, rope, config, dtype, trace, world)
     first_loss, steps = run.train(progress)
     run.finish(steps)
     kept = run.keeper.snapshot
@@ -436,29 +453,41 @@ def packing_format(model: Model, config: TuneConfig) -> str:
     return GPTQ_V1 if all(config.scheme(n).sym for n in names) else GPTQ
 
 
+def settings_digest(config: TuneConfig, calib: torch.Tensor | None) -> dict[str, str]:
+    """What every rank must share: each setting, and the calibration ids (by digest)."""
+    ids = "none" if calib is None else digest_of(calib.contiguous().numpy().tobytes())
+    return {k: str(v) if k != "layer_schemes" else digest_of(repr(sorted(v.items())).encode())
+            for k, v in asdict(config).items()} | {"calibration ids": ids}
+
+
 def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: ResumeStore | None = None,
-         device: str = "auto", progress: bool = True, act_device: str = "auto") -> TuneResult:
+         device: str = "auto", progress: bool = True, act_device: str = "auto", world: World = SOLO) -> TuneResult:
     """Quantize every block's linears (and the lm_head with quant_lm_head). calib: [nsamples, seqlen]
     token ids, unused by plain round-to-nearest (iters 0 without clip_search). resume: where finished
     blocks are kept, and read back instead of tuned again; given, each finished block goes there and is
     not held (result.qweights reads them back from it). Each block's float tensors are read from
     model.tensors once, when the block is reached, and dropped when the next one is read.
     act_device: where the calibration activations are kept, in config.act_dtype ("auto": the tuning
-    device, or the CPU where a GPU's free memory would not hold them; memory.py)."""
+    device, or the CPU where a GPU's free memory would not hold them; memory.py).
+    world: the ranks tuning together (parallel.py); each embeds its share of calib, rank 0 alone uses
+    the resume store and holds the result (the others' qweights stay empty)."""
     start = time.perf_counter()
     dev = pick_device(device)
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
     result = TuneResult(qweights={}, device=str(dev), dtype=str(dtype).replace("torch.", ""))
-    if resume is not None:
-        resume.begin(asdict(config) | {"device": dev.type, "compute_dtype": result.dtype},
-                     packing_format(model, config))
+    world.agree(settings_digest(config, calib) | {"compute dtype": result.dtype})  # one CPU may lack bfloat16
+    world.check(config)
+    resume = resume if world.root else None
+    fingerprint = asdict(config) | {"device": dev.type, "compute_dtype": result.dtype} | world.fingerprint()
+    # rank 0 checks the store against this run; its refusal stops every rank
+    world.from_root(lambda: resume.begin(fingerprint, packing_format(model, config)) if resume is not None else None)
     cfg = model.cfg
 
     x = x_q = ropes = y = None
     if config.uses_data():
         store = activation_device(act_device, dev, model, config, progress)
         with torch.no_grad():
-            x = model.embed(calib).to(store, activation_dtype(config))
+            x = model.embed(world.share(calib)).to(store, activation_dtype(config))
         x_q = x.clone()
         ropes = model.ropes(calib.shape[1], dev)
 
@@ -471,7 +500,7 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
             y = batched(lambda b: block_forward(cfg, params, b, *rope, window=cfg.window(i)), x, config.batch_size,
                         dtype, dev)
         x = y  # the float chain moves on: its inputs of this block are needed no more
-        saved = resume.load_block(i) if resume is not None else None
+        saved = world.from_root(lambda: resume.load_block(i) if resume is not None else None)
         if saved is not None:
             qws, log = saved
             result.resumed_blocks += 1
@@ -479,10 +508,11 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
             if not config.uses_data():
                 qws, log = rtn_block(block, model.cfg.family.linears, i, config), BlockLog(i, None, None, None, 0.0)
             else:
-                qws, log = tune_block(model, i, params, x_q, y, rope, config, dtype, progress)
+                qws, log = tune_block(model, i, params, x_q, y, rope, config, dtype, progress, world=world)
             if resume is not None:
                 resume.save_block(i, qws, log)
-        if resume is None:
+            world.note_block(i)
+        if resume is None and world.root:
             result.qweights.update(qws)
         result.blocks.append(log)
         if config.uses_data():  # the quantized model's inputs of the next block
@@ -493,7 +523,7 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
         if log.loss_before is not None:
             bar.set_postfix_str(f"loss {log.loss_before:.3g} -> {log.loss_after:.3g}")
 
-    if config.quant_lm_head and not (resume is not None and resume.has("lm_head")):
+    if world.root and config.quant_lm_head and not (resume is not None and resume.has("lm_head")):
         # round-to-nearest: tuning it would need the full-vocabulary logits of every sample
         head = {"lm_head": to_qweight(model.lm_head_weight(), config.scheme("lm_head"),
                                       bias=model.tensors.get("lm_head.bias"))}
@@ -503,6 +533,7 @@ def tune(model: Model, calib: torch.Tensor | None, config: TuneConfig, resume: R
             result.qweights.update(head)
     if resume is not None:
         result.qweights = resume.qweights()
+    result.parallel = world.log()
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
