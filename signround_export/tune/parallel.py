@@ -108,8 +108,7 @@ class World:
         """One step's reduction of numel gradients: what each way of reducing sends per rank."""
         t = self.traffic
         t["steps"] = t.get("steps", 0) + 1
-        t["bytes_per_step"] = {"sum": 4 * numel + LOSS_BYTES,
-                               "sign": (1 if self.size < 128 else 4) * numel + LOSS_BYTES}
+        t["bytes_per_step"] = step_bytes(numel, self.size)
 
     def note_block(self, i: int) -> None:
         """Block i is tuned: its reductions go into the log."""
@@ -184,6 +183,13 @@ class World:
 
 
 SOLO = World()  # a single process: no collective ever changes its state
+
+
+def step_bytes(numel: int, size: int) -> dict[str, int]:
+    """The bytes one rank puts into a step's reductions of numel gradients, either way of reducing: float32
+    gradients ("sum"), or their signs as int8 ("sign"; int32 from 128 ranks on, where int8 could overflow),
+    plus the loss."""
+    return {"sum": 4 * numel + LOSS_BYTES, "sign": (1 if size < 128 else 4) * numel + LOSS_BYTES}
 
 
 def short(value: str | None, limit: int = 80) -> str:
