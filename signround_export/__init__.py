@@ -109,8 +109,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
 
     Started by torchrun (several processes, on one machine or several), every rank tunes its share of
     the calibration samples and their gradients are summed at every step (dp_reduce "sum": the
-    single-process result up to float summation order), or their signs voted on (dp_reduce "sign":
-    1/32 of the bytes; its accuracy is not yet measured); rank 0 writes the checkpoint, the others
+    single-process integers in float32; in bfloat16 each rank's gradients are rounded before the sum,
+    so the run differs from one process's), or their signs voted on (dp_reduce "sign": int8 signs, a
+    quarter of the bytes; its accuracy is not yet measured); rank 0 writes the checkpoint, the others
     return QuantizeResult.written False. SIGNROUND_DIST_TIMEOUT: the seconds a rank waits for the others.
 
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.

@@ -136,8 +136,9 @@ def add_tune(sub):
     add_ablation(p)
     p.add_argument("--dp-reduce", choices=DP_REDUCES, default="sum",
                    help="under torchrun (data-parallel tuning, README): how the ranks' gradients are combined at "
-                        "each step; sum: their float sum, the single-process result (default); sign: a majority "
-                        "vote of their int8 signs, 1/32 of the bytes, accuracy not yet measured (signsgd only)")
+                        "each step; sum: their float sum, the single-process integers in float32 (default); sign: "
+                        "a majority vote of their int8 signs, a quarter of the bytes, accuracy not yet measured "
+                        "(signsgd only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune, flags=flag_names(p))
 

@@ -111,6 +111,7 @@ def timing(a) -> str:
             "2 ranks x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                     "-m", "signround_export", "tune", str(MODEL), *flags], {"OMP_NUM_THREADS": "1"})}
     times: dict[str, list[float]] = {k: [] for k in runs}
+    (REPO / "out").mkdir(exist_ok=True)  # a fresh clone has none
     with tempfile.TemporaryDirectory(dir=REPO / "out") as tmp:
         for r in range(a.rounds):
             for k, (cmd, env) in (runs.items() if r % 2 == 0 else reversed(runs.items())):
