@@ -62,7 +62,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
              act_dtype: str = "float32", act_device: str = "auto", calib_windows: str = "stream",
              optimizer: str = "signsgd", tune_clip: bool = True, lr_schedule: str = "linear",
-             patience: int = 0, best: str = "batch", eval_every: int = 10, dp_reduce: str = "sum") -> QuantizeResult:
+             patience: int = 0, best: str = "batch", eval_every: int = 10, batch_order: str = "random",
+             dp_reduce: str = "sum") -> QuantizeResult:
     """Quantize every decoder-block linear of a float HF model with SignRound into a checkpoint folder.
 
     model: a float HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id.
@@ -106,6 +107,9 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
         steps without a lower loss (0: never). best: the parameters kept, "batch" (the lowest loss on the
         step's own batch), "last" (the final ones) or "fixed" (the lowest loss on one fixed batch of the
         block's samples, measured every eval_every steps and at the end).
+    batch_order: "random" (batches cut from random permutations of the samples) or "strata" (one sample
+        from each of batch_size contiguous strata per batch: an even split of every batch over the ranks
+        of a data-parallel run; nsamples must be a multiple of batch_size).
 
     Started by torchrun (several processes, on one machine or several), every rank tunes its share of
     the calibration samples and their gradients are summed at every step (dp_reduce "sum": the
@@ -125,7 +129,7 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
                                     clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
                                     calib_windows=calib_windows, optimizer=optimizer, tune_clip=tune_clip,
                                     lr_schedule=lr_schedule, patience=patience, best=best,
-                                    eval_every=eval_every)
+                                    eval_every=eval_every, batch_order=batch_order)
     return quantize_model(model, out, config, layer_bits, recipe=recipe, calib=calib, device=device,
                           progress=progress, act_device=act_device,
                           shard_size=shard_size, dp_reduce=dp_reduce)

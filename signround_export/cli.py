@@ -22,7 +22,7 @@ from .checkpoint.qweight import SUPPORTED_BITS
 from .data import CALIB_WINDOWS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
-from .tune.config import BEST_RULES, LR_SCHEDULES, OPTIMIZERS, RECIPES
+from .tune.config import BATCH_ORDERS, BEST_RULES, LR_SCHEDULES, OPTIMIZERS, RECIPES
 from .tune.parallel import DP_REDUCES
 from .validation import Thresholds, folder_perplexity
 
@@ -162,6 +162,10 @@ def add_ablation(p) -> None:
                         "last, the final ones; fixed, the lowest loss on one fixed batch of the block's samples, "
                         "measured every --eval-every steps and at the end")
     a.add_argument("--eval-every", type=int, default=10, help="steps between measurements of --best fixed (default 10)")
+    a.add_argument("--batch-order", choices=BATCH_ORDERS, default="random",
+                   help="random: batches cut from random permutations of the samples (default); strata: one sample "
+                        "from each of --batch-size contiguous strata per batch, which splits every batch evenly over "
+                        "torchrun's ranks (--nsamples a multiple of --batch-size)")
 
 
 def cmd_tune(args) -> int:

@@ -17,8 +17,8 @@ from signround_export.model.load import load_float_model
 from signround_export.tune.config import ABLATION_SETTINGS, TuneConfig
 from signround_export.tune.quantizer import quantize
 from signround_export.tune.resume import ResumeStore
-from signround_export.tune.signround import (BlockLog, BlockTuner, batched, block_loss, input_power, lr_at,
-                                             to_compute, tune, tune_block)
+from signround_export.tune.signround import (BlockLog, BlockTuner, batch_order, batched, block_loss, input_power,
+                                             lr_at, to_compute, tune, tune_block)
 
 SMALL = dict(bits=4, group_size=32, nsamples=8, seqlen=32, batch_size=2)
 
@@ -265,11 +265,41 @@ def test_an_old_block_log_and_an_old_store_still_load(tmp_path, setup):
 
 
 @pytest.mark.parametrize("setting,value", [("optimizer", "sgd"), ("patience", -1), ("best", "worst"),
-                                           ("lr_schedule", "step"), ("eval_every", 0), ("tune_clip", "no")])
+                                           ("lr_schedule", "step"), ("eval_every", 0), ("tune_clip", "no"),
+                                           ("batch_order", "sorted")])
 def test_bad_values_are_refused_by_name(setting, value):
     with pytest.raises(TuneError) as e:
         TuneConfig.from_recipe("fast", **{setting: value})
     assert e.value.param == setting and f"`{setting}` {value!r}" in str(e.value)
+
+
+def epochs(order: str, n: int, batch: int, count: int) -> list[list[torch.Tensor]]:
+    batches = batch_order(torch.Generator().manual_seed(0), n, batch, order)
+    return [[next(batches) for _ in range(n // batch)] for _ in range(count)]
+
+
+@pytest.mark.parametrize("order", ["random", "strata"])
+def test_every_sample_once_per_epoch_in_either_order(order):
+    for epoch in epochs(order, 12, 4, 3):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(12))
+
+
+def test_strata_take_one_sample_of_each_stratum_per_batch_and_vary():
+    """12 samples, batch 4: strata {0,1,2}, {3,4,5}, ...; every batch holds one of each, so any contiguous
+    share of whole strata (2 ranks: 6 samples each) holds the same number of every batch's samples."""
+    runs = epochs("strata", 12, 4, 4)
+    for epoch in runs:
+        for idx in epoch:
+            assert sorted((idx // 3).tolist()) == [0, 1, 2, 3]
+            assert torch.bincount(idx // 6, minlength=2).tolist() == [2, 2]
+    assert len({tuple(torch.cat(e).tolist()) for e in runs}) > 1  # each epoch draws new permutations
+
+
+def test_strata_need_a_batch_that_divides_the_samples():
+    with pytest.raises(TuneError, match="multiple of batch_size") as e:
+        TuneConfig.from_recipe("fast", nsamples=10, batch_size=4, batch_order="strata")
+    assert e.value.param == "batch_order"
+    TuneConfig.from_recipe("fast", nsamples=10, batch_size=4, batch_order="strata", iters=0)  # no steps, no batches
 
 
 def test_the_cli_refuses_a_bad_patience_in_one_line(tiny_model, tmp_path, capsys):
@@ -293,8 +323,9 @@ def test_the_cli_flags_reach_the_tuning_and_its_log(tiny_model, tmp_path):
     assert cli.main(["tune", str(tiny_model), "--out", str(out), "--iters", "6", "--nsamples", "4", "--seqlen", "32",
                      "--batch-size", "2", "--group-size", "32", "--optimizer", "adam", "--no-tune-clip",
                      "--lr-schedule", "cosine", "--patience", "50", "--best", "fixed", "--eval-every", "4",
-                     "--quiet"]) == 0
+                     "--batch-order", "strata", "--quiet"]) == 0
     log = json.loads((out / "tuning_log.json").read_text())
     assert {k: log["args"][k] for k in ABLATION_SETTINGS} == dict(
-        optimizer="adam", tune_clip=False, lr_schedule="cosine", patience=50, best="fixed", eval_every=4)
+        optimizer="adam", tune_clip=False, lr_schedule="cosine", patience=50, best="fixed", eval_every=4,
+        batch_order="strata")
     assert [b["steps"] for b in log["blocks"]] == [6, 6] and all(b["best_iter"] in (0, 4, 6) for b in log["blocks"])

@@ -27,3 +27,7 @@ def test_the_busiest_rank_holds_more_than_an_even_share():
     two, eight = bp.busiest_share(128, 8, 2, steps=500), bp.busiest_share(128, 8, 8, steps=500)
     assert 1.1 < two < 1.5 and two < eight <= 8
     assert bp.busiest_share(16, 8, 2, steps=50) >= 1.0
+
+
+def test_strata_give_every_rank_an_even_share():
+    assert all(bp.busiest_share(128, 8, n, steps=100, order="strata") == 1.0 for n in (2, 4, 8))

@@ -169,6 +169,16 @@ def test_adam_and_the_fixed_batch_on_two_ranks(tiny_model, tmp_path):
     assert equal_fraction(integers(read_checkpoint(tmp_path / "two")), integers(one)) >= 0.999
 
 
+def test_strata_on_two_ranks_tune_as_one_process(tiny_model, tmp_path):
+    """The stratified batch order gives each rank half of every batch; the steps stay the single process's."""
+    settings = SETTINGS | dict(batch_order="strata")
+    one, one_losses, _ = one_process(tiny_model, tmp_path / "one", settings)
+    reports = run_ranks(tmp_path, tiny_model, tmp_path / "two", settings)
+    assert all(r["exitcode"] == 0 and "error" not in r for r in reports)
+    np.testing.assert_allclose(reports[0]["losses"], one_losses, rtol=1e-6)
+    assert equal_fraction(integers(read_checkpoint(tmp_path / "two")), integers(one)) == 1.0
+
+
 def test_sign_vote_runs_and_lowers_the_loss(tiny_model, tmp_path):
     reports = run_ranks(tmp_path, tiny_model, tmp_path / "ckpt", SETTINGS | {"dp_reduce": "sign"})
     assert all(r["exitcode"] == 0 and "error" not in r for r in reports)

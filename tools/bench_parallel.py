@@ -10,9 +10,10 @@ bytes one rank puts into a step's reduction (parallel.step_bytes: float32 sum, o
 of --steps steps, and what one reduction costs against the compute of one step. A ring all-reduce moves
 2 (N - 1) / N times the buffer through each rank's link; the step's compute is its matmul FLOPs
 (tools/bench_step.py's count: forward, weight and input gradients, attention) over --gpu-tflops, split
-over N ranks. The batch order is the single process's (the same samples at every step), so a rank's
-share of a batch is uneven: the busiest rank's share, averaged over steps, is measured here by drawing
-the batches tune draws (signround.batch_order over nsamples, contiguous shares). Efficiency at N ranks =
+over N ranks. The batch order is the single process's (the same samples at every step); with tune's
+default --batch-order random a rank's share of a batch is uneven: the busiest rank's share, averaged
+over steps, is measured here by drawing the batches tune draws (signround.batch_order over nsamples,
+contiguous shares); --batch-order strata gives every rank an even share. Efficiency at N ranks =
 time of one rank's step / (N x (the busiest rank's compute + the reduction)).
 
 time: 2 ranks x 1 thread (torchrun, gloo) against 1 process x 2 threads, same settings, alternating
@@ -59,9 +60,11 @@ def tuned_elements(cfg: ModelConfig, group: int) -> int:
     return total
 
 
-def busiest_share(nsamples: int, batch: int, ranks: int, steps: int = 2000, seed: int = 0) -> float:
-    """The busiest rank's samples per batch, averaged over steps, over the even share batch / ranks."""
-    m, order = nsamples // ranks, batch_order(torch.Generator().manual_seed(seed), nsamples, batch)
+def busiest_share(nsamples: int, batch: int, ranks: int, steps: int = 2000, seed: int = 0,
+                  order: str = "random") -> float:
+    """The busiest rank's samples per batch, averaged over steps, over the even share batch / ranks, with
+    tune's batch order `order`."""
+    m, order = nsamples // ranks, batch_order(torch.Generator().manual_seed(seed), nsamples, batch, order)
     most = [torch.bincount(next(order) // m, minlength=ranks).max().item() for _ in range(steps)]
     return statistics.mean(most) / (batch / ranks)
 
@@ -81,8 +84,8 @@ def traffic(a) -> str:
                      f"{sent['sum'] * a.steps / 1e9:,.2f} GB | {sent['sign'] * a.steps / 1e9:,.2f} GB | "
                      f"{compute * 1e3:,.1f} ms |")
         rows.append((name, numel, compute))
-    share = {n: busiest_share(a.nsamples, a.batch_size, n) for n in RANKS}
-    lines += ["", "The busiest rank's share of a batch over the even share (the single process's batches): "
+    share = {n: busiest_share(a.nsamples, a.batch_size, n, order=a.batch_order) for n in RANKS}
+    lines += ["", f"The busiest rank's share of a batch over the even share (batch order {a.batch_order}): "
               + ", ".join(f"{n} ranks {s:.2f}x" for n, s in share.items()), "",
               "Efficiency (speed-up / ranks) at 2, 4, 8 ranks; a reduction's time in brackets:", "",
               "| model | link | reduce | " + " | ".join(f"{n} ranks" for n in RANKS) + " |",
@@ -106,7 +109,7 @@ def tune_seconds(cmd: list[str], out: Path, env: dict) -> float:
 
 def timing(a) -> str:
     flags = ["--iters", str(a.iters), "--nsamples", str(a.nsamples), "--batch-size", str(a.batch_size),
-             "--seqlen", "512", "--bits", "4", "--group-size", "128", "--asym"]
+             "--seqlen", "512", "--bits", "4", "--group-size", "128", "--asym", "--batch-order", a.batch_order]
     runs = {"1 process x 2 threads": ([SIGNROUND, "tune", str(MODEL), *flags], {"OMP_NUM_THREADS": "2"}),
             "2 ranks x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                     "-m", "signround_export", "tune", str(MODEL), *flags], {"OMP_NUM_THREADS": "1"})}
@@ -137,6 +140,8 @@ def main() -> None:
                     help="bf16 matmul rate one GPU sustains (H100 SXM: 989 peak dense)")
     ap.add_argument("--iters", type=int, default=10, help="time: steps per block")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-order", choices=["random", "strata"], default="random",
+                    help="tune's --batch-order: random splits batches unevenly over the ranks, strata evenly")
     a = ap.parse_args()
     a.nsamples = a.nsamples or (128 if a.what == "traffic" else 16)
     print(traffic(a) if a.what == "traffic" else timing(a))

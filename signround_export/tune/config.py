@@ -18,8 +18,9 @@ ACT_DTYPES = ("float32", "bfloat16")  # how calibration activations may be store
 OPTIMIZERS = ("signsgd", "adam")
 LR_SCHEDULES = ("linear", "constant", "cosine")
 BEST_RULES = ("batch", "last", "fixed")
+BATCH_ORDERS = ("random", "strata")
 # their fields: at their defaults a run tunes as before they existed (resume.py reads older stores so)
-ABLATION_SETTINGS = ("optimizer", "tune_clip", "lr_schedule", "patience", "best", "eval_every")
+ABLATION_SETTINGS = ("optimizer", "tune_clip", "lr_schedule", "patience", "best", "eval_every", "batch_order")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class TuneConfig:
     # final ones; "fixed" those of the lowest loss on one fixed batch, measured every eval_every steps
     best: str = "batch"
     eval_every: int = 10
+    # how a block's steps draw their batches from the samples (signround.batch_order): "random" batches of
+    # a random permutation (SignRound's); "strata" one sample from each of batch_size contiguous strata,
+    # which splits every batch evenly over data-parallel ranks (parallel.py)
+    batch_order: str = "random"
 
     @classmethod
     def from_recipe(cls, recipe: str = "best", **settings) -> "TuneConfig":
@@ -89,9 +94,14 @@ class TuneConfig:
         if self.uses_data() and self.batch_size > self.nsamples:
             raise TuneError(f"`batch_size` {self.batch_size} is larger than `nsamples` {self.nsamples}; lower "
                             "the first or raise the second", param="batch_size")
+        if self.iters > 0 and self.batch_order == "strata" and self.nsamples % self.batch_size:
+            raise TuneError(f"`batch_order` 'strata' cuts the {self.nsamples} samples into `batch_size` "
+                            f"{self.batch_size} equal strata: give an nsamples that is a multiple of batch_size",
+                            param="batch_order")
 
     def check_ablation(self) -> None:
-        for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("best", BEST_RULES)):
+        for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("best", BEST_RULES),
+                              ("batch_order", BATCH_ORDERS)):
             if getattr(self, name) not in choices:
                 raise TuneError(f"`{name}` {getattr(self, name)!r}: choose one of {', '.join(choices)} (default "
                                 f"{choices[0]})", param=name)

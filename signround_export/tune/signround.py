@@ -289,14 +289,23 @@ def lr_at(schedule: str, lr0: float, it: int, total: int) -> float:
     return lr0 * (1 - it / total)
 
 
-def batch_order(g: torch.Generator, n: int, batch: int) -> Iterator[torch.Tensor]:
-    """Training batches of sample indices: a permutation of n drawn from g, cut in order, and a new one
-    once every sample has been seen."""
-    order, pos = torch.randperm(n, generator=g), 0
+def batch_order(g: torch.Generator, n: int, batch: int, order: str = "random") -> Iterator[torch.Tensor]:
+    """Training batches of sample indices drawn from g, every sample once before any repeats.
+    "random": a permutation of n cut in order, and a new one once every sample has been seen.
+    "strata": the samples cut into `batch` contiguous strata of n / batch; each batch takes the next
+    sample of every stratum's own permutation, so any contiguous share of whole strata (a data-parallel
+    rank's, parallel.py) holds the same number of each batch's samples."""
+    if order == "strata":
+        k = n // batch
+        base = torch.arange(batch) * k
+        while True:
+            perms = torch.stack([torch.randperm(k, generator=g) for _ in range(batch)], dim=1)  # [k, batch]
+            yield from (base + p for p in perms)
+    perm, pos = torch.randperm(n, generator=g), 0
     while True:
-        if pos + batch > len(order):
-            order, pos = torch.randperm(n, generator=g), 0
-        yield order[pos : pos + batch]
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos : pos + batch]
         pos += batch
 
 
@@ -343,7 +352,7 @@ class BlockRun:
         n = len(x_q) * world.size
         self.batch = min(config.batch_size, n)
         seed = config.seed * 100003 + i  # the batch order of block i depends only on the seed and i
-        self.batches = batch_order(torch.Generator().manual_seed(seed), n, self.batch)
+        self.batches = batch_order(torch.Generator().manual_seed(seed), n, self.batch, config.batch_order)
         held = torch.Generator().manual_seed(seed + HELD_STREAM)
         self.held = torch.randperm(n, generator=held)[: self.batch]
         self.keeper = Keeper(config.best, config.patience)
