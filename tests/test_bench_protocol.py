@@ -23,9 +23,24 @@ def test_an_arm_from_the_command_line_adds_tune_flags_or_autoround_keywords():
     assert bp.tune_settings(MODEL, bp.Protocol(), arm, 43).nsamples == 64
 
 
+def test_ranks_run_an_arm_under_torchrun_and_count_in_its_settings(tiny_model, tmp_path):
+    name, arm = bp.parse_arm("dp2=ours:--ranks 2 --dp-reduce sign", bp.ARMS)
+    assert arm == bp.Arm("signround", ("--dp-reduce", "sign"), ranks=2)
+    protocol = bp.Protocol(group_size=32, iters=2, nsamples=4, seqlen=16, batch_size=2)
+    r = bp.Run(tiny_model, tmp_path, protocol, 40, "python", "off", "on", "auto", False)
+    plain = bp.Cell("ours", bp.ARMS["ours"], 42)
+    assert "ranks" not in r.settings(plain)  # cells made before ranks existed keep their settings
+    assert r.settings(bp.Cell(name, arm, 42))["ranks"] == 2
+    facts = bp.tune_ours(r, bp.Cell(name, arm, 42), tmp_path / "ckpt")
+    assert "torch.distributed.run" in facts["command"] and "--dp-reduce sign" in facts["command"]
+    log = json.loads((tmp_path / "ckpt" / "tuning_log.json").read_text())
+    assert (log["parallel"]["world_size"], log["parallel"]["dp_reduce"]) == (2, "sign")
+
+
 @pytest.mark.parametrize("spec, said", [("x=nope", "BASE one of"), ("x=ar:lr", "not an AutoRound keyword"),
                                         ("x=ar:--iters 400", "would not reach auto-round"),
-                                        ("x=float:--iters 3", "takes no arguments")])
+                                        ("x=float:--iters 3", "takes no arguments"),
+                                        ("x=ours:--ranks", "--ranks takes a number")])
 def test_a_bad_arm_is_refused_by_name(spec, said):
     with pytest.raises(SystemExit, match=said):
         bp.parse_arm(spec, bp.ARMS)

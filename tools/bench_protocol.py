@@ -18,6 +18,8 @@ quoting: for a signround arm, more `signround tune` flags (after the protocol's,
 autoround arm, AutoRound keywords as key=value with JSON values (a value that is not JSON is a string),
 then, from the first --flag on, tune's --calib/--calib-windows flags choosing the windows as for our tune:
     --arm 'ours-docs=ours:--calib-windows documents' --arm 'ar-lr=ar:lr=0.002 iters=400'
+A signround arm's `--ranks N` is this script's: the arm's tune runs data-parallel under torchrun, N
+processes sharing the cores (`--arm 'dp2-sign=ours:--ranks 2 --dp-reduce sign'`).
 Both tools get the same token windows for a seed and calibration option: this script computes them with
 signround_export.data.calibration_ids and saves them for auto-round's worker (bench_vs_autoround.py);
 our tune computes them itself, and after each tune they are computed again from the settings its
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -51,10 +54,12 @@ from signround_export.atomic import atomic_file
 class Arm:
     """A named recipe. tool: "float" (the model untuned), "signround" or "autoround". tune_args: `signround
     tune` flags after the protocol's (for autoround, only those choosing the windows); ar_kwargs: AutoRound
-    keywords over the protocol's."""
+    keywords over the protocol's; ranks: processes of a signround arm (torchrun, data-parallel), each with
+    an equal part of the machine's cores as threads."""
     tool: str
     tune_args: tuple[str, ...] = ()
     ar_kwargs: dict = field(default_factory=dict)
+    ranks: int = 1
 
 
 ARMS = {
@@ -117,7 +122,13 @@ def parse_arm(spec: str, arms: dict[str, Arm]) -> tuple[str, Arm]:
     if arm.tool == "float" and tokens:
         raise SystemExit(f"--arm {spec!r}: the float arm takes no arguments")
     if arm.tool == "signround":
-        return name, Arm("signround", arm.tune_args + tuple(tokens))
+        ranks = arm.ranks
+        if "--ranks" in tokens:  # this script's flag, not tune's: run the arm under torchrun
+            i = tokens.index("--ranks")
+            if i + 1 == len(tokens) or not tokens[i + 1].isdigit() or int(tokens[i + 1]) < 1:
+                raise SystemExit(f"--arm {spec!r}: --ranks takes a number of processes (e.g. --ranks 2)")
+            ranks, tokens = int(tokens[i + 1]), tokens[:i] + tokens[i + 2:]
+        return name, Arm("signround", arm.tune_args + tuple(tokens), ranks=ranks)
     first_flag = next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens))
     flags, kwargs = tuple(tokens[first_flag:]), dict(arm.ar_kwargs)
     other = [t for t in flags if t.startswith("--") and t.partition("=")[0] not in WINDOW_FLAGS]
@@ -222,16 +233,20 @@ class Run:
                 "protocol": asdict(self.protocol) if tool != "float" else None,
                 "tune_args": list(cell.arm.tune_args), "ar_kwargs": cell.arm.ar_kwargs,
                 "autoround": {"compile": self.compile, "amp": self.amp, "packing": self.ar_packing}
-                if tool == "autoround" else None}
+                if tool == "autoround" else None} | ({"ranks": cell.arm.ranks} if cell.arm.ranks > 1 else {})
 
 
 def tune_ours(r: Run, cell: Cell, folder: Path) -> dict:
     """`signround tune` into folder, timed around the command alone; the windows checked after."""
     flags = tune_flags(r.protocol, cell.arm, cell.seed)
     ns = tune_settings(r.model, r.protocol, cell.arm, cell.seed)
-    cmd = [SIGNROUND, "tune", str(r.model), "--out", str(folder), "--quiet", *flags]
+    cmd, env = [SIGNROUND, "tune", str(r.model), "--out", str(folder), "--quiet", *flags], None
+    if cell.arm.ranks > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cell.arm.ranks)]
+        cmd = [*launch, "-m", "signround_export", *cmd[1:]]
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cell.arm.ranks))}
     t0 = time.perf_counter()
-    run(cmd)
+    run(cmd, env)
     seconds = time.perf_counter() - t0
     log = json.loads((folder / "tuning_log.json").read_text())
     # after the tune, so that `self` windows are read from the checkpoint rather than generated again

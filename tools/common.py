@@ -35,10 +35,11 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores" + (f", {' '.join(extensions)}" if extensions else "")
 
 
-def run(cmd: list[str]) -> str:
-    """Run a command, echoing it; stop the benchmark when it fails. Returns its stdout."""
+def run(cmd: list[str], env: dict | None = None) -> str:
+    """Run a command (env: variables over this process's), echoing it; stop the benchmark when it fails.
+    Returns its stdout."""
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=None if env is None else os.environ | env)
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
     return r.stdout
