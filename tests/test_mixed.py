@@ -98,6 +98,20 @@ def test_a_budget_of_a_uniform_size_gives_no_worse_a_measured_loss(probe_model, 
     assert alloc.predicted > 0 and alloc.lower_bound <= alloc.predicted + 1e-12
 
 
+def test_a_saved_allocation_is_read_back_only_under_the_same_settings(probe_model, tmp_path):
+    from signround_export.tune.resume import ResumeStore
+
+    model, ids = probe_model
+    shapes = linear_shapes(model)
+    table = cost_table("gguf", shapes, True)
+    budget = sum(table[n]["Q5_0"][1] for n in shapes)
+    alloc = allocate(KLProbe(model, ids), table, shapes, budget, "gguf", tries=1, rounds=1)
+    store = ResumeStore(tmp_path / "p", "5GB", "pydoc")
+    store.save_allocation({"size_mb": 1.0}, alloc)
+    assert store.load_allocation({"size_mb": 1.0}) == alloc
+    assert store.load_allocation({"size_mb": 2.0}) is None
+
+
 def test_budgets_no_file_meets_are_refused():
     table = {"a": {"Q4_0": (None, 100), "Q8_0": (None, 200)}, "b": {"Q4_0": (None, 100), "Q8_0": (None, 200)}}
     with pytest.raises(ValueError, match="below the smallest file"):
