@@ -15,7 +15,8 @@ model) on a few calibration windows (kl_probe.py), measured, not assumed additiv
    costs rounded up (the answer always fits). Predicted KL = K0 * sum e[l, c_l] / sum e[l, base_l]
    (the summed model scaled to the base's measured KL); the Lagrangian dual, scaled alike, bounds it
    from below.
-4. correction: measure the answer's KL; then, greedily, try the moves the model thinks cheapest
+4. correction: measure the answer's KL; then, from it or the base, whichever measured less, greedily
+   try the moves the model thinks cheapest
    (one layer a step up and another a step down, or one step up into slack), `tries` per round, and
    keep the best one while the measured KL falls.
 5. the answer: the assignment of least measured KL among the base, the knapsack's and the corrected
@@ -237,6 +238,8 @@ def allocate(probe, table: Table, shapes: dict[str, tuple[int, int]], budget: fl
     knapsack_kl = probe.pin(prob.schemes(chosen))
     note(f"allocation: knapsack predicts KL {predicted:.5g}, measured {knapsack_kl:.5g}")
     current, current_kl, moves, tried = chosen.copy(), knapsack_kl, [], set()
+    if base_kl < knapsack_kl:  # the model misled the knapsack: correct from the base instead
+        current, current_kl = base.copy(), probe.pin(prob.schemes(base))
     for _ in range(rounds):
         candidates = []
         slack = budget - prob.total(current)
