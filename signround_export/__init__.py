@@ -15,7 +15,6 @@ fault; `error.param` holds its name when the message is about one parameter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 from .checkpoint.format import Checkpoint, QuantConfig
 from .checkpoint.qweight import QuantWeight, Scheme

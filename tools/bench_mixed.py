@@ -1,8 +1,8 @@
 """Perplexity against the deployed file's size: uniform choices, and mixed allocations between them.
 
     .venv/bin/python tools/bench_mixed.py --target gguf|onnx [--recipe fast | --iters 0] \
-        [--uniform q4_0,q4_1,q5_0,q5_1,q8_0] [--between 1] [--probe-windows 4] [--seqlen 256] \
-        [--windows 40] [--out out/bench-mixed-gguf]
+        [--uniform q4_0,q4_1,q5_0,q5_1,q8_0] [--between 1 | --budgets-mb 62.5,...] [--probe-windows 4] \
+        [--seqlen 256] [--windows 40] [--out out/bench-mixed-gguf]
 
 Every point is tuned with the same recipe (`--iters 0`: round to nearest):
   uniform  GGUF `signround tune --gguf T`; ONNX `--bits B --group-size G` (labels like w4g64)
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--uniform", help="the uniform points (default: GGUF " + UNIFORM["gguf"] + "; ONNX "
                                       + UNIFORM["onnx"] + ")")
     ap.add_argument("--between", type=int, default=1, help="mixed points in each gap between uniform sizes")
+    ap.add_argument("--budgets-mb", help="the mixed points' --size-mb instead, comma-separated")
     ap.add_argument("--recipe", default="fast")
     ap.add_argument("--iters", type=int, help="override the recipe's iters (0: round to nearest)")
     ap.add_argument("--seqlen", type=int, help="override the recipe's calibration window length")
@@ -114,11 +115,12 @@ def main() -> None:
 
     for u in uniform:
         point(u, "uniform", uniform_flags(args.target, u))
-    for lo, hi in zip(uniform, uniform[1:]):
-        for i in range(1, args.between + 1):
-            mb = (linears[lo] + (linears[hi] - linears[lo]) * i / (args.between + 1)) / 1e6
-            point(f"mixed-{mb:.2f}mb", "mixed", ["--target", args.target, "--size-mb", f"{mb:.2f}",
-                                                 "--probe-windows", str(args.probe_windows)])
+    budgets = [float(b) for b in args.budgets_mb.split(",")] if args.budgets_mb else [
+        (linears[lo] + (linears[hi] - linears[lo]) * i / (args.between + 1)) / 1e6
+        for lo, hi in zip(uniform, uniform[1:]) for i in range(1, args.between + 1)]
+    for mb in budgets:
+        point(f"mixed-{mb:.2f}mb", "mixed", ["--target", args.target, "--size-mb", f"{mb:.2f}",
+                                             "--probe-windows", str(args.probe_windows)])
     print(f"\n{results['date']}, {results['machine']}; {args.windows} windows of 512 tokens of {TEXT.name}, no BOS; "
           f"linears: the decoder-block linears' bytes in the file\n")
     print("| point | file MB | linears MB | perplexity | base | KL base / predicted / knapsack / final | choices |\n"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.format import Checkpoint, QuantConfig
-from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
+from ..checkpoint.qweight import Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
 from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
