@@ -93,7 +93,8 @@ def test_a_budget_of_a_uniform_size_gives_no_worse_a_measured_loss(probe_model, 
     got = KLProbe(model, ids).pin({n: table[n][c][0].scheme for n, c in alloc.choices.items()})
     want = KLProbe(model, ids).pin({n: table[n][uniform][0].scheme for n in shapes})
     assert got == pytest.approx(alloc.measured, rel=1e-6)
-    assert alloc.uniform_kl == pytest.approx(want, rel=1e-6)
+    assert alloc.uniform_kls[uniform] == pytest.approx(want, rel=1e-6)
+    assert alloc.uniform_kl == min(alloc.uniform_kls.values())  # the best uniform that fits is the base
     assert got <= want * (1 + 1e-6)
     assert alloc.predicted > 0 and alloc.lower_bound <= alloc.predicted + 1e-12
 
@@ -138,7 +139,8 @@ def test_tune_for_gguf_under_a_size_writes_the_chosen_types(tiny_model, tmp_path
     assert main(["tune", str(tiny_model), "--out", str(out), "--target", "gguf", "--size-mb", str(q5_1 / 1e6),
                  *TUNE]) == 0
     log = json.loads((out / "tuning_log.json").read_text())["allocation"]
-    assert log["nbytes"] <= q5_1 and log["measured"] <= log["uniform_kl"] and log["uniform"] == "Q5_1"
+    assert log["nbytes"] <= q5_1 and log["measured"] <= log["uniform_kl"] == min(log["uniform_kls"].values())
+    assert set(log["uniform_kls"]) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}  # every uniform type that fits
     ckpt = read_checkpoint(out)
     export_gguf(ckpt, tmp_path / "m.gguf", progress=False)
     weights, types = read_gguf_weights(tmp_path / "m.gguf", ModelConfig.from_hf(ckpt.hf_config))

@@ -4,7 +4,8 @@ Each decoder-block linear l picks one choice c of its target's table (costs.py: 
 ONNX MatMulNBits or a GGUF type), costing c[l, c] bytes in the file. The loss is KL(float || rounded
 model) on a few calibration windows (kl_probe.py), measured, not assumed additive:
 
-1. base: the dearest uniform choice that fits the budget (or each layer's cheapest); its KL, K0.
+1. base: of the uniform choices that fit the budget, the one of least measured KL (or, where none
+   fits, each layer's cheapest); its KL, K0.
 2. sensitivity: for each layer alone, the KL when it drops one step to its next cheaper choice (the
    next dearer one where the base is its cheapest) with every other layer at the base: the layer's
    loss per unit of its own output error, lambda_l = dKL / d(output error). Measured in the context
@@ -20,7 +21,7 @@ model) on a few calibration windows (kl_probe.py), measured, not assumed additiv
    (one layer a step up and another a step down, or one step up into slack), `tries` per round, and
    keep the best one while the measured KL falls.
 5. the answer: the assignment of least measured KL among the base, the knapsack's and the corrected
-   one, so it is never worse, by the measured loss, than the uniform choice it started from.
+   one, so it is never worse, by the measured loss, than any uniform choice that fits.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Allocation:
     measured: float  # measured KL of `choices`
     lower_bound: float  # no assignment within the budget has a smaller predicted KL
     moves: list[dict] = field(default_factory=list)  # the correction pass's kept moves
+    uniform_kls: dict[str, float] = field(default_factory=dict)  # measured KL of each uniform choice that fits
     evaluations: int = 0  # KL measurements made
 
     @property
@@ -209,8 +211,12 @@ def allocate(probe, table: Table, shapes: dict[str, tuple[int, int]], budget: fl
     rows, L = np.arange(len(prob.names)), len(prob.names)
     uniform = [j for j in range(len(prob.labels))
                if np.isfinite(prob.cost[:, j]).all() and prob.cost[:, j].sum() <= budget]
-    base = np.full(L, uniform[-1]) if uniform else np.where(np.isfinite(prob.cost), prob.cost, np.inf).argmin(1)
-    base_label = prob.labels[base[0]] if uniform else None
+    uniform_kls = {prob.labels[j]: probe.pin(prob.schemes(np.full(L, j))) for j in uniform}
+    if uniform:  # a dearer grid is not always better (a model published on one grid favours it)
+        base_label = min(uniform_kls, key=uniform_kls.get)
+        base = np.full(L, prob.labels.index(base_label))
+    else:
+        base_label, base = None, np.where(np.isfinite(prob.cost), prob.cost, np.inf).argmin(1)
     base_kl = probe.pin(prob.schemes(base))
     note(f"allocation: base {base_label or 'cheapest per layer'}, KL {base_kl:.5g}; measuring each layer one step off it")
 
@@ -276,4 +282,5 @@ def allocate(probe, table: Table, shapes: dict[str, tuple[int, int]], budget: fl
         budget=int(budget), n_weights=sum(n * k for n, k in shapes.values()),
         bpw={n: 8 * float(prob.cost[l, final[l]]) / math.prod(shapes[n]) for l, n in enumerate(prob.names)},
         uniform=base_label, uniform_kl=base_kl, predicted=predicted, knapsack_kl=knapsack_kl, measured=final_kl,
-        lower_bound=bound, moves=moves if final is current else [], evaluations=probe.evaluations)
+        lower_bound=bound, moves=moves if final is current else [], uniform_kls=uniform_kls,
+        evaluations=probe.evaluations)
