@@ -99,6 +99,20 @@ def test_a_budget_of_a_uniform_size_gives_no_worse_a_measured_loss(probe_model, 
     assert alloc.predicted > 0 and alloc.lower_bound <= alloc.predicted + 1e-12
 
 
+def test_the_knapsack_goes_at_most_one_measured_step_below_the_base(probe_model):
+    """The model is measured one step under the base; it does not extrapolate further (rounds=0: the
+    answer is the knapsack's or the base, no measured moves)."""
+    model, ids = probe_model
+    shapes = linear_shapes(model)
+    table = cost_table("gguf", shapes, True)
+    budget = sum(table[n]["Q5_1"][1] for n in shapes) * 0.9
+    alloc = allocate(KLProbe(model, ids), table, shapes, budget, "gguf", rounds=0)
+    for n, c in alloc.choices.items():
+        labels = list(table[n])  # cheapest first
+        assert labels.index(c) >= labels.index(alloc.uniform) - 1, (n, c, alloc.uniform)
+    assert alloc.choices != dict.fromkeys(shapes, alloc.uniform)  # the budget made it choose
+
+
 def test_a_saved_allocation_is_read_back_only_under_the_same_settings(probe_model, tmp_path):
     from signround_export.tune.resume import ResumeStore
 

@@ -11,7 +11,9 @@ model) on a few calibration windows (kl_probe.py), measured, not assumed additiv
    loss per unit of its own output error, lambda_l = dKL / d(output error). Measured in the context
    of the other layers rounded, so that it sees how errors compound.
 3. predicted loss e[l, c] = lambda_l * (output error of l at c) (the layer's input-weighted rounding
-   error, kl_probe.output_error), and the exact multiple-choice knapsack on it: minimise sum e[l, c_l]
+   error, kl_probe.output_error), for the choices no cheaper than the measured step (the model does
+   not extrapolate below it: a 2-bit type's loss is not a 3-bit type's scaled by their weight
+   errors), and the exact multiple-choice knapsack on it: minimise sum e[l, c_l]
    under sum c[l, c_l] <= budget, by dynamic programming over the budget cut into `resolution` units,
    costs rounded up (the answer always fits). Predicted KL = K0 * sum e[l, c_l] / sum e[l, base_l]
    (the summed model scaled to the base's measured KL); the Lagrangian dual, scaled alike, bounds it
@@ -108,9 +110,9 @@ def read_allocation(path: str | Path, layers: list[str]) -> dict[str, int]:
 def knapsack(cost: np.ndarray, error: np.ndarray, budget: float, resolution: int = 20000) -> np.ndarray:
     """The column per row of least summed error whose summed cost fits the budget, exactly on the grid of
     `resolution` units with costs rounded up. cost, error: [layers, choices], inf where a layer does not
-    admit a choice. The caller has checked that the cheapest choices fit."""
+    admit a choice (or may not take it). The caller has checked that the cheapest allowed choices fit."""
     unit = budget / resolution
-    admissible = np.isfinite(cost)
+    admissible = np.isfinite(cost) & np.isfinite(error)
     units = np.where(admissible, np.ceil(np.where(admissible, cost, 0) / unit - 1e-9), resolution + 1).astype(np.int64)
     best = np.zeros(resolution + 1)  # best[u]: least error of the layers so far within u units
     pick = np.zeros((len(cost), resolution + 1), dtype=np.int16)
@@ -224,9 +226,10 @@ def allocate(probe, table: Table, shapes: dict[str, tuple[int, int]], budget: fl
     for l, n in enumerate(prob.names):
         for j in np.flatnonzero(np.isfinite(prob.cost[l])):
             out_err[l, j] = probe.output_error(n, table[n][prob.labels[j]][0].scheme)
-    scale = np.zeros(L)
+    scale, floor = np.zeros(L), prob.cost[rows, base].copy()  # floor: each layer's cheapest measured cost
     for l, n in enumerate(prob.names):
         ref = prob.step(l, base[l], up=False)
+        floor[l] = prob.cost[l, ref] if ref is not None else floor[l]
         ref = ref if ref is not None else prob.step(l, base[l], up=True)
         if ref is None:  # one choice only: nothing to scale
             continue
@@ -235,6 +238,8 @@ def allocate(probe, table: Table, shapes: dict[str, tuple[int, int]], budget: fl
         # a rounding error that happens to help is not a layer that errors cannot hurt: floor at a hair
         scale[l] = max(d_kl / d_err if d_err else 0.0, 0.0) or 1e-12 / max(abs(d_err), 1e-30)
     error = np.where(np.isfinite(prob.cost), scale[:, None] * np.where(np.isfinite(out_err), out_err, 0), np.inf)
+    # no extrapolation below what was measured: a layer goes at most one step under the base
+    error[np.isfinite(prob.cost) & (prob.cost < floor[:, None])] = np.inf
 
     chosen = knapsack(prob.cost, error, budget)
     # the model's summed errors, scaled to the base's measured KL
