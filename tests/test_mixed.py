@@ -105,7 +105,7 @@ def test_the_knapsack_goes_at_most_one_measured_step_below_the_base(probe_model)
     model, ids = probe_model
     shapes = linear_shapes(model)
     table = cost_table("gguf", shapes, True)
-    budget = sum(table[n]["Q5_1"][1] for n in shapes) * 0.9
+    budget = sum(table[n]["Q5_1"][1] for n in shapes) * 0.95  # without the rule, 3 layers go 2 steps under
     alloc = allocate(KLProbe(model, ids), table, shapes, budget, "gguf", rounds=0)
     for n, c in alloc.choices.items():
         labels = list(table[n])  # cheapest first
