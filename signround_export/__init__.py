@@ -15,7 +15,6 @@ fault; `error.param` holds its name when the message is about one parameter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 from .checkpoint.format import Checkpoint, QuantConfig
 from .checkpoint.qweight import QuantWeight, Scheme
@@ -57,8 +56,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
              sym: bool | None = None, gguf: str | None = None, recipe: str = "best", iters: int | None = None,
              nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
              lr: float | None = None, clip_search: bool | None = None, quant_lm_head: bool = False,
-             avg_bits: float | None = None, bits_choices: Iterable[int] = (2, 4, 8),
-             allocation: str | Path | None = None, importance: str = "fisher", calib: str | Path | None = None,
+             target: str | None = None, size_mb: float | None = None, avg_bits: float | None = None,
+             probe_windows: int = 4, allocation: str | Path | None = None, calib: str | Path | None = None,
              device: str = "auto", seed: int = 42, shard_size: int | str = "5GB", progress: bool = True,
              act_dtype: str = "float32", act_device: str = "auto", calib_windows: str = "stream",
              optimizer: str = "signsgd", tune_clip: bool = True, lr_schedule: str = "linear",
@@ -78,8 +77,11 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     clip_search: start each group's clipping at the factor with the least input-weighted error
         (default: when iters > 0); with iters 0 its result is the checkpoint.
     quant_lm_head: also round the lm_head to nearest.
-    avg_bits: average bits per weight, counting scales and zero points as stored; each layer then gets
-        bits from bits_choices by importance ("gradient", "fisher" or "activation").
+    target, size_mb, avg_bits: mixed precision under a budget of the deployed file: target "onnx" (each
+        layer's bits 2, 4, 8 and block 32, 64, 128 of MatMulNBits) or "gguf" (each layer's GGUF type),
+        size_mb the megabytes (10^6 bytes) the decoder-block linears take in that file, or avg_bits their
+        bits per weight there; the choices minimise the measured KL against the float model on
+        probe_windows calibration windows (tune/allocate.py).
     allocation: bits per layer from a JSON file {"bits": {layer: bits}} instead.
     calib: calibration text: a .txt or .jsonl (a "text" field per line) path, or comma-separated sources
         "a.txt,b.jsonl,self" sharing nsamples evenly, where `self` is text sampled from the float model
@@ -121,8 +123,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
     Raises TuneError, ModelError, DataError (SignroundErrors) for bad settings or inputs.
     """
     given = [name for name, value in (("bits", bits), ("group_size", group_size), ("sym", sym)) if value is not None]
-    layer_bits = LayerBits(gguf=gguf, avg_bits=avg_bits, bits_choices=sorted(set(bits_choices)),
-                           allocation=allocation, importance=importance)
+    layer_bits = LayerBits(gguf=gguf, target=target, size_mb=size_mb, avg_bits=avg_bits,
+                           probe_windows=probe_windows, allocation=allocation)
     layer_bits.check(scheme_given=given)
     config = TuneConfig.from_recipe(recipe, bits=bits, group_size=group_size, sym=sym, iters=iters,
                                     nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed,

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from . import export_gguf, export_onnx, quantize, tune_memory, validate, write_report
 from .atomic import atomic_file
-from .checkpoint.qweight import SUPPORTED_BITS
 from .data import CALIB_WINDOWS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
@@ -41,16 +40,6 @@ def non_negative_int(s):
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
     return v
-
-
-def bits_list(s: str) -> list[int]:
-    try:
-        bits = sorted({int(b) for b in s.split(",") if b.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,4,8, got {s!r}") from None
-    if not bits or any(b not in SUPPORTED_BITS for b in bits):
-        raise argparse.ArgumentTypeError(f"bit widths must be among {','.join(map(str, SUPPORTED_BITS))}, got {s!r}")
-    return bits
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -122,17 +111,23 @@ def add_tune(sub):
     p.add_argument("--shard-size", default="5GB",
                    help="largest weight file of the checkpoint, e.g. 5GB, 500MB, 2GiB; larger checkpoints are split "
                         "into model-0000X-of-0000Y.safetensors with an index, as transformers does (default: 5GB)")
-    mixed = p.add_argument_group("mixed precision", "bits per layer chosen by importance under a size budget")
-    mixed.add_argument("--avg-bits", type=positive(float),
-                       help="average bits per weight of the quantized linears, counting scales and zero points as "
-                            "the checkpoint stores them; the decoder-block linears get bits from --bits-choices")
-    mixed.add_argument("--bits-choices", type=bits_list, default=[2, 4, 8],
-                       help="bit widths a layer may get (default: 2,4,8, which ONNX MatMulNBits runs natively)")
+    mixed = p.add_argument_group("mixed precision", "each layer's grid chosen under a byte budget of the deployed file, "
+                                                   "by the measured loss (README)")
+    mixed.add_argument("--target", choices=["onnx", "gguf"],
+                       help="the file the budget counts: onnx (each layer's bits 2, 4, 8 and block 32, 64, 128; "
+                            "export with --max-block 128 for these sizes) or gguf (each layer's type among those its "
+                            "row width admits)")
+    budget = mixed.add_mutually_exclusive_group()
+    budget.add_argument("--size-mb", type=positive(float),
+                        help="megabytes (10^6 bytes) of the decoder-block linears in the target file; the embedding, "
+                             "norms, head and metadata come on top")
+    budget.add_argument("--avg-bits", type=positive(float),
+                        help="the same budget as bits per weight of those linears in the target file")
+    mixed.add_argument("--probe-windows", type=positive(int), default=4,
+                       help="calibration windows the allocation measures its KL on (default: 4)")
     mixed.add_argument("--allocation", type=Path,
-                       help="bits per layer from a JSON file instead ({\"bits\": {layer: bits}}, as tuning_log.json's "
-                            "\"allocation\" holds them)")
-    mixed.add_argument("--importance", choices=["gradient", "fisher", "activation"], default="fisher",
-                       help="how a layer's quantization error is scored (default: fisher; see docs/benchmarks.md)")
+                       help="bits per layer from a JSON file instead ({\"bits\": {layer: bits}}, the group and "
+                            "symmetry of --group-size and --sym)")
     add_ablation(p)
     p.add_argument("--dp-reduce", choices=DP_REDUCES, default="sum",
                    help="under torchrun (data-parallel tuning, README): how the ranks' gradients are combined at "

@@ -18,31 +18,33 @@ def pyplot():
 
 
 def plot_allocation(allocation, path: Path) -> Path:
-    """Bits of every decoder-block linear across depth: a grid of kinds x blocks, coloured by bits."""
+    """Each decoder-block linear's choice across depth: a grid of kinds x blocks, coloured by the bits per
+    weight it takes in the target file, labelled with the choice."""
     import numpy as np
 
     plt = pyplot()
     cells = {}
-    for name, bits in allocation.bits.items():
+    for name, label in allocation.choices.items():
         m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
         if m:
-            cells[(m[2].split(".")[-1], int(m[1]))] = bits
+            cells[(m[2].split(".")[-1], int(m[1]))] = (label, allocation.bpw[name])
     kinds = sorted({k for k, _ in cells})
     blocks = sorted({b for _, b in cells})
     grid = np.full((len(kinds), len(blocks)), np.nan)
-    for (kind, block), bits in cells.items():
-        grid[kinds.index(kind), blocks.index(block)] = bits
-    levels = sorted(set(allocation.bits.values()))
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(blocks) + 2), 0.4 * len(kinds) + 1.6))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(levels), vmax=max(levels))
-    for (r, c), bits in np.ndenumerate(grid):
-        if not np.isnan(bits):
-            ax.text(c, r, f"{bits:.0f}", ha="center", va="center", fontsize=7, color="white" if bits < max(levels) else "black")
+    for (kind, block), (_, bpw) in cells.items():
+        grid[kinds.index(kind), blocks.index(block)] = bpw
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(blocks) + 2), 0.45 * len(kinds) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for (kind, block), (label, bpw) in cells.items():
+        light = bpw < np.nanmean(grid)
+        ax.text(blocks.index(block), kinds.index(kind), label.replace("_", "").replace("W", "").replace("G", "/"),
+                ha="center", va="center", fontsize=5, color="white" if light else "black")
     ax.set_xticks(range(len(blocks)), blocks, fontsize=7)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_xlabel("block")
-    ax.set_title(f"bits per layer: {allocation.avg_bits:.3f} bits per weight (budget {allocation.budget})", fontsize=9)
-    fig.colorbar(im, ax=ax, ticks=levels, label="bits")
+    ax.set_title(f"{allocation.target} choices per layer: {allocation.nbytes / 1e6:.2f} MB, "
+                 f"{allocation.avg_bits:.3f} bits per weight (budget {allocation.budget / 1e6:.2f} MB)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="bits per weight in the file")
     return save_png(fig, path)
 
 

@@ -65,9 +65,10 @@ def test_a_float_model_is_rounded_to_nearest_in_a_folder_that_is_removed(tiny_mo
     (dict(batch_size=16, nsamples=8), "batch_size"),
     (dict(gguf="q4_k_m", bits=4), "gguf"),
     (dict(gguf="q9_z"), "gguf"),
-    (dict(avg_bits=3.0, allocation="bits.json"), "avg_bits"),
-    (dict(avg_bits=3.0, bits_choices=[2, 7]), "bits_choices"),
-    (dict(avg_bits=3.0, importance="magic"), "importance"),
+    (dict(target="gguf", avg_bits=3.0, allocation="bits.json"), "allocation"),
+    (dict(target="tflite", avg_bits=3.0), "target"),
+    (dict(target="onnx", size_mb=1.0, avg_bits=3.0), "size_mb"),
+    (dict(target="gguf", avg_bits=0.5), "avg_bits"),
     (dict(device="tpu"), "device"),
 ])
 def test_bad_settings_name_their_parameter(tiny_model, tmp_path, settings, param):

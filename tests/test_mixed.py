@@ -1,4 +1,5 @@
-"""Mixed precision: the bit allocation solver, the importance measures and `tune --avg-bits`."""
+"""Mixed precision under a byte budget of the deployed file: the knapsack, the KL probe, the allocation,
+and `tune --target onnx|gguf --size-mb|--avg-bits` through to the exported files."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
+from signround_export import export_gguf, export_onnx
 from signround_export.checkpoint.read import read_checkpoint
 from signround_export.cli import main
+from signround_export.export.gguf.read import read_gguf_weights
+from signround_export.model.config import ModelConfig
 from signround_export.model.load import load_float_model
-from signround_export.tune.allocate import depth_allocation, lagrangian_bound, layer_file_bits, solve
-from signround_export.model.forward import block_forward
-from signround_export.model.load import in_memory
-from signround_export.tune.importance import MEASURES, block_linear_names, importance, rtn_error
+from signround_export.tune.allocate import Problem, allocate, knapsack, lagrangian_bound
+from signround_export.tune.costs import cost_table
+from signround_export.tune.kl_probe import KLProbe, block_linear_names
+from signround_export.tune.pipeline import linear_shapes
 
 
 def brute_force(cost, error, budget):
@@ -28,207 +34,167 @@ def brute_force(cost, error, budget):
     return best
 
 
-def random_problem(rng, layers=7, choices=(2, 4, 8)):
-    sizes = rng.integers(1, 20, size=layers) * 1000
-    cost = np.array([[s * b + s // 16 for b in choices] for s in sizes], dtype=float)
-    # errors fall with bits, by layer-dependent factors: like real importance scores
-    error = np.array([[rng.uniform(0.5, 5) * 4.0 ** -(b / 2) * s for b in choices] for s in sizes])
-    return list(choices), cost, error, int(sizes.sum())
-
-
 @pytest.mark.parametrize("seed", range(6))
-def test_solver_is_optimal_within_its_bound_and_fits_the_budget(seed):
+def test_knapsack_is_optimal_within_its_bound_and_fits_the_budget(seed):
     rng = np.random.default_rng(seed)
-    choices, cost, error, n = random_problem(rng)
-    avg = rng.uniform(2.5, 6)
-    alloc = solve([f"l{i}" for i in range(len(cost))], choices, cost, error, n, avg)
-    optimum = brute_force(cost, error, avg * n)
-    assert alloc.avg_bits <= avg + 1e-12
-    assert alloc.lower_bound <= optimum + 1e-9
-    assert alloc.error >= optimum - 1e-9
-    # the grid of 20000 units costs at most a hair of budget: the answer is the true optimum here
-    assert alloc.error == pytest.approx(optimum, rel=1e-9)
-    assert 0 <= alloc.gap() < 0.5
+    sizes = rng.integers(1, 20, size=7) * 1000
+    cost = np.array([[s * b / 8 + s / 64 for b in (2, 4, 5, 8)] for s in sizes])
+    error = np.array([[rng.uniform(0.5, 5) * 4.0 ** -(b / 2) * s for b in (2, 4, 5, 8)] for s in sizes])
+    cost[rng.random(cost.shape) < 0.2] = np.inf  # some layers do not admit some choices
+    cost[:, 0] = sizes / 4
+    error[~np.isfinite(cost)] = np.inf
+    budget = cost[:, 0].sum() * rng.uniform(1.2, 3)
+    chosen = knapsack(cost, error, budget)
+    rows = np.arange(len(cost))
+    optimum = brute_force(cost, error, budget)
+    assert cost[rows, chosen].sum() <= budget
+    assert error[rows, chosen].sum() == pytest.approx(optimum, rel=1e-9)
+    assert lagrangian_bound(cost, error, budget) <= optimum + 1e-9
 
 
 def test_lagrangian_bound_when_the_budget_does_not_bind():
-    cost = np.array([[2.0, 4.0], [2.0, 4.0]])
-    error = np.array([[3.0, 1.0], [5.0, 2.0]])
-    assert lagrangian_bound(cost, error, budget=100.0) == pytest.approx(3.0)
+    cost = np.array([[2.0, 4.0], [2.0, np.inf]])
+    error = np.array([[3.0, 1.0], [5.0, np.inf]])
+    assert lagrangian_bound(cost, error, budget=100.0) == pytest.approx(6.0)
 
 
-def test_budget_below_the_smallest_size_is_a_clear_error():
-    choices, cost, error, n = random_problem(np.random.default_rng(0))
-    with pytest.raises(ValueError, match="below the smallest possible size"):
-        solve([f"l{i}" for i in range(len(cost))], choices, cost, error, n, avg_bits=1.0)
+@pytest.fixture(scope="module")
+def probe_model(tiny_model):
+    model, _, _ = load_float_model(tiny_model)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(5))
+    return model, ids
 
 
-@pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, 128), (8, -1)])
-def test_layer_file_bits_counts_what_the_checkpoint_stores(tmp_path, tiny_model, bits, group):
-    from conftest import rtn_checkpoint
-    from safetensors.numpy import load_file
-
-    ckpt = rtn_checkpoint(tiny_model, tmp_path / "c", bits=bits, group_size=group)
-    tensors = load_file(str(ckpt / "model.safetensors"))
-    for name, qw in read_checkpoint(ckpt).qweights.items():
-        stored = sum(tensors[f"{name}.{t}"].nbytes * 8 for t in ("qweight", "qzeros", "scales"))
-        assert layer_file_bits(*qw.shape, bits, group) == stored, name
-
-
-def test_depth_baseline_raises_the_ends_first():
-    names = [f"model.layers.{b}.x" for b in range(6)]
-    cost = np.array([[200.0, 400.0]] * 6)
-    bits = depth_allocation(names, list(range(6)), [2, 4], cost, n_weights=6 * 100, avg_bits=2.7)
-    assert [bits[n] for n in names] == [4, 2, 2, 2, 2, 4]  # first and last raised: 2*400 + 4*200 = 1600 <= 1620
-
-
-def whole_model_forward(model, override, ids):
-    """Logits with some weights replaced, through every block in one autograd graph."""
-    x = model.embed(ids)
-    ropes = model.ropes(ids.shape[1])
-    for i in range(model.cfg.n_layers):
-        p = model.block_params(i)
-        prefix = f"model.layers.{i}."
-        p.update({n[len(prefix):]: t for n, t in override.items() if n.startswith(prefix)})
-        x = block_forward(model.cfg, p, x, *ropes[i], window=model.cfg.window(i))
-    return model.head(x)
-
-
-def whole_model_importance(model, calib, choices, group_size, sym, measure, batch_size):
-    """The scores as the whole model in memory gives them: every layer's errors at once, one backward of
-    the whole model per batch (gradient measures) or every linear's input watched through F.linear
-    (activation): what the block-by-block pass must reproduce."""
-    model = in_memory(model)
+def test_the_probe_reruns_from_the_first_changed_block_as_a_full_run_does(probe_model):
+    model, ids = probe_model
+    table = cost_table("gguf", linear_shapes(model), True)
     names = block_linear_names(model)
-    weights = {n: model.tensors[n + ".weight"] for n in names}
-    errors = {n: [rtn_error(w, b, group_size, sym) for b in choices] for n, w in weights.items()}
-    batches = [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
-    scores = np.zeros((len(names), len(choices)))
-    if measure == "activation":
-        by_id = {id(w): n for n, w in weights.items()}
-        sums = {n: torch.zeros(w.shape[1]) for n, w in weights.items()}
-
-        class Watch(torch.overrides.TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if func is torch.nn.functional.linear and id(args[1]) in by_id:
-                    x = args[0].detach()
-                    sums[by_id[id(args[1])]] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-                return func(*args, **(kwargs or {}))
-
-        with torch.no_grad(), Watch():
-            for ids in batches:
-                whole_model_forward(model, {}, ids)
-        tokens = sum(ids.numel() for ids in batches)
-        for li, n in enumerate(names):
-            for j, dw in enumerate(errors[n]):
-                scores[li, j] = float((dw.pow(2).sum(0) * sums[n] / tokens).sum())
-        return scores
-    for ids in batches:
-        leaves = {n + ".weight": w.detach().requires_grad_(True) for n, w in weights.items()}
-        logits = whole_model_forward(model, leaves, ids)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-        for li, n in enumerate(names):
-            for j, dw in enumerate(errors[n]):
-                d = float((leaves[n + ".weight"].grad * dw).sum())
-                scores[li, j] += abs(d) if measure == "gradient" else d * d
-    return scores
+    q4 = {n: table[n]["Q4_0"][0].scheme for n in names}
+    probe = KLProbe(model, ids)
+    base = probe.pin(q4)
+    assert base > 0
+    late = names[-1]  # the last block only is rerun
+    changed = probe.kl({late: table[late]["Q8_0"][0].scheme})
+    assert changed == pytest.approx(KLProbe(model, ids).pin(q4 | {late: table[late]["Q8_0"][0].scheme}), rel=1e-6)
+    assert probe.kl({}) == pytest.approx(base, rel=1e-9)
+    assert KLProbe(model, ids).pin({n: table[n]["Q8_0"][0].scheme for n in names}) < base / 10
 
 
-@pytest.mark.parametrize("measure", MEASURES)
-def test_block_by_block_importance_gives_the_whole_model_scores_and_allocation(tiny_model, measure):
-    """The pass that holds one block at a time against the whole-model pass, on 3 batches of 2 x 32 tokens
-    (the last batch a single sequence). Tolerance rel 1e-5, about 100 float32 ulps: both run the same float32
-    arithmetic per block, but the split can change the order of float32 sums (the head's gradient is taken a
-    sequence at a time, a linear's input moments are summed by another expression), and a score adds
-    ~10^4 float32 products. Measured here: gradient and fisher bit for bit the same, activation within
-    2e-7 relative."""
-    model, _, _ = load_float_model(tiny_model)
-    ids = torch.randint(0, model.cfg.vocab_size, (5, 32), generator=torch.Generator().manual_seed(3))
-    choices = [2, 4, 8]
-    names, scores = importance(model, ids, choices, 32, False, measure, batch_size=2, progress=False)
-    expected = whole_model_importance(model, ids, choices, 32, False, measure, batch_size=2)
-    assert names == block_linear_names(model)
-    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=0)
-    shapes = [model.tensors.shape(n + ".weight") for n in names]
-    cost = np.array([[layer_file_bits(n, k, b, 32) for b in choices] for n, k in shapes])
-    weights = sum(n * k for n, k in shapes)
-    for avg in (3.0, 4.0, 5.0):
-        got = solve(names, choices, cost, scores, weights, avg).bits
-        assert got == solve(names, choices, cost, expected, weights, avg).bits
-        assert len(set(got.values())) > 1  # a budget that makes the scores choose, not every layer alike
+@pytest.mark.parametrize("target,uniform", [("gguf", "Q5_0"), ("onnx", "W4G64")])
+def test_a_budget_of_a_uniform_size_gives_no_worse_a_measured_loss(probe_model, target, uniform):
+    model, ids = probe_model
+    shapes = linear_shapes(model)
+    table = cost_table(target, shapes, target == "gguf")
+    budget = sum(table[n][uniform][1] for n in shapes)
+    alloc = allocate(KLProbe(model, ids), table, shapes, budget, target, tries=3, rounds=2)
+    assert alloc.nbytes <= budget
+    assert alloc.nbytes == sum(table[n][c][1] for n, c in alloc.choices.items())
+    # measured again on a fresh probe: the allocation's KL and the uniform's
+    got = KLProbe(model, ids).pin({n: table[n][c][0].scheme for n, c in alloc.choices.items()})
+    want = KLProbe(model, ids).pin({n: table[n][uniform][0].scheme for n in shapes})
+    assert got == pytest.approx(alloc.measured, rel=1e-6)
+    assert alloc.uniform_kls[uniform] == pytest.approx(want, rel=1e-6)
+    assert alloc.uniform_kl == min(alloc.uniform_kls.values())  # the best uniform that fits is the base
+    assert got <= want * (1 + 1e-6)
+    assert alloc.predicted > 0 and alloc.lower_bound <= alloc.predicted + 1e-12
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma2"])
-def test_block_by_block_importance_in_fused_and_windowed_families(tmp_path, family):
-    """The same equality where blocks differ most from llama's: phi3's fused qkv and gate_up linears, and
-    gemma2's sandwich norms, soft caps and an 8-position window on 32-token sequences."""
-    from test_gemma import gemma_model
-    from test_phi3 import phi3_model
-
-    folder = gemma_model(tmp_path / "m") if family == "gemma2" else phi3_model(tmp_path / "m")
-    model, _, _ = load_float_model(folder)
-    ids = torch.randint(0, model.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(4))
-    for measure in MEASURES:
-        scores = importance(model, ids, [2, 4, 8], 32, False, measure, batch_size=2, progress=False)[1]
-        expected = whole_model_importance(model, ids, [2, 4, 8], 32, False, measure, batch_size=2)
-        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=0, err_msg=measure)
+def test_the_knapsack_goes_at_most_one_measured_step_below_the_base(probe_model):
+    """The model is measured one step under the base; it does not extrapolate further (rounds=0: the
+    answer is the knapsack's or the base, no measured moves)."""
+    model, ids = probe_model
+    shapes = linear_shapes(model)
+    table = cost_table("gguf", shapes, True)
+    budget = sum(table[n]["Q5_1"][1] for n in shapes) * 0.95  # without the rule, 3 layers go 2 steps under
+    alloc = allocate(KLProbe(model, ids), table, shapes, budget, "gguf", rounds=0)
+    for n, c in alloc.choices.items():
+        labels = list(table[n])  # cheapest first
+        assert labels.index(c) >= labels.index(alloc.uniform) - 1, (n, c, alloc.uniform)
+    assert alloc.choices != dict.fromkeys(shapes, alloc.uniform)  # the budget made it choose
 
 
-def test_gradient_importance_predicts_the_loss_change(tiny_model):
-    """The first-order score of one batch is |g . dW|: check it against the real loss change of
-    quantizing that one layer, on a batch where the change is small enough to be first order."""
-    model, _, _ = load_float_model(tiny_model)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    names, scores = importance(model, ids, [8], 32, False, "gradient", batch_size=2, progress=False)
-    name = names[0]
+def test_a_saved_allocation_is_read_back_only_under_the_same_settings(probe_model, tmp_path):
+    from signround_export.tune.resume import ResumeStore
 
-    def loss(override):
-        logits = whole_model_forward(model, override, ids)
-        return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
-
-    w = model.tensors[name + ".weight"]
-    change = loss({name + ".weight": w - rtn_error(w, 8, 32, False)}) - loss({})
-    assert scores[0, 0] == pytest.approx(abs(change), rel=0.2)
+    model, ids = probe_model
+    shapes = linear_shapes(model)
+    table = cost_table("gguf", shapes, True)
+    budget = sum(table[n]["Q5_0"][1] for n in shapes)
+    alloc = allocate(KLProbe(model, ids), table, shapes, budget, "gguf", tries=1, rounds=1)
+    store = ResumeStore(tmp_path / "p", "5GB", "pydoc")
+    store.save_allocation({"size_mb": 1.0}, alloc)
+    assert store.load_allocation({"size_mb": 1.0}) == alloc
+    assert store.load_allocation({"size_mb": 2.0}) is None
 
 
-@pytest.mark.parametrize("measure", ["gradient", "fisher", "activation"])
-def test_importance_falls_with_bits(tiny_model, measure):
-    model, _, _ = load_float_model(tiny_model)
-    ids = torch.randint(0, model.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
-    names, scores = importance(model, ids, [2, 4, 8], 32, False, measure, batch_size=2, progress=False)
-    assert names == block_linear_names(model)
-    assert scores.shape == (len(names), 3)
-    assert np.all(scores >= 0)
-    assert np.mean(scores[:, 0] > scores[:, 1]) > 0.9 and np.mean(scores[:, 1] > scores[:, 2]) > 0.9
+def test_budgets_no_file_meets_are_refused():
+    table = {"a": {"Q4_0": (None, 100), "Q8_0": (None, 200)}, "b": {"Q4_0": (None, 100), "Q8_0": (None, 200)}}
+    with pytest.raises(ValueError, match="below the smallest file"):
+        Problem.of(table).check_budget(199, "`size_mb` x")
+    with pytest.raises(ValueError, match="at or above the largest file"):
+        Problem.of(table).check_budget(400, "`size_mb` x")
+    Problem.of(table).check_budget(300, "`size_mb` x")
 
 
-def test_tune_with_avg_bits_writes_per_layer_bits_within_budget(tiny_model, tmp_path):
+def initializer_bytes(folder) -> int:
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer
+               if t.name.endswith((".B", ".scales", ".zero_points")))
+
+
+TUNE = ["--iters", "0", "--nsamples", "4", "--seqlen", "32", "--probe-windows", "2", "--quiet"]
+
+
+def test_tune_for_gguf_under_a_size_writes_the_chosen_types(tiny_model, tmp_path):
+    shapes = linear_shapes(load_float_model(tiny_model)[0])
+    table = cost_table("gguf", shapes, True)
+    q5_1 = sum(table[n]["Q5_1"][1] for n in shapes)
     out = tmp_path / "mixed"
-    args = ["tune", str(tiny_model), "--out", str(out), "--iters", "2", "--nsamples", "8", "--seqlen", "32",
-            "--batch-size", "4", "--group-size", "32", "--avg-bits", "3.0", "--bits-choices", "2,4,8", "--quiet"]
-    assert main(args) == 0
-    ckpt = read_checkpoint(out)
+    assert main(["tune", str(tiny_model), "--out", str(out), "--target", "gguf", "--size-mb", str(q5_1 / 1e6),
+                 *TUNE]) == 0
     log = json.loads((out / "tuning_log.json").read_text())["allocation"]
-    block = {n: qw for n, qw in ckpt.qweights.items() if n.startswith("model.layers.")}
-    assert {n: qw.bits for n, qw in block.items()} == log["bits"]
-    assert len({qw.bits for qw in block.values()}) > 1  # a real mix, not one width
-    # the budget holds on what the checkpoint actually stores
-    stored = sum(layer_file_bits(*qw.shape, qw.bits, 32) for qw in block.values())
-    weights = sum(qw.q.size for qw in block.values())
-    assert stored / weights == pytest.approx(log["avg_bits"]) and stored / weights <= 3.0
+    assert log["nbytes"] <= q5_1 and log["measured"] <= log["uniform_kl"] == min(log["uniform_kls"].values())
+    assert set(log["uniform_kls"]) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}  # every uniform type that fits
+    ckpt = read_checkpoint(out)
+    export_gguf(ckpt, tmp_path / "m.gguf", progress=False)
+    weights, types = read_gguf_weights(tmp_path / "m.gguf", ModelConfig.from_hf(ckpt.hf_config))
+    assert {n: types[n + ".weight"] for n in shapes} == log["choices"]  # each layer written as chosen
+    assert sum(weights.tensors[n + ".weight"].n_bytes for n in shapes) == log["nbytes"]
     assert (out / "allocation.png").stat().st_size > 1000
     assert not out.with_name("mixed.progress").exists()
 
 
-def test_bad_mixed_flags_are_clear_errors(tiny_model, tmp_path, capsys):
-    args = ["tune", str(tiny_model), "--out", str(tmp_path / "x"), "--iters", "0", "--nsamples", "4",
-            "--seqlen", "32", "--group-size", "32", "--quiet"]
-    assert main(args + ["--avg-bits", "1.5"]) == 2
-    assert "below the smallest possible size" in capsys.readouterr().err
+def test_tune_for_onnx_under_avg_bits_writes_the_chosen_bits_and_blocks(tiny_model, tmp_path):
+    out = tmp_path / "mixed"
+    assert main(["tune", str(tiny_model), "--out", str(out), "--target", "onnx", "--avg-bits", "4.0", *TUNE]) == 0
+    log = json.loads((out / "tuning_log.json").read_text())["allocation"]
+    assert 8 * log["nbytes"] / log["n_weights"] <= 4.0
+    ckpt = read_checkpoint(out)
+    got = {n: f"W{qw.bits}G{qw.group_size}" for n, qw in ckpt.qweights.items() if n.startswith("model.layers.")}
+    assert got == log["choices"]
+    export_onnx(ckpt, tmp_path / "onnx", max_block=128, progress=False)
+    assert initializer_bytes(tmp_path / "onnx") == log["nbytes"]
+
+
+def test_bad_budgets_are_clear_errors(tiny_model, tmp_path, capsys):
+    args = ["tune", str(tiny_model), "--out", str(tmp_path / "x"), *TUNE]
+    assert main(args + ["--target", "gguf", "--avg-bits", "2.0"]) == 2
+    assert "--avg-bits 2.0) is below the smallest file" in capsys.readouterr().err
+    assert main(args + ["--target", "onnx", "--size-mb", "5"]) == 2
+    assert "at or above the largest file" in capsys.readouterr().err
+    assert main(args + ["--avg-bits", "4"]) == 2
+    assert "--target None: a budget counts the bytes of one file" in capsys.readouterr().err
+    assert main(args + ["--target", "onnx"]) == 2
+    assert "give the budget" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit):
-        main(args + ["--avg-bits", "3", "--bits-choices", "2,7"])
-    assert "bit widths must be among" in capsys.readouterr().err
+
+
+def test_a_target_no_choice_reaches_is_refused(tmp_path, capsys):
+    from conftest import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m", hidden=48, intermediate=96)  # rows of 48: no GGUF block fits
+    assert main(["tune", str(model), "--out", str(tmp_path / "x"), "--target", "gguf", "--avg-bits", "6", *TUNE]) == 2
+    assert "no GGUF type holds model.layers.0.self_attn.q_proj" in capsys.readouterr().err
 
 
 def test_tune_with_an_allocation_file(tiny_model, tmp_path, capsys):
@@ -250,11 +216,11 @@ def test_tune_with_an_allocation_file(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_avg_bits_and_allocation_together_are_refused(tiny_model, tmp_path, capsys):
+def test_a_budget_and_an_allocation_together_are_refused(tiny_model, tmp_path, capsys):
     alloc = tmp_path / "alloc.json"
     alloc.write_text(json.dumps({"bits": {}}))
-    args = ["tune", str(tiny_model), "--out", str(tmp_path / "x"), "--iters", "0", "--avg-bits", "3",
-            "--allocation", str(alloc), "--quiet"]
+    args = ["tune", str(tiny_model), "--out", str(tmp_path / "x"), "--iters", "0", "--target", "onnx",
+            "--avg-bits", "3", "--allocation", str(alloc), "--quiet"]
     assert main(args) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

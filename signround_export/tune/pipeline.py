@@ -3,9 +3,9 @@ exporter reads, rounding a float model to nearest first.
 
 quantize_model() runs, in order:
   1. each layer's scheme: the TuneConfig's for all, or as LayerBits asks: a GGUF type's per-layer grids
-     (export/gguf/mixes.py), bits chosen by importance under an average-bits budget (importance.py,
-     allocate.py), or bits read from a file;
-  2. the calibration windows (data.py), when the tuning, the clip search or the importance needs them;
+     (export/gguf/mixes.py), choices under a byte budget of the target file by measured loss (costs.py,
+     allocate.py, kl_probe.py), or bits read from a file;
+  2. the calibration windows (data.py), when the tuning, the clip search or the allocation needs them;
   3. SignRound block by block (signround.py), keeping finished work in the resume store (resume.py);
   4. the checkpoint (checkpoint/write.py) with its tuning log and the allocation figure; the resume
      store is removed once the checkpoint is whole.
@@ -21,11 +21,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..checkpoint.format import Checkpoint, QuantConfig
-from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
+from ..checkpoint.qweight import Scheme
 from ..checkpoint.read import read_checkpoint
 from ..checkpoint.shards import DEFAULT_SHARD_SIZE, parse_size
 from ..checkpoint.write import PackedLayer, float_spec, float_unit, settled_config, write_staged_checkpoint
@@ -38,9 +37,10 @@ from ..model.forward import Model
 from ..model.load import check_checkpoint, float_checkpoint, is_checkpoint, load_float_model, open_checkpoint
 from ..plots import plot_allocation
 from . import memory, parallel
-from .allocate import Allocation, layer_file_bits, read_allocation, solve
+from .allocate import Allocation, Problem, allocate, read_allocation
 from .config import TuneConfig
-from .importance import MEASURES, block_linear_names, importance
+from .costs import TARGETS, cost_table
+from .kl_probe import KLProbe, block_linear_names
 from .resume import ResumeStore
 from .signround import TuneResult, activation_device, pick_dtype, tune
 
@@ -61,14 +61,19 @@ def resume_folder(out: str | Path) -> Path:
 
 @dataclass
 class LayerBits:
-    """How each decoder-block linear's bits are chosen when not one scheme for all: at most one of a
-    GGUF type (its per-layer grids), an average-bits budget (bits by importance), an allocation file."""
+    """How each decoder-block linear's grid is chosen when not one scheme for all: at most one of a GGUF
+    type (its per-layer grids), a byte budget of a target file (choices by measured loss, allocate.py),
+    an allocation file (bits per layer)."""
 
     gguf: str | None = None  # a type of mixes.TYPES, any case
-    avg_bits: float | None = None
-    bits_choices: list[int] = field(default_factory=lambda: [2, 4, 8])
+    target: str | None = None  # "onnx" or "gguf": the file whose bytes the budget counts (costs.py)
+    size_mb: float | None = None  # megabytes (10^6 bytes) of the decoder-block linears in that file
+    avg_bits: float | None = None  # or their bits per weight in that file
     allocation: str | Path | None = None  # JSON {"bits": {layer: bits}}
-    importance: str = "fisher"  # a measure of importance.MEASURES
+    probe_windows: int = 4  # calibration windows the allocation's KL is measured on
+
+    def budget_given(self) -> bool:
+        return self.size_mb is not None or self.avg_bits is not None
 
     def check(self, scheme_given: list[str] = ()) -> None:
         """Refuse choices that clash; scheme_given: the parameters among bits, group_size, sym set by hand."""
@@ -76,28 +81,31 @@ class LayerBits:
             if self.gguf.upper() not in mixes.TYPES:
                 raise TuneError(f"`gguf` {self.gguf!r}: choose one of {', '.join(t.lower() for t in mixes.TYPES)}",
                                 param="gguf")
-            clash = [f"`{p}`" for p in scheme_given] or (
-                ["`avg_bits`", "`allocation`"] if (self.avg_bits or self.allocation) is not None else [])
+            clash = [f"`{p}`" for p in scheme_given] or [
+                f"`{p}`" for p in ("target", "size_mb", "avg_bits", "allocation") if getattr(self, p) is not None]
             if clash:
-                joined = ", ".join(clash) if scheme_given else " or ".join(clash)
-                raise TuneError(f"`gguf` sets every layer's bits and grid; it cannot be combined with {joined}",
-                                param="gguf")
-        if self.avg_bits is not None and self.allocation is not None:
-            raise TuneError("give `avg_bits` (bits chosen by importance) or `allocation` (bits from a file), "
-                            "not both", param="avg_bits")
-        if self.avg_bits is not None and self.avg_bits <= 0:
-            raise TuneError(f"`avg_bits` {self.avg_bits}: give a positive average", param="avg_bits")
-        if not self.bits_choices or any(b not in SUPPORTED_BITS for b in self.bits_choices):
-            raise TuneError(f"`bits_choices` {self.bits_choices}: bit widths must be among "
-                            f"{', '.join(map(str, SUPPORTED_BITS))}", param="bits_choices")
-        if self.importance not in MEASURES:
-            raise TuneError(f"`importance` {self.importance!r}: choose one of {', '.join(MEASURES)}",
-                            param="importance")
+                raise TuneError(f"`gguf` sets every layer's bits and grid; it cannot be combined with "
+                                f"{', '.join(clash)}", param="gguf")
+        if self.size_mb is not None and self.avg_bits is not None:
+            raise TuneError("give `size_mb` or `avg_bits` (the same budget in other units), not both", param="size_mb")
+        if self.budget_given() and self.allocation is not None:
+            raise TuneError("give a budget (`size_mb` or `avg_bits`: choices by measured loss) or `allocation` "
+                            "(bits from a file), not both", param="allocation")
+        for name in ("size_mb", "avg_bits"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise TuneError(f"`{name}` {getattr(self, name)}: give a positive budget", param=name)
+        if self.budget_given() and self.target not in TARGETS:
+            raise TuneError(f"`target` {self.target!r}: a budget counts the bytes of one file; choose one of "
+                            f"{', '.join(TARGETS)}", param="target")
+        if self.target is not None and not self.budget_given():
+            raise TuneError(f"`target` {self.target}: give the budget, `size_mb` or `avg_bits`", param="target")
+        if self.probe_windows <= 0:
+            raise TuneError(f"`probe_windows` {self.probe_windows}: give a positive number", param="probe_windows")
 
     def allocation_settings(self, config: TuneConfig, calib: str | Path | None) -> dict:
         """What an allocation depends on: a saved one is reused only when all of it is the same."""
-        return {"avg_bits": self.avg_bits, "bits_choices": self.bits_choices, "importance": self.importance,
-                "group_size": config.group_size, "sym": config.sym, "nsamples": config.nsamples,
+        return {"target": self.target, "size_mb": self.size_mb, "avg_bits": self.avg_bits,
+                "probe_windows": self.probe_windows, "sym": config.sym, "nsamples": config.nsamples,
                 "seqlen": config.seqlen, "seed": config.seed, "calib": str(calib),
                 "calib_windows": config.calib_windows}
 
@@ -109,7 +117,7 @@ class QuantizeResult:
     checkpoint: Path
     config: TuneConfig  # the settings every layer was tuned with (config.scheme(layer))
     tuning: TuneResult
-    allocation: Allocation | None = None  # the bits chosen under LayerBits.avg_bits
+    allocation: Allocation | None = None  # the choices made under LayerBits' budget
     written: bool = True  # False on the ranks other than 0 of a parallel run: they write nothing
 
     def summary(self) -> str:
@@ -148,15 +156,15 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
         progress = progress and world.root
         note(progress, f"recipe {recipe}: " + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))
         float_model, hf, folder = load_float_model(model)
-        if layer_bits.gguf is not None:  # its only purpose is the GGUF file: refuse before tuning
+        if layer_bits.gguf is not None or layer_bits.target == "gguf":  # for the GGUF file: refuse before tuning
             # the config as the checkpoint will say it: a quantized head unties a tied model (untied())
             tied = float_model.cfg.tie_word_embeddings and not config.quant_lm_head
-            check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf")
+            check_llama_cpp(replace(float_model.cfg, tie_word_embeddings=tied), param="gguf" if layer_bits.gguf else "target")
         resume = ResumeStore(resume_folder(out), shard_size, name)
 
         def calibrate() -> tuple:  # rank 0's: it reads and writes the resume folder
             ids = None
-            if config.uses_data() or layer_bits.avg_bits is not None:
+            if config.uses_data() or layer_bits.budget_given():
                 ids = calibration_ids(folder, config.nsamples, config.seqlen, config.seed, calib,
                                       config.calib_windows, cache_dir=resume.folder, progress=progress)
             allocation = set_layer_schemes(float_model, ids, config, layer_bits, calib, resume, progress)
@@ -170,8 +178,7 @@ def quantize_model(model: str | Path, out: str | Path, config: TuneConfig, layer
     log = result.log(config) | {"source_model": str(Path(model)), "recipe": recipe,
                                 "calibration": name}
     if allocation is not None:
-        log["allocation"] = allocation.to_json() | {"importance": layer_bits.importance,
-                                                    "bits_choices": layer_bits.bits_choices}
+        log["allocation"] = allocation.to_json()
     layers = resume.layers()
     quant, floats = checkpoint_parts(float_model, config, layers, resume.packing_format)
     units = resume.units() + [float_unit(n, float_spec(float_model.tensors, n), float_model.tensors) for n in floats]
@@ -226,20 +233,29 @@ def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", 
 
 def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: str | None,
                       resume: ResumeStore, progress: bool) -> Allocation | None:
-    """Fill config.layer_schemes as layer_bits asks; the Allocation when bits are chosen by importance."""
-    if layer_bits.avg_bits is not None:
-        allocation = allocate_bits(model, ids, config, layer_bits, layer_bits.allocation_settings(config, calib),
-                                   resume, progress)
-        config.layer_schemes = {n: Scheme(b, config.group_size, config.sym) for n, b in allocation.bits.items()}
-        return allocation
-    if layer_bits.allocation is not None:
+    """Fill config.layer_schemes as layer_bits asks; the Allocation when a budget chooses them."""
+    if layer_bits.budget_given():
+        table = cost_table(layer_bits.target, linear_shapes(model), config.sym)
+        allocation = allocate_choices(model, ids, table, layer_bits, layer_bits.allocation_settings(config, calib),
+                                      resume, progress)
+        config.layer_schemes = {n: table[n][c][0].scheme for n, c in allocation.choices.items()}
+    elif layer_bits.allocation is not None:
         bits = read_allocation(layer_bits.allocation, block_linear_names(model))
         config.layer_schemes = {n: Scheme(b, config.group_size, config.sym) for n, b in bits.items()}
+        return None
     elif layer_bits.gguf is not None:
         config.layer_schemes = gguf_schemes(model, layer_bits.gguf.upper(), progress)
+    else:
+        return None
+    if layer_bits.gguf is not None or layer_bits.budget_given():  # the config states the commonest scheme
         common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
         config.bits, config.group_size, config.sym = common.bits, common.group_size, common.sym
-    return None
+    return allocation if layer_bits.budget_given() else None
+
+
+def linear_shapes(model: Model) -> dict[str, tuple[int, int]]:
+    """[N, K] of every decoder-block linear, from the headers."""
+    return {n: tuple(model.tensors.shape(n + ".weight")) for n in block_linear_names(model)}
 
 
 def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Scheme]:
@@ -253,20 +269,21 @@ def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Sche
     return mixes.layer_schemes(types)
 
 
-def allocate_bits(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, settings: dict,
-                  resume: ResumeStore, progress: bool) -> Allocation:
-    """Bits per decoder-block linear under layer_bits.avg_bits, kept in the resume store so that a
-    resumed run tunes the same allocation."""
+def allocate_choices(model: Model, ids, table, layer_bits: LayerBits, settings: dict, resume: ResumeStore,
+                     progress: bool) -> Allocation:
+    """A choice per decoder-block linear under layer_bits' budget (allocate.py), kept in the resume store so
+    that a resumed run tunes the same allocation."""
     saved = resume.load_allocation(settings)
     if saved is not None:
         note(progress, f"allocation read from {resume.folder / 'allocation.json'}")
         return saved
-    choices = layer_bits.bits_choices
-    names, scores = importance(model, ids, choices, config.group_size, config.sym, layer_bits.importance,
-                               batch_size=config.batch_size, progress=progress)
-    shapes = [model.tensors.shape(n + ".weight") for n in names]
-    cost = np.array([[layer_file_bits(n, k, b, config.group_size) for b in choices] for n, k in shapes])
-    allocation = solve(names, choices, cost, scores, sum(n * k for n, k in shapes), layer_bits.avg_bits)
+    shapes = linear_shapes(model)
+    weights = sum(n * k for n, k in shapes.values())
+    param = "size_mb" if layer_bits.size_mb is not None else "avg_bits"
+    budget = layer_bits.size_mb * 1e6 if param == "size_mb" else layer_bits.avg_bits * weights / 8
+    Problem.of(table).check_budget(budget, f"`{param}` {getattr(layer_bits, param)}", param)  # before the probe
+    probe = KLProbe(model, ids[: layer_bits.probe_windows])
+    allocation = allocate(probe, table, shapes, budget, layer_bits.target, note=lambda m: note(progress, m))
     note(progress, allocation.table())
     resume.save_allocation(settings, allocation)
     return allocation

@@ -3,8 +3,8 @@ the place the checkpoint's shards are made in.
 
 One folder (the checkpoint's name + ".progress") holds
 
-    allocation.json          the bits per layer chosen under an average-bits budget, with the settings
-                             it was chosen under (a rerun with the same settings reads it back)
+    allocation.json          the choice per layer made under a mixed-precision budget, with the settings
+                             it was made under (a rerun with the same settings reads it back)
     args.json                the tuning settings the blocks below were tuned with, the packing format
                              and the shard size
     block_NNN.safetensors    the packed tensors of each finished block, as the checkpoint stores them,
