@@ -239,33 +239,15 @@ class Shape:
         return 4 * self.hidden * (2 * self.layers + 1)
 
 
-def nbits_bytes(n: int, k: int, bits: int, group: int, sym: bool, max_block: int = 32) -> int:
-    """Bytes of one [N, K] linear as MatMulNBits inputs (export/onnx/matmulnbits.py): per row and block
-    of `block` weights block * bits / 8 bytes of codes and a float32 scale, plus for asym the row's
-    zero points packed bits to a code; K padded to whole blocks."""
-    from signround_export.export.onnx.matmulnbits import block_for
-
-    block = block_for(group, max_block)
-    k_blocks = -(-k // block)
-    zero_points = 0 if sym else -(-k_blocks * bits // 8)
-    return n * (k_blocks * block * bits // 8 + 4 * k_blocks + zero_points)
-
-
-def gguf_bytes(type_name: str, n: int, k: int) -> int:
-    from signround_export.export.gguf.types import GGUF_TYPES
-
-    t = GGUF_TYPES[type_name]
-    return n * (k // t.block) * t.nbytes
-
-
 def onnx_candidate_bytes(shape: Shape, bits: int, group: int, sym: bool, max_block: int, head_bits: int) -> int:
     """Weight bytes of `signround export onnx --max-block B --lm-head-bits H` of a W{bits}G{group} checkpoint:
     the linears, the head rounded at group 32 symmetric (a tied embedding gathers the head's rows) and
     the norms. Not counted: the RoPE tables and the tokenizer files beside the model."""
     from signround_export.export.onnx.build import HEAD_GROUP
+    from signround_export.tune.costs import onnx_bytes
 
-    body = sum(nbits_bytes(n, k, bits, group, sym, max_block) for n, k in shape.linears().values())
-    head = nbits_bytes(shape.vocab, shape.hidden, head_bits, HEAD_GROUP, True, max_block)
+    body = sum(onnx_bytes(n, k, bits, group, sym, max_block) for n, k in shape.linears().values())
+    head = onnx_bytes(shape.vocab, shape.hidden, head_bits, HEAD_GROUP, True, max_block)
     embedding = 0 if shape.tied else 4 * shape.vocab * shape.hidden
     return body + head + embedding + shape.norm_bytes()
 
@@ -275,13 +257,14 @@ def gguf_candidate_bytes(shape: Shape, ftype: str) -> int:
     the head Q6_K; both fall back (types.py) where rows are not a multiple of 256, as llama.cpp does."""
     from signround_export.export.gguf.mixes import layer_type
     from signround_export.export.gguf.types import GGUF_TYPES, QK_K
+    from signround_export.tune.costs import gguf_bytes
 
     gqa = shape.heads // shape.kv_heads
-    body = sum(gguf_bytes(layer_type(ftype, name, k, shape.layers, gqa), n, k)
+    body = sum(gguf_bytes(n, k, layer_type(ftype, name, k, shape.layers, gqa))
                for name, (n, k) in shape.linears().items())
     head_type = "Q6_K" if shape.hidden % QK_K == 0 else GGUF_TYPES["Q6_K"].fallback
-    head = gguf_bytes(head_type, shape.vocab, shape.hidden)
-    embedding = 0 if shape.tied else gguf_bytes(head_type, shape.vocab, shape.hidden)  # approximation: as the head
+    head = gguf_bytes(shape.vocab, shape.hidden, head_type)
+    embedding = 0 if shape.tied else gguf_bytes(shape.vocab, shape.hidden, head_type)  # approximation: as the head
     return body + head + embedding + shape.norm_bytes()
 
 

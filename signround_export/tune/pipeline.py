@@ -260,7 +260,7 @@ def linear_shapes(model: Model) -> dict[str, tuple[int, int]]:
 
 def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Scheme]:
     """Every decoder-block linear's grid: the Scheme of the GGUF type llama.cpp writes it as."""
-    shapes = {n: model.tensors.shape(n + ".weight") for n in block_linear_names(model)}  # from the headers
+    shapes = linear_shapes(model)
     cfg = model.cfg
     gqa = cfg.n_heads // cfg.n_kv_heads
     types = mixes.layer_types(gguf_type, shapes, cfg.n_layers, gqa)
