@@ -238,7 +238,7 @@ def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBi
     elif layer_bits.gguf is not None:
         config.layer_schemes = gguf_schemes(model, layer_bits.gguf.upper(), progress)
         common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
-        config.bits, config.group_size, config.sym = common.bits, common.group_size, common.sym
+        config.bits, config.group_size, config.sym, config.grid = common.bits, common.group_size, common.sym, common.grid
     return None
 
 
@@ -281,7 +281,8 @@ def checkpoint_parts(model: Model, config: TuneConfig, layers: dict[str, PackedL
     if model.cfg.tie_word_embeddings and "lm_head.weight" in floats:
         floats.remove("lm_head.weight")
     quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
-                        packing_format=packing_format, extra_config={}, iters=config.iters, tuning=asdict(config))
+                        packing_format=packing_format, extra_config={}, iters=config.iters, tuning=asdict(config),
+                        grid=config.grid)
     return settled_config(quant, layers, {n: float_spec(model.tensors, n) for n in floats}), floats
 
 
