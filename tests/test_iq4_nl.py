@@ -123,6 +123,7 @@ def iq4_ckpt(tiny_model, tmp_path_factory):
 def test_the_checkpoint_records_the_grid(iq4_ckpt):
     qc = json.loads((iq4_ckpt / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["data_type"]) == (4, 32, True, "iq4_nl")
+    assert qc["packing_format"] == "auto_round:gptq_levels"  # auto-round's loader refuses it (format.py)
     assert qc["levels"] == list(GRIDS["iq4_nl"]) and "extra_config" not in qc
     ckpt = read_checkpoint(iq4_ckpt)
     assert all(ckpt.qweights[n].grid == "iq4_nl" for n in ckpt.qweights)
@@ -173,7 +174,8 @@ def test_rows_not_whole_blocks_are_refused_before_tuning(tmp_path, capsys):
 
 
 def qc_json(**over) -> dict:
-    return {"quant_method": "auto-round", "bits": 4, "group_size": 32, "sym": True, "packing_format": "auto_round",
+    return {"quant_method": "auto-round", "bits": 4, "group_size": 32, "sym": True,
+            "packing_format": "auto_round:gptq_levels",
             "data_type": "iq4_nl", "levels": list(GRIDS["iq4_nl"])} | over
 
 
@@ -195,8 +197,10 @@ def test_layers_of_both_kinds_round_trip_through_extra_config(tmp_path):
     w = weight(8, 64)
     layers = {"model.layers.0.mlp.up_proj": to_qweight(w, IQ4_NL),
               "model.layers.0.mlp.down_proj": to_qweight(w, Scheme(4, 32, True))}
+    with pytest.raises(CheckpointError, match="write it under packing_format 'auto_round:gptq_levels'"):
+        write_checkpoint(tmp_path / "plain", {"model_type": "llama"}, QuantConfig(4, 32, True), layers, {})
     for default in ("int", "iq4_nl"):
-        quant = QuantConfig(4, 32, True, packing_format="auto_round", grid=default)
+        quant = QuantConfig(4, 32, True, packing_format="auto_round:gptq_levels", grid=default)
         out = write_checkpoint(tmp_path / default, {"model_type": "llama"}, quant, layers, {})
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         other = next(n for n, qw in layers.items() if qw.grid != default)

@@ -18,13 +18,15 @@ G = ceil(K / g) (a short last group counts as zero-padded) is stored as
 | auto_round:auto_gptq | [K*b/32, N], q packed along K | [G, ceil(N*b/32)], along N | zero - 1          |
 | auto_round           | [K*b/32, N], q packed along K | [G, ceil(N*b/32)], along N | zero              |
 | auto_round:auto_awq  | [K, N/8], along N, AWQ order  | [G, N/8], AWQ order        | zero (4-bit only) |
+| auto_round:gptq_levels | as auto_round               | as auto_round              | zero              |
 
 and L.scales is float16 [G, N] in all three (bit layouts in packing.py; "zero - 1" is GPTQ v1's
 habit, so readers add 1). L.bias, when the layer has one, is float. A `L.g_idx` [K] may be present;
 only the trivial k // g is accepted (act-order reorders columns, which no exporter here can carry).
 
 We write the first two (auto_round:auto_gptq only when every layer is symmetric: "zero - 1" has no
-room for a zero point of 0) and read all three, in one file or sharded (model.safetensors.index.json;
+room for a zero point of 0), and the last, ours, when some layer is on a non-uniform grid (below); we
+read all four, in one file or sharded (model.safetensors.index.json;
 we write shards of at most shard_size, as transformers does: shards.py).
 
 One extension, written only for layers tuned on a GGUF grid with a float minimum (`tune --gguf q4_1`,
@@ -41,12 +43,15 @@ as 4-bit symmetric integers (zero points 8), but mean
     weight[n, k] = levels[q[n, k]] * scale[n, k // g]
 
 with the grid named by auto-round's own key `data_type` and its table written beside it, globally
-(`"data_type": "iq4_nl", "levels": [-127, -104, ...]`) or in a layer's extra_config entry. Readers that
-know neither must not take the codes for integers: auto-round's loader picks a kernel per layer by
-(bits, group_size, sym, data_type), and none of its backends lists a data_type other than its own ("int",
-"fp", its MX/NV float types), so it stops with "No compatible backend found" instead of loading
-(transformers' auto-round path goes through the same loader). Our reader checks the table against the
-name and refuses a name or table it does not know.
+(`"data_type": "iq4_nl", "levels": [-127, -104, ...]`) or in a layer's extra_config entry, and the whole
+file marked packing_format "auto_round:gptq_levels" (GPTQ's layout, zero points as they are). Readers
+that know neither must not take the codes for integers. auto-round's loader (0.16.1, also behind
+transformers' from_pretrained) picks a kernel per layer by packing format and scheme; a data_type it does
+not know alone is not enough: its "fake" fallback accepts any data_type under its own packing formats,
+expects float weights and would leave every quantized linear randomly initialized (a "MISSING" load
+report, no error). Under the unknown packing format no backend matches, and it stops with "No compatible
+backend found for layer ... data_type='iq4_nl'" (checked with auto-round 0.16.1 and transformers
+5.25). Our reader checks the table against the name and refuses a name or table it does not know.
 """
 
 from __future__ import annotations
@@ -65,8 +70,9 @@ from .qweight import GRIDS, SUPPORTED_BITS, UNIFORM, QuantWeight, check_grid
 GPTQ_V1 = "auto_round:auto_gptq"  # GPTQ layout, zero point stored minus 1
 GPTQ = "auto_round"  # GPTQ layout, zero point as is
 AWQ = "auto_round:auto_awq"  # AWQ layout (4-bit), zero point as is
-READ_FORMATS = (GPTQ_V1, GPTQ, AWQ)
-WRITE_FORMATS = (GPTQ_V1, GPTQ)
+GPTQ_LEVELS = "auto_round:gptq_levels"  # ours: GPTQ layout, zero point as is, codes of grids index levels
+READ_FORMATS = (GPTQ_V1, GPTQ, AWQ, GPTQ_LEVELS)
+WRITE_FORMATS = (GPTQ_V1, GPTQ, GPTQ_LEVELS)
 
 AUTOROUND_FORMAT_VERSION = "0.16.1"  # the auto-round release whose layout we write and test against
 QUANT_METHODS = ("auto-round", "intel/auto-round")  # the second is what older auto-round wrote

@@ -15,7 +15,7 @@ import numpy as np
 from ..atomic import atomic_dir, atomic_file
 from ..errors import CheckpointError
 from ..model.folder import INDEX, copy_tokenizer_files, file_headers
-from .format import GPTQ, GPTQ_V1, WRITE_FORMATS, QuantConfig, grid_record
+from .format import GPTQ, GPTQ_LEVELS, GPTQ_V1, WRITE_FORMATS, QuantConfig, grid_record
 from .packing import pack_bits, words_for
 from .qweight import UNIFORM, QuantWeight, n_groups
 from .shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, index_json, plan_shards, shard_names, write_shard
@@ -186,6 +186,10 @@ def settled_config(quant: QuantConfig, layers: dict[str, PackedLayer], floats: d
                 ("sym", layer.sym, quant.sym), ("data_type", layer.grid, quant.grid)) if value != default}
             if layer.grid != quant.grid:
                 extra[name] |= grid_record(layer.grid)
+        if layer.grid != UNIFORM and quant.packing_format != GPTQ_LEVELS:
+            raise CheckpointError(f"{name} is on the non-uniform grid {layer.grid!r}: write it under packing_format "
+                                  f"{GPTQ_LEVELS!r}, which loaders that do not know grids refuse instead of reading "
+                                  "its codes as integers")
         if quant.packing_format == GPTQ_V1 and not layer.sym:
             raise CheckpointError(f"{name} is asymmetric: packing_format {GPTQ_V1!r} stores zero points minus 1 and "
                                   f"cannot hold a zero point of 0; use {GPTQ!r} for asymmetric weights")
