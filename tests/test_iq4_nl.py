@@ -94,7 +94,8 @@ def test_clip_search_works_on_the_grid():
     f_lo, f_hi = clip_search(w, IQ4_NL, power, rng)
 
     def err(*f):
-        return ((grouped(w - quantize(w, IQ4_NL, None, *f, rng).weight, 32)) ** 2 * grouped(power.expand(16, -1), 32)).sum()
+        diff = grouped(w - quantize(w, IQ4_NL, None, *f, rng).weight, 32)
+        return (diff**2 * grouped(power.expand(16, -1), 32)).sum()
     assert err(f_lo, f_hi) < err(None, None)
 
 

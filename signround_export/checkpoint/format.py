@@ -220,6 +220,9 @@ def read_grid(d: dict, where: str, inherited: str) -> str:
     absent elsewhere."""
     data_type = d.get("data_type", inherited)
     levels = d.get("levels")
+    if not isinstance(data_type, str):
+        raise CheckpointError(f"{where}: data_type is {found(data_type)}; it must be a name such as \"int\" "
+                              "(correct it)")
     if data_type in GRIDS:
         if levels is None and "data_type" in d:
             raise CheckpointError(f"{where}: data_type {data_type!r} comes without its levels; the file's writer "

@@ -238,7 +238,8 @@ def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBi
     elif layer_bits.gguf is not None:
         config.layer_schemes = gguf_schemes(model, layer_bits.gguf.upper(), progress)
         common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
-        config.bits, config.group_size, config.sym, config.grid = common.bits, common.group_size, common.sym, common.grid
+        config.bits, config.group_size, config.sym = common.bits, common.group_size, common.sym
+        config.grid = common.grid
     return None
 
 
