@@ -38,12 +38,15 @@ def f16(x):
 
 # llama.cpp's ggml-common.h: (weights, bytes) per block, and the grids `tune --gguf` uses
 GGML_COMMON = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-               "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
-GRIDS = {"Q2_K": (2, 16, False, 4, True), "Q3_K": (3, 16, True, 6, False), "Q4_0": (4, 32, True, 0, False),
-         "Q4_1": (4, 32, False, 0, True), "Q4_K": (4, 32, False, 6, True), "Q5_0": (5, 32, True, 0, False),
-         "Q5_1": (5, 32, False, 0, True), "Q5_K": (5, 32, False, 6, True), "Q6_K": (6, 16, True, 8, False),
-         "Q8_0": (8, 32, True, 0, False)}
-LEGACY = [n for n, t in GGUF_TYPES.items() if t.quantized and not t.k_quant]
+               "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+               "IQ4_NL": (32, 18)}
+GRIDS = {"Q2_K": (2, 16, False, 4, True, "int"), "Q3_K": (3, 16, True, 6, False, "int"),
+         "Q4_0": (4, 32, True, 0, False, "int"), "Q4_1": (4, 32, False, 0, True, "int"),
+         "Q4_K": (4, 32, False, 6, True, "int"), "Q5_0": (5, 32, True, 0, False, "int"),
+         "Q5_1": (5, 32, False, 0, True, "int"), "Q5_K": (5, 32, False, 6, True, "int"),
+         "Q6_K": (6, 16, True, 8, False, "int"), "Q8_0": (8, 32, True, 0, False, "int"),
+         "IQ4_NL": (4, 32, True, 0, False, "iq4_nl")}
+LEGACY = [n for n, t in GGUF_TYPES.items() if t.quantized and not t.k_quant and t.grid == "int"]
 
 
 def test_registry_matches_ggml_common_and_the_tuning_grids():

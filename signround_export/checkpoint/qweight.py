@@ -17,6 +17,13 @@ store their minimum that way; `tune --gguf q4_k` tunes on that grid); zero is th
     W[n, k] ~= q[n, k] * scale[n, k // group_size] - offset[n, k // group_size]
 
 with offsets float16 values too, computed in float32 like every consumer does.
+
+A weight on a non-uniform grid (`grid`, auto-round's data_type, other than "int": GGUF's IQ4_NL, `tune
+--gguf iq4_nl`) stores codes q that index a fixed table of signed integer levels instead:
+
+    W[n, k] ~= levels[q[n, k]] * scale[n, k // group_size]
+
+It is symmetric (zero points stored as 2**(bits-1), unused) and its levels are GRIDS[grid].
 """
 
 from __future__ import annotations
@@ -30,6 +37,27 @@ from ..errors import CheckpointError, TuneError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPER_BLOCK = 256  # weights per K-quant super-block
+UNIFORM = "int"  # the grid of evenly spaced integers, auto-round's data_type "int"
+# Non-uniform grids: code q means levels[q] * scale. IQ4_NL's are ggml-common.h's kvalues_iq4nl; its
+# negative end is the longer one, which the largest-magnitude weight of a group maps to (quantizer.py).
+GRIDS = {"iq4_nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)}
+
+
+def grid_levels(grid: str) -> tuple[int, ...] | None:
+    """The levels of a non-uniform grid; None for the uniform one."""
+    return None if grid == UNIFORM else GRIDS[grid]
+
+
+def check_grid(grid: str, bits: int, sym: bool, error=TuneError, name: str = "weight") -> None:
+    """`error` naming the problem when `grid` is unknown or does not fit bits and sym."""
+    if grid == UNIFORM:
+        return
+    if grid not in GRIDS:
+        raise error(f"{name}: grid (data_type) {grid!r} is unknown; known: {', '.join((UNIFORM, *GRIDS))}")
+    if not sym or 2**bits != len(GRIDS[grid]):
+        raise error(f"{name}: grid {grid!r} has {len(GRIDS[grid])} levels and a signed scale: it needs "
+                    f"{len(GRIDS[grid]).bit_length() - 1}-bit symmetric weights, got {bits}-bit "
+                    f"{'symmetric' if sym else 'asymmetric'}")
 
 
 @dataclass(frozen=True)
@@ -39,12 +67,20 @@ class Scheme:
     sym: bool
     sub_scale_bits: int = 0  # > 0: scales on a K-quant grid (tune/quantizer.py; K % 256 == 0)
     float_offset: bool = False  # asymmetric with a float16 minimum per group instead of an integer zero point
+    grid: str = UNIFORM  # or a non-uniform grid of GRIDS: code q means levels[q] * scale
 
     def __post_init__(self):
         if self.float_offset and self.sym:
             raise TuneError("a float offset is for asymmetric weights (sym=False)")
         if self.sub_scale_bits and not self.sym and not self.float_offset:
             raise TuneError("asymmetric K-quant grids hold float offsets (float_offset=True)")
+        check_grid(self.grid, self.bits, self.sym, name="scheme")
+        if self.grid != UNIFORM and self.sub_scale_bits:
+            raise TuneError(f"scheme: grid {self.grid!r} has one float16 scale per group, no K-quant sub-scales")
+
+    @property
+    def levels(self) -> tuple[int, ...] | None:
+        return grid_levels(self.grid)
 
     def resolved_group(self, k: int) -> int:
         return k if self.group_size == -1 else self.group_size
@@ -64,6 +100,7 @@ class QuantWeight:
     sym: bool
     bias: np.ndarray | None = None  # float32 [N]
     offset: np.ndarray | None = None  # float32 [N, G] float16 values: W = q * scale - offset (zero unused, 0)
+    grid: str = UNIFORM  # a non-uniform grid of GRIDS: W = levels[q] * scale (zero unused, 2**(bits-1))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,6 +128,7 @@ class QuantWeight:
             raise CheckpointError(f"{name}: scales contain NaN or infinity")
         if np.any(self.scale == 0):
             raise CheckpointError(f"{name}: scales contain zeros")
+        check_grid(self.grid, self.bits, self.sym, CheckpointError, name)
         if self.offset is not None:
             if self.sym:
                 raise CheckpointError(f"{name}: a symmetric weight cannot carry float offsets")
@@ -114,11 +152,16 @@ class QuantWeight:
 
     def dequantize(self) -> np.ndarray:
         """float32 [N, K] weight."""
-        w = self.by_group(self.q).astype(np.float32)
-        if self.offset is not None:
+        levels = grid_levels(self.grid)
+        if levels is not None:  # levels[q] * scale: an integer of 8 bits times a float16 is exact in float32
+            w = np.asarray(levels, dtype=np.float32)[self.by_group(self.q)]
+            w *= self.scale[..., None]
+        elif self.offset is not None:
+            w = self.by_group(self.q).astype(np.float32)
             w *= self.scale[..., None]
             w -= self.offset[..., None]
         else:
+            w = self.by_group(self.q).astype(np.float32)
             w -= self.zero[..., None].astype(np.float32)
             w *= self.scale[..., None]
         n, k = self.q.shape

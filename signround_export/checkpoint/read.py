@@ -21,7 +21,7 @@ from ..model.folder import FLOAT_DTYPES, TensorHeader, read_json, safetensors_he
 from ..model.store import Lazy, StoredArrays
 from .format import AWQ, GPTQ_V1, LAYER_TENSORS, Checkpoint, QuantConfig
 from .packing import unpack_awq, unpack_bits, words_for
-from .qweight import SUPPORTED_BITS, QuantWeight
+from .qweight import SUPPORTED_BITS, QuantWeight, check_grid
 
 REMEDY = "write the checkpoint again"
 
@@ -126,9 +126,11 @@ class _Layer:
         self.name, self.headers, self.arrays, self.quant = name, headers, arrays, quant
         self.where = str(headers[name + ".qweight"].file)
         self.bits, self.group_cfg, self.sym = quant.layer_scheme(name)
+        self.grid = quant.layer_grid(name)
         if self.bits not in SUPPORTED_BITS:
             raise CheckpointError(f"{self.where}: layer {name} is {self.bits}-bit by quantization_config; this "
                                   f"project holds {', '.join(map(str, SUPPORTED_BITS))}-bit weights only")
+        check_grid(self.grid, self.bits, self.sym, CheckpointError, f"{self.where}: layer {name}")
         self.n = self.need("scales", SCALE_DTYPES)[1]
         self.k = self.awq_k() if quant.packing_format == AWQ else self.gptq_k()
         self.group = self.k if self.group_cfg == -1 else self.group_cfg
@@ -200,7 +202,7 @@ class _Layer:
         self.check_g_idx()
         qw = QuantWeight(q=np.ascontiguousarray(q), scale=self.scale(scales),
                          zero=np.ascontiguousarray(zero.T.astype(np.uint8)), bits=self.bits, group_size=self.group,
-                         sym=self.sym, bias=self.bias(), offset=self.offset())
+                         sym=self.sym, bias=self.bias(), offset=self.offset(), grid=self.grid)
         self.check(qw)
         return qw
 

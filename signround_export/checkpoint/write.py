@@ -15,9 +15,9 @@ import numpy as np
 from ..atomic import atomic_dir, atomic_file
 from ..errors import CheckpointError
 from ..model.folder import INDEX, copy_tokenizer_files, file_headers
-from .format import GPTQ, GPTQ_V1, WRITE_FORMATS, QuantConfig
+from .format import GPTQ, GPTQ_LEVELS, GPTQ_V1, WRITE_FORMATS, QuantConfig, grid_record
 from .packing import pack_bits, words_for
-from .qweight import QuantWeight, n_groups
+from .qweight import UNIFORM, QuantWeight, n_groups
 from .shards import DEFAULT_SHARD_SIZE, TensorSpec, Unit, index_json, plan_shards, shard_names, write_shard
 
 
@@ -33,11 +33,12 @@ class PackedLayer:
     k: int
     offsets: bool = False
     bias: bool = False
+    grid: str = UNIFORM  # data_type: what the codes mean (qweight.GRIDS)
 
     @classmethod
     def of(cls, qw: QuantWeight) -> "PackedLayer":
         n, k = qw.shape
-        return cls(qw.bits, qw.group_size, qw.sym, n, k, qw.offset is not None, qw.bias is not None)
+        return cls(qw.bits, qw.group_size, qw.sym, n, k, qw.offset is not None, qw.bias is not None, qw.grid)
 
     def specs(self, name: str) -> dict[str, TensorSpec]:
         """The dtype and shape of each tensor pack_layer writes for this layer."""
@@ -174,13 +175,21 @@ def settled_config(quant: QuantConfig, layers: dict[str, PackedLayer], floats: d
         k = layer.k
         if not in_blocks(name):
             # outside the blocks auto-round's loader quantizes only what extra_config names, in full
-            extra[name] = {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "data_type": "int"}
-        elif (bits, k if group == -1 else group, sym) != (layer.bits, layer.group_size, layer.sym):
+            extra[name] = {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym,
+                           "data_type": layer.grid, **grid_record(layer.grid)}
+        elif ((bits, k if group == -1 else group, sym, settled.layer_grid(name))
+              != (layer.bits, layer.group_size, layer.sym, layer.grid)):
             # an exact name shadows every regex, so the entry lists all keys that differ from the default
             extra[name] = {key: value for key, value, default in (
                 ("bits", layer.bits, quant.bits),
                 ("group_size", layer.group_size, k if quant.group_size == -1 else quant.group_size),
-                ("sym", layer.sym, quant.sym)) if value != default}
+                ("sym", layer.sym, quant.sym), ("data_type", layer.grid, quant.grid)) if value != default}
+            if layer.grid != quant.grid:
+                extra[name] |= grid_record(layer.grid)
+        if layer.grid != UNIFORM and quant.packing_format != GPTQ_LEVELS:
+            raise CheckpointError(f"{name} is on the non-uniform grid {layer.grid!r}: write it under packing_format "
+                                  f"{GPTQ_LEVELS!r}, which loaders that do not know grids refuse instead of reading "
+                                  "its codes as integers")
         if quant.packing_format == GPTQ_V1 and not layer.sym:
             raise CheckpointError(f"{name} is asymmetric: packing_format {GPTQ_V1!r} stores zero points minus 1 and "
                                   f"cannot hold a zero point of 0; use {GPTQ!r} for asymmetric weights")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint.qweight import Scheme
-from .quantizer import grouped, quantize
+from .quantizer import grouped, quantize, signed_codes, top_level
 
 
 def clip_candidates(scheme: Scheme, w_range) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -19,13 +19,15 @@ def clip_candidates(scheme: Scheme, w_range) -> list[tuple[torch.Tensor, torch.T
     range / (n + 0.1 i), the range end moving by at most about one code, as importance-matrix
     quantizers search it. Deeper clipping lowers the input-weighted error further but measured worse
     perplexity (docs/benchmarks.md).
-    Symmetric (n = 2^(bits-1), i in -9..9): both ends scale together.
+    Symmetric (n = 2^(bits-1), i in -9..9): both ends scale together. On a non-uniform grid n is the
+    magnitude of its negative end and "one code" the spacing there (IQ4_NL: range / (127 + 2.3 i)).
     Asymmetric (n = 2^bits - 1, i in -10..10): lo stays, hi moves (hi stays where it is 0); this
     includes, at i = -1, the grid of half the step, where a model shipped on a coarser grid lies."""
     lo, hi = w_range
     if scheme.sym:
-        m = 2 ** (scheme.bits - 1)
-        return [(torch.full_like(lo, m / (m + 0.1 * i)),) * 2 for i in range(-9, 10)]
+        m = top_level(scheme)
+        code = 1 if scheme.levels is None else scheme.levels[1] - scheme.levels[0]
+        return [(torch.full_like(lo, m / (m + 0.1 * i * code)),) * 2 for i in range(-9, 10)]
     maxq = 2**scheme.bits - 1
     out = []
     for i in range(-10, 11):
@@ -42,9 +44,10 @@ def group_power(power: torch.Tensor, n: int, group: int) -> torch.Tensor:
 
 def ls_factor(w: torch.Tensor, scheme: Scheme, f: torch.Tensor, power_g: torch.Tensor, w_range) -> torch.Tensor:
     """The factor whose scale is the input-weighted least-squares scale for the codes that f gives:
-    s = sum p * w * c / sum p * c^2 over a group, c the signed codes (symmetric grids only)."""
+    s = sum p * w * c / sum p * c^2 over a group, c the signed codes (symmetric grids only: q - zero, or
+    the levels of a non-uniform grid)."""
     fq = quantize(w, scheme, None, f, f, w_range)
-    c = fq.q - fq.zero[..., None]
+    c = signed_codes(fq, scheme)
     wg = grouped(w, scheme.resolved_group(w.shape[1]))
     den = (power_g * c * c).sum(-1)
     s = torch.where(den > 0, (power_g * wg * c).sum(-1) / den.clamp(min=1e-30), fq.scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checkpoint.qweight import SUPPORTED_BITS, Scheme
+from ..checkpoint.qweight import SUPPORTED_BITS, UNIFORM, Scheme, check_grid
 from ..data import CALIB_WINDOWS
 from ..errors import TuneError
 
@@ -21,6 +21,8 @@ BEST_RULES = ("batch", "last", "fixed")
 BATCH_ORDERS = ("random", "strata")
 # their fields: at their defaults a run tunes as before they existed (resume.py reads older stores so)
 ABLATION_SETTINGS = ("optimizer", "tune_clip", "lr_schedule", "patience", "best", "eval_every", "batch_order")
+# settings added later than the resume store: at their defaults a run tunes as before they existed
+LATER_SETTINGS = (*ABLATION_SETTINGS, "grid")
 
 
 @dataclass
@@ -28,6 +30,7 @@ class TuneConfig:
     bits: int = 4
     group_size: int = 128  # -1: one group per row
     sym: bool = False
+    grid: str = UNIFORM  # or a non-uniform grid of checkpoint.qweight.GRIDS (set by `tune --gguf iq4_nl`)
     iters: int = 200
     nsamples: int = 128
     seqlen: int = 512
@@ -78,6 +81,7 @@ class TuneConfig:
         if self.group_size != -1 and self.group_size <= 0:
             raise TuneError(f"`group_size` {self.group_size}: give a positive group size, or -1 for one group "
                             "per row", param="group_size")
+        check_grid(self.grid, self.bits, self.sym, name="tuning settings")
         if self.iters < 0:
             raise TuneError(f"`iters` {self.iters}: give 0 (round to nearest) or more steps", param="iters")
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -116,7 +120,7 @@ class TuneConfig:
                             "measurements on the fixed batch", param="eval_every")
 
     def scheme(self, layer: str | None = None) -> Scheme:
-        return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym)
+        return self.layer_schemes.get(layer) or Scheme(self.bits, self.group_size, self.sym, grid=self.grid)
 
     def searches(self) -> bool:
         return self.clip_search if self.clip_search is not None else self.iters > 0

@@ -250,6 +250,7 @@ def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBi
     if layer_bits.gguf is not None or layer_bits.budget_given():  # the config states the commonest scheme
         common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
         config.bits, config.group_size, config.sym = common.bits, common.group_size, common.sym
+        config.grid = common.grid
     return allocation if layer_bits.budget_given() else None
 
 
@@ -298,7 +299,8 @@ def checkpoint_parts(model: Model, config: TuneConfig, layers: dict[str, PackedL
     if model.cfg.tie_word_embeddings and "lm_head.weight" in floats:
         floats.remove("lm_head.weight")
     quant = QuantConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
-                        packing_format=packing_format, extra_config={}, iters=config.iters, tuning=asdict(config))
+                        packing_format=packing_format, extra_config={}, iters=config.iters, tuning=asdict(config),
+                        grid=config.grid)
     return settled_config(quant, layers, {n: float_spec(model.tensors, n) for n in floats}), floats
 
 

@@ -26,6 +26,20 @@ With float_offset (GGUF's Q4_1, Q5_1 and the asymmetric K-quants), the minimum i
 whole step: offset = -lo in float16, q = clamp(round((W + offset) / scale + V), 0, 2^b - 1), and
 W_q = q * scale - offset.
 
+On a non-uniform grid (scheme.grid, e.g. IQ4_NL: 16 signed integer levels L_0 < ... < L_15, weight =
+L[code] * scale) the symmetric rule holds with m = -L_0: the larger of |lo|, |hi| maps to L_0, the end
+of the table with the larger magnitude (IQ4_NL: -127 against +113), so the step is the finest that
+covers that side; the other side ends at L_15 (113/127 of it), clipping only what lies beyond. The
+rounding runs in level-index space, where the levels sit at whole numbers:
+
+    x = W / scale       i: L_i <= x < L_i+1 (the end intervals extended beyond the table)
+    t = i + (x - L_i) / (L_i+1 - L_i)
+    code = clamp(round(t + V), 0, 15)       W_q = L[code] * scale
+
+so V moves a weight between its two neighbouring levels, and V = 0 is the nearest level. Gradients
+pass straight through round() and through the table lookup (L read as the line through its levels,
+whose slope is the local spacing).
+
 V (per weight, in [-0.5, 0.5]) and min_scale / max_scale (per group, in [0, 1], or somewhat above 1
 where the clipping search starts them there) are what SignRound tunes; V = 0 and both factors 1 is plain round-to-nearest (RTN). Scales are rounded to float16
 inside the computation, because that is what the checkpoint stores: the tuned loss is the loss of
@@ -51,7 +65,7 @@ class FakeQuant(NamedTuple):
     weight: torch.Tensor  # W_q [N, K] float32, differentiable in V, min_scale and max_scale
     q: torch.Tensor  # the integers [N, G, group] (padding included), as floats
     scale: torch.Tensor
-    zero: torch.Tensor | None  # the integer zero point; None on float-offset grids
+    zero: torch.Tensor | None  # the integer zero point (unused by non-uniform grids); None on float-offset grids
     offset: torch.Tensor | None  # the float minimum -lo on float-offset grids; None elsewhere
 
 
@@ -111,6 +125,36 @@ def sub_scale_grid(scale: torch.Tensor, group: int, bits: int, signed: bool = Tr
     return (d * sc).view(n, g)
 
 
+def level_index(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """x in level-index space, t = i + (x - L_i) / (L_i+1 - L_i), the end intervals extended outward."""
+    i = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for level in levels[1:-1].tolist():  # L_i <= x < L_i+1, 0..14: 3x faster than searchsorted on a CPU
+        i += x.detach() >= level
+    i = i.long()
+    lo = levels[i]
+    return i + (x - lo) / (levels[i + 1] - lo)
+
+
+def level_value(code: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """L[code] for whole-number codes (exactly), read as the line through the levels so that the
+    gradient in code is the local spacing L_j+1 - L_j."""
+    j = code.detach().floor().clamp(0, len(levels) - 2).long()
+    lo = levels[j]
+    return lo + (code - j) * (levels[j + 1] - lo)
+
+
+def signed_codes(fq: FakeQuant, scheme: Scheme) -> torch.Tensor:
+    """The integer each weight of a symmetric grid is a multiple of its scale by: q - zero, or L[q]."""
+    if scheme.levels is not None:
+        return torch.tensor(scheme.levels, dtype=fq.scale.dtype, device=fq.q.device)[fq.q.long()]
+    return fq.q - fq.zero[..., None]
+
+
+def top_level(scheme: Scheme) -> int:
+    """m: the magnitude of a symmetric grid's negative end, to which the larger side of a group maps."""
+    return 2 ** (scheme.bits - 1) if scheme.levels is None else -scheme.levels[0]
+
+
 def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None, w_range=None) -> FakeQuant:
     """W on the scheme's grid under the tuning parameters (None: round to nearest over the full range).
     w_range is group_range(w) when the caller has it at hand."""
@@ -121,12 +165,14 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
     if min_scale is not None:
         lo, hi = lo * min_scale, hi * max_scale
     if scheme.sym:
-        m = 2 ** (scheme.bits - 1)
+        m = top_level(scheme)
         scale = torch.where(-lo >= hi, -lo, -hi) / m
         scale = torch.where(scale < 0, scale.clamp(max=-SCALE_EPS), scale.clamp(min=SCALE_EPS))
         if scheme.sub_scale_bits:
             scale = sub_scale_grid(scale, group, scheme.sub_scale_bits)
         scale = to_fp16_ste(scale)
+        if scheme.levels is not None:
+            return on_levels(wg, scale, torch.tensor(scheme.levels, dtype=wg.dtype, device=wg.device), v, scheme, k)
         zero = torch.full_like(scale, m)
         lo_q, hi_q = -m, m - 1
     elif scheme.float_offset:
@@ -155,6 +201,17 @@ def quantize(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=
     return FakeQuant(wq.view(n, -1)[:, :k], q, scale, zero, None)
 
 
+def on_levels(wg: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, v, scheme: Scheme, k: int) -> FakeQuant:
+    """Groups wg [N, G, group] on a non-uniform grid of the given (float16) scales (see above)."""
+    t = level_index(wg / scale[..., None], levels)
+    if v is not None:
+        t = t + v
+    code = torch.clamp(round_ste(t), 0, len(levels) - 1)
+    wq = level_value(code, levels) * scale[..., None]
+    zero = torch.full_like(scale, 2 ** (scheme.bits - 1))  # stored, unused: the checkpoint's symmetric zero point
+    return FakeQuant(wq.view(wg.shape[0], -1)[:, :k], code, scale, zero, None)
+
+
 def to_qweight(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scale=None,
                bias: torch.Tensor | None = None) -> QuantWeight:
     """The integers, float16 scales and zero points of W under the given tuning parameters."""
@@ -171,6 +228,7 @@ def to_qweight(w: torch.Tensor, scheme: Scheme, v=None, min_scale=None, max_scal
         group_size=scheme.resolved_group(k),
         sym=scheme.sym,
         bias=None if bias is None else bias.detach().float().cpu().numpy(),
+        grid=scheme.grid,
     )
     qw.check()
     return qw

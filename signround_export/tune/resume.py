@@ -41,7 +41,7 @@ from ..errors import TuneError
 from ..model.folder import SELF_CALIBRATION_FILE, TensorHeader, file_headers
 from ..model.store import Lazy, StoredArrays
 from .allocate import Allocation
-from .config import ABLATION_SETTINGS, TuneConfig
+from .config import LATER_SETTINGS, TuneConfig
 from .signround import BlockLog
 
 REMEDY = "delete that folder to start over"
@@ -49,9 +49,9 @@ SHARD_PREFIX = "model"  # model.safetensors, model-0000X-of-0000Y.safetensors
 
 
 def at_default(setting: str, value) -> bool:
-    """An ablation switch at its default: a store written before the switches existed ran so (defaults
-    that keep earlier behaviour hold for these settings only)."""
-    defaults = {f.name: f.default for f in fields(TuneConfig) if f.name in ABLATION_SETTINGS}
+    """A setting added after the store's format (the ablation switches, the grid) at its default: a store
+    written before it existed ran so (defaults that keep earlier behaviour hold for these settings only)."""
+    defaults = {f.name: f.default for f in fields(TuneConfig) if f.name in LATER_SETTINGS}
     return setting in defaults and defaults[setting] == value
 
 
@@ -169,7 +169,7 @@ class ResumeStore:
                 f.unlink()
 
     def unpack(self, name: str, layer: PackedLayer, headers: dict[str, TensorHeader], arrays: Mapping) -> QuantWeight:
-        quant = QuantConfig(layer.bits, layer.group_size, layer.sym, self.packing_format)
+        quant = QuantConfig(layer.bits, layer.group_size, layer.sym, self.packing_format, grid=layer.grid)
         return layer_weight(name, headers, arrays, quant)
 
     def qweights(self) -> Mapping[str, QuantWeight]:

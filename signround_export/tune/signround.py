@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from ..checkpoint.format import GPTQ, GPTQ_V1
-from ..checkpoint.qweight import QuantWeight, Scheme
+from ..checkpoint.format import GPTQ, GPTQ_LEVELS, GPTQ_V1
+from ..checkpoint.qweight import UNIFORM, QuantWeight, Scheme
 from ..digests import digest_of
 from ..errors import TuneError
 from ..model.forward import Model, block_forward
@@ -455,10 +455,13 @@ def quantized_params(params: dict[str, torch.Tensor], i: int, qweights: dict[str
 
 
 def packing_format(model: Model, config: TuneConfig) -> str:
-    """The checkpoint's packing format: GPTQ's "zero - 1" when every layer is symmetric (it cannot hold an
-    asymmetric layer's zero point of 0), zero points as they are otherwise."""
+    """The checkpoint's packing format: ours marking codes that index levels when some layer is on a
+    non-uniform grid (checkpoint/format.py), else GPTQ's "zero - 1" when every layer is symmetric (it
+    cannot hold an asymmetric layer's zero point of 0), zero points as they are otherwise."""
     names = [f"model.layers.{i}.{n}" for i in range(model.cfg.n_layers) for n in model.cfg.family.linears]
     names += ["lm_head"] if config.quant_lm_head else []
+    if any(config.scheme(n).grid != UNIFORM for n in names):
+        return GPTQ_LEVELS
     return GPTQ_V1 if all(config.scheme(n).sym for n in names) else GPTQ
 
 

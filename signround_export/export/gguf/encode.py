@@ -25,6 +25,10 @@ With kquant, integer-zero layers of at most 4 bits whose rows are a multiple of 
 instead (encode_q4_k; not exact: the scales become 6-bit sub-block multiples, error reported); the
 rest keep the exact types above, where llama.cpp's own quantizer would fall back to Q5_0.
 
+Layers on a non-uniform grid (`tune --gguf iq4_nl`) go to the block type whose codes index the same
+levels (IQ4_NL: code q, d = scale), exactly, where rows and groups are multiples of 32; never to an
+integer type.
+
 "Anything else" is a group size that is not a multiple of 32, a row length that is not, or 8-bit
 asymmetric codes out of int8 range. Float matrices (the embedding, a float lm_head) are written as
 float_type (F16 by default, or Q8_0 rounded to nearest), norms as F32.
@@ -34,9 +38,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...checkpoint.qweight import QuantWeight
+from ...checkpoint.qweight import UNIFORM, QuantWeight
 from .blocks import PACK_K, pack_blocks, pack_q4_k
-from .types import GGUF_TYPES, QK, QK_K, GGUFType, k_quant, legacy_types
+from .types import GGUF_TYPES, QK, QK_K, GGUFType, grid_type, k_quant, legacy_types
 
 ROW_SLICE = 1 << 22  # weights worked on at once in row_slices
 Encoded = tuple[str, np.ndarray]  # (GGUF type name, packed rows uint8 [N, bytes], or float data)
@@ -44,9 +48,10 @@ Encoded = tuple[str, np.ndarray]  # (GGUF type name, packed rows uint8 [N, bytes
 
 def holds_exactly(type_name: str, qw: QuantWeight) -> bool:
     """Whether a GGUF type holds this layer's integers exactly: the types without float minima hold
-    integer zero points, those with them float offsets (so Q4_K holds float offsets only)."""
+    integer zero points, those with them float offsets (so Q4_K holds float offsets only), and a
+    non-uniform grid's type that grid's codes only."""
     t = GGUF_TYPES.get(type_name)
-    return t is not None and t.quantized and t.float_min == (qw.offset is not None)
+    return t is not None and t.quantized and t.float_min == (qw.offset is not None) and t.grid == qw.grid
 
 
 def _f16(x: np.ndarray) -> np.ndarray:
@@ -186,9 +191,21 @@ def encode_q4_k(qw: QuantWeight) -> Encoded | None:
     return t.name, pack_q4_k(codes, sc.reshape(n, nsub), m.reshape(n, nsub), d, dmin)
 
 
+def encode_grid(qw: QuantWeight) -> Encoded | None:
+    """A layer on a non-uniform grid as the block type indexing the same levels (its codes and scales as
+    they are), or None where rows or groups are not whole blocks of it."""
+    t = grid_type(qw.grid)
+    n, k = qw.shape
+    if t is None or qw.bits != t.bits or k % t.block or qw.group_size % t.block:
+        return None
+    return t.name, pack_blocks(t.name, qw.q, qw.scale[:, block_groups(k, t.block, qw.group_size)])
+
+
 def encode_layer(qw: QuantWeight, asym4: str = "Q5_0", kquant: bool = False) -> Encoded:
     """(type, data) of a quantized layer: the first of the encoders above that holds it, else float16."""
-    if qw.offset is not None:
+    if qw.grid != UNIFORM:
+        enc = encode_grid(qw)
+    elif qw.offset is not None:
         enc = encode_offsets(qw)
     else:
         enc = encode_sym_k(qw) or (encode_q4_k(qw) if kquant else None) or encode_quantized(qw, asym4)

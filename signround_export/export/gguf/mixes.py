@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 
-from ...checkpoint.qweight import Scheme
+from ...checkpoint.qweight import UNIFORM, Scheme
 from ...errors import TuneError
 from .types import GGUF_TYPES, QK_K
 
@@ -67,7 +67,9 @@ MIXES = {
     "Q5_K_M": mix("Q5_K", lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K", "Q5_K",
                   lambda i, n, gqa: "Q6_K" if more_bits(i, n) else "Q5_K"),
 }
-SINGLE = sorted(n for n, t in GGUF_TYPES.items() if t.quantized and n not in MIXES)  # Q2_K: the mix of that name
+# Q2_K: the mix of that name; the non-uniform grids (IQ4_NL) after the integer types
+SINGLE = sorted((n for n, t in GGUF_TYPES.items() if t.quantized and n not in MIXES),
+                key=lambda n: (GGUF_TYPES[n].grid != UNIFORM, n))
 TYPES = SINGLE + list(MIXES)  # what --gguf accepts
 
 
@@ -80,6 +82,11 @@ def layer_type(gguf_type: str, name: str, k: int, n_layers: int, gqa: int = 1) -
     t = MIXES[gguf_type](ROLES[m.group(2)], int(m.group(1)), n_layers, gqa) if gguf_type in MIXES else gguf_type
     if k % QK_K and GGUF_TYPES[t].fallback:
         t = GGUF_TYPES[t].fallback
+    if k % GGUF_TYPES[t].block:
+        raise TuneError(f"{name} has rows of {k} weights, not whole {t} blocks of {GGUF_TYPES[t].block}: no GGUF type "
+                        f"holds its codes, so `gguf` {gguf_type.lower()!r} cannot tune this model exactly (tune it "
+                        "without `gguf`: the GGUF export then writes such layers as float16)",
+                        param="gguf")
     return t
 
 

@@ -10,6 +10,8 @@ gate rows first) its ffn_up, which llama.cpp's SwiGLU splits the same way: both 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ...checkpoint.qweight import QuantWeight
@@ -114,6 +116,6 @@ def llama_rows(item: QuantWeight | np.ndarray, n_heads: int) -> QuantWeight | np
     layer's bias is a tensor of its own: the result has none)."""
     if not isinstance(item, QuantWeight):
         return rope_permute(item, n_heads)
-    return QuantWeight(rope_permute(item.q, n_heads), rope_permute(item.scale, n_heads),
-                       rope_permute(item.zero, n_heads), item.bits, item.group_size, item.sym,
-                       offset=None if item.offset is None else rope_permute(item.offset, n_heads))
+    return replace(item, q=rope_permute(item.q, n_heads), scale=rope_permute(item.scale, n_heads),
+                   zero=rope_permute(item.zero, n_heads), bias=None,
+                   offset=None if item.offset is None else rope_permute(item.offset, n_heads))

@@ -20,6 +20,7 @@ own: weight = d * sc * (code - zero) - dmin * m.
 | Q4_K | 256               | 0..15     | 0    | yes       | 32        | 0..63      | W4G32 asym, 6-bit, offsets | Q5_0     |
 | Q5_K | 256               | 0..31     | 0    | yes       | 32        | 0..63      | W5G32 asym, 6-bit, offsets | Q5_1     |
 | Q6_K | 256               | 0..63     | 32   |           | 16        | -128..127  | W6G16 sym, 8-bit           | Q8_0     |
+| IQ4_NL | 32              | 0..15     |      |           |           |            | W4G32 sym, grid iq4_nl     |          |
 
 The grid (a tuning Scheme, checkpoint/qweight.py) follows from the record: bits = width of the
 codes, group = the (sub-)block, symmetric unless the type stores float minima, sub-scale bits =
@@ -27,6 +28,10 @@ width of sc. A layer tuned on it reaches the file bit for bit: types without flo
 integer zero points exactly (c = q - zero), types with them hold float offsets exactly (the
 checkpoint's W = q * scale - offset). "fallback": llama.cpp's type for rows that are not a multiple
 of 256, where a K-quant cannot go. "file type": general.file_type of a file mostly of this type.
+
+IQ4_NL's codes index a table of 16 signed levels (checkpoint/qweight.py's GRIDS["iq4_nl"]), weight =
+d * levels[code]; its blocks are laid out as Q4_0's. Its grid is non-uniform: it holds exactly the
+layers tuned on that grid, and no integer layer.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 import gguf
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from ...checkpoint.qweight import SUPER_BLOCK, Scheme
+from ...checkpoint.qweight import SUPER_BLOCK, UNIFORM, Scheme
 
 QK_K = SUPER_BLOCK  # weights per K-quant super-block
 assert QK_K == gguf.QK_K, (QK_K, gguf.QK_K)
@@ -57,6 +62,7 @@ class GGUFType:
     sub_block: int = 0  # K-quants: weights per sub-block with its own integer scale sc (and minimum m)
     sub_scales: tuple[int, int] | None = None  # K-quants: range of sc (and m)
     fallback: str | None = None  # llama.cpp's type for rows that are not a multiple of 256
+    grid: str = UNIFORM  # a non-uniform grid (qweight.GRIDS) whose levels the codes index
 
     @property
     def ggml_type(self) -> GGMLQuantizationType:
@@ -95,7 +101,7 @@ class GGUFType:
         if not self.quantized:
             return None
         return Scheme(self.bits, self.sub_block or self.block, not self.float_min,
-                      _width(self.sub_scales) if self.sub_scales else 0, self.float_min)
+                      _width(self.sub_scales) if self.sub_scales else 0, self.float_min, self.grid)
 
 
 GGUF_TYPES = {t.name: t for t in (
@@ -116,6 +122,7 @@ GGUF_TYPES = {t.name: t for t in (
              fallback="Q5_1"),
     GGUFType("Q6_K", LlamaFileType.MOSTLY_Q6_K, (0, 63), zero=32, sub_block=16, sub_scales=(-128, 127),
              fallback="Q8_0"),
+    GGUFType("IQ4_NL", LlamaFileType.MOSTLY_IQ4_NL, (0, 15), grid="iq4_nl"),
 )}
 
 QK = GGUF_TYPES["Q8_0"].block  # weights per block of the legacy (non-K) types
@@ -123,10 +130,16 @@ assert all(t.block in (1, QK, QK_K) for t in GGUF_TYPES.values())
 
 
 def legacy_types(float_min: bool) -> list[GGUFType]:
-    """The 32-weight block types with (or without) float minima, smallest first."""
-    return sorted((t for t in GGUF_TYPES.values() if t.block == QK and t.float_min == float_min), key=lambda t: t.nbytes)
+    """The 32-weight integer block types with (or without) float minima, smallest first."""
+    return sorted((t for t in GGUF_TYPES.values() if t.block == QK and t.float_min == float_min and t.grid == UNIFORM),
+                  key=lambda t: t.nbytes)
 
 
 def k_quant(bits: int, float_min: bool) -> GGUFType | None:
     """The K-quant with codes of `bits` bits and (or without) float minima, if there is one."""
     return next((t for t in GGUF_TYPES.values() if t.k_quant and t.bits == bits and t.float_min == float_min), None)
+
+
+def grid_type(grid: str) -> GGUFType | None:
+    """The block type whose codes index the levels of a non-uniform grid, if there is one."""
+    return next((t for t in GGUF_TYPES.values() if t.grid == grid and grid != UNIFORM), None)

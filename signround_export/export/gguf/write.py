@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -242,8 +242,8 @@ def readback_error(item: QuantWeight | np.ndarray, type_name: str, data: np.ndar
 
 def layer_rows(qw: QuantWeight, rows: slice) -> QuantWeight:
     """Some rows of a quantized layer (views)."""
-    return QuantWeight(qw.q[rows], qw.scale[rows], qw.zero[rows], qw.bits, qw.group_size, qw.sym,
-                       offset=None if qw.offset is None else qw.offset[rows])
+    return replace(qw, q=qw.q[rows], scale=qw.scale[rows], zero=qw.zero[rows], bias=None,
+                   offset=None if qw.offset is None else qw.offset[rows])
 
 
 def rope_tensors(cfg: ModelConfig) -> list[tuple[TensorRecord, np.ndarray]]:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from ...atomic import atomic_dir
 from ...checkpoint.format import Checkpoint
-from ...checkpoint.qweight import QuantWeight, Scheme
+from ...checkpoint.qweight import UNIFORM, QuantWeight, Scheme
 from ...errors import ONNXExportError
 from ...model.config import ModelConfig
 from ...model.families import FUSED_GATE_UP, FUSED_QKV, check_linears
@@ -61,7 +61,7 @@ from ...model.rope import rope_tables
 from ...tune.quantizer import to_qweight
 from .genai import genai_config
 from .graph import FLOAT, INT32, INT64, MS, GraphBuilder, InitializerFile, tensor_info
-from .matmulnbits import BLOCK_SIZES, to_nbits
+from .matmulnbits import BLOCK_SIZES, grid_error, to_nbits
 from .stacking import stack_key, stack_name, stack_rows
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 computes in float32, 4 quantizes activations to int8
@@ -101,6 +101,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     check_linears(cfg.family, [*ckpt.qweights, *ckpt.tensors], ONNXExportError)
     check_attention(cfg)
+    check_grids(ckpt)
     report = ONNXExport(folder=Path(out_dir), accuracy_level=accuracy_level)
     head_qw, report.head = plan_head(cfg, ckpt, lm_head_bits)
     with atomic_dir(out_dir) as tmp:
@@ -116,6 +117,13 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, accuracy_level: int = 4, lm_head_b
     report.bytes = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_grids(ckpt: Checkpoint) -> None:
+    """Refuse, before writing anything, layers that quantization_config puts on a non-uniform grid."""
+    on_grids = [n for n in ckpt.qweights if ckpt.quant.layer_grid(n) != UNIFORM]
+    if on_grids:
+        raise grid_error(on_grids, ckpt.quant.layer_grid(on_grids[0]))
 
 
 def check_attention(cfg: ModelConfig) -> None:

@@ -21,6 +21,8 @@ From a checkpoint group of g columns:
 - float offsets (weights tuned for GGUF's asymmetric K-quants, W = q * scale - offset): zero points
   unpacked as float32 offset / scale, which MatMulNBits also takes (a slower kernel); exact to float32
   rounding, not bit for bit.
+- codes on a non-uniform grid (`tune --gguf iq4_nl`, W = levels[q] * scale) have no (code - zero) * scale
+  form: refused (grid_error), never written as if they were evenly spaced integers.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...checkpoint.packing import pack_bits
-from ...checkpoint.qweight import QuantWeight
+from ...checkpoint.qweight import UNIFORM, QuantWeight
 from ...errors import MatMulNBitsError
 
 KERNEL_BITS = (2, 4, 8)
@@ -67,9 +69,20 @@ def block_for(group: int, max_block: int = 256, name: str = "weight") -> int:
                            "(group_size -1 makes each whole row one group)")
 
 
+def grid_error(names: list[str], grid: str) -> MatMulNBitsError:
+    """The refusal of layers whose codes index a non-uniform grid's levels."""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return MatMulNBitsError(f"{names[0]}{more}: codes on the non-uniform grid {grid!r} (weight = levels[code] * "
+                            "scale); MatMulNBits holds evenly spaced integers only, (code - zero) * scale, so no ONNX "
+                            "file can carry them. Export this checkpoint with `signround export gguf` (llama.cpp's "
+                            f"{grid.upper()}), or tune for ONNX without --gguf (e.g. --bits 4 --group-size 32 --sym)")
+
+
 def to_nbits(qw: QuantWeight, name: str = "weight", max_block: int = 256) -> NBitsWeight:
     """qw as MatMulNBits inputs. max_block caps the block: smaller blocks repeat each scale over more
     blocks (still exact), and at accuracy level 4 they also quantize activations in smaller blocks."""
+    if qw.grid != UNIFORM:
+        raise grid_error([name], qw.grid)
     n, k = qw.shape
     bits = CONTAINER.get(qw.bits)
     if bits not in KERNEL_BITS:
