@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..checkpoint.qweight import Scheme
 from ..errors import TuneError
-from ..export.gguf.types import GGUF_TYPES
+from ..export.gguf.types import GGUF_TYPES, UNIFORM
 from ..export.onnx.matmulnbits import KERNEL_BITS, block_for
 
 TARGETS = ("onnx", "gguf")
@@ -61,8 +61,11 @@ def onnx_choices(sym: bool) -> list[Choice]:
 
 
 def gguf_choices(k: int) -> list[Choice]:
-    """The quantized GGUF types a row of k admits."""
-    return [Choice(t.name, t.scheme) for t in GGUF_TYPES.values() if t.quantized and k % t.block == 0]
+    """The quantized GGUF types on uniform grids that a row of k admits. IQ4_NL is left out: it costs
+    exactly Q4_0's bytes, and the allocation's steps to the next cheaper choice need distinct costs (a
+    rule between equal-cost choices is not built; IQ4_NL also measured worse than Q4_0 on SmolLM2)."""
+    return [Choice(t.name, t.scheme) for t in GGUF_TYPES.values()
+            if t.quantized and t.grid == UNIFORM and k % t.block == 0]
 
 
 def layer_costs(target: str, shape: tuple[int, int], sym: bool) -> dict[str, tuple[Choice, int]]:
