@@ -22,6 +22,7 @@ from .data import CALIB_WINDOWS
 from .errors import SignroundError
 from .export.gguf.mixes import TYPES as GGUF_TYPES
 from .tune.config import BATCH_ORDERS, BEST_RULES, LR_SCHEDULES, OPTIMIZERS, RECIPES
+from .tune.costs import TARGETS
 from .tune.parallel import DP_REDUCES
 from .validation import Thresholds, folder_perplexity
 
@@ -113,7 +114,7 @@ def add_tune(sub):
                         "into model-0000X-of-0000Y.safetensors with an index, as transformers does (default: 5GB)")
     mixed = p.add_argument_group("mixed precision", "each layer's grid chosen under a byte budget of the deployed file, "
                                                    "by the measured loss (README)")
-    mixed.add_argument("--target", choices=["onnx", "gguf"],
+    mixed.add_argument("--target", choices=TARGETS,
                        help="the file the budget counts: onnx (each layer's bits 2, 4, 8 and block 32, 64, 128; "
                             "export with --max-block 128 for these sizes) or gguf (each layer's type among those its "
                             "row width admits)")

@@ -29,6 +29,7 @@ from common import MODEL, REPO, SIGNROUND, TEXT, evaluate, machine, run
 sys.path.insert(0, str(REPO))
 from signround_export.model.load import load_float_model  # noqa: E402
 from signround_export.plots import pyplot, save_png  # noqa: E402
+from signround_export.tune.allocate import Allocation  # noqa: E402
 from signround_export.tune.costs import cost_table  # noqa: E402
 from signround_export.tune.pipeline import linear_shapes  # noqa: E402
 
@@ -106,7 +107,7 @@ def main() -> None:
         if log:
             row |= {k: log[k] for k in ("nbytes", "uniform", "uniform_kl", "predicted", "knapsack_kl", "measured",
                                         "lower_bound", "moves", "evaluations")}
-            row["counts"] = {c: list(log["choices"].values()).count(c) for c in sorted(set(log["choices"].values()))}
+            row["counts"] = Allocation.from_json(log).counts()
         else:
             row["nbytes"] = linears[name]
         results["points"][name] = row

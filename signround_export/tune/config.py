@@ -19,7 +19,7 @@ OPTIMIZERS = ("signsgd", "adam")
 LR_SCHEDULES = ("linear", "constant", "cosine")
 BEST_RULES = ("batch", "last", "fixed")
 BATCH_ORDERS = ("random", "strata")
-# their fields: at their defaults a run tunes as before they existed (resume.py reads older stores so)
+# the fields of the switches that measure SignRound's choices one at a time (tune's "ablation" flags)
 ABLATION_SETTINGS = ("optimizer", "tune_clip", "lr_schedule", "patience", "best", "eval_every", "batch_order")
 # settings added later than the resume store: at their defaults a run tunes as before they existed
 LATER_SETTINGS = (*ABLATION_SETTINGS, "grid")

@@ -234,24 +234,24 @@ def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", 
 def set_layer_schemes(model: Model, ids, config: TuneConfig, layer_bits: LayerBits, calib: str | None,
                       resume: ResumeStore, progress: bool) -> Allocation | None:
     """Fill config.layer_schemes as layer_bits asks; the Allocation when a budget chooses them."""
+    allocation = None
     if layer_bits.budget_given():
-        table = cost_table(layer_bits.target, linear_shapes(model), config.sym)
-        allocation = allocate_choices(model, ids, table, layer_bits, layer_bits.allocation_settings(config, calib),
-                                      resume, progress)
+        shapes = linear_shapes(model)
+        table = cost_table(layer_bits.target, shapes, config.sym)
+        allocation = allocate_choices(model, ids, table, shapes, layer_bits,
+                                      layer_bits.allocation_settings(config, calib), resume, progress)
         config.layer_schemes = {n: table[n][c][0].scheme for n, c in allocation.choices.items()}
-    elif layer_bits.allocation is not None:
-        bits = read_allocation(layer_bits.allocation, block_linear_names(model))
-        config.layer_schemes = {n: Scheme(b, config.group_size, config.sym) for n, b in bits.items()}
-        return None
     elif layer_bits.gguf is not None:
         config.layer_schemes = gguf_schemes(model, layer_bits.gguf.upper(), progress)
     else:
+        if layer_bits.allocation is not None:
+            bits = read_allocation(layer_bits.allocation, block_linear_names(model))
+            config.layer_schemes = {n: Scheme(b, config.group_size, config.sym) for n, b in bits.items()}
         return None
-    if layer_bits.gguf is not None or layer_bits.budget_given():  # the config states the commonest scheme
-        common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
-        config.bits, config.group_size, config.sym = common.bits, common.group_size, common.sym
-        config.grid = common.grid
-    return allocation if layer_bits.budget_given() else None
+    # a budget's or a GGUF type's grids: the config states the commonest scheme
+    common = Counter(config.layer_schemes.values()).most_common(1)[0][0]
+    config.bits, config.group_size, config.sym, config.grid = common.bits, common.group_size, common.sym, common.grid
+    return allocation
 
 
 def linear_shapes(model: Model) -> dict[str, tuple[int, int]]:
@@ -270,15 +270,14 @@ def gguf_schemes(model: Model, gguf_type: str, progress: bool) -> dict[str, Sche
     return mixes.layer_schemes(types)
 
 
-def allocate_choices(model: Model, ids, table, layer_bits: LayerBits, settings: dict, resume: ResumeStore,
-                     progress: bool) -> Allocation:
+def allocate_choices(model: Model, ids, table, shapes: dict[str, tuple[int, int]], layer_bits: LayerBits,
+                     settings: dict, resume: ResumeStore, progress: bool) -> Allocation:
     """A choice per decoder-block linear under layer_bits' budget (allocate.py), kept in the resume store so
     that a resumed run tunes the same allocation."""
     saved = resume.load_allocation(settings)
     if saved is not None:
         note(progress, f"allocation read from {resume.folder / 'allocation.json'}")
         return saved
-    shapes = linear_shapes(model)
     weights = sum(n * k for n, k in shapes.values())
     param = "size_mb" if layer_bits.size_mb is not None else "avg_bits"
     budget = layer_bits.size_mb * 1e6 if param == "size_mb" else layer_bits.avg_bits * weights / 8
