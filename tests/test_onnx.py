@@ -154,6 +154,11 @@ def test_parity_with_float_offsets(gguf_type, tmp_path):
     per_layer = {"q4_k": 4, "q2_k": 6}[gguf_type]
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == per_layer * layers
+    # stacked q, k, v go into GroupQueryAttention packed (key and value empty, no Split); apart, as three
+    # inputs. Only gate/up's Split remains.
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers and all((n.input[1] == n.input[2] == "") == (gguf_type == "q4_k") for n in gqa)
+    assert sum(n.op_type == "Split" for n in graph.node) == layers
     reference = reference_from_checkpoint(ckpt)
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
     want = reference.logits(torch.tensor([tokens]))[0].numpy()

@@ -4,11 +4,12 @@ The graph, per decoder block i (x: the residual stream, float32 [batch, seq, hid
 
     h       = SimplifiedLayerNormalization(x)                  (block 0; later blocks get h and x
     h, x    = SkipSimplifiedLayerNormalization(out, x)          from the previous block's output)
-    q, k, v = Split(MatMulNBits_qkv(h))  (+ bias for qwen2; q, k, v stacked row after row, or one
+    qkv     = MatMulNBits_qkv(h)  (+ bias for qwen2; q, k, v stacked row after row, or one
               MatMulNBits each where their integers differ in layout; Phi-3's fused qkv_proj as stored)
-    q, k    = SimplifiedLayerNormalization over each head of q and k (families with q/k norms: qwen3)
     a, present.i.key, present.i.value
-            = GroupQueryAttention(q, k, v, past_key_values.i.*, seqlens_k, total_seq_len, cos, sin)
+            = GroupQueryAttention(qkv, "", "", past_key_values.i.*, seqlens_k, total_seq_len, cos, sin)
+              (qkv packed: GroupQueryAttention cuts it; where q, k, v are separate nodes, or families
+              with q/k norms (qwen3) norm each head of q and k after a Split, it takes q, k, v)
               (rotary fused, half-split layout like HF's rotate_half; caches narrower than
               head_dim / 2 rotate only the first dimensions of each head: partial rotary)
     out     = MatMulNBits(a)
@@ -297,11 +298,7 @@ class DecoderGraph:
         returns this block's output and the residual, to be summed by the next norm."""
         p = f"model.layers.{i}."
         h, x = self.skip_norm(out, x, p + "input_layernorm.weight")
-        q, k, v = self.qkv(h, p)
-        if self.cfg.family.qk_norm:
-            q = self.head_norm(q, p + "self_attn.q_norm.weight", self.cfg.n_heads)
-            k = self.head_norm(k, p + "self_attn.k_norm.weight", self.cfg.n_kv_heads)
-        out = self.linear(self.attention(i, q, k, v), p + "self_attn.o_proj")
+        out = self.linear(self.attention(i, *self.attention_inputs(h, p)), p + "self_attn.o_proj")
         sandwich = self.cfg.family.sandwich_norms
         if sandwich:  # the attention output normed before the residual; the MLP's input norm is its own
             out = self.norm(out, p + "post_attention_layernorm.weight")
@@ -334,13 +331,25 @@ class DecoderGraph:
         w = self.g.const(weight, self.norm_weight(weight))
         return self.g.op("SimplifiedLayerNormalization", [y, w], axis=-1, epsilon=self.eps, stash_type=1)
 
-    def qkv(self, h: str, p: str) -> list[str]:
-        """q, k, v of h: three linears (stacked where they can be), or the fused qkv_proj and a Split."""
+    def attention_inputs(self, h: str, p: str) -> list[str]:
+        """GroupQueryAttention's query, key and value of h. Where one node computes all three rows (the
+        fused qkv_proj, or q, k, v stacked) and no per-head norm comes between, its output goes in packed
+        as the query, key and value left empty: no Split node. Otherwise q, k, v, each head-normed where
+        the family has qk_norm."""
         cfg = self.cfg
-        if not cfg.family.fused_qkv:
-            return self.linears(h, [p + f"self_attn.{n}_proj" for n in "qkv"])
+        fused = cfg.family.fused_qkv
+        modules = [p + FUSED_QKV] if fused else [p + f"self_attn.{n}_proj" for n in "qkv"]
+        packed = self.linear(h, modules[0]) if fused else self.stacked(h, modules)
+        if packed is not None and not cfg.family.qk_norm:
+            return [packed, "", ""]
         kv_rows = cfg.n_kv_heads * cfg.head_dim
-        return self.split(self.linear(h, p + FUSED_QKV), p + FUSED_QKV, [cfg.n_heads * cfg.head_dim, kv_rows, kv_rows])
+        rows = [cfg.n_heads * cfg.head_dim, kv_rows, kv_rows]
+        q, k, v = (self.split(packed, stack_name(modules), rows) if packed is not None
+                   else [self.linear(h, m) for m in modules])
+        if cfg.family.qk_norm:
+            q = self.head_norm(q, p + "self_attn.q_norm.weight", cfg.n_heads)
+            k = self.head_norm(k, p + "self_attn.k_norm.weight", cfg.n_kv_heads)
+        return [q, k, v]
 
     def gate_and_up(self, h: str, p: str) -> list[str]:
         """The MLP's gate and up of h: two linears (stacked where they can be), or the fused gate_up_proj
@@ -407,15 +416,21 @@ class DecoderGraph:
     # -- linears: MatMulNBits over the checkpoint's integers, MatMul over its float weights
 
     def linears(self, x: str, modules: list[str]) -> list[str]:
-        """Linears that read the same input (q, k, v; gate, up). When their integers share one layout they
-        run as one MatMulNBits over their stacked rows and a Split: decode measured about 8% faster
-        than one MatMulNBits each (docs/benchmarks.md). Otherwise one each."""
+        """Linears that read the same input (gate, up): stacked and a Split where they can be, else one
+        node each."""
+        y = self.stacked(x, modules)
+        if y is None:
+            return [self.linear(x, m) for m in modules]
+        return self.split(y, stack_name(modules), [self.ckpt.qweights[m].shape[0] for m in modules])
+
+    def stacked(self, x: str, modules: list[str]) -> str | None:
+        """Linears that read the same input as one MatMulNBits over their stacked rows, when their
+        integers share one layout (decode measured about 8% faster than one MatMulNBits each,
+        docs/benchmarks.md); None when they do not."""
         qws = [self.ckpt.qweights.get(m) for m in modules]
         if any(qw is None for qw in qws) or len({stack_key(qw) for qw in qws}) != 1:
-            return [self.linear(x, m) for m in modules]
-        name = stack_name(modules)
-        y = self.matmul_nbits(x, name, stack_rows(qws), count=len(modules))
-        return self.split(y, name, [qw.shape[0] for qw in qws])
+            return None
+        return self.matmul_nbits(x, stack_name(modules), stack_rows(qws), count=len(modules))
 
     def linear(self, x: str, module: str) -> str:
         if module in self.ckpt.qweights:
