@@ -176,3 +176,14 @@ def test_the_harness_runs_both_engines_on_a_tiny_model(tiny_files, tmp_path, cap
     assert [c["prompt"] for c in record["cells"]] == [8, 24]
     table = capsys.readouterr().out
     assert "| 24 | 1 |" in table and record["table"] in table
+
+
+def test_ab_alternates_two_folders_and_sees_the_same_tokens(tiny_files):
+    import bench_ab
+
+    folder = tiny_files[0]
+    ids = list(range(10, 42))
+    runs = bench_ab.rounds({"A": folder, "B": folder}, ids, 6, 1, 3)
+    assert [len(v) for v in runs.values()] == [3, 3]
+    assert all(r["tokens"] == runs["A"][0]["tokens"] and len(r["tokens"]) == 6 for v in runs.values() for r in v)
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for v in runs.values() for r in v)
