@@ -38,3 +38,4 @@ def test_more_layers_than_the_model_has_is_refused(tmp_path):
     src = write_tiny_model(tmp_path / "model", layers=2)
     with pytest.raises(SystemExit, match="has 2 decoder blocks"):
         first_layers(src, tmp_path / "cut", 3)
+    assert not (tmp_path / "cut").exists()

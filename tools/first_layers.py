@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from signround_export.atomic import atomic_dir  # noqa: E402
 from signround_export.model.folder import copy_tokenizer_files  # noqa: E402
 
 BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
@@ -41,14 +42,14 @@ def first_layers(model: Path, out: Path, layers: int) -> None:
     for key, value in list(config.items()):
         if isinstance(value, list) and len(value) == total:  # per-layer settings (layer_types, ...)
             config[key] = value[:layers]
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for path in sorted(model.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             tensors.update({n: f.get_tensor(n) for n in f.keys() if kept(n, layers)})
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copy_tokenizer_files(model, out)
+    with atomic_dir(out) as tmp:  # a run cut short leaves no half-written folder
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer_files(model, tmp)
     print(f"{out}: the first {layers} of {total} blocks, {len(tensors)} tensors")
 
 

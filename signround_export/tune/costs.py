@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..checkpoint.qweight import Scheme
+from ..checkpoint.qweight import UNIFORM, Scheme
 from ..errors import TuneError
-from ..export.gguf.types import GGUF_TYPES, UNIFORM
+from ..export.gguf.types import GGUF_TYPES
 from ..export.onnx.matmulnbits import KERNEL_BITS, block_for
 
 TARGETS = ("onnx", "gguf")
