@@ -39,6 +39,7 @@ from common import MODEL, REPO, SIGNROUND, machine
 
 from signround_export.model.config import ModelConfig
 from signround_export.model.shapes import DIMENSIONS, LINEAR_SHAPES
+from signround_export.tune.config import BATCH_ORDERS
 from signround_export.tune.parallel import step_bytes
 from signround_export.tune.signround import batch_order
 
@@ -140,7 +141,7 @@ def main() -> None:
                     help="bf16 matmul rate one GPU sustains (H100 SXM: 989 peak dense)")
     ap.add_argument("--iters", type=int, default=10, help="time: steps per block")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch-order", choices=["random", "strata"], default="random",
+    ap.add_argument("--batch-order", choices=BATCH_ORDERS, default=BATCH_ORDERS[0],
                     help="tune's --batch-order: random splits batches unevenly over the ranks, strata evenly")
     a = ap.parse_args()
     a.nsamples = a.nsamples or (128 if a.what == "traffic" else 16)
