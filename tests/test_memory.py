@@ -122,6 +122,9 @@ def test_the_plan_reads_headers_only_and_counts_each_part(untied_model, monkeypa
     half = sr.tune_memory(untied_model, recipe="fast", device="cpu", act_dtype="bfloat16")
     assert {p.name: p.nbytes for p in half.parts}["calibration activations (bfloat16)"] * 2 == \
         parts["calibration activations (float32)"].nbytes
+    assert "the block's rounding, kept" in parts  # a tiny block keeps it (memory.recomputes)
+    monkeypatch.setattr(memory, "KEPT_ROUNDING", 0)
+    assert "one linear's rounding, recomputed" in {p.name for p in sr.tune_memory(untied_model, device="cpu").parts}
     rtn = {p.name for p in sr.tune_memory(untied_model, iters=0, clip_search=False, device="cpu").parts}
     assert not any("activations" in n or "tuning" in n or "clipping" in n for n in rtn)
 

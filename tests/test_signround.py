@@ -11,6 +11,7 @@ from signround_export.model.load import load_float_model
 from signround_export.tune.clip import clip_search
 from signround_export.tune.config import TuneConfig
 from signround_export.tune.quantizer import group_range, grouped, quantize
+from signround_export.tune import memory, signround
 from signround_export.tune.signround import BlockTuner, tune
 
 
@@ -44,11 +45,16 @@ def test_signround_beats_rtn(setup, bits, group, sym):
     assert output_error(model, tuned.qweights, held_out) < output_error(model, rtn.qweights, held_out)
 
 
-def test_same_seed_same_integers(setup):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_same_seed_same_integers(setup, monkeypatch, dtype):
+    """Twice with the same seed: the same integers, also when the second run recomputes each rounding in
+    the backward pass (as a block too large to keep it does) instead of keeping it."""
     model, ids = setup
+    monkeypatch.setattr(signround, "pick_dtype", lambda device: getattr(torch, dtype))
     args = TuneConfig(bits=4, group_size=32, iters=10, nsamples=8, seqlen=32, batch_size=2)
     calib = calibration_samples(ids, args.nsamples, args.seqlen, args.seed)
     a = tune(model, calib, args, progress=False).qweights
+    monkeypatch.setattr(memory, "KEPT_ROUNDING", 0)
     b = tune(model, calib, args, progress=False).qweights
     assert a.keys() == b.keys()
     for name in a:
@@ -147,11 +153,13 @@ SCHEMES = [Scheme(4, 32, False), Scheme(3, 32, True), Scheme(2, 16, False, sub_s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=["asym", "sym", "k-quant"])
 def test_recomputed_fake_quant_gives_the_kept_graphs_gradients(scheme, dtype):
-    """weights() recomputes the rounding in the backward pass: the gradients must be bit for bit those of
-    the graph that keeps it."""
+    """weights() recomputes the rounding in the backward pass (a block too large to keep it; forced here):
+    the gradients must be bit for bit those of the graph that keeps it."""
     torch.manual_seed(0)
     w, x = torch.randn(48, 256), torch.randn(4, 10, 256)
     tuner = BlockTuner({"mlp.up_proj.weight": w}, {"mlp.up_proj": scheme}, "cpu")
+    assert not tuner.recompute  # a small block keeps the rounding
+    tuner.recompute = True
     with torch.no_grad():  # away from the starting point, so that every part of the rounding has a gradient
         tuner.v["mlp.up_proj"].uniform_(-0.5, 0.5)
         tuner.min_scale["mlp.up_proj"].uniform_(0.7, 1.0)
@@ -181,6 +189,7 @@ def test_a_step_keeps_little_per_weight():
     shapes = {"self_attn.q_proj": (256, 256), "mlp.up_proj": (512, 256)}
     params = {n + ".weight": torch.randn(*s) for n, s in shapes.items()}
     tuner = BlockTuner(params, {n: Scheme(4, 32, False) for n in shapes}, "cpu")
+    tuner.recompute = True  # as a block too large to keep its rounding
     saved = []
 
     def keep(t):

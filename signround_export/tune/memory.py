@@ -8,10 +8,10 @@ weights, T = batch_size x seqlen tokens per step):
   - two decoder blocks in float32 (the one being tuned and the one read next, or its dequantized twin);
   - one block's tuning state: the rounding offsets, their gradients and the best step's copy (12 B per
     weight; 8 more for Adam's moments with optimizer "adam"), and the fake-quantized weights as the
-    matmuls keep them for the backward pass (2 B per weight in bfloat16, 4 in float32; the rounding's own
-    intermediates are recomputed in the backward pass, signround.BlockTuner.weights, so only one linear's
-    are alive at a time: RECOMPUTE B per weight of the largest linear; measured on Llama-3.1-8B-sized
-    blocks);
+    matmuls keep them for the backward pass (2 B per weight in bfloat16, 4 in float32), and the rounding's
+    own intermediates: RECOMPUTE B per weight (measured on Llama-3.1-8B-sized blocks). A block whose
+    rounding would take more than KEPT_ROUNDING recomputes it in the backward pass
+    (signround.BlockTuner.weights), so that only the largest linear's are alive at a time;
   - one step's activations kept for the backward pass and their gradients: 2 x (24 H + 16 I) B per token
     with float32 matmuls, 2 x (20 H + 8 I) B with bfloat16 ones (saved-tensor hooks, SmolLM2 and
     Llama-3.2-1B blocks), plus the attention scores where SDPA's fused path does not apply;
@@ -45,7 +45,8 @@ MB = 2**20
 GB = 2**30
 TUNING_STATE = 12  # bytes per linear weight: offsets, their gradients, the best step's copy
 ADAM_STATE = 8  # and with optimizer "adam": its two moments of each offset in float32
-RECOMPUTE = 16  # bytes per weight of the largest linear: its rounding recomputed in the backward pass
+RECOMPUTE = 16  # bytes per weight of the rounding's intermediates, as the backward pass needs them
+KEPT_ROUNDING = 512 * MB  # a block whose rounding fits in this keeps it through the step (no recomputation)
 CLIP_TEMPORARIES = 5  # the clipping search's peak, in float32 copies of the largest linear
 STEP_BYTES = {torch.float32: (24, 16), torch.bfloat16: (20, 8)}  # saved per token: (x H, x I) bytes
 ACT_BYTES = {"float32": 4, "bfloat16": 2}
@@ -117,6 +118,13 @@ def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[i
     return max(block, default=0), max(linear, default=0), largest
 
 
+def recomputes(linear_weights: int) -> bool:
+    """Whether a block of this many linear weights recomputes its rounding in the backward pass
+    (signround.BlockTuner.weights): only where keeping every linear's would exceed KEPT_ROUNDING. Below,
+    the second rounding costs time (about 4% of a step on SmolLM2) and saves little memory."""
+    return RECOMPUTE * linear_weights > KEPT_ROUNDING
+
+
 def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype) -> tuple[int, str]:
     """One SignRound step's activations and their gradients, and the formula."""
     per_h, per_i = STEP_BYTES.get(dtype, STEP_BYTES[torch.float32])
@@ -149,8 +157,12 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfi
         kept = state + dtype.itemsize  # and the matmuls' copy of each fake-quantized weight
         parts.append(Part("tuning state of one block", kept * linear, on,
                           f"({state} + {dtype.itemsize}) B x {linear} linear weights", "tuning"))
-        parts.append(Part("one linear's rounding, recomputed", RECOMPUTE * largest, on,
-                          f"{RECOMPUTE} B x {largest} (the largest linear)", "tuning"))
+        if recomputes(linear):
+            parts.append(Part("one linear's rounding, recomputed", RECOMPUTE * largest, on,
+                              f"{RECOMPUTE} B x {largest} (the largest linear)", "tuning"))
+        else:
+            parts.append(Part("the block's rounding, kept", RECOMPUTE * linear, on,
+                              f"{RECOMPUTE} B x {linear} linear weights", "tuning"))
         n, how = step_bytes(cfg, config, dtype)
         parts.append(Part("one step's activations and gradients", n, on, how, "tuning"))
     if config.searches():

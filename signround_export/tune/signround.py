@@ -190,6 +190,8 @@ class BlockTuner:
             self.max_scale[name] = f_hi.clone().requires_grad_(tune_clip)
             self.clip_max[name] = (f_lo.clamp(min=1.0), f_hi.clamp(min=1.0))
         self.tune_clip = tune_clip
+        # recompute the rounding in the backward pass only where keeping it would cost much memory (weights())
+        self.recompute = memory.recomputes(sum(params[n + ".weight"].numel() for n in schemes))
         # Adam's moments live here, so that step() stays the one place that updates and bounds
         self.adam = torch.optim.Adam(self.variables()) if optimizer == "adam" else None
 
@@ -204,13 +206,15 @@ class BlockTuner:
         """The block's tensors with every tuned linear fake-quantized under the current parameters, in
         dtype (the matmuls' dtype: the cast autocast would make, made here).
 
-        Each fake-quantized weight is recomputed in the backward pass instead of kept: autograd would
-        otherwise hold about 10 bytes per weight of the rounding's intermediates for the whole step, the
-        largest part of a block's tuning memory. The recomputation repeats the same operations, so the
-        gradients are bit for bit those of the kept graph."""
+        With self.recompute, each fake-quantized weight is recomputed in the backward pass instead of
+        kept: autograd would otherwise hold RECOMPUTE bytes per weight of the rounding's intermediates for
+        the whole step, the largest part of a large block's tuning memory. The recomputation repeats the
+        same operations, so the gradients are bit for bit those of the kept graph; a small block keeps
+        the graph and saves that second rounding (memory.recomputes)."""
         p = dict(self.params)
         for name in self.schemes:
-            p[name + ".weight"] = checkpoint(self.fake_quant, name, dtype, use_reentrant=False)
+            p[name + ".weight"] = (checkpoint(self.fake_quant, name, dtype, use_reentrant=False) if self.recompute
+                                   else self.fake_quant(name, dtype))
         return p
 
     def fake_quant(self, name: str, dtype: torch.dtype) -> torch.Tensor:
