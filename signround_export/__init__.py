@@ -140,16 +140,18 @@ def quantize(model: str | Path, out: str | Path, *, bits: int | None = None, gro
 def tune_memory(model: str | Path, *, recipe: str = "best", iters: int | None = None, nsamples: int | None = None,
                 seqlen: int | None = None, batch_size: int | None = None, clip_search: bool | None = None,
                 quant_lm_head: bool = False, act_dtype: str = "float32", device: str = "auto",
-                act_device: str = "auto", optimizer: str = "signsgd", calib: str | Path | None = None) -> MemoryPlan:
+                act_device: str = "auto", optimizer: str = "signsgd", calib: str | Path | None = None,
+                batch_order: str = "random", ranks: int | None = None) -> MemoryPlan:
     """The memory quantize() would need for `model` with these settings, part by part (MemoryPlan.table()),
     from its config.json and safetensors headers alone: no weight is read. Parameters as quantize's;
     device "cuda" plans for a GPU even where there is none. Bits and group size do not change it; Adam's
     moments (optimizer "adam") do, and calib where it holds `self` (the float model is loaded whole to
-    sample from, before the tuning)."""
+    sample from, before the tuning). ranks: the processes of a data-parallel run, each planned with its
+    share of the samples (None: torchrun's WORLD_SIZE where it launched this process, else 1)."""
     config = TuneConfig.from_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                                     clip_search=clip_search, quant_lm_head=quant_lm_head, act_dtype=act_dtype,
-                                    optimizer=optimizer)
-    return plan_memory(model, config, device=device, act_device=act_device, calib=calib)
+                                    optimizer=optimizer, batch_order=batch_order)
+    return plan_memory(model, config, device=device, act_device=act_device, calib=calib, ranks=ranks)
 
 
 def export_onnx(source: Source, out: str | Path, *, accuracy_level: int = 4, lm_head_bits: int | None = None,

@@ -11,6 +11,7 @@ import argparse
 import errno
 import inspect
 import json
+import os
 import re
 import sys
 import time
@@ -165,8 +166,10 @@ def add_ablation(p) -> None:
 
 
 def cmd_tune(args) -> int:
-    if args.dry_run:
-        print(call_api(tune_memory, args).table())
+    if args.dry_run:  # under torchrun: each rank's part, printed once
+        plan = call_api(tune_memory, args)
+        if os.environ.get("RANK", "0") == "0":
+            print(plan.table())
         return 0
     result = call_api(quantize, args)
     if not result.written:  # a rank other than 0 of a parallel run: rank 0 reports

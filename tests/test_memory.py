@@ -129,6 +129,22 @@ def test_the_plan_reads_headers_only_and_counts_each_part(untied_model, monkeypa
     assert not any("activations" in n or "tuning" in n or "clipping" in n for n in rtn)
 
 
+def test_a_ranks_plan_holds_its_share(untied_model, monkeypatch):
+    """Under torchrun each rank holds nsamples / ranks of the activation chains, and with the strata batch
+    order batch_size / ranks samples of a step; WORLD_SIZE (torchrun's) says how many ranks by default."""
+    def parts(**kw):
+        return {p.name: p.nbytes for p in sr.tune_memory(untied_model, recipe="fast", device="cpu", **kw).parts}
+
+    one, acts, step = parts(), "calibration activations (float32)", "one step's activations and gradients"
+    two = parts(ranks=2)
+    assert two[acts] * 2 == one[acts] and two[step] == one[step]  # a random batch may fall on one rank whole
+    assert parts(ranks=2, batch_order="strata")[step] * 2 == one[step]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parts()[acts] * 4 == one[acts]
+    with pytest.raises(sr.TuneError, match="not a multiple of the world size 3"):
+        parts(ranks=3)
+
+
 def load_model_tensors(folder):
     from safetensors.torch import load_file
 

@@ -125,23 +125,26 @@ def recomputes(linear_weights: int) -> bool:
     return RECOMPUTE * linear_weights > KEPT_ROUNDING
 
 
-def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype) -> tuple[int, str]:
-    """One SignRound step's activations and their gradients, and the formula."""
+def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype, ranks: int = 1) -> tuple[int, str]:
+    """One SignRound step's activations and their gradients, and the formula; with ranks, one rank's
+    slice of the batch (at most the whole batch: a random batch may fall on one rank)."""
     per_h, per_i = STEP_BYTES.get(dtype, STEP_BYTES[torch.float32])
-    tokens = config.batch_size * config.seqlen
+    batch = config.batch_size // ranks if config.batch_order == "strata" else config.batch_size
+    tokens = batch * config.seqlen
     n = 2 * tokens * (per_h * cfg.hidden_size + per_i * cfg.intermediate_size)
     how = f"2 x {tokens} tokens x ({per_h} H + {per_i} I) B"
     windowed = any(cfg.window(i) is not None and cfg.window(i) < config.seqlen for i in range(cfg.n_layers))
     if cfg.attn_softcap is not None or windowed:  # scores written out: [batch, heads, T, T], ~3 copies
-        n += 3 * 4 * config.batch_size * cfg.n_heads * config.seqlen**2
+        n += 3 * 4 * batch * cfg.n_heads * config.seqlen**2
         how += " + 3 float32 attention score tensors"
     return n, how
 
 
 def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfig, device: str,
-         dtype: torch.dtype, act_where: str, baseline: int) -> MemoryPlan:
+         dtype: torch.dtype, act_where: str, baseline: int, ranks: int = 1) -> MemoryPlan:
     """What a run of config on device ("cpu" or "cuda") holds; dtype: its matmuls' dtype; act_where: "cpu"
-    or "gpu", where the activation chains are kept; baseline: the process's own bytes."""
+    or "gpu", where the activation chains are kept; baseline: the process's own bytes. ranks: torchrun's
+    processes (parallel.py): the plan is each one's, holding its share of the samples."""
     on = "gpu" if device == "cuda" else "cpu"
     vocab, hidden = shapes["model.embed_tokens.weight"]
     block, linear, largest = block_sizes(cfg, shapes)
@@ -163,16 +166,18 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], config: TuneConfi
         else:
             parts.append(Part("the block's rounding, kept", RECOMPUTE * linear, on,
                               f"{RECOMPUTE} B x {linear} linear weights", "tuning"))
-        n, how = step_bytes(cfg, config, dtype)
+        n, how = step_bytes(cfg, config, dtype, ranks)
         parts.append(Part("one step's activations and gradients", n, on, how, "tuning"))
     if config.searches():
         parts.append(Part("clipping search temporaries", CLIP_TEMPORARIES * 4 * largest, on,
                           f"{CLIP_TEMPORARIES} x {largest} x 4 B (the largest linear)", "tuning"))
     if config.uses_data():
         act = ACT_BYTES[config.act_dtype]
-        n = 3 * config.nsamples * config.seqlen * hidden * act
+        samples = config.nsamples // ranks
+        share = f", one rank's {samples} of {config.nsamples} samples" if ranks > 1 else ""
+        n = 3 * samples * config.seqlen * hidden * act
         parts.append(Part(f"calibration activations ({config.act_dtype})", n, act_where,
-                          f"3 chains x {config.nsamples} x {config.seqlen} x {hidden} x {act} B", "tuning"))
+                          f"3 chains x {samples} x {config.seqlen} x {hidden} x {act} B{share}", "tuning"))
     parts.append(writer_part(config, vocab * hidden if config.quant_lm_head else largest))
     return MemoryPlan(parts, device, act_where)
 

@@ -213,12 +213,20 @@ def timeout_seconds() -> float:
     return seconds
 
 
+def world_size() -> int:
+    """The processes torchrun started (WORLD_SIZE), 1 outside torchrun."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise TuneError(f"WORLD_SIZE {value!r}: torchrun sets it to the number of processes; unset it outside torchrun")
+    return int(value)
+
+
 @contextmanager
 def joined(device: str = "auto", reduce: str = "sum") -> Iterator[World]:
     """The World this process is part of: started from torchrun's environment (gloo on CPU, NCCL when
     `device` resolves to CUDA, each local rank on its own GPU) and ended on leaving; a single process
     when the environment names no world of more than one."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = world_size()
     if size == 1:
         yield World(reduce=reduce)
         return

@@ -206,12 +206,15 @@ def check_devices(device: str, act_device: str) -> None:
 
 
 def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", act_device: str = "auto",
-                calib: str | Path | None = None) -> memory.MemoryPlan:
+                calib: str | Path | None = None, ranks: int | None = None) -> memory.MemoryPlan:
     """What tuning the float model folder `model` with config would hold, part by part, from its
     config.json and safetensors headers alone (no weight is read). device "cuda" plans for a GPU even on
-    a machine without one; there, "auto" activations are counted on the GPU."""
+    a machine without one; there, "auto" activations are counted on the GPU. ranks: one process's part
+    of a data-parallel run of that many (None: torchrun's WORLD_SIZE, 1 outside torchrun)."""
     config.check()
     check_devices(device, act_device)
+    ranks = parallel.world_size() if ranks is None else ranks
+    parallel.World(size=ranks).check(config)  # the share must divide as the run would require
     float_model, _, folder = load_float_model(model)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = pick_dtype(dev) if config.iters > 0 else torch.float32
@@ -221,7 +224,7 @@ def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", 
         acts = "cpu" if act_device == "cpu" else "cuda"
     shapes = memory.tensor_shapes(float_model.tensors)
     plan = memory.plan(float_model.cfg, shapes, config, dev.type, dtype, "gpu" if acts == "cuda" else "cpu",
-                       memory.process_bytes())
+                       memory.process_bytes(), ranks)
     sources = calibration_sources(calib)
     if config.uses_data() and SELF in sources:
         sequences = shares(config.nsamples, len(sources))[sources.index(SELF)]
