@@ -1,6 +1,6 @@
 """How close one SignRound tuning step runs to this machine's plain matmul throughput (the roofline).
 
-    .venv/bin/python tools/bench_step.py [--batch-size 8] [--seqlen 512 2048] [--steps 10] [--profile]
+    .venv/bin/python tools/bench_step.py [--batch-size 8] [--seqlen 512 2048] [--steps 10] [--profile] [--rounding 20]
 
 For each sequence length: times (1) a plain matmul at the block's shapes in float32 and in the tuning
 dtype (bfloat16 where oneDNN has native bf16, as `tune` picks), and (2) full tuning steps as tune_block
@@ -8,12 +8,15 @@ runs them (signround.block_loss: fake-quantize, forward in the tuning dtype, MSE
 update) on block 3 of the default model. Reports the step's matmul FLOPs (forward + weight gradients +
 input gradients, counted per layer, attention included) over its time, and the step's time over the
 time those FLOPs take at the plain matmul rate. --profile adds the share of a step per kind of work
-(torch profiler: matmuls, attention, everything else).
+(torch profiler: matmuls, attention, everything else). --rounding N times N steps that keep the
+rounding's graph through the step against N that recompute it in the backward pass (BlockTuner.recompute),
+alternated, on the tuning dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -74,10 +77,14 @@ def profile_step(step) -> dict[str, float]:
     return {k: v / whole for k, v in sorted(totals.items())}
 
 
-def time_step(model, dtype, batch: int, seqlen: int, steps: int, bits: int, group: int, profile: bool):
+def step_fn(model, dtype, batch: int, seqlen: int, bits: int, group: int, recompute: bool | None = None):
+    """One tuning step of block BLOCK on fixed random activations, and its tuner. recompute: force the
+    rounding's recomputation in the backward pass on or off (None: as tune chooses for the block)."""
     cfg = model.cfg
     p = model.block_params(BLOCK)
     tuner = BlockTuner(p, {n: Scheme(bits, group, False) for n in cfg.family.linears}, "cpu")
+    if recompute is not None:
+        tuner.recompute = recompute
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, seqlen, cfg.hidden_size, generator=g)
     y = torch.randn(batch, seqlen, cfg.hidden_size, generator=g)
@@ -88,6 +95,29 @@ def time_step(model, dtype, batch: int, seqlen: int, steps: int, bits: int, grou
         loss.backward()
         tuner.step(0.005)
 
+    return step, tuner
+
+
+def compare_rounding(model, dtype, batch: int, seqlen: int, rounds: int, bits: int, group: int) -> str:
+    """The step with the rounding kept through it against the step that recomputes it in the backward
+    pass, alternated step by step; the parameters of both must stay equal."""
+    arms = {name: step_fn(model, dtype, batch, seqlen, bits, group, recompute=name == "recomputed")
+            for name in ("kept", "recomputed")}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(rounds + 1):
+        for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            t = time.perf_counter()
+            arms[name][0]()
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    kept, recomputed = (statistics.median(times[n]) for n in arms)
+    same = all(torch.equal(a, b) for a, b in zip(arms["kept"][1].tensors(), arms["recomputed"][1].tensors()))
+    return (f"rounding kept {kept * 1000:.0f} ms, recomputed {recomputed * 1000:.0f} ms (medians of {rounds}, "
+            f"alternated): kept / recomputed {kept / recomputed:.3f}; parameters equal after {rounds + 1} steps: {same}")
+
+
+def time_step(model, dtype, batch: int, seqlen: int, steps: int, bits: int, group: int, profile: bool):
+    step, _ = step_fn(model, dtype, batch, seqlen, bits, group)
     step()
     t = time.perf_counter()
     for _ in range(steps):
@@ -104,6 +134,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rounding", type=int, metavar="ROUNDS",
+                    help="also time ROUNDS steps with the rounding kept against as many recomputing it, alternated")
     args = ap.parse_args()
     model, _, _ = load_float_model(MODEL)
     cfg = model.cfg
@@ -120,6 +152,9 @@ def main() -> None:
             print(f"{str(dtype)[6:]:>9}: plain matmul {rate:.1f} GFLOP/s; step {seconds * 1000:.0f} ms = "
                   f"{flops / seconds / 1e9:.1f} GFLOP/s; {seconds / roof:.2f}x the time of its matmuls at the plain rate"
                   + ("" if shares is None else "; " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())))
+        if args.rounding:
+            print(f"{str(tuning)[6:]:>9}: " + compare_rounding(model, tuning, args.batch_size, seqlen, args.rounding,
+                                                                args.bits, args.group_size))
 
 
 if __name__ == "__main__":
