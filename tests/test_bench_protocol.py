@@ -2,7 +2,9 @@
 cells, the reuse of finished cells, and the table's arithmetic."""
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,23 @@ def test_the_table_gives_the_share_of_rtns_gap_closed_and_the_time_against_autor
     assert rows["ours"][2] == "2" and rows["ours"][3].startswith("11.100 ± 0.141 (11.000..11.200)")
     assert rows["ours"][5:7] == ["45.0%", "50.0%"] and rows["ar"][5:7] == ["25.0%", "75.0%"]
     assert rows["ours"][9] == "0.80x |" and rows["float"][5] == "100.0%" and rows["rtn"][6] == "0.0%"
+
+
+def test_cells_that_shared_the_machine_are_named_under_the_table(monkeypatch):
+    cores = os.cpu_count()
+    alone = record("ours", "signround", 42, 11.0, 5.5, 80.0) | {"cell": "ours-s42",
+                                                                "load_average": {"mean": cores + 0.2, "max": 3.0}}
+    busy = record("ar", "autoround", 42, 11.5, 5.25, 100.0) | {"cell": "ar-s42",
+                                                               "load_average": {"mean": cores + 2.0, "max": 6.0}}
+    old = record("ar", "autoround", 43, 11.5, 5.25, 100.0) | {"cell": "ar-s43"}  # made before loads were kept
+    text = bp.table([alone, busy, old])
+    assert f"so their times do not compare: ar-s42 ({cores + 2.0:.1f})" in text and "ours-s42 (" not in text
+
+
+def test_the_load_is_sampled_while_a_cell_tunes():
+    with bp.load_sampled(every=0.01) as samples:
+        time.sleep(0.2)
+    assert samples and all(s >= 0 for s in samples)
 
 
 def test_a_finished_cell_is_skipped_and_one_made_otherwise_stops_the_run(tmp_path):

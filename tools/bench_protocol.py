@@ -41,7 +41,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,6 +75,9 @@ ARMS = {
 
 # the tune flags an autoround arm may carry: they choose the token windows given to auto-round
 WINDOW_FLAGS = ("--calib", "--calib-windows", "--nsamples", "--seqlen")
+
+LOAD_EVERY = 30.0  # seconds between samples of the load average while a cell tunes
+SHARED_MARGIN = 0.5  # a mean load this far above the cores: the cell shared the machine
 
 # evaluation domain -> its text (None: eval's default, the held-out pydoc slice)
 DOMAINS = {"wikitext": TEXT, "pydoc": None}
@@ -289,18 +295,49 @@ def score(r: Run, model: Path, cell: Cell) -> dict:
     return scores
 
 
+@contextmanager
+def load_sampled(every: float = LOAD_EVERY) -> Iterator[list[float]]:
+    """The machine's 1-minute load average, sampled every `every` seconds while the block runs."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every):
+            samples.append(os.getloadavg()[0])
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+def shared(record: dict) -> bool:
+    """Whether a cell's tuning shared the machine: its mean load was above the cores its tune used
+    (a tune alone keeps the load at about the core count)."""
+    load = record.get("load_average")
+    return bool(load) and load["mean"] > (os.cpu_count() or 1) + SHARED_MARGIN
+
+
 def run_cell(r: Run, cell: Cell) -> dict:
-    """Tune (unless float), score on both domains, delete the checkpoint unless --keep: the cell's record."""
+    """Tune (unless float), score on both domains, delete the checkpoint unless --keep: the cell's record,
+    with the load average over its tuning (the times of cells that shared the machine do not compare)."""
     t0 = time.perf_counter()
     folder = r.out / "checkpoints" / cell.name
     for stale in (folder, folder.with_name(folder.name + ".progress")):  # a cell cut short starts afresh
         shutil.rmtree(stale, ignore_errors=True)
     facts, model = {"tune_seconds": None}, r.model
-    if cell.arm.tool == "signround":
-        facts, model = tune_ours(r, cell, folder), folder
-    elif cell.arm.tool == "autoround":
-        facts = tune_autoround(r, cell, folder)
-        model = find_checkpoint(folder)
+    with load_sampled() as load:
+        if cell.arm.tool == "signround":
+            facts, model = tune_ours(r, cell, folder), folder
+        elif cell.arm.tool == "autoround":
+            facts = tune_autoround(r, cell, folder)
+            model = find_checkpoint(folder)
+    if load:
+        facts["load_average"] = {"mean": round(statistics.fmean(load), 2), "max": round(max(load), 2),
+                                 "samples": len(load), "cores": os.cpu_count()}
     scores = score(r, model, cell)
     if not r.keep and folder.exists():
         shutil.rmtree(folder)
@@ -403,6 +440,10 @@ def table(records: list[dict]) -> str:
               "seconds; auto-round: its worker's, around AutoRound() and quantize_and_save)"]
     notes += [f"- auto-round: {json.dumps(s)}" for s in distinct(r["settings"]["autoround"] for r in records
                                                              if r["settings"].get("autoround"))]
+    loaded = [f"{r['cell']} ({r['load_average']['mean']:.1f})" for r in records if shared(r)]
+    if loaded:
+        notes += [f"- shared the machine while tuning (mean 1-minute load above the cores + {SHARED_MARGIN}), "
+                  f"so their times do not compare: {', '.join(loaded)}"]
     notes += [f"- machine: {m}" for m in distinct(r["machine"] for r in records)]
     notes += [f"- commit: {', '.join(distinct(r['commit'] for r in records))}; cells run "
               f"{min(r['date'] for r in records)} .. {max(r['date'] for r in records)}"]
