@@ -121,13 +121,13 @@ def block_sizes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[i
 def recomputes(linear_weights: int) -> bool:
     """Whether a block of this many linear weights recomputes its rounding in the backward pass
     (signround.BlockTuner.weights): only where keeping every linear's would exceed KEPT_ROUNDING. Below,
-    the second rounding costs time (about 4% of a step on SmolLM2) and saves little memory."""
+    the second rounding costs time (2-5% of a step on SmolLM2) and saves little memory."""
     return RECOMPUTE * linear_weights > KEPT_ROUNDING
 
 
 def step_bytes(cfg: ModelConfig, config: TuneConfig, dtype: torch.dtype, ranks: int = 1) -> tuple[int, str]:
-    """One SignRound step's activations and their gradients, and the formula; with ranks, one rank's
-    slice of the batch (at most the whole batch: a random batch may fall on one rank)."""
+    """One SignRound step's activations and their gradients, and the formula. Of ranks, each holds its
+    slice of a batch under the strata order; a random batch may fall on one rank whole."""
     per_h, per_i = STEP_BYTES.get(dtype, STEP_BYTES[torch.float32])
     batch = config.batch_size // ranks if config.batch_order == "strata" else config.batch_size
     tokens = batch * config.seqlen
