@@ -143,6 +143,8 @@ def test_a_ranks_plan_holds_its_share(untied_model, monkeypatch):
     assert parts()[acts] * 4 == one[acts]
     with pytest.raises(sr.TuneError, match="not a multiple of the world size 3"):
         parts(ranks=3)
+    with pytest.raises(sr.TuneError, match="`ranks` 0"):
+        parts(ranks=0)
 
 
 def load_model_tensors(folder):

@@ -214,6 +214,8 @@ def plan_memory(model: str | Path, config: TuneConfig, *, device: str = "auto", 
     config.check()
     check_devices(device, act_device)
     ranks = parallel.world_size() if ranks is None else ranks
+    if ranks < 1:
+        raise TuneError(f"`ranks` {ranks}: give the number of data-parallel processes, 1 or more", param="ranks")
     parallel.World(size=ranks).check(config)  # the share must divide as the run would require
     float_model, _, folder = load_float_model(model)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
