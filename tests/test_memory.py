@@ -145,6 +145,9 @@ def test_a_ranks_plan_holds_its_share(untied_model, monkeypatch):
         parts(ranks=3)
     with pytest.raises(sr.TuneError, match="`ranks` 0"):
         parts(ranks=0)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(sr.TuneError, match="WORLD_SIZE 'two'"):
+        parts()
 
 
 def load_model_tensors(folder):
