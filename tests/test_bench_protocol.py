@@ -81,8 +81,11 @@ def test_cells_that_shared_the_machine_are_named_under_the_table(monkeypatch):
     busy = record("ar", "autoround", 42, 11.5, 5.25, 100.0) | {"cell": "ar-s42",
                                                                "load_average": {"mean": cores + 2.0, "max": 6.0}}
     old = record("ar", "autoround", 43, 11.5, 5.25, 100.0) | {"cell": "ar-s43"}  # made before loads were kept
-    text = bp.table([alone, busy, old])
+    other = record("ours", "signround", 43, 11.0, 5.5, 80.0) | {"cell": "ours-s43",  # on a 16-core machine
+                                                                "load_average": {"mean": 9.0, "max": 9.0, "cores": 16}}
+    text = bp.table([alone, busy, old, other])
     assert f"so their times do not compare: ar-s42 ({cores + 2.0:.1f})" in text and "ours-s42 (" not in text
+    assert "ours-s43 (" not in text
 
 
 def test_the_load_is_sampled_while_a_cell_tunes():

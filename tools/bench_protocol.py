@@ -315,10 +315,10 @@ def load_sampled(every: float = LOAD_EVERY) -> Iterator[list[float]]:
 
 
 def shared(record: dict) -> bool:
-    """Whether a cell's tuning shared the machine: its mean load was above the cores its tune used
-    (a tune alone keeps the load at about the core count)."""
+    """Whether a cell's tuning shared the machine: its mean load was above the cores of the machine it ran
+    on (a tune alone keeps the load at about the core count)."""
     load = record.get("load_average")
-    return bool(load) and load["mean"] > (os.cpu_count() or 1) + SHARED_MARGIN
+    return bool(load) and load["mean"] > (load.get("cores") or os.cpu_count() or 1) + SHARED_MARGIN
 
 
 def run_cell(r: Run, cell: Cell) -> dict:
